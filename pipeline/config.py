@@ -281,6 +281,8 @@ class DeepSpeedConfig:
     """Elements per reduce bucket."""
     overlap_comm: bool = True
     """Overlap gradient reduction with the backward pass."""
+    param_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters with fewer elements stay whole on every rank instead of being sharded."""
 
 
 @dataclass
@@ -681,6 +683,14 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
         problems.append(f"launcher.nnodes: must be >= 1, got {la.nnodes}")
     if la.kind == "slurm" and la.slurm.gpus_per_node < 1:
         problems.append(f"launcher.slurm.gpus_per_node: must be >= 1, got {la.slurm.gpus_per_node}")
+    if la.kind != "local":  # the launcher starts the processes; Lightning must expect the same counts
+        per_node = la.nproc_per_node if la.kind == "torchrun" else la.slurm.gpus_per_node
+        if tr.devices not in ("auto", per_node):
+            problems.append(f"trainer.devices: {tr.devices} but launcher.kind {la.kind} starts {per_node} per node")
+        if tr.num_nodes != la.nnodes:
+            problems.append(f"trainer.num_nodes: {tr.num_nodes} but launcher.nnodes is {la.nnodes}")
+    if ds.param_persistence_threshold < 0:
+        problems.append(f"deepspeed.param_persistence_threshold: must be >= 0, got {ds.param_persistence_threshold}")
 
     _check_model_lengths(cfg, problems)
 

@@ -1,0 +1,294 @@
+"""Distribution and precision from params: the `lightning.Trainer` arguments every training stage uses.
+
+`trainer_kwargs(cfg)` turns the `trainer`, `deepspeed` and `launcher` sections into `accelerator`, `devices`,
+`num_nodes`, `strategy` and `precision`:
+
+- `trainer.strategy: auto` is a single device (or Lightning's own choice for several devices), `ddp` is
+  distributed data parallel (NCCL on GPUs, gloo on CPUs);
+- `trainer.strategy: deepspeed` is DeepSpeed ZeRO stage 1, 2 or 3 (Rajbhandari et al. 2020, "ZeRO: memory
+  optimizations toward training trillion parameter models") with the DeepSpeed config built here from params:
+  stage, optimizer/parameter offload to CPU memory, bucket sizes, overlap, gradient clipping, and the `bf16`/`fp16`
+  section matching `trainer.precision` (`16-mixed` with dynamic loss scaling). On GPUs this is Lightning's stock
+  `DeepSpeedStrategy`; on CPUs it is `CPUDeepSpeedStrategy`, a subclass that only lifts Lightning's CUDA check and
+  uses the gloo backend (DeepSpeed's own CPU accelerator does the rest), so ZeRO can be tested without a GPU.
+
+Processes are never started here: Lightning starts them for `trainer.devices` (launcher `local`), or torchrun or
+SLURM's `srun` did (see `pipeline/launch.py`); then Lightning's cluster environment (torchelastic or SLURM) is picked
+up and `devices`/`num_nodes` are taken from the launcher section, which `pipeline/config.py` checks agrees with the
+`trainer` section.
+
+`consolidate_checkpoint(path)` reads a normal Lightning checkpoint file or a sharded DeepSpeed checkpoint
+directory and returns the full fp32 state dict of the LightningModule (keys `model.<name>`), so a stage can write
+one safetensors file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+from pipeline.config import Config
+
+# Dynamic loss scaling for `16-mixed` under DeepSpeed (`loss_scale: 0` means dynamic): start at 2**16, halve on
+# overflow, double after this many overflow-free steps. Same defaults as torch's GradScaler uses for DDP.
+FP16_INITIAL_SCALE_POWER = 16
+FP16_LOSS_SCALE_WINDOW = 1000
+FP16_HYSTERESIS = 2
+FP16_MIN_LOSS_SCALE = 1
+
+
+class StrategyError(ValueError):
+    """A combination of params the chosen hardware or strategy cannot run (printed as a one-line error)."""
+
+
+# ------------------------------------------------------------------------------------------- accelerator
+
+
+def resolve_accelerator(cfg: Config) -> str:
+    """`cpu` or `gpu`: `trainer.accelerator`, with `auto` meaning a GPU when torch sees one."""
+    accelerator = cfg.trainer.accelerator
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise StrategyError("trainer.accelerator is 'gpu' but torch sees no CUDA device; use 'cpu' or 'auto'")
+    return accelerator
+
+
+def launched_externally() -> str | None:
+    """`torchrun` or `slurm` when this process was started by torchrun or by `srun` in our sbatch script, else None.
+
+    torchrun sets `TORCHELASTIC_RUN_ID` in every worker; the generated sbatch script exports
+    `PIPELINE_LAUNCHER=slurm` before `srun`, and `srun` sets `SLURM_PROCID` in every task.
+    """
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    if os.environ.get("PIPELINE_LAUNCHER") == "slurm" and "SLURM_PROCID" in os.environ:
+        return "slurm"
+    return None
+
+
+def process_layout(cfg: Config) -> tuple[int | str, int]:
+    """`(devices per node, num_nodes)` as Lightning must see them.
+
+    Under torchrun or SLURM the processes exist already, one per device, so the counts come from the launcher
+    section (and, inside a launched process, from the environment the launcher set, which is the truth Lightning's
+    cluster environment validates against). Locally, Lightning starts `trainer.devices` processes itself.
+    """
+    t, la = cfg.trainer, cfg.launcher
+    launched = launched_externally()
+    if launched == "torchrun":
+        local = int(os.environ["LOCAL_WORLD_SIZE"])
+        return local, int(os.environ["WORLD_SIZE"]) // local
+    if launched == "slurm":
+        return int(os.environ.get("SLURM_NTASKS_PER_NODE", la.slurm.gpus_per_node)), int(
+            os.environ.get("SLURM_NNODES", la.nnodes)
+        )
+    if la.kind == "torchrun":
+        return la.nproc_per_node, la.nnodes
+    if la.kind == "slurm":
+        return la.slurm.gpus_per_node, la.nnodes
+    return t.devices, t.num_nodes
+
+
+# ------------------------------------------------------------------------------------------- DeepSpeed
+
+
+def deepspeed_config(cfg: Config, accelerator: str | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config from params (https://www.deepspeed.ai/docs/config-json/).
+
+    `gradient_accumulation_steps` and `train_micro_batch_size_per_gpu` are left out: Lightning fills them from the
+    Trainer's `accumulate_grad_batches` and the dataloader's batch size (it refuses a config that sets the former),
+    so the caller passes `cfg.trainer.accumulate_grad_batches` to the Trainer. Gradient clipping is set here from
+    `trainer.gradient_clip_val`, the value the caller also passes to the Trainer.
+    """
+    accelerator = accelerator or resolve_accelerator(cfg)
+    t, ds = cfg.trainer, cfg.deepspeed
+    on_gpu = accelerator == "gpu"
+    zero: dict[str, Any] = {
+        "stage": ds.stage,
+        "overlap_comm": ds.overlap_comm,
+        "contiguous_gradients": True,
+        "allgather_partitions": True,
+        "reduce_scatter": True,
+        "allgather_bucket_size": ds.allgather_bucket_size,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+    }
+    if ds.stage == 3:
+        # Parameters with fewer elements than this stay whole on every rank (cheaper than gathering them).
+        zero["stage3_param_persistence_threshold"] = ds.param_persistence_threshold
+        zero["stage3_prefetch_bucket_size"] = ds.allgather_bucket_size
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if ds.offload_parameters:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    config: dict[str, Any] = {
+        "zero_optimization": zero,
+        # Our optimizers are torch's AdamW and Adafactor from configure_optimizers; ZeRO partitions their states.
+        "zero_allow_untested_optimizer": True,
+        # With offload, DeepSpeed would insist on its compiled CPU Adam; torch's optimizers run on CPU tensors too.
+        "zero_force_ds_cpu_optimizer": False,
+        "gradient_clipping": t.gradient_clip_val,
+        "steps_per_print": 10**9,  # Lightning and MLflow do the logging
+        "wall_clock_breakdown": False,
+    }
+    if t.precision in ("bf16-mixed", "bf16-true"):
+        config["bf16"] = {"enabled": True}
+    elif t.precision == "16-mixed":
+        config["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,  # 0: dynamic loss scaling
+            "initial_scale_power": FP16_INITIAL_SCALE_POWER,
+            "loss_scale_window": FP16_LOSS_SCALE_WINDOW,
+            "hysteresis": FP16_HYSTERESIS,
+            "min_loss_scale": FP16_MIN_LOSS_SCALE,
+        }
+    return config
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeed on CPU processes with the gloo backend (for tests and CPU-only machines).
+
+    Lightning's `DeepSpeedStrategy.setup_environment` refuses any accelerator but CUDA; everything else works with
+    DeepSpeed's CPU accelerator (`DS_ACCELERATOR=cpu`). This subclass skips only that check.
+    """
+
+    strategy_name = "deepspeed_cpu"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("process_group_backend", "gloo")
+        super().__init__(**kwargs)
+
+    def setup_environment(self) -> None:
+        if not isinstance(self.accelerator, CPUAccelerator):
+            raise RuntimeError(f"{type(self).__name__} is for the CPU accelerator, got {self.accelerator}")
+        DDPStrategy.setup_environment(self)  # skip DeepSpeedStrategy's CUDA-only check, keep the rest
+
+
+def _ensure_deepspeed_accelerator(accelerator: str) -> None:
+    """Make DeepSpeed's accelerator match Lightning's: DeepSpeed picks it once, at import, from `DS_ACCELERATOR`."""
+    wanted = "cpu" if accelerator == "cpu" else "cuda"
+    if accelerator == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # inherited by the processes Lightning starts
+    from deepspeed.accelerator import get_accelerator
+
+    actual = get_accelerator().device_name()
+    if actual != wanted:
+        raise StrategyError(
+            f"DeepSpeed already runs on its {actual!r} accelerator but trainer.accelerator resolves to "
+            f"{accelerator!r}; set DS_ACCELERATOR={wanted} before starting"
+        )
+
+
+def build_strategy(cfg: Config, accelerator: str | None = None) -> Any:
+    """The `strategy` argument of `lightning.Trainer`: a name, or a configured DeepSpeed strategy object."""
+    accelerator = accelerator or resolve_accelerator(cfg)
+    kind = cfg.trainer.strategy
+    if kind == "auto":
+        return "auto"
+    if kind == "ddp":
+        return DDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo")
+    _ensure_deepspeed_accelerator(accelerator)
+    cls = DeepSpeedStrategy if accelerator == "gpu" else CPUDeepSpeedStrategy
+    return cls(config=deepspeed_config(cfg, accelerator))
+
+
+def check_combination(cfg: Config, accelerator: str) -> None:
+    """Raise `StrategyError` for params that cannot run on `accelerator` (config.py checks what it can earlier)."""
+    t, ds = cfg.trainer, cfg.deepspeed
+    if accelerator == "cpu" and t.precision == "16-mixed":
+        raise StrategyError("trainer.precision '16-mixed' needs a GPU; use '32-true' or 'bf16-mixed' on CPU")
+    if t.strategy == "deepspeed" and t.precision == "bf16-true":
+        # DeepSpeed's bf16 mode keeps fp32 master weights itself: that is bf16-mixed; say so instead of guessing.
+        raise StrategyError("trainer.precision 'bf16-true' with DeepSpeed: use 'bf16-mixed' (DeepSpeed's bf16 mode)")
+    if t.strategy != "deepspeed" and (ds.offload_optimizer or ds.offload_parameters):
+        raise StrategyError("deepspeed.offload_*: only used with trainer.strategy: deepspeed")
+    if ds.offload_parameters and ds.stage != 3:
+        raise StrategyError(f"deepspeed.offload_parameters: needs deepspeed.stage 3, got stage {ds.stage}")
+
+
+def trainer_kwargs(cfg: Config) -> dict[str, Any]:
+    """`accelerator`, `devices`, `num_nodes`, `strategy` and `precision` for `lightning.Trainer(**kwargs, ...)`.
+
+    The caller adds the rest, in particular `accumulate_grad_batches=cfg.trainer.accumulate_grad_batches` and
+    `gradient_clip_val=cfg.trainer.gradient_clip_val` (the DeepSpeed config is built consistent with those).
+    """
+    accelerator = resolve_accelerator(cfg)
+    check_combination(cfg, accelerator)
+    devices, num_nodes = process_layout(cfg)
+    return {
+        "accelerator": accelerator,
+        "devices": devices,
+        "num_nodes": num_nodes,
+        "strategy": build_strategy(cfg, accelerator),
+        "precision": cfg.trainer.precision,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ ranks
+
+
+def global_rank() -> int:
+    """This process's global rank: from torch.distributed once initialised, else from the launcher's variables."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+def is_global_zero() -> bool:
+    """True in the one process that logs and writes shared outputs."""
+    return global_rank() == 0
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """A directory written by DeepSpeed's `save_checkpoint` (Lightning's DeepSpeed checkpoints are directories)."""
+    path = Path(path)
+    return path.is_dir() and ((path / "latest").is_file() or any(path.glob("*/*model_states.pt")))
+
+
+def _deepspeed_tag(path: Path) -> str:
+    if (path / "latest").is_file():
+        return (path / "latest").read_text().strip()
+    tags = sorted(p.parent.name for p in path.glob("*/*model_states.pt"))
+    if len(set(tags)) != 1:
+        raise FileNotFoundError(f"{path}: expected one DeepSpeed checkpoint tag, found {sorted(set(tags))}")
+    return tags[0]
+
+
+def consolidate_checkpoint(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
+    """The full, unsharded fp32 state dict (keys `model.<name>`) of a Lightning or DeepSpeed checkpoint.
+
+    - a file: a normal Lightning checkpoint; its `state_dict` is returned as stored;
+    - a directory: a DeepSpeed checkpoint (ZeRO 1/2/3, any number of ranks); DeepSpeed's own zero-to-fp32
+      reconstruction merges the per-rank shards of the fp32 master weights.
+    Runs in one process, without a process group; tensors are on the CPU. Tied parameters stay tied (the same
+    tensor under each name), as DeepSpeed records them.
+    """
+    path = Path(ckpt_path)
+    if path.is_dir():
+        if not is_deepspeed_checkpoint(path):
+            raise FileNotFoundError(f"{path} is a directory but not a DeepSpeed checkpoint (no 'latest', no shards)")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=_deepspeed_tag(path))
+        # Lightning < 2.1 wrapped the module; strip that prefix so keys are always `model.<name>`.
+        state = {k.removeprefix("_forward_module."): v for k, v in state.items()}
+    elif path.is_file():
+        # Our own checkpoint (it holds loop and datamodule state besides tensors, hence the full unpickler).
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if "state_dict" not in checkpoint:
+            raise FileNotFoundError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+        state = checkpoint["state_dict"]
+    else:
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in state.items()}
