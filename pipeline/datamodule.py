@@ -1,0 +1,282 @@
+"""Data for training: packing, objectives, collation, and a sampler whose position is checkpointed.
+
+The training stream is infinite (epoch after epoch, each a fresh permutation drawn from `(seed, epoch)`), so the
+number of optimizer steps alone decides how long a run is. The stream position is the number of micro-batches
+this process has consumed; `TrainDataModule.state_dict` puts it in every Lightning checkpoint and a resumed run
+starts its sampler there. Every example is a pure function of `(seed, epoch, index)` (`objectives.example_rng`),
+so an interrupted run that resumes sees exactly the batches an uninterrupted run would have seen.
+
+Batches (dicts of tensors) follow the contract documented in `pipeline/module.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.objectives import (
+    IGNORE_INDEX,
+    SpanCorruption,
+    causal_lm,
+    example_rng,
+    lm_raw_length,
+    pack_documents,
+    prefix_lm,
+)
+
+Item = tuple[int, int]  # (epoch, index): what the sampler yields and the datasets take
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+
+
+def load_tokenized(path: str | Path) -> Any:
+    """The `datasets.DatasetDict` written by the tokenize stage (column `input_ids` per document)."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist; run the tokenize stage first (`dvc repro tokenize`)")
+    return datasets.load_from_disk(str(path))
+
+
+def document_arrays(split: Any) -> list[np.ndarray]:
+    """The documents of a tokenized split as int64 arrays, in stored order."""
+    column = split.with_format("numpy")["input_ids"]
+    return [np.asarray(doc, dtype=np.int64) for doc in column]
+
+
+def unigram_entropy(docs: Sequence[np.ndarray]) -> float:
+    """Entropy (nats per token) of the unigram distribution of the tokens: the loss of a model that ignores context.
+
+    A language model that learned anything from context has a loss clearly below this.
+    """
+    counts = np.bincount(np.concatenate(docs)) if docs else np.zeros(1)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+
+
+class ResumableSampler(Sampler[Item]):
+    """Endless `(epoch, index)` stream: per epoch a permutation of `range(num_items)` seeded by `(seed, epoch)`,
+    dealt round-robin over `world_size` ranks, starting after the first `start` items of this rank's stream."""
+
+    def __init__(self, num_items: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
+        if num_items < world_size:
+            raise ValueError(f"{num_items} training examples cannot feed {world_size} processes")
+        self.num_items, self.seed, self.start, self.rank, self.world_size = num_items, seed, start, rank, world_size
+        self.per_rank = num_items // world_size  # the remainder of each epoch is dropped, equally on every rank
+
+    def __iter__(self) -> Iterator[Item]:
+        epoch, offset = divmod(self.start, self.per_rank)
+        while True:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+            mine = order[self.rank :: self.world_size][: self.per_rank]
+            for index in mine[offset:]:
+                yield epoch, int(index)
+            epoch, offset = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------------------------- datasets
+
+
+class PretrainDataset(Dataset):
+    """Packed chunks of the corpus turned into examples by the pretraining objective, per `(epoch, index)`."""
+
+    def __init__(self, docs: Sequence[np.ndarray], objective: str, input_length: int, seed: int, **span_args: Any):
+        self.objective, self.seed = objective, seed
+        if objective == "span_corruption":
+            self.corrupt = SpanCorruption(input_length=input_length, **span_args)
+            raw_length = self.corrupt.raw_length
+        elif objective in ("causal_lm", "prefix_lm"):
+            raw_length = lm_raw_length(input_length)
+        else:
+            raise ValueError(f"unknown objective {objective!r}")
+        self.chunks = pack_documents(docs, raw_length)  # (N, raw_length)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, item: Item) -> dict[str, np.ndarray | int]:
+        epoch, index = item
+        tokens = self.chunks[index]
+        if self.objective == "span_corruption":
+            inputs, targets = self.corrupt(tokens, example_rng(self.seed, epoch, index))
+            return {"inputs": inputs, "targets": targets}
+        if self.objective == "causal_lm":
+            inputs, labels = causal_lm(tokens)
+            return {"inputs": inputs, "labels": labels}
+        inputs, labels, prefix = prefix_lm(tokens, example_rng(self.seed, epoch, index))
+        return {"inputs": inputs, "labels": labels, "prefix_length": prefix}
+
+
+class FixedItems(Dataset):
+    """A finite, ordered view `(epoch 0, index i)` of a dataset taking `(epoch, index)` items (validation)."""
+
+    def __init__(self, dataset: Dataset, limit: int | None = None):
+        self.dataset = dataset
+        self.size = len(dataset) if limit is None else min(limit, len(dataset))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[(0, i)]
+
+
+# -------------------------------------------------------------------------------------------- collation
+
+
+def _pad(rows: Sequence[np.ndarray], value: int, length: int | None = None) -> torch.Tensor:
+    """Right-pad 1-d arrays into a (B, max length) long tensor (truncating to `length` when given)."""
+    rows = [np.asarray(r)[:length] if length else np.asarray(r) for r in rows]
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+class Collator:
+    """Examples -> a batch for the model's layout.
+
+    Examples are `{"inputs", "targets"}` (text-to-text, encoder-decoder or prefix LM: the decoder-only layouts
+    read `inputs + targets` with loss on the targets only) or `{"inputs", "labels"[, "prefix_length"]}` (decoder-
+    only LM examples already aligned). `pad_id` pads; padded label positions are IGNORE_INDEX.
+    """
+
+    def __init__(
+        self,
+        layout: str,
+        pad_id: int = 0,
+        decoder_start_id: int = 0,
+        input_length: int | None = None,
+        target_length: int | None = None,
+    ):
+        self.layout, self.pad_id, self.decoder_start_id = layout, pad_id, decoder_start_id
+        self.input_length, self.target_length = input_length, target_length
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.layout == "encoder_decoder":
+            return self._encoder_decoder(examples)
+        if "targets" in examples[0]:  # text-to-text on a decoder-only model: one sequence, loss on targets
+            examples = [self._concatenate(e) for e in examples]
+        input_ids = _pad([e["inputs"] for e in examples], self.pad_id)  # (B, T)
+        labels = _pad([e["labels"] for e in examples], IGNORE_INDEX)  # (B, T)
+        lengths = torch.tensor([len(e["inputs"]) for e in examples])
+        attention_mask = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]  # (B, T)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.layout == "prefix_lm":
+            batch["prefix_lengths"] = torch.tensor([int(e.get("prefix_length", 0)) for e in examples])
+        return batch
+
+    def _encoder_decoder(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids = _pad([e["inputs"] for e in examples], self.pad_id, self.input_length)  # (B, S)
+        in_lengths = torch.tensor([min(len(e["inputs"]), self.input_length or 1 << 30) for e in examples])
+        targets = _pad([e["targets"] for e in examples], self.pad_id, self.target_length)  # (B, T)
+        out_lengths = torch.tensor([min(len(e["targets"]), self.target_length or 1 << 30) for e in examples])
+        target_mask = torch.arange(targets.shape[1])[None, :] < out_lengths[:, None]  # (B, T)
+        # teacher forcing: the decoder reads the targets shifted right behind the start token (T5 paper, 3.1)
+        decoder_input_ids = torch.cat([torch.full_like(targets[:, :1], self.decoder_start_id), targets[:, :-1]], 1)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.arange(input_ids.shape[1])[None, :] < in_lengths[:, None],
+            "decoder_input_ids": decoder_input_ids,
+            "decoder_attention_mask": torch.cat([torch.ones_like(target_mask[:, :1]), target_mask[:, :-1]], 1),
+            "labels": targets.masked_fill(~target_mask, IGNORE_INDEX),
+        }
+
+    def _concatenate(self, e: dict[str, Any]) -> dict[str, Any]:
+        inputs = np.asarray(e["inputs"])[: self.input_length]
+        targets = np.asarray(e["targets"])[: self.target_length]
+        sequence = np.concatenate([inputs, targets])
+        labels = np.full(len(sequence) - 1, IGNORE_INDEX, dtype=np.int64)
+        labels[len(inputs) - 1 :] = targets  # position t predicts token t + 1
+        return {"inputs": sequence[:-1], "labels": labels, "prefix_length": len(inputs)}
+
+
+# ------------------------------------------------------------------------------------------ datamodule
+
+
+class TrainDataModule(L.LightningDataModule):
+    """Training and validation loaders over datasets taking `(epoch, index)` items.
+
+    `batches_consumed` (micro-batches this process has trained on) is advanced by `SamplerPosition` and saved
+    in every checkpoint; the next `train_dataloader()` resumes the stream right after it.
+    """
+
+    def __init__(
+        self,
+        train: Dataset,
+        val: Dataset | None,
+        collate_fn: Callable[[list[Any]], dict[str, torch.Tensor]],
+        batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.train, self.val, self.collate_fn = train, val, collate_fn
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.batches_consumed = 0
+
+    def _ranks(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._ranks()
+        sampler = ResumableSampler(len(self.train), self.seed, self.batches_consumed * self.batch_size, rank, world)
+        return DataLoader(
+            self.train,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val is None or len(self.val) == 0:
+            return []
+        rank, world = self._ranks()
+        indices = list(range(rank, len(self.val) - len(self.val) % world if world > 1 else len(self.val), world))
+        return DataLoader(
+            torch.utils.data.Subset(self.val, indices),
+            batch_size=self.batch_size,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_consumed": self.batches_consumed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("batch_size", self.batch_size) != self.batch_size:
+            raise ValueError("the checkpoint was written with another batch size; cannot resume its data stream")
+        self.batches_consumed = int(state["batches_consumed"])
+
+
+class SamplerPosition(L.Callback):
+    """Counts consumed micro-batches into the datamodule (Lightning runs checkpoint callbacks after this one)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        trainer.datamodule.batches_consumed += 1
+
+
+def val_items(dataset: Dataset, batches: int, batch_size: int, world_size: int = 1) -> Dataset:
+    """The fixed validation set: the first `batches` batches' worth of examples (per process) of epoch 0."""
+    return FixedItems(dataset, limit=max(batches, 0) * batch_size * world_size)
+
+
+def steps_per_epoch(num_items: int, batch_size: int, world_size: int = 1) -> float:
+    """Micro-batches in one pass over `num_items` (for reporting how many epochs a run makes)."""
+    return math.floor(num_items / world_size) / batch_size

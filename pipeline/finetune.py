@@ -1,0 +1,17 @@
+"""Fine-tuning stage: `python -m pipeline.finetune --family t5|reformer` (outputs: see `pipeline/train.py`).
+
+Starts from the family's pretrain output (or from scratch, or from an original T5 checkpoint: `finetune.init`)
+and trains on the text-to-text task mixture of `finetune.tasks` with `finetune.mixing` rates.
+"""
+
+from __future__ import annotations
+
+from pipeline.train import stage_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("finetune", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

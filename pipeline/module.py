@@ -1,0 +1,328 @@
+"""The one LightningModule both families train with: loss, optimizer, schedule and logging.
+
+The network itself is a plain `nn.Module` from `models/` held as `self.model` (so checkpoint keys are
+`model.<parameter name>`); this module owns everything around it, as in lightning-hydra-template.
+
+Batches are dicts built by `pipeline/datamodule.py`:
+    input_ids (B, S) long, attention_mask (B, S) bool, labels (B, T) long with -100 where no loss is taken;
+    encoder-decoder layouts add decoder_input_ids / decoder_attention_mask (B, T);
+    prefix_lm adds prefix_lengths (B,).
+
+Logged metrics (the same names for every family, so MLflow runs compare directly):
+    train/loss, train/ppl, train/z_loss, train/lr, train/grad_norm, train/tokens (cumulative target tokens),
+    train/tokens_per_s (input + target tokens per second, all devices), train/flops_per_s, train/mfu
+    (only when a peak FLOP/s figure is known), val/loss, val/ppl.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.common import StageError
+
+IGNORE_INDEX = -100
+
+# Dense peak FLOP/s per device for MFU, looked up by CUDA device name (bf16/fp16 tensor cores).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12}
+
+
+class NonFiniteLossError(StageError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class OptimSettings:
+    """What the module needs from a `pretrain`/`finetune` params section (see `pipeline/config.py`)."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    max_steps: int = 100
+    z_loss: float = 0.0
+    log_every_n_steps: int = 10
+    peak_flops: float | None = None
+
+    @classmethod
+    def from_section(cls, section: Any, peak_flops: float | None = None) -> OptimSettings:
+        o = section.optimizer
+        return cls(
+            name=o.name,
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            betas=(float(o.betas[0]), float(o.betas[1])),
+            eps=o.eps,
+            schedule=o.schedule,
+            warmup_steps=o.warmup_steps,
+            min_lr_ratio=o.min_lr_ratio,
+            max_steps=section.max_steps,
+            z_loss=section.z_loss,
+            log_every_n_steps=section.log_every_n_steps,
+            peak_flops=peak_flops,
+        )
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based): linear warmup, then the schedule.
+
+    `inverse_sqrt` is T5's schedule (paper section 3.1.2): 1/sqrt(max(step, warmup)), scaled so that the peak
+    (at the end of warmup) is 1.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "inverse_sqrt":
+        return math.sqrt(max(warmup_steps, 1) / max(step + 1, warmup_steps, 1))
+    span = max(max_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / span, 1.0)
+    if schedule == "cosine":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - progress)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy summed over the labelled tokens, the log-normaliser squared summed likewise, and their count.
+
+    logits (B, T, V), labels (B, T) with IGNORE_INDEX on padding. Computed in float32 whatever the precision.
+    """
+    logits = logits.float()
+    flat, target = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
+    ce = F.cross_entropy(flat, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    mask = target != IGNORE_INDEX
+    # z-loss (PaLM, section 5): pushes log Z towards 0 so logits stay in a numerically safe range
+    z_sq = (torch.logsumexp(flat[mask], dim=-1) ** 2).sum()
+    return ce, z_sq, mask.sum()
+
+
+def build_optimizer(model: torch.nn.Module, s: OptimSettings) -> torch.optim.Optimizer:
+    """AdamW (decay on matrices only, not on norms and biases) or Adafactor (T5's factored second moments)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if s.name == "adamw":
+        return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps)
+    if s.name == "adafactor":
+        return torch.optim.Adafactor(groups, lr=s.lr)
+    raise ValueError(f"unknown optimizer {s.name!r}")
+
+
+def peak_flops_per_device() -> float | None:
+    """Dense bf16 peak of the current CUDA device when known (for MFU); None on CPU or unknown GPUs."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def rng_states() -> dict[str, Any]:
+    """Every random state training draws from (Python, NumPy, torch CPU and CUDA)."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class Seq2SeqLM(L.LightningModule):
+    """Trains any `models/` family on the batches of `pipeline/datamodule.py`."""
+
+    def __init__(self, model: torch.nn.Module, settings: OptimSettings):
+        super().__init__()
+        self.model = model
+        self.settings = settings
+        self.tokens_seen = 0  # labelled (target) tokens consumed, all devices
+        self.history: list[dict[str, float]] = []  # one row per logged step (train) and per validation (val)
+        self._reset_window()
+        self._val_sums = torch.zeros(2, dtype=torch.float64)
+        self._val_rng: dict[str, Any] | None = None
+        self._grad_norm: float | None = None
+        self._progress: dict[str, float] = {}
+        self.last_speed: dict[str, float] = {}
+        self.last_val: dict[str, float] = {}
+        self._pending_rng: dict[str, Any] | None = None
+
+    # ---- the loss ----
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        kwargs = {k: batch[k] for k in ("decoder_input_ids", "decoder_attention_mask", "prefix_lengths") if k in batch}
+        return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
+
+    def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ce_sum, z_sum, count = token_losses(self(batch), batch["labels"])
+        denom = count.clamp(min=1)
+        return ce_sum / denom, z_sum / denom, count
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ce, z, count = self._losses(batch)
+        loss = ce + self.settings.z_loss * z if self.settings.z_loss else ce
+        bad = not bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} at step {self.global_step}; stopped, the last good "
+                "checkpoint is kept (lower the learning rate, enable gradient clipping or z-loss, or use bf16)"
+            )
+        n = int(count)
+        self._window["loss"] += float(ce.detach()) * n
+        self._window["z"] += float(z.detach()) * n
+        self._window["targets"] += n
+        self._window["tokens"] += int(batch["attention_mask"].sum()) + n
+        flops_fn = getattr(self.model, "training_flops", None)
+        if flops_fn is not None:
+            target_len = batch["labels"].shape[1] if "decoder_input_ids" in batch else 0
+            self._window["flops"] += flops_fn(batch["input_ids"].shape[0], batch["input_ids"].shape[1], target_len)
+        if self._progress:
+            self.log_dict(self._progress, prog_bar=True, logger=False)
+        return loss
+
+    # ---- optimizer and schedule ----
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        s = self.settings
+        optimizer = build_optimizer(self.model, s)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, s.schedule, s.warmup_steps, s.max_steps, s.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _logging_step(self) -> bool:
+        """Whether the optimizer step being taken (number `global_step + 1`) gets logged."""
+        return (self.global_step + 1) % self.settings.log_every_n_steps == 0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # gradients are unscaled here (mixed precision) and not yet clipped: the norm the clipping sees
+        if self._logging_step():
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+    # ---- train logging ----
+
+    def _reset_window(self) -> None:
+        self._window = {"loss": 0.0, "z": 0.0, "targets": 0, "tokens": 0, "flops": 0.0}
+        self._window_start = time.perf_counter()
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        """Straight to the loggers (rank zero only), at exactly this step, and into the loss history."""
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        self.history.append({"step": step, "train/tokens": float(self.tokens_seen), **metrics})
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # the logging happens here rather than in on_train_batch_end because checkpoint callbacks save in
+        # on_train_batch_end before the module's hook runs: the saved state must include this step's row
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]  # the rate this step uses
+        super().optimizer_step(*args, **kwargs)
+        if not self._logging_step():
+            return
+        step = self.global_step + 1  # Lightning advances its step counter after this hook returns
+        w = self._window
+        sums = torch.tensor([w["loss"], w["z"], w["targets"], w["tokens"], w["flops"]], dtype=torch.float64)
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
+        loss_sum, z_sum, targets, tokens, flops = sums.tolist()
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        self.tokens_seen += int(targets)
+        loss = loss_sum / max(targets, 1)
+        metrics = {
+            "train/loss": loss,
+            "train/ppl": math.exp(min(loss, 50.0)),
+            "train/z_loss": z_sum / max(targets, 1),
+            "train/lr": lr,
+            "train/tokens": float(self.tokens_seen),
+        }
+        grad_norm = self._grad_norm
+        if grad_norm is None and hasattr(self.trainer.model, "get_global_grad_norm"):  # DeepSpeed keeps it
+            grad_norm = self.trainer.model.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        self._log(metrics, step)
+        # throughput is logged but kept out of the history, which must not depend on the machine's speed
+        speed = {"train/tokens_per_s": tokens / elapsed, "train/flops_per_s": flops / elapsed}
+        if self.settings.peak_flops:
+            speed["train/mfu"] = flops / elapsed / (self.settings.peak_flops * self.trainer.world_size)
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(speed, step=step)
+        self.last_speed = speed
+        self._progress = {"loss": loss, "tok/s": speed["train/tokens_per_s"]}
+        self._grad_norm = None
+        self._reset_window()
+
+    # ---- validation ----
+
+    def on_validation_epoch_start(self) -> None:
+        # validation must not move the random streams training draws from (LSH hashing draws in eval too),
+        # so an interrupted run that resumes makes exactly the same draws as one that never stopped
+        self._val_rng = rng_states()
+        self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        ce_sum, _, count = token_losses(self(batch), batch["labels"])
+        self._val_sums += torch.stack([ce_sum.double(), count.double()])
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self._val_sums
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        loss_sum, count = sums.tolist()
+        if self._val_rng is not None:
+            set_rng_states(self._val_rng)
+            self._val_rng = None
+        if count == 0 or self.trainer.sanity_checking:
+            return
+        loss = loss_sum / count
+        metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+        self._log(metrics, self.global_step)
+        self.last_val = metrics
+
+    # ---- checkpointed state beyond weights, optimizer and scheduler ----
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["training_state"] = {
+            "tokens_seen": self.tokens_seen,
+            "history": list(self.history),
+            "window": dict(self._window),
+            "rng": rng_states(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("training_state")
+        if not state:
+            return
+        self.tokens_seen = state["tokens_seen"]
+        self.history = list(state["history"])
+        self._window = dict(state["window"])
+        self._pending_rng = state["rng"]
+
+    def on_train_start(self) -> None:
+        # restore the random states last: Lightning seeds, builds and (for DeepSpeed) loads everything before this
+        if self._pending_rng is not None:
+            set_rng_states(self._pending_rng)
+            self._pending_rng = None
+        self._window_start = time.perf_counter()

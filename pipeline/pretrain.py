@@ -1,0 +1,17 @@
+"""Pretraining stage: `python -m pipeline.pretrain --family t5|reformer` (outputs: see `pipeline/train.py`).
+
+Trains a freshly initialised model of the family on the tokenized corpus with the `pretrain.objective`
+(T5 span corruption by default), under the distribution strategy and launcher chosen in params.
+"""
+
+from __future__ import annotations
+
+from pipeline.train import stage_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("pretrain", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""MLflow tracking for the training stages: one experiment, one run per (stage, family), rank zero only.
+
+- Store: `MLFLOW_TRACKING_URI` if set, else `mlflow.tracking_uri` from params, else `sqlite:///<repo>/mlflow.db`
+  with an absolute path (MLflow 3 refuses the old file store, and a relative path breaks under `dvc exp`, which
+  runs stages in a temporary copy of the repository).
+- `check_tracking_uri` fails fast with a `StageError` when a tracking server does not answer within
+  `mlflow.connect_timeout_s`, before any training (MLflow's own client would retry for minutes, at the end).
+- `TrackedRun` starts the run (tags: family, stage, git revision, params hash), or resumes the run whose id an
+  interrupted attempt left behind, logs the params flattened, metrics per step (through `MlflowMetrics`, a
+  Lightning logger), system metrics, and artifacts; `finish("FAILED")` marks a crash.
+- Every process but global rank zero gets a `TrackedRun` that does nothing, so a 2-process run makes one run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+
+from pipeline.common import StageError
+
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+
+
+def tracking_uri(configured: str | None, root: str | Path) -> str:
+    """The tracking URI to use: the environment wins, then params, then the repo's sqlite file (absolute)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if not uri:
+        return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_absolute():  # relative to the repo, not to wherever the stage happens to run
+            return f"sqlite:///{(Path(root) / path).resolve()}"
+    return uri
+
+
+def check_tracking_uri(uri: str, timeout_s: float) -> None:
+    """Raise `StageError` unless the store can be used: an http(s) server must answer, a sqlite file be creatable."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s):
+                pass
+        except urllib.error.HTTPError:
+            return  # something answered (a proxy or an older server without /health): reachable
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise StageError(
+                f"MLflow tracking server {uri} is unreachable ({reason}, waited up to {timeout_s:g} s); start it, "
+                "or unset MLFLOW_TRACKING_URI / mlflow.tracking_uri to use the local sqlite store"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        parent = Path(uri.removeprefix("sqlite:///")).parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise StageError(f"MLflow store {uri}: directory {parent} does not exist or is not writable")
+
+
+def git_revision(root: str | Path) -> str:
+    """The pipeline's git commit (with `-dirty` when tracked files changed), or `unknown` outside git."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """`{"a": {"b": 1}}` -> `{"a.b": "1"}`: nested params as MLflow param strings (lists as JSON)."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+            out[name] = text[:MAX_PARAM_LENGTH]
+    return out
+
+
+def params_hash(params: Mapping[str, Any]) -> str:
+    """A short, stable hash of params (order-independent)."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class TrackedRun:
+    """The MLflow run of one (stage, family) attempt; inert (every method a no-op) when `active` is False."""
+
+    def __init__(self, uri: str, experiment: str, active: bool = True, system_metrics: bool = True):
+        self.uri, self.experiment, self.active, self.system_metrics = uri, experiment, active, system_metrics
+        self.run_id: str | None = None
+        self.resumed = False
+
+    def start(self, run_name: str, tags: Mapping[str, str], resume_run_id: str | None = None) -> str | None:
+        """Start a new run, or continue `resume_run_id` when it exists in this store. Returns the run id."""
+        if not self.active:
+            return None
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(self.experiment)
+        if resume_run_id and not self._exists(resume_run_id):
+            resume_run_id = None
+        run = mlflow.start_run(
+            run_id=resume_run_id,
+            run_name=None if resume_run_id else run_name,
+            tags=dict(tags),
+            log_system_metrics=self.system_metrics,
+        )
+        self.run_id, self.resumed = run.info.run_id, resume_run_id is not None
+        return self.run_id
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        try:
+            MlflowClient(self.uri).get_run(run_id)
+            return True
+        except MlflowException:
+            return False
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log nested params flattened (`pretrain.optimizer.lr`); values already logged are kept on a resume."""
+        if not self.active:
+            return
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        flat = flatten(params)
+        if self.resumed:
+            logged = MlflowClient(self.uri).get_run(self.run_id).data.params
+            flat = {k: v for k, v in flat.items() if k not in logged}
+        items = list(flat.items())
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            mlflow.log_params(dict(items[i : i + 100]))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.log_dict(obj, name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run as FINISHED, FAILED or KILLED."""
+        if self.active and self.run_id is not None:
+            import mlflow
+
+            if mlflow.active_run() is not None:
+                mlflow.end_run(status=status)
+            else:
+                from mlflow.tracking import MlflowClient
+
+                MlflowClient(self.uri).set_terminated(self.run_id, status=status)
+
+
+class MlflowMetrics(Logger):
+    """A Lightning logger writing metrics, at the step given, into an existing MLflow run (rank zero only).
+
+    Unlike Lightning's `MLFlowLogger` it neither creates nor terminates runs: `TrackedRun` owns the run's life.
+    """
+
+    def __init__(self, run: TrackedRun):
+        super().__init__()
+        self.run = run
+
+    @property
+    def name(self) -> str:
+        return "mlflow"
+
+    @property
+    def version(self) -> str | None:
+        return self.run.run_id
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> TrackedRun:
+        return self.run
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.run.log_metrics(metrics, step=step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # the stage logs the whole validated config itself, flattened

@@ -1,0 +1,478 @@
+"""What the `pretrain` and `finetune` stages share: model, data, Trainer, checkpoints, MLflow, outputs.
+
+`python -m pipeline.<stage> --family F` (stage `pretrain` or `finetune`) writes:
+
+- `artifacts/<stage>/F/final/`: `model.safetensors` + `config.json` (`models.save_pretrained`, loadable with
+  `models.load_pretrained` without DeepSpeed or pickle), `training.json` (timing, throughput, MLflow run id);
+- `artifacts/<stage>/F/checkpoints/`: resumable Lightning checkpoints (`last.ckpt`, a file, or a directory under
+  DeepSpeed) and `run.json` (fingerprint of what is trained, MLflow run id, `completed`). Re-running the stage
+  after a kill resumes from `last.ckpt` when the fingerprint matches; a finished run or other params start over;
+- `metrics/<stage>-F.json`: DVC metrics (`steps`, `tokens`, `train_loss`, `val_loss`, `val_ppl`,
+  `unigram_entropy` (pretrain: nats per token of the training split's unigram distribution), `parameters`,
+  `non_embedding_parameters`, `epochs`); deterministic on CPU, so an interrupted-and-resumed run writes the
+  same file as an uninterrupted one (timings live in `final/training.json`);
+- `metrics/<stage>-F-train.csv`: loss history, one row per logged step, columns
+  `step,tokens,loss,ppl,z_loss,lr,grad_norm`;
+- `metrics/<stage>-F-val.csv`: one row per validation, columns `step,tokens,loss,ppl`.
+  (`tokens` counts target tokens trained on so far, all processes; losses are nats per target token.)
+
+Only global rank zero writes outputs and talks to MLflow; every rank runs the same code otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+import models
+from pipeline import strategy
+from pipeline.common import StageError, atomic_output, repo_root, write_json
+from pipeline.config import Config
+from pipeline.datamodule import (
+    Collator,
+    PretrainDataset,
+    SamplerPosition,
+    TrainDataModule,
+    document_arrays,
+    load_tokenized,
+    unigram_entropy,
+    val_items,
+)
+from pipeline.module import OptimSettings, Seq2SeqLM, peak_flops_per_device
+from pipeline.tracking import MlflowMetrics, TrackedRun, check_tracking_uri, git_revision, params_hash, tracking_uri
+
+log = logging.getLogger("pipeline")
+
+TOKENIZER_DIR = "data/tokenizer"
+TOKENIZED_DIR = "data/tokenized"
+TRAIN_COLUMNS = ["step", "tokens", "loss", "ppl", "z_loss", "lr", "grad_norm"]
+VAL_COLUMNS = ["step", "tokens", "loss", "ppl"]
+
+
+@dataclass
+class StagePaths:
+    root: Path
+    stage: str
+    family: str
+
+    @property
+    def out(self) -> Path:
+        return self.root / "artifacts" / self.stage / self.family
+
+    @property
+    def final(self) -> Path:
+        return self.out / "final"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics" / f"{self.stage}-{self.family}.json"
+
+    def history(self, split: str) -> Path:
+        return self.root / "metrics" / f"{self.stage}-{self.family}-{split}.csv"
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
+    """Tokenizer vocabulary rounded up to a multiple of 128 (fast matmuls; the extra rows are never targets)."""
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def read_tokenizer_info(root: Path) -> dict[str, Any]:
+    path = root / TOKENIZER_DIR / "tokenizer.json"
+    if not path.is_file():
+        raise StageError(f"{path} not found: run the tokenize stage first (dvc repro tokenize)")
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+def initial_model(cfg: Config, stage: str, family: str, root: Path, vocab_size: int) -> tuple[torch.nn.Module, str]:
+    """The model training starts from, and a description of where it came from."""
+    if stage == "finetune" and cfg.finetune.init == "pretrained":
+        source = root / "artifacts" / "pretrain" / family / "final"
+        if not (source / models.WEIGHTS_NAME).is_file():
+            raise StageError(f"{source} has no weights: run `dvc repro pretrain@{family}` first (or finetune.init)")
+        loaded_family, model = models.load_pretrained(source)
+        if loaded_family != family:
+            raise StageError(f"{source} holds a {loaded_family} model, not {family}")
+        return model.train(), str(source.relative_to(root))
+    if stage == "finetune" and cfg.finetune.init == "t5_checkpoint":
+        if family != "t5":
+            raise StageError(f"finetune.init 't5_checkpoint' only applies to the t5 family, not {family}")
+        from models.hf.t5 import load_t5_checkpoint
+
+        directory = Path(cfg.finetune.checkpoint_dir).expanduser()
+        directory = directory if directory.is_absolute() else root / directory
+        if not directory.is_dir():
+            raise StageError(f"finetune.checkpoint_dir {directory} does not exist")
+        return load_t5_checkpoint(directory).train(), str(directory)
+    return models.build_model(family, cfg.model_config(family, vocab_size)), "scratch"
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def pretrain_data(cfg: Config, layout: str, tok: dict[str, Any], root: Path) -> tuple[Any, Any, Any, float]:
+    """(train dataset, validation dataset, collator, unigram entropy of the train split) for pretraining."""
+    p = cfg.pretrain
+    splits = load_tokenized(root / TOKENIZED_DIR)
+    train_docs, val_docs = document_arrays(splits["train"]), document_arrays(splits["validation"])
+    span_args = {}
+    if p.objective == "span_corruption":
+        vocab = int(tok["vocab_size"])
+        sentinels = [vocab - 1 - i for i in range(int(tok["num_sentinels"]))]
+        span_args = dict(
+            noise_density=p.noise_density,
+            mean_noise_span_length=p.mean_noise_span_length,
+            eos_id=int(tok.get("eos_id", 1)),
+            sentinel_ids=sentinels,
+        )
+    train = PretrainDataset(train_docs, p.objective, p.input_length, cfg.seed, **span_args)
+    val = PretrainDataset(val_docs, p.objective, p.input_length, cfg.seed + 1, **span_args)
+    if len(train) == 0:
+        raise StageError(f"the training split is shorter than one sequence of {p.input_length} tokens")
+    return train, val, Collator(layout), unigram_entropy(train_docs)
+
+
+def finetune_data(cfg: Config, layout: str, root: Path) -> tuple[Any, Any, Any, float | None]:
+    """(train dataset, validation dataset, collator, None) for the fine-tuning task mixture."""
+    from pipeline.finetune_data import mixture_datasets
+
+    f = cfg.finetune
+    train, val = mixture_datasets(cfg, root)
+    return train, val, Collator(layout, input_length=f.input_length, target_length=f.target_length), None
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def fingerprint(cfg: Config, stage: str, family: str, root: Path, init_source: str) -> str:
+    """What the checkpoints are a function of: the params the stage reads, the data, and the initial weights."""
+    tokenized = root / TOKENIZED_DIR
+    data_sig = sorted(
+        (str(p.relative_to(tokenized)), p.read_text()) for p in tokenized.glob("*/state.json") if p.is_file()
+    )
+    init = init_source
+    weights = Path(init_source) if Path(init_source).is_absolute() else root / init_source
+    if (weights / models.WEIGHTS_NAME).is_file():
+        init = _file_digest(weights / models.WEIGHTS_NAME)
+    d = cfg.to_dict()
+    return params_hash(
+        {
+            "stage": stage,
+            "family": family,
+            "seed": d["seed"],
+            "model": d["models"][family],
+            "section": d[stage],
+            "trainer": d["trainer"],
+            "deepspeed": d["deepspeed"] if cfg.trainer.strategy == "deepspeed" else None,
+            "data": data_sig,
+            "init": init,
+        }
+    )
+
+
+def read_run_state(paths: StagePaths) -> dict[str, Any]:
+    path = paths.checkpoints / "run.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def resume_point(paths: StagePaths, current: str) -> Path | None:
+    """`last.ckpt` when it belongs to an unfinished run of the same fingerprint, else None."""
+    state = read_run_state(paths)
+    last = paths.checkpoints / "last.ckpt"
+    if state.get("fingerprint") == current and not state.get("completed") and last.exists():
+        return last
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+
+def run_training(cfg: Config, stage: str, family: str, argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Run the `pretrain` or `finetune` stage for one family; returns the metrics (rank zero) or None."""
+    code = _launch_if_needed(cfg, stage, family, argv)
+    if code is not None:
+        if code != 0:
+            raise StageError(f"the {cfg.launcher.kind} job for {stage}@{family} failed with exit code {code}")
+        return None
+
+    t_start = time.perf_counter()
+    root = repo_root()
+    paths = StagePaths(root, stage, family)
+    section = getattr(cfg, stage)
+    rank_zero = strategy.is_global_zero()
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    tok = read_tokenizer_info(root)
+    model, init_source = initial_model(cfg, stage, family, root, padded_vocab_size(int(tok["vocab_size"])))
+    layout = getattr(model.config, "layout", "encoder_decoder")
+    if stage == "pretrain":
+        train, val, collate, entropy = pretrain_data(cfg, layout, tok, root)
+    else:
+        train, val, collate, entropy = finetune_data(cfg, layout, root)
+
+    trainer_kw = strategy.trainer_kwargs(cfg)
+    world = _world_size(trainer_kw)
+    datamodule = TrainDataModule(
+        train,
+        val_items(val, section.val_batches, section.batch_size, world),
+        collate,
+        section.batch_size,
+        cfg.seed,
+        cfg.trainer.num_workers,
+    )
+    settings = OptimSettings.from_section(section, peak_flops=peak_flops_per_device())
+    module = Seq2SeqLM(model, settings)
+
+    # --- checkpoints: resume the unfinished run of the same fingerprint, or start over
+    current = fingerprint(cfg, stage, family, root, init_source)
+    resume = resume_point(paths, current)
+    run_state = read_run_state(paths) if resume else {}
+    if rank_zero and resume is None and paths.checkpoints.exists():
+        shutil.rmtree(paths.checkpoints)
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    # --- MLflow, checked before any training
+    uri = tracking_uri(cfg.mlflow.tracking_uri, root)
+    run = TrackedRun(uri, cfg.mlflow.experiment, active=rank_zero, system_metrics=cfg.mlflow.system_metrics)
+    if rank_zero:
+        check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)
+        tags = {
+            "family": family,
+            "stage": stage,
+            "git_revision": git_revision(root),
+            "params_hash": current,
+            "init": init_source,
+        }
+        run.start(f"{stage}-{family}", tags, resume_run_id=run_state.get("mlflow_run_id"))
+        run.log_params(cfg.to_dict())
+        write_json(
+            paths.checkpoints / "run.json", {"fingerprint": current, "mlflow_run_id": run.run_id, "completed": False}
+        )
+    try:
+        metrics = _fit_and_save(cfg, stage, family, paths, module, datamodule, trainer_kw, run, resume, entropy)
+    except KeyboardInterrupt:
+        run.finish("KILLED")
+        raise
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    if not rank_zero:
+        return None
+    elapsed = time.perf_counter() - t_start
+    timing = _write_timing(paths, module, metrics, elapsed, run, uri, resume)
+    if cfg.mlflow.log_models:
+        run.log_artifacts(paths.final, "model")
+        run.log_artifacts(root / TOKENIZER_DIR, "tokenizer")
+        run.log_dict(cfg.to_dict(), "params.json")
+    run.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
+    run.finish("FINISHED")
+    write_json(paths.checkpoints / "run.json", {"fingerprint": current, "mlflow_run_id": run.run_id, "completed": True})
+    _summary(stage, family, metrics, timing, paths, uri, run.run_id)
+    return metrics
+
+
+def _launch_if_needed(cfg: Config, stage: str, family: str, argv: list[str] | None) -> int | None:
+    """torchrun/SLURM: start the job and wait (`pipeline/launch.py`); None means: run here, in this process."""
+    try:
+        from pipeline import launch
+    except ImportError:
+        if cfg.launcher.kind != "local":
+            raise
+        return None
+    return launch.launch_if_needed(cfg, stage, family, sys.argv[1:] if argv is None else argv)
+
+
+def _world_size(trainer_kw: dict[str, Any]) -> int:
+    devices, nodes = trainer_kw.get("devices", 1), trainer_kw.get("num_nodes", 1)
+    return (devices if isinstance(devices, int) else 1) * nodes
+
+
+def _fit_and_save(
+    cfg: Config,
+    stage: str,
+    family: str,
+    paths: StagePaths,
+    module: Seq2SeqLM,
+    datamodule: TrainDataModule,
+    trainer_kw: dict[str, Any],
+    run: TrackedRun,
+    resume: Path | None,
+    entropy: float | None,
+) -> dict[str, Any]:
+    section = getattr(cfg, stage)
+    accumulate = cfg.trainer.accumulate_grad_batches
+    checkpoint = ModelCheckpoint(
+        dirpath=paths.checkpoints,
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=section.checkpoint_every_n_steps,
+        save_on_train_epoch_end=False,
+    )
+    callbacks: list[L.Callback] = [SamplerPosition(), checkpoint]
+    if cfg.trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, section.log_every_n_steps // 2)))
+    trainer = L.Trainer(
+        **trainer_kw,
+        max_steps=section.max_steps,
+        val_check_interval=section.val_every_n_steps * accumulate,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=cfg.trainer.gradient_clip_val or None,
+        logger=MlflowMetrics(run) if run.active else False,
+        log_every_n_steps=section.log_every_n_steps,
+        callbacks=callbacks,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=paths.checkpoints,
+    )
+    if entropy is not None and run.active:
+        run.log_metrics({"train/unigram_entropy": entropy}, step=0)
+    if resume is not None:
+        log.info(f"{stage}@{family}: resuming from {resume.relative_to(paths.root)}")
+    if cfg.trainer.compile:
+        module.model = torch.compile(module.model)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    last_val_step = next((r["step"] for r in reversed(module.history) if "val/loss" in r), None)
+    if last_val_step != trainer.global_step and datamodule.val is not None and len(datamodule.val) > 0:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+
+    # the final state, consolidated into one weights file (DeepSpeed shards are merged by the strategy module)
+    last = paths.checkpoints / "last.ckpt"
+    trainer.save_checkpoint(last)
+    if not trainer.is_global_zero:
+        return {}
+    if cfg.trainer.strategy == "deepspeed":
+        state = strategy.consolidate_checkpoint(last)
+    else:
+        state = {f"model.{k}": v for k, v in _unwrap(module.model).state_dict().items()}
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    family_model = models.build_model(family, _unwrap(module.model).config)
+    family_model.load_state_dict(weights)
+    with atomic_output(paths.final) as tmp:
+        models.save_pretrained(family_model, family, tmp)
+
+    train_rows = [r for r in module.history if "train/loss" in r]
+    val_rows = [r for r in module.history if "val/loss" in r]
+    _write_csv(paths.history("train"), TRAIN_COLUMNS, train_rows, "train/")
+    _write_csv(paths.history("val"), VAL_COLUMNS, val_rows, "val/")
+    metrics: dict[str, Any] = {
+        "steps": trainer.global_step,
+        "tokens": module.tokens_seen,
+        "train_loss": train_rows[-1]["train/loss"] if train_rows else None,
+        "val_loss": val_rows[-1]["val/loss"] if val_rows else None,
+        "val_ppl": val_rows[-1]["val/ppl"] if val_rows else None,
+        "parameters": family_model.num_parameters(),
+        "non_embedding_parameters": family_model.num_parameters(non_embedding=True),
+        "epochs": datamodule.batches_consumed * section.batch_size * trainer.world_size / len(datamodule.train),
+    }
+    if entropy is not None:
+        metrics["unigram_entropy"] = entropy
+    write_json(paths.metrics, metrics)
+    return metrics
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]], prefix: str) -> None:
+    with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for r in rows:
+            values = {"step": r["step"], "tokens": int(r.get("train/tokens", 0))}
+            values.update({c: r.get(prefix + c) for c in columns if c not in values})
+            writer.writerow(["" if values[c] is None else values[c] for c in columns])
+
+
+def _write_timing(
+    paths: StagePaths,
+    module: Seq2SeqLM,
+    metrics: dict[str, Any],
+    elapsed: float,
+    run: TrackedRun,
+    uri: str,
+    resume: Path | None,
+) -> dict[str, Any]:
+    timing = {
+        "wall_time_s": elapsed,
+        "tokens_per_s": module.last_speed.get("train/tokens_per_s"),
+        "mfu": module.last_speed.get("train/mfu"),
+        "resumed": resume is not None,
+        "mlflow_run_id": run.run_id,
+        "mlflow_tracking_uri": uri,
+    }
+    write_json(paths.final / "training.json", timing)
+    return timing
+
+
+def _summary(
+    stage: str,
+    family: str,
+    metrics: dict[str, Any],
+    timing: dict[str, Any],
+    paths: StagePaths,
+    uri: str,
+    run_id: str | None,
+) -> None:
+    def fmt(x: Any) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    entropy = f", unigram entropy {fmt(metrics['unigram_entropy'])}" if "unigram_entropy" in metrics else ""
+    speed = timing.get("tokens_per_s")
+    print(
+        f"{stage}@{family}: {metrics['steps']} steps, {metrics['tokens']:,} target tokens in "
+        f"{timing['wall_time_s']:.1f} s ({'n/a' if speed is None else f'{speed:,.0f}'} tokens/s); final loss "
+        f"train {fmt(metrics['train_loss'])}, val {fmt(metrics['val_loss'])}{entropy}; "
+        f"model {paths.final.relative_to(paths.root)}, metrics {paths.metrics.relative_to(paths.root)}; "
+        f"MLflow run {run_id} at {uri}",
+        flush=True,
+    )
+
+
+def stage_main(stage: str, argv: list[str] | None = None) -> int:
+    """Entry point of `python -m pipeline.<stage> --family F`."""
+    from pipeline.common import run_stage, stage_parser
+
+    parser = stage_parser(f"{stage.capitalize()} one model family (see pipeline/train.py for the outputs).")
+    parser.add_argument("--family", required=True, choices=sorted(models.FAMILIES), help="model family")
+
+    def body(cfg: Config, args: argparse.Namespace) -> None:
+        run_training(cfg, stage, args.family, argv)
+
+    return run_stage(body, parser, argv)

@@ -1,0 +1,98 @@
+"""A tiny, self-contained project for the training-stage tests: params, tokenizer info and tokenized data.
+
+The corpus is synthetic but learnable: documents follow a fixed random Markov chain (each token picks its
+successor among a few), so a model that uses context gets well below the unigram entropy within a few steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TOK_VOCAB = 250  # tokenizer vocabulary (sentinels included); models get it padded to 256
+NUM_SENTINELS = 20
+
+MODELS = {
+    "t5": {"preset": "tiny", "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4},
+    "reformer": {
+        "preset": "tiny",
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_heads": 4,
+        "attn_layers": ["local", "lsh"],
+        "axial_pos_shape": [8, 8],
+        "axial_pos_dims": [16, 16],
+        "lsh_chunk_length": 8,
+        "local_chunk_length": 8,
+    },
+}
+
+TRAIN = {
+    "input_length": 32,
+    "batch_size": 4,
+    "max_steps": 8,
+    "log_every_n_steps": 2,
+    "val_every_n_steps": 4,
+    "val_batches": 2,
+    "checkpoint_every_n_steps": 4,
+}
+
+
+def markov_docs(n_docs: int, seed: int, low: int = 3, high: int = TOK_VOCAB - NUM_SENTINELS) -> list[list[int]]:
+    chain = np.random.default_rng(0).integers(low, high, size=(high, 3))  # successors of each token
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n_docs):
+        length = int(rng.integers(20, 80))
+        tok = int(rng.integers(low, high))
+        doc = []
+        for _ in range(length):
+            doc.append(tok)
+            tok = int(chain[tok, rng.integers(0, 3)])
+        docs.append([*doc, 1])  # eos
+    return docs
+
+
+def make_project(tmp: Path, overrides: dict[str, Any] | None = None, n_train_docs: int = 300) -> Path:
+    """Write params.yaml, data/tokenizer/tokenizer.json and data/tokenized/ under `tmp`; returns `tmp`."""
+    import datasets
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["models"] = copy.deepcopy(MODELS)
+    params["tokenizer"]["vocab_size"] = TOK_VOCAB
+    params["tokenizer"]["num_sentinels"] = NUM_SENTINELS
+    for stage in ("pretrain", "finetune"):
+        params[stage].update(TRAIN)
+        params[stage]["optimizer"]["warmup_steps"] = 2
+    params["pretrain"]["optimizer"]["lr"] = 3e-3
+    params["trainer"].update({"accelerator": "cpu", "progress_bar": False})
+    params["mlflow"]["system_metrics"] = False
+    for dotted, value in (overrides or {}).items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    tok_dir = tmp / "data" / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"vocab_size": TOK_VOCAB, "num_sentinels": NUM_SENTINELS, "pad_id": 0, "eos_id": 1, "unk_id": 2}
+    (tok_dir / "tokenizer.json").write_text(json.dumps(meta))
+
+    splits = {"train": markov_docs(n_train_docs, 1), "validation": markov_docs(40, 2), "test": markov_docs(40, 3)}
+    dd = datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_dict({"input_ids": docs, "length": [len(d) for d in docs]})
+            for name, docs in splits.items()
+        }
+    )
+    dd.save_to_disk(str(tmp / "data" / "tokenized"))
+    return tmp
