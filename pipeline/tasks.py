@@ -1,0 +1,598 @@
+"""Fine-tuning tasks in text-to-text form (T5 paper, section 2.4), their mixture (section 3.5.2) and metrics.
+
+A `Task` has a name, an input prefix (`summarize: `), a builder that returns `Example`s for a split, a metric
+and, for classification, its class strings. `Example.inputs` already starts with the prefix. Tasks are looked
+up by name in `TASKS`; `params.yaml`'s `finetune.tasks` maps names to option overrides, checked by
+`validate_tasks` (called from `pipeline/config.py`).
+
+Offline defaults:
+- `summarize`: a document of the prepared corpus (a docstring, a reference entry) without its first sentence
+  -> that first sentence (ROUGE-L). Splits are the prepared corpus's own splits.
+- `listops`: ListOps from the Long Range Arena (Tay et al. 2021): a generated nested expression of MAX, MIN,
+  MED (median) and SM (sum modulo 10) over digits -> its value (accuracy, classes "0".."9").
+- `duplication`: the Reformer paper's duplication task (Kitaev et al. 2020, section 2.1) in text-to-text form:
+  a random sequence of symbols -> the same sequence (exact match).
+Generated tasks are seeded per split and every example is assigned to one split by a hash of its input, so
+train, validation and test never share an input.
+
+Hub recipes (need the network or a local copy; options name the dataset, config and splits):
+`sst2` (GLUE SST-2 sentiment, accuracy), `squad` (SQuAD v1.1, exact match), `cnn_dailymail` (ROUGE-L),
+`wmt_en_de` (WMT14 English to German, BLEU). Input formats follow the T5 paper's appendix D.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SPLITS = ("train", "validation", "test")
+METRICS = ("rouge_l", "bleu", "accuracy", "exact_match")
+DEFAULT_PREPARED_DIR = "data/prepared"
+
+
+# ------------------------------------------------------------------------------------------ data types
+
+
+@dataclass(frozen=True)
+class Example:
+    """One text-to-text example; `inputs` includes the task prefix, `label` is the class for classification."""
+
+    inputs: str
+    targets: str
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class Option:
+    """A task option: its default, accepted type(s) and lower bound (numbers)."""
+
+    default: Any
+    types: tuple[type, ...]
+    doc: str
+    minimum: float | None = None
+    nullable: bool = False
+
+
+@dataclass
+class TaskContext:
+    """What a builder may use: the prepared corpus (loaded lazily from `prepared_dir`), the seed, the options.
+
+    `options` are the overrides from `finetune.tasks.<name>`; the task fills in its defaults.
+    Pass `corpus` (a `datasets.DatasetDict` with a `text` column) to skip loading from disk.
+    """
+
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    prepared_dir: str | Path = DEFAULT_PREPARED_DIR
+    corpus: Any = None
+
+    def load_corpus(self) -> Any:
+        if self.corpus is None:
+            path = Path(self.prepared_dir)
+            if not (path / "dataset_dict.json").is_file():
+                raise FileNotFoundError(f"prepared corpus not found at {path} (run `dvc repro prepare` first)")
+            from datasets import load_from_disk
+
+            self.corpus = load_from_disk(str(path))
+        return self.corpus
+
+
+Builder = Callable[[str, TaskContext, dict[str, Any]], list[Example]]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A registered task: `build(split, ctx)` returns its examples for `train`, `validation` or `test`."""
+
+    name: str
+    prefix: str
+    metric: str
+    builder: Builder = field(repr=False)
+    options: dict[str, Option] = field(default_factory=dict)
+    classes: list[str] | None = None
+    description: str = ""
+
+    def resolve_options(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The defaults updated with `overrides` (unchecked: see `validate_tasks`)."""
+        return {k: opt.default for k, opt in self.options.items()} | dict(overrides or {})
+
+    def build(self, split: str, ctx: TaskContext) -> list[Example]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return self.builder(split, ctx, self.resolve_options(ctx.options))
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def _split_rng(seed: int, task: str, split: str) -> random.Random:
+    # Python's Random: fast scalar draws, and string seeds are hashed with SHA-512 (stable across runs)
+    return random.Random(f"{seed}/{task}/{split}")
+
+
+def _hash_split(text: str) -> str:
+    """The one split an input belongs to (stable hash), so generated splits never share an input."""
+    return SPLITS[int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % len(SPLITS)]
+
+
+def _generated(
+    name: str, split: str, ctx: TaskContext, count: int, draw: Callable[[random.Random], Example | None]
+) -> list[Example]:
+    """`count` distinct examples drawn with the split's generator, keeping only those hashed to this split."""
+    rng = _split_rng(ctx.seed, name, split)
+    out: list[Example] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(out) < count:
+        attempts += 1
+        if attempts > 200 * count + 1000:
+            raise ValueError(
+                f"task {name}: could not generate {count} distinct {split} examples with these options "
+                f"(got {len(out)}); allow longer or more varied inputs"
+            )
+        example = draw(rng)
+        if example is None or example.inputs in seen or _hash_split(example.inputs) != split:
+            continue
+        seen.add(example.inputs)
+        out.append(example)
+    return out
+
+
+def _count(split: str, options: dict[str, Any]) -> int:
+    return options["num_examples"] if split == "train" else options["num_eval_examples"]
+
+
+# ------------------------------------------------------------------------------------------ summarize
+
+_UNDERLINE = re.compile(r"^\s*([*=\-~^#+])\1{2,}\s*$")  # reST/pydoc heading underline: *****, =====, -----
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def split_first_sentence(text: str, max_words: int = 60) -> tuple[str, str] | None:
+    """(first sentence, rest) of a document, skipping a leading heading; None when there is no such pair.
+
+    The first sentence must end with `.`, `!` or `?` inside the first paragraph and have 3 to `max_words`
+    words; the rest must not be empty.
+    """
+    lines = text.strip().splitlines()
+    start = 0
+    while start < len(lines) and (not lines[start].strip() or _UNDERLINE.match(lines[start])):
+        start += 1
+    if start + 1 < len(lines) and _UNDERLINE.match(lines[start + 1]):  # "Title\n*****": drop the heading
+        start += 2
+    body = "\n".join(lines[start:]).strip()
+    paragraph_end = body.find("\n\n")
+    match = _SENTENCE_END.search(body, 0, paragraph_end if paragraph_end >= 0 else len(body))
+    if match is None:
+        return None
+    first = " ".join(body[: match.end()].split())
+    rest = body[match.end() :].strip()
+    if not rest or not 3 <= len(first.split()) <= max_words:
+        return None
+    return first, rest
+
+
+def _build_summarize(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Example]:
+    dataset = ctx.load_corpus()[split]
+    prefix = TASKS["summarize"].prefix
+    out: list[Example] = []
+    for batch in dataset.iter(batch_size=1000):
+        for text in batch["text"]:
+            pair = split_first_sentence(text, max_words=o["max_target_words"])
+            if pair is None or len(pair[1]) < o["min_body_chars"]:
+                continue
+            body = " ".join(pair[1][: o["max_input_chars"]].split())
+            out.append(Example(prefix + body, pair[0]))
+            if o["max_examples"] is not None and len(out) >= o["max_examples"]:
+                return out
+    return out
+
+
+# ------------------------------------------------------------------------------------------- listops
+
+LISTOPS_OPERATORS = ("MAX", "MIN", "MED", "SM")
+
+
+def listops_value(operator: str, values: list[int]) -> int:
+    """Value of one ListOps operator over digits (MED: the lower median for even counts, as LRA's int())."""
+    if operator == "MAX":
+        return max(values)
+    if operator == "MIN":
+        return min(values)
+    if operator == "MED":
+        return int(np.median(values))
+    if operator == "SM":
+        return sum(values) % 10
+    raise ValueError(f"unknown ListOps operator {operator!r}")
+
+
+def _listops_tree(rng: random.Random, depth: int, max_depth: int, max_args: int, leaf_p: float) -> tuple[str, int]:
+    """(expression, value); the root is always an operator, deeper nodes are digits with probability leaf_p."""
+    if depth >= max_depth or (depth > 1 and rng.random() < leaf_p):
+        digit = rng.randrange(10)
+        return str(digit), digit
+    operator = rng.choice(LISTOPS_OPERATORS)
+    args = [_listops_tree(rng, depth + 1, max_depth, max_args, leaf_p) for _ in range(rng.randint(2, max_args))]
+    text = f"[{operator} " + " ".join(a[0] for a in args) + " ]"
+    return text, listops_value(operator, [a[1] for a in args])
+
+
+def _build_listops(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Example]:
+    prefix = TASKS["listops"].prefix
+
+    def draw(rng: random.Random) -> Example | None:
+        text, value = _listops_tree(rng, 1, o["max_depth"], o["max_args"], o["leaf_probability"])
+        if not o["min_chars"] <= len(text) <= o["max_chars"]:
+            return None
+        return Example(prefix + text, str(value), label=str(value))
+
+    return _generated("listops", split, ctx, _count(split, o), draw)
+
+
+# --------------------------------------------------------------------------------------- duplication
+
+
+def duplication_symbols(vocab_size: int) -> list[str]:
+    """`vocab_size` distinct symbols: a..z, then two-letter symbols aa, ab, ..."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    symbols = letters + [a + b for a in letters for b in letters]
+    if vocab_size > len(symbols):
+        raise ValueError(f"at most {len(symbols)} duplication symbols, asked for {vocab_size}")
+    return symbols[:vocab_size]
+
+
+def _build_duplication(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Example]:
+    prefix = TASKS["duplication"].prefix
+    symbols = duplication_symbols(o["vocab_size"])
+
+    def draw(rng: random.Random) -> Example:
+        w = " ".join(rng.choices(symbols, k=o["length"]))
+        return Example(prefix + w, w)
+
+    return _generated("duplication", split, ctx, _count(split, o), draw)
+
+
+# ------------------------------------------------------------------------------------------ hub recipes
+
+
+def _load_hub_split(split: str, o: dict[str, Any]) -> Any:
+    """`datasets.load_dataset` for our split (the options map it to a dataset split, slicing allowed)."""
+    from datasets import load_dataset
+
+    return load_dataset(
+        o["path"], o["name"], split=o[f"{split}_split"], revision=o["revision"], cache_dir=o["cache_dir"]
+    )
+
+
+def _hub_builder(task_name: str, convert: Callable[[dict[str, Any], str], Example | None]) -> Builder:
+    def build(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Example]:
+        prefix = TASKS[task_name].prefix
+        out: list[Example] = []
+        for row in _load_hub_split(split, o):
+            example = convert(row, prefix)
+            if example is not None:
+                out.append(example)
+                if o["max_examples"] is not None and len(out) >= o["max_examples"]:
+                    break
+        return out
+
+    return build
+
+
+def _sst2(row: dict[str, Any], prefix: str) -> Example | None:
+    if row["label"] not in (0, 1):  # GLUE's test split has hidden labels (-1)
+        return None
+    label = ("negative", "positive")[row["label"]]
+    return Example(prefix + row["sentence"].strip(), label, label=label)
+
+
+def _squad(row: dict[str, Any], prefix: str) -> Example | None:
+    answers = row["answers"]["text"]
+    if not answers:
+        return None
+    return Example(f"{prefix}{row['question'].strip()} context: {row['context'].strip()}", answers[0])
+
+
+def _cnn_dailymail(row: dict[str, Any], prefix: str) -> Example:
+    return Example(prefix + row["article"].strip(), row["highlights"].strip())
+
+
+def _wmt_en_de(row: dict[str, Any], prefix: str) -> Example:
+    return Example(prefix + row["translation"]["en"].strip(), row["translation"]["de"].strip())
+
+
+def _hub_options(path: str, name: str | None, validation: str, test: str) -> dict[str, Option]:
+    return {
+        "path": Option(path, (str,), "dataset on the hub, or a local directory of data files"),
+        "name": Option(name, (str,), "dataset configuration (None for none)", nullable=True),
+        "revision": Option(None, (str,), "dataset revision (branch, tag or commit)", nullable=True),
+        "train_split": Option("train", (str,), "dataset split (slicing allowed) used as our train split"),
+        "validation_split": Option(validation, (str,), "dataset split used as our validation split"),
+        "test_split": Option(test, (str,), "dataset split used as our test split (disjoint from validation)"),
+        "max_examples": Option(None, (int,), "keep at most this many examples per split", 1, nullable=True),
+        "cache_dir": Option(None, (str,), "datasets cache directory (None: the datasets default)", nullable=True),
+    }
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+_GENERATED_COUNTS = {
+    "num_examples": Option(2000, (int,), "train examples", 1),
+    "num_eval_examples": Option(200, (int,), "validation and test examples (each)", 1),
+}
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in [
+        Task(
+            "summarize",
+            "summarize: ",
+            "rouge_l",
+            _build_summarize,
+            {
+                "max_examples": Option(2000, (int,), "keep at most this many examples per split", 1, nullable=True),
+                "min_body_chars": Option(80, (int,), "skip documents whose rest is shorter than this", 1),
+                "max_input_chars": Option(600, (int,), "cut the input text to this many characters", 1),
+                "max_target_words": Option(40, (int,), "skip documents whose first sentence is longer", 3),
+            },
+            description="prepared corpus: a document without its first sentence -> that sentence",
+        ),
+        Task(
+            "listops",
+            "listops: ",
+            "accuracy",
+            _build_listops,
+            {
+                **_GENERATED_COUNTS,
+                "max_depth": Option(4, (int,), "maximum nesting depth of operators (LRA: 10)", 1),
+                "max_args": Option(5, (int,), "maximum arguments per operator (LRA: 10)", 2),
+                "min_chars": Option(20, (int,), "shortest expression in characters (LRA: about 500 tokens)", 0),
+                "max_chars": Option(150, (int,), "longest expression in characters (LRA: 2000 tokens)", 5),
+                "leaf_probability": Option(0.6, (float, int), "chance that a nested argument is a digit", 0.0),
+            },
+            classes=[str(d) for d in range(10)],
+            description="generated LRA ListOps expression -> its value",
+        ),
+        Task(
+            "duplication",
+            "duplicate: ",
+            "exact_match",
+            _build_duplication,
+            {
+                **_GENERATED_COUNTS,
+                "length": Option(16, (int,), "symbols per sequence (the paper: 511)", 1),
+                "vocab_size": Option(16, (int,), "distinct symbols (the paper: 127)", 2),
+            },
+            description="Reformer section 2.1: a random symbol sequence -> the same sequence",
+        ),
+        Task(
+            "sst2",
+            "sst2 sentence: ",
+            "accuracy",
+            _hub_builder("sst2", _sst2),
+            _hub_options("nyu-mll/glue", "sst2", "validation[:50%]", "validation[50%:]"),
+            classes=["negative", "positive"],
+            description="GLUE SST-2 (test labels are hidden, so our validation/test halve its validation split)",
+        ),
+        Task(
+            "squad",
+            "question: ",
+            "exact_match",
+            _hub_builder("squad", _squad),
+            _hub_options("rajpurkar/squad", None, "validation[:50%]", "validation[50%:]"),
+            description="SQuAD v1.1: question + context -> the first reference answer",
+        ),
+        Task(
+            "cnn_dailymail",
+            "summarize: ",
+            "rouge_l",
+            _hub_builder("cnn_dailymail", _cnn_dailymail),
+            _hub_options("abisee/cnn_dailymail", "3.0.0", "validation", "test"),
+            description="CNN/DailyMail: article -> highlights",
+        ),
+        Task(
+            "wmt_en_de",
+            "translate English to German: ",
+            "bleu",
+            _hub_builder("wmt_en_de", _wmt_en_de),
+            _hub_options("wmt/wmt14", "de-en", "validation", "test"),
+            description="WMT14 English to German (newstest2013 validation, newstest2014 test)",
+        ),
+    ]
+}
+
+
+def get_task(name: str) -> Task:
+    """The registered task `name`; `KeyError` naming the known tasks otherwise."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+
+
+def build_examples(
+    tasks: dict[str, dict[str, Any] | None],
+    split: str,
+    seed: int,
+    prepared_dir: str | Path = DEFAULT_PREPARED_DIR,
+    corpus: Any = None,
+) -> dict[str, list[Example]]:
+    """Examples of every task in `tasks` (name -> option overrides, as in `finetune.tasks`) for `split`."""
+    ctx = TaskContext(seed=seed, prepared_dir=prepared_dir, corpus=corpus)
+    out = {}
+    for name, options in tasks.items():
+        ctx.options = dict(options or {})
+        out[name] = get_task(name).build(split, ctx)
+    return out
+
+
+def validate_tasks(tasks: Any, path: str = "finetune.tasks") -> list[str]:
+    """Problems with a `finetune.tasks` mapping, each as '<path>.<name>[.<option>]: problem'."""
+    if not isinstance(tasks, dict):
+        return [f"{path}: expected a mapping of task names to options, got {tasks!r}"]
+    if not tasks:
+        return [f"{path}: at least one task is needed (known: {', '.join(TASKS)})"]
+    problems = []
+    for name, options in tasks.items():
+        if name not in TASKS:
+            close = difflib.get_close_matches(str(name), TASKS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(f"{path}.{name}: unknown task ({hint}known: {', '.join(TASKS)})")
+            continue
+        if options is None:
+            continue
+        if not isinstance(options, dict):
+            problems.append(f"{path}.{name}: expected a mapping of options, got {options!r}")
+            continue
+        known = TASKS[name].options
+        for key, value in options.items():
+            where = f"{path}.{name}.{key}"
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                problems.append(f"{where}: unknown option ({hint}known: {', '.join(known) or 'none'})")
+                continue
+            problems.extend(_check_option(where, known[key], value))
+    return problems
+
+
+def _check_option(where: str, opt: Option, value: Any) -> list[str]:
+    if value is None:
+        return [] if opt.nullable else [f"{where}: must not be null"]
+    wanted = " or ".join(t.__name__ for t in opt.types) + (" or null" if opt.nullable else "")
+    if isinstance(value, bool) and bool not in opt.types or not isinstance(value, opt.types):
+        return [f"{where}: expected {wanted}, got {value!r}"]
+    if opt.minimum is not None and value < opt.minimum:
+        return [f"{where}: must be >= {opt.minimum:g}, got {value!r}"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------- mixing
+
+
+def mixing_rates(
+    sizes: dict[str, int], mixing: str = "examples_proportional", temperature: float = 1.0, cap: int | None = None
+) -> dict[str, float]:
+    """Sampling rate of each task (T5 paper, section 3.5.2); rates sum to 1, empty tasks get 0.
+
+    - `examples_proportional`: r_m = min(e_m, K) / sum_n min(e_n, K), with K = `cap` (None: no limit);
+    - `temperature`: those rates raised to the power 1/T and renormalised (T = 1 is examples-proportional,
+      large T approaches equal mixing);
+    - `equal`: every non-empty task the same rate.
+    """
+    if not sizes or all(size <= 0 for size in sizes.values()):
+        raise ValueError(f"no examples to mix: {sizes}")
+    if cap is not None and cap < 1:
+        raise ValueError(f"mixing cap must be >= 1, got {cap}")
+    capped = {
+        name: float(min(size, cap) if cap is not None else size) if size > 0 else 0.0 for name, size in sizes.items()
+    }
+    if mixing == "equal":
+        weights = {name: 1.0 if size > 0 else 0.0 for name, size in capped.items()}
+    elif mixing == "examples_proportional":
+        weights = capped
+    elif mixing == "temperature":
+        if temperature <= 0:
+            raise ValueError(f"mixing temperature must be > 0, got {temperature}")
+        total = sum(capped.values())
+        weights = {name: (size / total) ** (1.0 / temperature) for name, size in capped.items()}
+    else:
+        raise ValueError(f"unknown mixing {mixing!r}; expected examples_proportional, temperature or equal")
+    total = sum(weights.values())
+    return {name: weight / total for name, weight in weights.items()}
+
+
+class Mixture:
+    """A map-style mixture: item `i` draws a task by its rate, then one of its examples, from (seed, i) alone.
+
+    Sampling is with replacement, so the same `i` always gives the same example (resumable) and a task's
+    share of the items approaches its rate. `len` defaults to the total number of examples.
+    """
+
+    def __init__(
+        self, task_examples: dict[str, list[Example]], rates: dict[str, float], seed: int, length: int | None = None
+    ):
+        self.names = [name for name, examples in task_examples.items() if examples and rates.get(name, 0.0) > 0]
+        if not self.names:
+            raise ValueError("a mixture needs at least one task with examples and a positive rate")
+        self.examples = {name: task_examples[name] for name in self.names}
+        weights = np.array([rates[name] for name in self.names], dtype=np.float64)
+        self.cumulative = np.cumsum(weights / weights.sum())  # (num_tasks,)
+        self.seed = seed
+        self.length = sum(len(v) for v in self.examples.values()) if length is None else length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[str, Example]:
+        if not 0 <= i < self.length:
+            raise IndexError(f"mixture index {i} out of range [0, {self.length})")
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, i]))
+        task = min(int(np.searchsorted(self.cumulative, rng.random(), side="right")), len(self.names) - 1)
+        name = self.names[task]
+        examples = self.examples[name]
+        return name, examples[int(rng.integers(len(examples)))]
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def _normalize_space(text: str) -> str:
+    return " ".join(text.split())
+
+
+def score(metric: str, predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus-level scores in [0, 1] through torchmetrics; the first key is the metric's headline number.
+
+    - `rouge_l`: ROUGE-L F-measure (plus precision and recall), averaged over examples, no stemming;
+    - `bleu`: SacreBLEU (13a tokenisation, 4-grams, corpus level, no smoothing);
+    - `accuracy`: fraction of predictions equal to the reference class (whitespace-normalised);
+    - `exact_match`: fraction of predictions equal to the reference (whitespace-normalised), plus `f1`:
+      SQuAD's token-overlap F1 (lower-cased, punctuation and articles removed).
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        raise ValueError("nothing to score")
+    preds = [_normalize_space(p) for p in predictions]
+    refs = [_normalize_space(r) for r in references]
+    if metric == "rouge_l":
+        from torchmetrics.functional.text.rouge import rouge_score
+
+        s = rouge_score(preds, refs, rouge_keys="rougeL", use_stemmer=False)
+        return {
+            "rouge_l": float(s["rougeL_fmeasure"]),
+            "rouge_l_precision": float(s["rougeL_precision"]),
+            "rouge_l_recall": float(s["rougeL_recall"]),
+        }
+    if metric == "bleu":
+        from torchmetrics.functional.text import sacre_bleu_score
+
+        return {"bleu": float(sacre_bleu_score(preds, [[r] for r in refs], tokenize="13a"))}
+    if metric in ("accuracy", "exact_match"):
+        import torch
+        from torchmetrics.functional.classification import multiclass_accuracy
+
+        vocabulary = {text: i for i, text in enumerate(sorted(set(preds) | set(refs)))}
+        pred_ids = torch.tensor([vocabulary[p] for p in preds])
+        ref_ids = torch.tensor([vocabulary[r] for r in refs])
+        num_classes = max(len(vocabulary), 2)
+        accuracy = float(multiclass_accuracy(pred_ids, ref_ids, num_classes=num_classes, average="micro"))
+        if metric == "accuracy":
+            return {"accuracy": accuracy}
+        from torchmetrics.functional.text import squad
+
+        f1 = squad(
+            [{"prediction_text": p, "id": str(i)} for i, p in enumerate(preds)],
+            [{"answers": {"text": [r], "answer_start": [0]}, "id": str(i)} for i, r in enumerate(refs)],
+        )["f1"]
+        return {"exact_match": accuracy, "f1": float(f1) / 100.0}
+    raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
