@@ -114,8 +114,6 @@ def reformer_from_hf(hf_model: Any, **overrides: Any) -> ReformerModel:
         if key not in theirs:
             raise KeyError(f"{key} (for our {name}) is missing from the transformers model")
         state[name] = theirs[key]
-    if "lm_head.bias" in theirs:  # the head's bias lives in two (tied) places in transformers
-        state["lm_head.bias"] = theirs["lm_head.bias"]
     model.load_state_dict(state)
     return model.train(hf_model.training)
 
@@ -127,7 +125,7 @@ def reformer_to_hf(model: ReformerModel, directory: str | Path | None = None) ->
 
     hf_model = ReformerModelWithLMHead(config_to_hf(model.config))
     state = {hf_name(name): tensor for name, tensor in model.state_dict().items()}
-    state["lm_head.bias"] = state["lm_head.decoder.bias"]
+    state["lm_head.bias"] = state["lm_head.decoder.bias"]  # a second copy in transformers; forward reads decoder's
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.endswith("mask_value_float16") and "mask_value" not in k]:
         raise KeyError(f"weights do not match transformers: missing {missing}, unexpected {unexpected}")
