@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -221,3 +223,41 @@ def test_packed_chunks_feed_span_corruption():
     for index, chunk in enumerate(chunks):
         inputs, targets = sc(chunk, example_rng(0, 0, index))
         assert inputs.shape == (64,) and targets.shape == (sc.target_length,)
+
+
+# ------------------------------------------------------------------------------------- real tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    import pydoc_data.topics
+
+    from pipeline.tokenizer import Tokenizer, train_sentencepiece
+
+    texts = list(pydoc_data.topics.topics.values())[:20]
+    path = tmp_path_factory.mktemp("spm") / "spm.model"
+    train_sentencepiece(texts, path, num_pieces=300)
+    return Tokenizer(path, num_sentinels=40), texts
+
+
+def test_span_corruption_with_the_real_tokenizer(tokenizer):
+    tok, texts = tokenizer
+    sc = SpanCorruption(64, 0.15, 3.0, eos_id=tok.eos_id, sentinel_ids=[tok.sentinel_id(i) for i in range(40)])
+    docs = [np.array(ids, dtype=np.int32) for ids in tok.encode(texts[:5])]
+    chunks = pack_documents(docs, sc.raw_length)
+    assert len(chunks) > 3
+    for index, chunk in enumerate(chunks[:4]):
+        inputs, targets = sc(chunk, example_rng(0, 0, index))
+        assert inputs.shape == (64,) and targets.shape == (sc.target_length,)
+        assert tok.decode(targets.tolist(), skip_special=False).startswith("<extra_id_0>")
+        shown = tok.decode(inputs.tolist(), skip_special=False)
+        assert [int(n) for n in re.findall(r"<extra_id_(\d+)>", shown)] == list(range(sc.num_spans))
+        # put each target span back in place of its sentinel: the original ids come back
+        spans, current = {}, None
+        for t in targets[:-1].tolist():
+            if tok.is_sentinel(t):
+                current = spans.setdefault(t, [])
+            else:
+                current.append(t)
+        restored = [x for t in inputs[:-1].tolist() for x in (spans[t] if tok.is_sentinel(t) else [t])]
+        assert restored == chunk.tolist()
