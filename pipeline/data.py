@@ -279,7 +279,7 @@ def match_files(pattern: str, root: Path) -> list[Path]:
     return files
 
 
-def _invalid_utf8(path: Path, what: str, exc: UnicodeDecodeError, on_invalid: str, stats: CorpusStats) -> None:
+def _invalid_utf8(path: Path, what: str, exc: UnicodeDecodeError, on_invalid: str) -> None:
     if on_invalid == "error":
         raise StageError(
             f"{path}: {what} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
@@ -292,7 +292,7 @@ def _txt_documents(path: Path, on_invalid: str, stats: CorpusStats) -> Iterator[
     try:
         yield path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        _invalid_utf8(path, "the file", exc, on_invalid, stats)
+        _invalid_utf8(path, "the file", exc, on_invalid)
         stats.skipped_files += 1
         stats.skipped_paths.append(str(path))
 
@@ -303,7 +303,7 @@ def _jsonl_documents(path: Path, text_field: str, on_invalid: str, stats: Corpus
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                _invalid_utf8(path, f"line {lineno}", exc, on_invalid, stats)
+                _invalid_utf8(path, f"line {lineno}", exc, on_invalid)
                 stats.skipped_records += 1
                 continue
             if not line.strip():
@@ -336,7 +336,7 @@ def _parquet_documents(path: Path, text_field: str, on_invalid: str, stats: Corp
                 try:
                     yield None if value is None else value.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    _invalid_utf8(path, f"record {i}", exc, on_invalid, stats)
+                    _invalid_utf8(path, f"record {i}", exc, on_invalid)
                     stats.skipped_records += 1
         else:  # arrow strings are UTF-8 by construction
             yield from column.to_pylist()

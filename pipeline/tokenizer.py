@@ -16,10 +16,10 @@ On disk (`data/tokenizer/`): `spm.model` and `tokenizer.json` (`num_sentinels`, 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import random
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -163,8 +163,7 @@ class Tokenizer:
                 if skip_special:
                     continue
                 flush()
-                special = self.id_to_token(token_id)
-                parts.append(f" {special}" if parts and token_id > UNK_ID else special)
+                parts.append(self.id_to_token(token_id))  # no space before it, as in transformers' T5Tokenizer
             elif 0 <= token_id < self.num_pieces:
                 run.append(token_id)
         flush()
@@ -221,52 +220,48 @@ def train_sentencepiece(
     """Train a SentencePiece model of `num_pieces` pieces (pad=0, eos=1, unk=2, no bos) on `texts`.
 
     Every non-empty line is a training sentence. Deterministic for the same texts and arguments: one training
-    thread (the EM sums depend on how work is split between threads) and a seeded sentence sample when there
-    are more than `input_sentence_size` lines. Raises `StageError` when SentencePiece refuses the corpus
-    (too small for the vocabulary, no text).
+    thread (the EM sums depend on how work is split between threads) and, when there are more than
+    `input_sentence_size` lines, a sample of them drawn with `random.Random(seed)`. Raises `StageError` when
+    SentencePiece refuses the corpus (too small for the vocabulary, no text).
     """
     output_path = Path(output_path)
-    with tempfile.TemporaryDirectory(prefix="spm-train-") as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        lines = 0
-        with corpus.open("w", encoding="utf-8") as fh:
-            for text in texts:
-                for line in text.split("\n"):
-                    if line.strip():
-                        fh.write(line)
-                        fh.write("\n")
-                        lines += 1
-        if lines == 0:
-            raise StageError("the tokenizer training text is empty (no non-blank lines in the train split)")
-        spm.set_random_generator_seed(seed)
-        prefix = Path(tmp) / "spm"
-        try:
-            spm.SentencePieceTrainer.train(
-                input=str(corpus),
-                model_prefix=str(prefix),
-                vocab_size=num_pieces,
-                model_type=model_type,
-                character_coverage=character_coverage,
-                input_sentence_size=input_sentence_size,
-                shuffle_input_sentence=True,
-                max_sentence_length=16384,
-                pad_id=PAD_ID,
-                eos_id=EOS_ID,
-                unk_id=UNK_ID,
-                bos_id=-1,
-                pad_piece=PAD_PIECE,
-                eos_piece=EOS_PIECE,
-                unk_piece=UNK_PIECE,
-                num_threads=1,
-                minloglevel=2,
-            )
-        except RuntimeError as exc:
-            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-            if "Vocabulary size is too high" in message or "vocab_size" in message.lower():
-                raise StageError(
-                    f"tokenizer.vocab_size: {num_pieces} SentencePiece pieces is too many for this corpus "
-                    f"({message.split(': ', 1)[-1]}); lower tokenizer.vocab_size or use a larger corpus"
-                ) from None
-            raise StageError(f"SentencePiece training failed: {message}") from None
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(prefix.with_suffix(".model"), output_path)
+    # sentences go in through an iterator and the model comes out through a writer: no temporary files, whose
+    # random names SentencePiece would otherwise record in the model's trainer spec (making models differ)
+    lines = [line for text in texts for line in text.split("\n") if line.strip()]
+    if not lines:
+        raise StageError("the tokenizer training text is empty (no non-blank lines in the train split)")
+    if len(lines) > input_sentence_size:  # our own seeded sample, in corpus order; SentencePiece samples no more
+        keep = sorted(random.Random(seed).sample(range(len(lines)), input_sentence_size))
+        lines = [lines[i] for i in keep]
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            vocab_size=num_pieces,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            max_sentence_length=16384,
+            pad_id=PAD_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            bos_id=-1,
+            pad_piece=PAD_PIECE,
+            eos_piece=EOS_PIECE,
+            unk_piece=UNK_PIECE,
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+        if "Vocabulary size is too high" in message or "vocab_size" in message.lower():
+            raise StageError(
+                f"tokenizer.vocab_size: {num_pieces} SentencePiece pieces is too many for this corpus "
+                f"({message.split(': ', 1)[-1]}); lower tokenizer.vocab_size or use a larger corpus"
+            ) from None
+        raise StageError(f"SentencePiece training failed: {message}") from None
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    output_path.write_bytes(model.getvalue())
