@@ -119,6 +119,60 @@ class PretrainDataset(Dataset):
         return {"inputs": inputs, "labels": labels, "prefix_length": prefix}
 
 
+class TextToTextDataset(Dataset):
+    """Fine-tuning examples: item `(epoch, index)` is mixture item `index` (a task drawn by its rate, then one
+    of its examples, from `(seed, index)` alone: see `pipeline.tasks.Mixture`), tokenized.
+
+    `encoded[task]` holds `(input_ids, target_ids)` per example of the task, tokenized once up front.
+    """
+
+    def __init__(self, mixture: Any, encoded: dict[str, list[tuple[list[int], list[int]]]]):
+        self.mixture, self.encoded = mixture, encoded
+        self.positions = {name: {id(e): i for i, e in enumerate(mixture.examples[name])} for name in mixture.names}
+
+    def __len__(self) -> int:
+        return len(self.mixture)
+
+    def __getitem__(self, item: Item) -> dict[str, np.ndarray]:
+        _, index = item
+        name, example = self.mixture[index]
+        inputs, targets = self.encoded[name][self.positions[name][id(example)]]
+        return {"inputs": np.asarray(inputs, dtype=np.int64), "targets": np.asarray(targets, dtype=np.int64)}
+
+
+def mixture_datasets(
+    tasks: dict[str, dict[str, Any]],
+    tokenizer: Any,
+    seed: int,
+    mixing: str,
+    temperature: float,
+    cap: int,
+    prepared_dir: str | Path,
+) -> tuple[TextToTextDataset, TextToTextDataset, dict[str, float]]:
+    """(train, validation) mixtures of the fine-tuning tasks, tokenized, and the mixing rates used.
+
+    Validation mixes the tasks' validation examples at the training rates, so `val/loss` weighs tasks alike.
+    """
+    from pipeline.tasks import Mixture, build_examples, mixing_rates
+
+    datasets_ = []
+    rates: dict[str, float] = {}
+    for split in ("train", "validation"):
+        examples = build_examples(tasks, split, seed, prepared_dir=prepared_dir)
+        if split == "train":
+            sizes = {name: len(v) for name, v in examples.items()}
+            rates = mixing_rates(sizes, mixing, temperature, cap)
+        encoded = {}
+        for name, items in examples.items():
+            inputs = tokenizer.encode([e.inputs for e in items]) if items else []
+            targets = tokenizer.encode([e.targets for e in items]) if items else []
+            encoded[name] = list(zip(inputs, targets, strict=True))
+        split_rates = {name: rate for name, rate in rates.items() if examples.get(name)}
+        mixture = Mixture(examples, split_rates, seed + (split == "validation"))
+        datasets_.append(TextToTextDataset(mixture, encoded))
+    return datasets_[0], datasets_[1], rates
+
+
 class FixedItems(Dataset):
     """A finite, ordered view `(epoch 0, index i)` of a dataset taking `(epoch, index)` items (validation)."""
 

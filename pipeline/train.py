@@ -49,6 +49,7 @@ from pipeline.datamodule import (
     TrainDataModule,
     document_arrays,
     load_tokenized,
+    mixture_datasets,
     unigram_entropy,
     val_items,
 )
@@ -162,10 +163,14 @@ def pretrain_data(cfg: Config, layout: str, tok: dict[str, Any], root: Path) -> 
 
 def finetune_data(cfg: Config, layout: str, root: Path) -> tuple[Any, Any, Any, float | None]:
     """(train dataset, validation dataset, collator, None) for the fine-tuning task mixture."""
-    from pipeline.finetune_data import mixture_datasets
+    from pipeline.tokenizer import Tokenizer
 
     f = cfg.finetune
-    train, val = mixture_datasets(cfg, root)
+    tokenizer = Tokenizer.load(root / TOKENIZER_DIR)
+    train, val, rates = mixture_datasets(
+        f.tasks, tokenizer, cfg.seed, f.mixing, f.mixing_temperature, f.mixing_cap, root / "data" / "prepared"
+    )
+    log.info("finetune mixing rates: " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
     return train, val, Collator(layout, input_length=f.input_length, target_length=f.target_length), None
 
 
