@@ -353,9 +353,10 @@ def hub_options(tmp_path: Path, directory: Path, **extra) -> dict:
 
 def test_sst2_recipe_on_a_local_stand_in(tmp_path):
     d = tmp_path / "glue-sst2"
-    rows = lambda split, n, label: [  # noqa: E731
-        {"sentence": f"{split} sentence {i} ", "label": label(i), "idx": i} for i in range(n)
-    ]
+
+    def rows(split: str, n: int, label) -> list[dict]:
+        return [{"sentence": f"{split} sentence {i} ", "label": label(i), "idx": i} for i in range(n)]
+
     write_jsonl(d / "train.jsonl", rows("train", 12, lambda i: i % 2))
     write_jsonl(d / "validation.jsonl", rows("validation", 10, lambda i: i % 2))
     write_jsonl(d / "test.jsonl", rows("test", 4, lambda i: -1))  # GLUE hides test labels
@@ -374,13 +375,16 @@ def test_sst2_recipe_on_a_local_stand_in(tmp_path):
 
 def test_squad_recipe_on_a_local_stand_in(tmp_path):
     d = tmp_path / "squad"
-    row = lambda i: {  # noqa: E731
-        "id": str(i),
-        "title": "T",
-        "context": f"Context number {i} mentions answer {i}.",
-        "question": f"Which answer does context {i} mention?",
-        "answers": {"text": [f"answer {i}", f"{i}"], "answer_start": [25, 32]},
-    }
+
+    def row(i: int) -> dict:
+        return {
+            "id": str(i),
+            "title": "T",
+            "context": f"Context number {i} mentions answer {i}.",
+            "question": f"Which answer does context {i} mention?",
+            "answers": {"text": [f"answer {i}", f"{i}"], "answer_start": [25, 32]},
+        }
+
     write_jsonl(d / "train.jsonl", [row(i) for i in range(6)])
     write_jsonl(d / "validation.jsonl", [row(i) for i in range(10, 14)])
     examples = build_examples({"squad": hub_options(tmp_path, d)}, "validation", 0)["squad"]
