@@ -23,6 +23,9 @@ METRICS_FILE = "metrics/prepare.json"
 
 
 def body(cfg: Config, args: argparse.Namespace) -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
     root = repo_root()
     splits, metrics = prepare_corpus(cfg.data, cfg.seed, root)
     dataset = to_dataset_dict(splits)
