@@ -60,8 +60,32 @@ def markov_docs(n_docs: int, seed: int, low: int = 3, high: int = TOK_VOCAB - NU
     return docs
 
 
-def make_project(tmp: Path, overrides: dict[str, Any] | None = None, n_train_docs: int = 300) -> Path:
-    """Write params.yaml, data/tokenizer/tokenizer.json and data/tokenized/ under `tmp`; returns `tmp`."""
+FINETUNE_TASKS = {
+    "listops": {"num_examples": 64, "num_eval_examples": 16, "max_depth": 2, "max_chars": 60, "min_chars": 5},
+    "duplication": {"num_examples": 64, "num_eval_examples": 16, "length": 6, "vocab_size": 8},
+}
+
+
+def write_tokenizer(directory: Path) -> None:
+    """A real SentencePiece tokenizer of TOK_VOCAB ids, trained on the fine-tuning tasks' own texts."""
+    from pipeline.tasks import build_examples
+    from pipeline.tokenizer import Tokenizer, train_sentencepiece
+
+    texts = []
+    for split in ("train", "validation"):
+        for examples in build_examples(FINETUNE_TASKS, split, seed=0).values():
+            texts += [f"{e.inputs}\n{e.targets}" for e in examples]
+    rng = np.random.default_rng(0)  # random words: enough distinct pieces for the vocabulary
+    words = [" ".join("".join(rng.choice(list("abcdefghijklmnop"), size=5)) for _ in range(8)) for _ in range(300)]
+    train_sentencepiece(texts + words, directory / "spm.model", num_pieces=TOK_VOCAB - NUM_SENTINELS)
+    Tokenizer(directory / "spm.model", NUM_SENTINELS).save(directory)
+
+
+def make_project(
+    tmp: Path, overrides: dict[str, Any] | None = None, n_train_docs: int = 300, with_tokenizer: bool = False
+) -> Path:
+    """Write params.yaml, data/tokenizer/ (tokenizer.json; a real spm.model too when `with_tokenizer`) and
+    data/tokenized/ under `tmp`; returns `tmp`."""
     import datasets
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -72,6 +96,8 @@ def make_project(tmp: Path, overrides: dict[str, Any] | None = None, n_train_doc
         params[stage].update(TRAIN)
         params[stage]["optimizer"]["warmup_steps"] = 2
     params["pretrain"]["optimizer"]["lr"] = 3e-3
+    params["finetune"]["tasks"] = copy.deepcopy(FINETUNE_TASKS)
+    params["finetune"].update({"input_length": 64, "target_length": 16})
     params["trainer"].update({"accelerator": "cpu", "progress_bar": False})
     params["mlflow"]["system_metrics"] = False
     for dotted, value in (overrides or {}).items():
@@ -86,6 +112,8 @@ def make_project(tmp: Path, overrides: dict[str, Any] | None = None, n_train_doc
     tok_dir.mkdir(parents=True, exist_ok=True)
     meta = {"vocab_size": TOK_VOCAB, "num_sentinels": NUM_SENTINELS, "pad_id": 0, "eos_id": 1, "unk_id": 2}
     (tok_dir / "tokenizer.json").write_text(json.dumps(meta))
+    if with_tokenizer:
+        write_tokenizer(tok_dir)
 
     splits = {"train": markov_docs(n_train_docs, 1), "validation": markov_docs(40, 2), "test": markov_docs(40, 3)}
     dd = datasets.DatasetDict(
