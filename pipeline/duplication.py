@@ -92,7 +92,7 @@ PRESETS: dict[str, DuplicationPreset] = {
     # Scaled for 2 CPU cores: length 128 (8 chunks of 16, 16 buckets), two LSH rows next to full attention.
     "cpu": DuplicationPreset(
         seq_length=128, vocab_size=64, d_model=128, num_heads=4, d_kv=32, d_ff=256, chunk_length=16,
-        steps=600, batch_size=32, lr=2e-3, warmup_steps=50, eval_sequences=256, rows=[0, 2, 4], reversible=False,
+        steps=250, batch_size=32, lr=2e-3, warmup_steps=50, eval_sequences=256, rows=[0, 2, 4], reversible=False,
     ),
     # Mechanics only (tests): a handful of steps.
     "micro": DuplicationPreset(
