@@ -57,7 +57,6 @@ SKIP_STDLIB_DIRS = frozenset(
         "pydoc_data",
         "__pycache__",
         "__phello__",
-        "config-3.11-x86_64-linux-gnu",
     }
 )
 

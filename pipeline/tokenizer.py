@@ -169,6 +169,10 @@ class Tokenizer:
         flush()
         return "".join(parts)
 
+    def batch_decode(self, sequences: Iterable[Iterable[int]], skip_special: bool = True) -> list[str]:
+        """`decode` of each sequence (rows of a 2-D tensor, lists of ids)."""
+        return [self.decode(ids, skip_special) for ids in sequences]
+
     # ------------------------------------------------------------------------------------ files
 
     def save(self, directory: str | Path, **info: Any) -> None:

@@ -108,6 +108,7 @@ def test_decode_drops_ids_outside_the_vocabulary(tok):
     padded = [-100, *ids, tok.vocab_size, tok.vocab_size + 27, tok.pad_id]
     assert tok.decode(padded) == "the value"
     assert tok.decode(padded, skip_special=False) == "the value<pad>"
+    assert tok.batch_decode([padded, ids]) == ["the value", "the value"]
 
 
 def test_encode_rejects_a_bare_string(tok):
