@@ -231,3 +231,17 @@ def test_compiled_training_step_has_no_graph_breaks():
     assert loss.item() == pytest.approx(eager.item(), rel=1e-5)
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, eager_grads[n], atol=1e-5), n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention path runs on CUDA")
+def test_flex_backend_matches_sdpa_on_gpu():
+    torch.manual_seed(0)
+    model = T5Model(tiny()).cuda().eval()
+    flex = T5Model(tiny(attention_backend="flex")).cuda().eval()
+    flex.load_state_dict(model.state_dict())
+    x, y = torch.randint(0, 64, (2, 9), device="cuda"), torch.randint(0, 64, (2, 5), device="cuda")
+    mask = torch.ones_like(x)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        assert torch.allclose(model(x, mask, y), flex(x, mask, y), atol=1e-4)
