@@ -19,7 +19,7 @@ import datasets
 
 from pipeline.config import DataConfig
 from pipeline.data import CorpusStats, builtin_documents, clean_documents
-from pipeline.tokenize import tokenize_split
+from pipeline.tokenize import map_workers, tokenize_split
 from pipeline.tokenizer import Tokenizer, train_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,10 +73,11 @@ def main() -> None:
 
     print(f"{len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} M characters, {tokens} tokens")
     print(f"{'variant':<48} {'seconds':>8} {'tokens/s':>12} {'vs direct':>10}")
+    workers = map_workers(len(texts), args.batch_size, args.num_proc)
     rows = [
         ("SentencePiece encode (ids only)", t_raw),
         ("Tokenizer.encode (direct, eos appended)", t_direct),
-        (f"datasets.map -> Arrow (num_proc={args.num_proc}, batch={args.batch_size})", t_map),
+        (f"datasets.map -> Arrow ({workers} proc, batch {args.batch_size})", t_map),
     ]
     for name, seconds in rows:
         print(f"{name:<48} {seconds:>8.3f} {tokens / seconds:>12,.0f} {t_direct / seconds:>10.2f}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ PREPARED_DIR = "data/prepared"
 TOKENIZER_DIR = "data/tokenizer"
 TOKENIZED_DIR = "data/tokenized"
 METRICS_FILE = "metrics/tokenize.json"
+MIN_BATCHES_PER_WORKER = 16
 
 
 def load_prepared(path: Path) -> Any:
@@ -101,9 +101,19 @@ def encode_batch(batch: Any, tokenizer: Tokenizer) -> Any:
     return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, flat), "length": lengths})
 
 
+def map_workers(num_documents: int, batch_size: int, num_proc: int) -> int:
+    """Worker processes worth starting for a split: at most `num_proc`, each with `MIN_BATCHES_PER_WORKER`.
+
+    SentencePiece already spreads each batch over all cores with threads; extra processes only help with
+    the per-batch Python and Arrow work, and each costs a start-up (about half a second) that small splits
+    never win back, so the default corpus is tokenized in-process.
+    """
+    return max(1, min(num_proc, num_documents // (batch_size * MIN_BATCHES_PER_WORKER)))
+
+
 def tokenize_split(dataset: Any, tokenizer: Tokenizer, batch_size: int, num_proc: int) -> Any:
-    """Tokenize one split with a batched `datasets.map` (at most one worker per batch)."""
-    workers = min(num_proc, math.ceil(len(dataset) / batch_size))
+    """Tokenize one split with a batched `datasets.map` (worker processes only for large splits)."""
+    workers = map_workers(len(dataset), batch_size, num_proc)
     return (
         dataset.with_format("arrow")
         .map(

@@ -18,6 +18,7 @@ import yaml
 from pipeline.common import StageError
 from pipeline.data import pydoc_topics
 from pipeline.tokenize import main as tokenize_main
+from pipeline.tokenize import map_workers, tokenize_split
 from pipeline.tokenizer import Tokenizer, train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,6 +219,22 @@ def _set_tokenizer_params(root: Path, **values) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["tokenizer"].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_map_workers_only_for_large_splits():
+    assert map_workers(3_000, batch_size=1000, num_proc=2) == 1
+    assert map_workers(1_000_000, batch_size=1000, num_proc=2) == 2
+    assert map_workers(1_000_000, batch_size=1000, num_proc=1) == 1
+
+
+def test_tokenize_split_with_worker_processes_matches_direct_encoding(tok, corpus):
+    texts = corpus * 2  # enough batches of one document for two workers
+    dataset = datasets.Dataset.from_dict({"text": texts})
+    assert map_workers(len(texts), batch_size=1, num_proc=2) == 2
+    mapped = tokenize_split(dataset, tok, batch_size=1, num_proc=2)
+    assert mapped.column_names == ["input_ids", "length"]
+    assert mapped["input_ids"] == tok.encode(texts)
+    assert mapped["length"] == [len(ids) for ids in tok.encode(texts)]
 
 
 def test_tokenize_stage_outputs_and_failures_keep_them(tmp_path, monkeypatch, corpus):
