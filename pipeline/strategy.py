@@ -24,11 +24,13 @@ one safetensors file.
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
@@ -167,6 +169,28 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         if not isinstance(self.accelerator, CPUAccelerator):
             raise RuntimeError(f"{type(self).__name__} is for the CPU accelerator, got {self.accelerator}")
         DDPStrategy.setup_environment(self)  # skip DeepSpeedStrategy's CUDA-only check, keep the rest
+
+    def setup_distributed(self) -> None:
+        # DeepSpeedStrategy first checks that GPU indices match local ranks; CPU devices have no index.
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        # The stock method passes the device index as DeepSpeed's `device_rank`; a CPU device has none (None),
+        # which DeepSpeed cannot compare, so pass the local rank (DeepSpeed's CPU accelerator maps it to `cpu`).
+        import deepspeed
+
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, ds_optimizer
 
 
 def _ensure_deepspeed_accelerator(accelerator: str) -> None:
