@@ -52,13 +52,14 @@ class Example:
 
 @dataclass(frozen=True)
 class Option:
-    """A task option: its default, accepted type(s) and lower bound (numbers)."""
+    """A task option: its default, accepted type(s) and bounds (numbers)."""
 
     default: Any
     types: tuple[type, ...]
     doc: str
     minimum: float | None = None
     nullable: bool = False
+    maximum: float | None = None
 
 
 @dataclass
@@ -133,7 +134,7 @@ def _generated(
     attempts = 0
     while len(out) < count:
         attempts += 1
-        if attempts > 200 * count + 1000:
+        if attempts > 300 * count + 10_000:
             raise ValueError(
                 f"task {name}: could not generate {count} distinct {split} examples with these options "
                 f"(got {len(out)}); allow longer or more varied inputs"
@@ -214,13 +215,29 @@ def listops_value(operator: str, values: list[int]) -> int:
     raise ValueError(f"unknown ListOps operator {operator!r}")
 
 
-def _listops_tree(rng: random.Random, depth: int, max_depth: int, max_args: int, leaf_p: float) -> tuple[str, int]:
-    """(expression, value); the root is always an operator, deeper nodes are digits with probability leaf_p."""
+class _TooLong(Exception):
+    """Raised inside `_listops_tree` once an expression outgrows its character budget."""
+
+
+def _listops_tree(
+    rng: random.Random, depth: int, max_depth: int, max_args: int, leaf_p: float, budget: list[int]
+) -> tuple[str, int]:
+    """(expression, value); the root is always an operator, deeper nodes are digits with probability leaf_p.
+
+    `budget` holds the characters still allowed; generation stops with `_TooLong` when it runs out, so long
+    settings (LRA: depth 10, 10 arguments) never build the huge trees that would be rejected anyway.
+    """
     if depth >= max_depth or (depth > 1 and rng.random() < leaf_p):
+        budget[0] -= 2  # "d "
+        if budget[0] < 0:
+            raise _TooLong
         digit = rng.randrange(10)
         return str(digit), digit
     operator = rng.choice(LISTOPS_OPERATORS)
-    args = [_listops_tree(rng, depth + 1, max_depth, max_args, leaf_p) for _ in range(rng.randint(2, max_args))]
+    budget[0] -= len(operator) + 4  # "[OP " and "] "
+    if budget[0] < 0:
+        raise _TooLong
+    args = [_listops_tree(rng, depth + 1, max_depth, max_args, leaf_p, budget) for _ in range(rng.randint(2, max_args))]
     text = f"[{operator} " + " ".join(a[0] for a in args) + " ]"
     return text, listops_value(operator, [a[1] for a in args])
 
@@ -229,7 +246,13 @@ def _build_listops(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Exam
     prefix = TASKS["listops"].prefix
 
     def draw(rng: random.Random) -> Example | None:
-        text, value = _listops_tree(rng, 1, o["max_depth"], o["max_args"], o["leaf_probability"])
+        try:
+            # the budget counts one trailing space too many, hence + 1
+            text, value = _listops_tree(
+                rng, 1, o["max_depth"], o["max_args"], o["leaf_probability"], [o["max_chars"] + 1]
+            )
+        except _TooLong:
+            return None
         if not o["min_chars"] <= len(text) <= o["max_chars"]:
             return None
         return Example(prefix + text, str(value), label=str(value))
@@ -356,7 +379,9 @@ TASKS: dict[str, Task] = {
                 "max_args": Option(5, (int,), "maximum arguments per operator (LRA: 10)", 2),
                 "min_chars": Option(40, (int,), "shortest expression in characters (LRA: about 500 tokens)", 0),
                 "max_chars": Option(200, (int,), "longest expression in characters (LRA: 2000 tokens)", 5),
-                "leaf_probability": Option(0.6, (float, int), "chance that a nested argument is a digit", 0.0),
+                "leaf_probability": Option(
+                    0.6, (float, int), "chance that a nested argument is a digit (LRA: 0.75)", 0.0, maximum=1.0
+                ),
             },
             classes=[str(d) for d in range(10)],
             description="generated LRA ListOps expression -> its value",
@@ -472,6 +497,8 @@ def _check_option(where: str, opt: Option, value: Any) -> list[str]:
         return [f"{where}: expected {wanted}, got {value!r}"]
     if opt.minimum is not None and value < opt.minimum:
         return [f"{where}: must be >= {opt.minimum:g}, got {value!r}"]
+    if opt.maximum is not None and value > opt.maximum:
+        return [f"{where}: must be <= {opt.maximum:g}, got {value!r}"]
     return []
 
 

@@ -218,18 +218,19 @@ def test_validate_tasks_reports_every_problem_with_its_path():
     problems = validate_tasks(
         {
             "sumarize": {},
-            "listops": {"max_depth": "deep", "max_argz": 3, "num_examples": 0},
+            "listops": {"max_depth": "deep", "max_argz": 3, "num_examples": 0, "leaf_probability": 1.5},
             "duplication": {"length": True, "vocab_size": None},
             "sst2": [1, 2],
         },
         "finetune.tasks",
     )
     text = "\n".join(problems)
-    assert len(problems) == 7, text
+    assert len(problems) == 8, text
     assert re.search(r"^finetune\.tasks\.sumarize: unknown task \(did you mean 'summarize'", text, re.M)
     assert "finetune.tasks.listops.max_depth: expected int" in text
     assert re.search(r"finetune\.tasks\.listops\.max_argz: unknown option \(did you mean 'max_args'", text)
     assert "finetune.tasks.listops.num_examples: must be >= 1, got 0" in text
+    assert "finetune.tasks.listops.leaf_probability: must be <= 1, got 1.5" in text
     assert "finetune.tasks.duplication.length: expected int" in text  # a bool is not an int
     assert "finetune.tasks.duplication.vocab_size: must not be null" in text
     assert "finetune.tasks.sst2: expected a mapping of options" in text
@@ -420,3 +421,14 @@ def test_wmt_recipe_on_a_local_parquet_stand_in(tmp_path):
     examples = build_examples({"wmt_en_de": hub_options(tmp_path, d)}, "test", 0)["wmt_en_de"]
     assert examples[3] == Example("translate English to German: This is sentence 3 (test).", "Das ist Satz 3 (test).")
     assert get_task("wmt_en_de").metric == "bleu"
+
+
+def test_listops_at_long_range_arena_scale():
+    # LRA's setting (depth 10, up to 10 arguments, digits with probability 0.75), lengths in characters
+    options = {"max_depth": 10, "max_args": 10, "leaf_probability": 0.75, "min_chars": 500, "max_chars": 2000}
+    examples = build_examples({"listops": options | {"num_eval_examples": 15}}, "validation", 0)["listops"]
+    assert len(examples) == 15
+    for ex in examples:
+        expression = ex.inputs.removeprefix("listops: ")
+        assert 500 <= len(expression) <= 2000
+        assert ex.targets == str(evaluate_listops(expression))
