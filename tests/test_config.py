@@ -81,7 +81,10 @@ BROKEN = [
     ({"mlflow.tracking_uri": "file:./mlruns"}, "mlflow.tracking_uri: MLflow 3 no longer accepts file stores"),
     ({"trainer.devices": 0}, "trainer.devices: must be >= 1"),
     ({"evaluate.num_beams": [1, 0]}, "evaluate.num_beams"),
-    ({"pretrain.optimizer.warmup_steps": 10_000}, "pretrain.optimizer.warmup_steps: must be in [0, pretrain.max_steps]"),
+    (
+        {"pretrain.optimizer.warmup_steps": 10_000},
+        "pretrain.optimizer.warmup_steps: must be in [0, pretrain.max_steps]",
+    ),
     ({"seed": 1.5}, "seed: expected int, got 1.5"),
     ({"trainer.gradient_clip_val": True}, "trainer.gradient_clip_val: expected float, got True"),
 ]
