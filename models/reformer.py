@@ -161,31 +161,39 @@ def _look_adjacent(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
 
 
 def chunked_attention(q, k, v, pos, key_mask, chunk_length, before, after, causal, self_mask, dropout, training):
-    """Attention within chunks of `chunk_length` and their neighbours; q, k, v (B, H, N, K), pos (B, H, N).
+    """Attention within chunks of `chunk_length` and their neighbours; q, k, v (B, H, N, K).
 
-    `pos` holds each vector's position in the sequence (positions after sorting, for LSH), used for the causal,
-    padding (`key_mask` (B, L) bool) and self masks. Returns the output (B, H, N, K) and the log-sum-exp of the
-    logits (B, H, N), which weighs the hash rounds against each other (section 2.3, eq. 4).
+    `pos` (B, H, N), or (1, 1, N) when the same for every row, holds each vector's position in the sequence
+    (positions after sorting, for LSH); it drives the causal, padding (`key_mask` (B, L) bool) and self masks.
+    Returns the output (B, H, N, K) and, for `self_mask` (LSH), the log-sum-exp of the logits (B, H, N), which
+    weighs the hash rounds against each other (section 2.3).
     """
     B, H, N, K = q.shape
-    C = N // chunk_length
-    q = q.view(B, H, C, chunk_length, K)
-    k = _look_adjacent(k.view(B, H, C, chunk_length, K), before, after)  # (B, H, C, W, K)
-    v = _look_adjacent(v.view(B, H, C, chunk_length, K), before, after)
-    q_pos = pos.view(B, H, C, chunk_length)
-    k_pos = _look_adjacent(q_pos, before, after)  # (B, H, C, W)
-    dots = torch.matmul(q, k.transpose(-1, -2))  # (B, H, C, S, W)
+    C, S = N // chunk_length, chunk_length
+    q = q.view(B, H, C, S, K)
+    k = _look_adjacent(k.view(B, H, C, S, K), before, after)  # (B, H, C, W, K)
+    v = _look_adjacent(v.view(B, H, C, S, K), before, after)
+    q_pos = pos.view(pos.shape[0], pos.shape[1], C, S)
+    k_pos = _look_adjacent(q_pos, before, after)  # (B|1, H|1, C, W)
+    dots = torch.matmul(q, k.transpose(-1, -2))  # (B, H, C, S, W); fresh, so it may be masked in place
     mask_value, self_value = _mask_values(dots.dtype)
-    mask = None
+    banned = None
     if key_mask is not None:
-        mask = torch.gather(key_mask[:, None, :].expand(B, H, -1), 2, k_pos.flatten(2)).view(B, H, C, 1, -1)
+        if pos.shape[0] == 1 and pos.shape[1] == 1:  # shared positions: index once for all heads
+            kept = key_mask[:, k_pos.flatten()].view(B, 1, C, 1, -1)
+        else:
+            kept = torch.gather(key_mask[:, None, :].expand(B, H, -1), 2, k_pos.flatten(2)).view(B, H, C, 1, -1)
+        banned = ~kept
     if causal:
-        causal_mask = q_pos.unsqueeze(-1) >= k_pos.unsqueeze(-2)
-        mask = causal_mask if mask is None else mask & causal_mask
-    if mask is not None:
-        dots = dots.masked_fill(~mask, mask_value)
-    if self_mask:  # shared-QK: a query's own key would dominate its dot products (section 2.2)
-        dots = dots.masked_fill(q_pos.unsqueeze(-1) == k_pos.unsqueeze(-2), self_value)
+        future = q_pos.unsqueeze(-1) < k_pos.unsqueeze(-2)
+        banned = future if banned is None else banned | future
+    if banned is not None:
+        dots.masked_fill_(banned, mask_value)
+    if not self_mask:
+        probs = F.dropout(torch.softmax(dots, dim=-1), dropout, training)
+        return torch.matmul(probs, v).view(B, H, N, K), None
+    # shared-QK: a query's own key would dominate its dot products (section 2.2); penalised, not removed
+    dots.masked_fill_(q_pos.unsqueeze(-1) == k_pos.unsqueeze(-2), self_value)
     lse = torch.logsumexp(dots, dim=-1, keepdim=True)  # (B, H, C, S, 1)
     probs = F.dropout(torch.exp(dots - lse), dropout, training)
     out = torch.matmul(probs, v)  # (B, H, C, S, K)
@@ -323,7 +331,7 @@ class LocalSelfAttention(nn.Module):
         drop, training = self.config.attention_dropout_rate, self.training
         if L <= self.chunk_length:
             return _merge_heads(full_attention(q, k, v, key_mask, self.causal, False, drop, training))
-        pos = torch.arange(L, device=hidden.device).expand(B, self.num_heads, L)
+        pos = torch.arange(L, device=hidden.device).view(1, 1, L)  # the same for every row and head
         before = self.config.local_num_chunks_before
         out, _ = chunked_attention(
             q, k, v, pos, key_mask, self.chunk_length, before, self.num_chunks_after, self.causal, False, drop, training
