@@ -1,0 +1,262 @@
+"""Launchers: the sbatch script, the torchrun command line, and SLURM submit-and-wait.
+
+SLURM cannot run here, so the submit-and-wait tests put stand-in `sbatch`/`sacct`/`squeue` shell scripts on PATH:
+they test our code against a stand-in of an external system (the commands' documented output formats), not SLURM.
+"""
+
+from __future__ import annotations
+
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.common import StageError
+from pipeline.config import config_from_dict
+from pipeline.launch import launch_if_needed, sbatch_script, submit_and_wait, torchrun_command
+from pipeline.strategy import launched_externally, process_layout
+
+MODELS = {"t5": {"preset": "tiny"}, "reformer": {"preset": "tiny"}}
+ARGV = ["--family", "t5", "--params", "params.yaml"]
+
+
+def cluster_config(**slurm):
+    return config_from_dict(
+        {
+            "models": MODELS,
+            "trainer": {"accelerator": "gpu", "devices": 4, "num_nodes": 2, "strategy": "deepspeed"},
+            "launcher": {
+                "kind": "slurm",
+                "nnodes": 2,
+                "slurm": {"gpus_per_node": 4, "cpus_per_task": 6, "time": "12:00:00", **slurm},
+            },
+        }
+    )
+
+
+def sbatch_options(script: str) -> list[str]:
+    return [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def test_sbatch_script_for_two_nodes_of_four_gpus(tmp_path):
+    cfg = cluster_config(
+        partition="gpu",
+        account="proj42",
+        qos="high",
+        mem="256G",
+        setup=["module load cuda/12.4", "source .venv/bin/activate"],
+        extra_sbatch=["--constraint=a100", "exclusive"],
+    )
+    script = sbatch_script(cfg, "pretrain", "t5", ARGV, root=tmp_path)
+    options = sbatch_options(script)
+    for expected in (
+        "--job-name=pretrain-t5",
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gres=gpu:4",
+        "--cpus-per-task=6",
+        "--time=12:00:00",
+        "--partition=gpu",
+        "--account=proj42",
+        "--qos=high",
+        "--mem=256G",
+        "--signal=SIGUSR1@90",
+        "--requeue",
+        "--constraint=a100",
+        "--exclusive",
+        f"--output={tmp_path}/artifacts/pretrain/t5/slurm/slurm-%j.out",
+    ):
+        assert expected in options, f"{expected} missing from {options}"
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    assert all(not line.startswith("#SBATCH") for line in lines[lines.index("") :]), "options after commands"
+
+    srun = next(line for line in lines if line.startswith("srun "))
+    command = shlex.split(srun.split("||")[0])
+    assert command[command.index("python") :] == ["python", "-m", "pipeline.pretrain", *ARGV]
+    # setup lines and the launcher marker come before srun, in order
+    order = [lines.index(x) for x in ("module load cuda/12.4", "source .venv/bin/activate")]
+    marker = next(i for i, line in enumerate(lines) if line.startswith("export PIPELINE_LAUNCHER=slurm"))
+    assert order == sorted(order) and order[-1] < marker < lines.index(srun)
+    assert f"cd {tmp_path}" in lines
+
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    subprocess.run(["bash", "-n", str(path)], check=True)  # valid shell syntax
+
+
+def test_sbatch_script_leaves_out_unset_options(tmp_path):
+    options = sbatch_options(sbatch_script(cluster_config(), "finetune", "reformer", [], root=tmp_path))
+    names = {opt.split("=")[0] for opt in options}
+    assert not names & {"--partition", "--account", "--qos", "--mem"}
+    assert "--job-name=finetune-reformer" in options
+
+
+def test_lightning_sees_the_slurm_layout(monkeypatch):
+    """Inside the job, devices/num_nodes come from SLURM and pass Lightning's own SLURM environment check."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    cfg = cluster_config()
+    env = {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "2", "SLURM_PROCID": "5"}
+    env |= {"SLURM_JOB_NAME": "pretrain-t5", "SLURM_JOB_ID": "7", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}
+    for key, value in {**env, "PIPELINE_LAUNCHER": "slurm"}.items():
+        monkeypatch.setenv(key, value)
+    assert launched_externally() == "slurm"
+    devices, num_nodes = process_layout(cfg)
+    assert (devices, num_nodes) == (4, 2)
+    SLURMEnvironment().validate_settings(num_devices=devices, num_nodes=num_nodes)  # raises on a mismatch
+    assert launch_if_needed(cfg, "pretrain", "t5", ARGV) is None  # the task trains instead of resubmitting
+
+
+def test_torchrun_command_line():
+    cfg = config_from_dict(
+        {
+            "models": MODELS,
+            "trainer": {"devices": 2, "num_nodes": 3},
+            "launcher": {"kind": "torchrun", "nproc_per_node": 2, "nnodes": 3, "rdzv_endpoint": "node0:29400"},
+        }
+    )
+    cmd = torchrun_command(cfg, "finetune", ARGV)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    args = cmd[3:]
+    assert args[args.index("--nnodes") + 1] == "3"
+    assert args[args.index("--nproc-per-node") + 1] == "2"
+    assert args[args.index("--rdzv-endpoint") + 1] == "node0:29400"
+    assert args[args.index("-m") + 1 :] == ["pipeline.finetune", *ARGV]
+    assert process_layout(cfg) == (2, 3)
+
+
+def test_torchrun_workers_and_local_runs_train_in_process(monkeypatch):
+    cfg = config_from_dict(
+        {"models": MODELS, "trainer": {"devices": 2}, "launcher": {"kind": "torchrun", "nproc_per_node": 2}}
+    )
+    for key, value in {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "4", "RANK": "3"}.items():
+        monkeypatch.setenv(key, value)
+    assert launch_if_needed(cfg, "pretrain", "t5", ARGV) is None
+    assert process_layout(cfg) == (2, 2)  # the environment torchrun set is the truth
+    assert launch_if_needed(config_from_dict({"models": MODELS}), "pretrain", "t5", ARGV) is None
+
+
+def test_launcher_counts_must_match_trainer():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.devices"):
+        config_from_dict({"models": MODELS, "launcher": {"kind": "torchrun", "nproc_per_node": 4}})
+    with pytest.raises(ConfigError, match="trainer.num_nodes"):
+        config_from_dict({"models": MODELS, "trainer": {"devices": "auto"}, "launcher": {"kind": "slurm", "nnodes": 2}})
+
+
+# ----------------------------------------------------------------------------- submit and wait (stand-ins)
+
+
+def write_tool(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project root (params.yaml) as cwd, and a bin directory first on PATH for the stand-in commands."""
+    (tmp_path / "params.yaml").write_text("{}\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    for key in ("TORCHELASTIC_RUN_ID", "PIPELINE_LAUNCHER"):
+        monkeypatch.delenv(key, raising=False)
+    return tmp_path, bin_dir
+
+
+def fake_sbatch(bin_dir: Path, job_id: str = "4242") -> None:
+    """Stand-in `sbatch --parsable`: records the script, writes the job's log where `--output` says, prints the id."""
+    write_tool(
+        bin_dir,
+        "sbatch",
+        f"""
+[ "$1" = --parsable ] || exit 9
+cp "$2" "$(dirname "$0")/submitted.sbatch"
+out=$(sed -n 's/^#SBATCH --output=//p' "$2" | sed 's/%j/{job_id}/')
+echo "epoch 0 loss 6.1" > "$out"
+echo "{job_id};cluster"
+""",
+    )
+
+
+def fake_sacct(bin_dir: Path, states: list[str]) -> None:
+    """Stand-in `sacct -X -n -P -o State,ExitCode`: one line per call from `states`, the last one repeating."""
+    (bin_dir / "states").write_text("\n".join(states) + "\n")
+    write_tool(
+        bin_dir,
+        "sacct",
+        """
+d=$(dirname "$0")
+n=$(cat "$d/calls" 2>/dev/null || echo 0); echo $((n + 1)) > "$d/calls"
+total=$(wc -l < "$d/states"); i=$((n + 1)); [ $i -gt $total ] && i=$total
+sed -n "${i}p" "$d/states"
+""",
+    )
+
+
+def slurm_config(poll: float = 0.0):
+    return config_from_dict(
+        {
+            "models": MODELS,
+            "trainer": {"devices": "auto"},
+            "launcher": {"kind": "slurm", "slurm": {"poll_interval_s": poll, "gpus_per_node": 2}},
+        }
+    )
+
+
+def test_submit_waits_through_a_requeue_and_streams_the_log(project, capsys):
+    root, bin_dir = project
+    fake_sbatch(bin_dir)
+    fake_sacct(bin_dir, ["PENDING|0:0", "RUNNING|0:0", "REQUEUED|0:0", "PENDING|0:0", "RUNNING|0:0", "COMPLETED|0:0"])
+    assert launch_if_needed(slurm_config(), "pretrain", "t5", ARGV) == 0
+    assert int((bin_dir / "calls").read_text()) == 6  # kept polling through the requeue until COMPLETED
+    script = (root / "artifacts/pretrain/t5/slurm/pretrain-t5.sbatch").read_text()
+    assert (bin_dir / "submitted.sbatch").read_text() == script
+    captured = capsys.readouterr()
+    assert "epoch 0 loss 6.1" in captured.out  # the job's log, streamed while waiting
+    assert "4242" in captured.err and "COMPLETED" in captured.err
+
+
+def test_failed_job_returns_its_exit_code(project, capsys):
+    _, bin_dir = project
+    fake_sbatch(bin_dir)
+    fake_sacct(bin_dir, ["RUNNING|0:0", "FAILED|3:0"])
+    assert submit_and_wait(slurm_config(), "finetune", "reformer", ARGV) == 3
+    assert "FAILED" in capsys.readouterr().err
+    fake_sacct(bin_dir, ["CANCELLED by 1000|0:15"])
+    (bin_dir / "calls").unlink()
+    assert submit_and_wait(slurm_config(), "finetune", "reformer", ARGV) == 1  # no exit code of its own
+
+
+def test_without_sacct_squeue_and_the_exit_code_file_decide(project):
+    root, bin_dir = project
+    fake_sbatch(bin_dir, job_id="77")
+    # squeue lists the job twice, then it is gone and the script's exit-code file holds the result
+    exit_file = root / "artifacts/pretrain/t5/slurm/exitcode-77"
+    write_tool(
+        bin_dir,
+        "squeue",
+        f"""
+d=$(dirname "$0"); n=$(cat "$d/calls" 2>/dev/null || echo 0); echo $((n + 1)) > "$d/calls"
+if [ $n -lt 2 ]; then echo RUNNING; else cp "$d/result" {exit_file}; fi
+""",
+    )
+    (bin_dir / "result").write_text("0\n")
+    assert submit_and_wait(slurm_config(), "pretrain", "t5", ARGV) == 0
+    assert int((bin_dir / "calls").read_text()) == 3
+    (bin_dir / "result").write_text("2\n")
+    (bin_dir / "calls").unlink()
+    exit_file.unlink()
+    assert submit_and_wait(slurm_config(), "pretrain", "t5", ARGV) == 2
+
+
+def test_missing_sbatch_is_a_clear_error(project):
+    with pytest.raises(StageError, match="sbatch. is not on PATH"):
+        launch_if_needed(slurm_config(), "pretrain", "t5", ARGV)
