@@ -256,19 +256,27 @@ def trainer_kwargs(cfg: Config) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ ranks
 
 
-def global_rank() -> int:
-    """This process's global rank: from torch.distributed once initialised, else from the launcher's variables."""
+def global_rank() -> int | None:
+    """This process's global rank when known: from torch.distributed once initialised, else from the variables
+    torchrun (`RANK`) or srun (`SLURM_PROCID`) set. None before Lightning has started its processes."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
-    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+    for name in ("RANK", "SLURM_PROCID"):
         if name in os.environ:
             return int(os.environ[name])
-    return 0
+    return None
 
 
 def is_global_zero() -> bool:
-    """True in the one process that logs and writes shared outputs."""
-    return global_rank() == 0
+    """True in the one process that logs and writes shared outputs; usable before the Trainer exists.
+
+    Processes that Lightning starts itself (launcher `local`) carry `LOCAL_RANK` and `NODE_RANK` only; global rank
+    zero is local rank zero on node zero (the process the user started).
+    """
+    rank = global_rank()
+    if rank is not None:
+        return rank == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
