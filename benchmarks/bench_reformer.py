@@ -116,6 +116,10 @@ def child(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if not cuda and spec.get("budget_bytes"):  # fail with a MemoryError instead of pushing the machine into OOM
+        status = Path("/proc/self/status").read_text()
+        vm = int(next(line for line in status.splitlines() if line.startswith("VmSize:")).split()[1]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + spec["budget_bytes"], resource.RLIM_INFINITY))
     times = []
     for i in range(spec["warmup"] + spec["repeats"]):
         start = time.perf_counter()
@@ -137,7 +141,7 @@ def estimate_gib(spec: dict, heads: int, layers: int) -> float:
     if spec["model"] not in ("full", "t5"):
         return 0.0
     maps = layers + 2 + (1 if spec["model"] == "t5" else 0)
-    return 1.25 * maps * heads * spec["length"] ** 2 * 4 / GIB
+    return maps * heads * spec["length"] ** 2 * 4 / GIB
 
 
 def available_gib(device: str) -> float:
@@ -160,8 +164,9 @@ def measure(spec: dict, args) -> dict | str:
     layers = spec.get("layers") or len(preset.attn_layers)
     need = estimate_gib(spec, preset.num_heads, layers)
     have = available_gib(args.device)
-    if need > args.memory_fraction * have:
+    if need > have:
         return f"n/a (needs ~{need:.0f} GiB)"
+    spec = {**spec, "budget_bytes": int(args.memory_fraction * have * GIB)}
     proc = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)],
         capture_output=True,
@@ -171,7 +176,9 @@ def measure(spec: dict, args) -> dict | str:
         timeout=args.child_timeout,
     )
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        if "memory" in last.lower():
+            return f"n/a (over {args.memory_fraction * have:.0f} GiB)"
         return f"failed ({last[:60]})"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per row (after one warm-up step)")
     parser.add_argument("--long", type=int, default=16384, help="from this length on: 1 timed step, no warm-up")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--memory-fraction", type=float, default=0.75, help="of the memory available now")
+    parser.add_argument("--memory-fraction", type=float, default=0.85, help="cap per run, of the memory available")
     parser.add_argument("--child-timeout", type=int, default=900)
     args = parser.parse_args(argv)
     if args.child:
