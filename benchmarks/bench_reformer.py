@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=256, help="byte-level, as the paper's enwik8 runs")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1 << k for k in range(10, 17)])
     parser.add_argument("--models", nargs="+", default=["reformer", "full", "t5", "hf"])
-    parser.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8, 12])
+    parser.add_argument("--depths", type=int, nargs="*", default=[2, 4, 8, 12], help="none: skip the depth table")
     parser.add_argument("--depth-length", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per row (after one warm-up step)")
     parser.add_argument("--long", type=int, default=16384, help="from this length on: 1 timed step, no warm-up")
@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
                 row.append(result)
         depth_rows.append(row)
     title = f"Peak memory vs depth at {args.depth_length} tokens (growth against the shallowest)"
-    out.append(table(title, ["layers", "reversible", "ordinary residual"], depth_rows))
+    if depth_rows:
+        out.append(table(title, ["layers", "reversible", "ordinary residual"], depth_rows))
 
     if "hf" in models and "reformer" in models:
         ratio_rows = []

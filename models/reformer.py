@@ -29,7 +29,7 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, a
 
 PRESETS: dict[str, dict[str, Any]] = {
     # matched to the T5 presets of the same name by non-embedding parameter count (tests/test_reformer.py)
-    "tiny": dict(d_model=128, d_kv=32, num_heads=4, d_ff=512, attn_layers=["local", "lsh"]),
+    "tiny": dict(vocab_size=8192, d_model=128, d_kv=32, num_heads=4, d_ff=512, attn_layers=["local", "lsh"]),
     "small": dict(
         d_model=512, d_kv=64, num_heads=8, d_ff=2048, attn_layers=["local", "lsh"] * 3, axial_pos_dims=[256, 256]
     ),
@@ -605,10 +605,22 @@ class ReformerModel(nn.Module):
         return {k: v.index_select(0, beam_idx) for k, v in state.items()}
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        length_penalty: float = 1.0,
+    ) -> torch.Tensor:
+        """Greedy or beam search (models/generation.py). With `hash_seed=None` LSH hashing is random at every step."""
         from models.generation import generate
 
-        return generate(self, input_ids, attention_mask, **kwargs)
+        return generate(
+            self, input_ids, attention_mask, max_new_tokens, num_beams, eos_token_id, pad_token_id, length_penalty
+        )
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameter count; non-embedding excludes token and position embeddings and the output projection."""
