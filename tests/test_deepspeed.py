@@ -1,10 +1,11 @@
 """Real 2-process DeepSpeed ZeRO training on CPU (gloo), for both model families.
 
-Each test runs this file as a worker script (`python -m tests.test_deepspeed ...`): Lightning's own launcher
-starts the second process (`trainer.devices: 2`), the strategy comes from `pipeline.strategy.trainer_kwargs`, and
-the model is the real family from `models.build_model` (tiny config, no dropout, fixed LSH hash seed so runs are
-comparable). Every rank writes what it holds (per-parameter shard sizes, its per-step losses) to files the test
-reads; rank zero also writes the trained model's logits on a fixed batch, and the DeepSpeed checkpoint.
+The first test runs this file as a worker script (`python -m tests.test_deepspeed ...`) under torchrun
+(Lightning's own launcher works too: `--launcher local`, `trainer.devices: 2`), the strategy comes from
+`pipeline.strategy.trainer_kwargs`, and the model is the real family from `models.build_model` (tiny config, no
+dropout, fixed LSH hash seed so runs are comparable). Every rank writes what it holds (per-parameter shard sizes,
+its per-step losses) to files the test reads; rank zero also writes the trained model's logits on a fixed batch,
+and the DeepSpeed checkpoint.
 
 The test then checks:
 - ZeRO-3: each rank holds only a shard of each large parameter (`ds_tensor.numel() < ds_numel`), and the shards
@@ -13,6 +14,9 @@ The test then checks:
   same init) step by step;
 - `consolidate_checkpoint` merges the shards into one state dict that loads into a fresh model and reproduces the
   trained model's logits.
+
+The second test runs the real pretrain stage with two Lightning-started processes under ZeRO-3 and checks that
+exactly one MLflow run results and that the final weights file is the consolidated sharded checkpoint.
 """
 
 from __future__ import annotations
@@ -260,18 +264,50 @@ def check_run(out: Path, family: str, stage: int, environment: str) -> None:
 
 
 @pytest.mark.slow
-def test_t5_zero3_lightning_launched(tmp_path):
-    """Lightning starts the second process (launcher `local`, `trainer.devices: 2`)."""
-    run_workers([("t5", 3)], tmp_path, "local")
-    check_run(tmp_path / "t5-zero3", "t5", 3, "LightningEnvironment")
+def test_t5_and_reversible_reformer_under_zero3_and_zero2(tmp_path):
+    """torchrun starts both processes (Lightning picks up its environment); three trainings in one process group."""
+    runs = [("t5", 3), ("reformer", 3), ("reformer", 2)]
+    run_workers(runs, tmp_path, "torchrun")
+    for family, stage in runs:
+        check_run(tmp_path / f"{family}-zero{stage}", family, stage, "TorchElasticEnvironment")
 
 
 @pytest.mark.slow
-def test_reversible_reformer_zero3_and_zero2_under_torchrun(tmp_path):
-    """torchrun starts both processes (Lightning picks up its environment); two trainings in one process group."""
-    run_workers([("reformer", 3), ("reformer", 2)], tmp_path, "torchrun")
-    check_run(tmp_path / "reformer-zero3", "reformer", 3, "TorchElasticEnvironment")
-    check_run(tmp_path / "reformer-zero2", "reformer", 2, "TorchElasticEnvironment")
+def test_pretrain_stage_two_processes_zero3_one_mlflow_run(tmp_path):
+    """The real stage, `trainer.devices: 2` (Lightning starts rank 1), ZeRO-3, MLflow in sqlite."""
+    import mlflow
+
+    from models import load_pretrained
+    from pipeline.strategy import consolidate_checkpoint
+    from tests.train_project import make_project
+
+    overrides = {
+        "trainer.devices": 2,
+        "trainer.strategy": "deepspeed",
+        "deepspeed.stage": 3,
+        "deepspeed.param_persistence_threshold": PERSISTENCE_THRESHOLD,
+        "pretrain.max_steps": 4,
+        "pretrain.val_every_n_steps": 4,
+        "pretrain.checkpoint_every_n_steps": 4,
+    }
+    make_project(tmp_path, overrides)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "pipeline.pretrain", "--family", "t5"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+    ckpt = tmp_path / "artifacts/pretrain/t5/checkpoints/last.ckpt"
+    shards = sorted(p.name for p in ckpt.glob("*/zero_pp_rank_*_model_states.pt"))
+    assert shards == [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)]
+    _, model = load_pretrained(tmp_path / "artifacts/pretrain/t5/final")
+    state = consolidate_checkpoint(ckpt)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[f"model.{name}"], rtol=0, atol=0)
 
 
 if __name__ == "__main__":
