@@ -46,6 +46,7 @@ PAPER_TABLE = {
     4: {0: 0.8, 8: 100.0, 4: 99.9, 2: 99.4, 1: 91.9},
 }
 
+
 @dataclass
 class DuplicationPreset:
     """One scale of the experiment."""

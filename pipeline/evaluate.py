@@ -1,0 +1,311 @@
+"""Stage `evaluate@<family>`: test-split loss and perplexity, task metrics from generations, confusion matrices.
+
+    python -m pipeline.evaluate --family t5
+
+1. The pretrained model (`artifacts/pretrain/<family>/final`) scores the test split under the pretraining
+   objective, exactly as validation does during training (same packing, same corruption seeded per example,
+   at most `evaluate.max_loss_batches` batches): `test_loss` (mean cross-entropy per target token, nats) and
+   `test_ppl = exp(test_loss)`.
+2. The fine-tuned model (`artifacts/finetune/<family>/final`) generates an answer for at most
+   `evaluate.max_examples_per_task` test examples of every task in `finetune.tasks`, once per beam size in
+   `evaluate.num_beams` (1 is greedy), scored with the task's metric through torchmetrics
+   (`pipeline.tasks.score`): `<task>.<metric>_beam<k>`.
+3. For classification tasks (those with `classes`) the greedy predictions give a confusion matrix: a CSV of
+   `actual,predicted` rows for DVC's `confusion` template and a PNG; predictions outside the classes count as
+   `(other)`.
+4. `num_samples` examples per task are written with their input, reference and every beam's generation.
+
+Outputs: `artifacts/eval/<family>/` (`samples.json`, `samples.md`, `confusion_<task>.csv`/`.png`,
+`report.json`) and the DVC metrics `metrics/eval-<family>.json`; the same numbers go to an MLflow run
+(`evaluate-<family>`, tags family/stage) in the pipeline's experiment as `eval/test_loss`, `eval/test_ppl`,
+`eval/<task>/<metric>_beam<k>`, with the output directory as artifacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.common import StageError, atomic_output, repo_root, run_stage, stage_parser, write_json
+from pipeline.config import FAMILIES, Config
+
+log = logging.getLogger("pipeline.evaluate")
+
+OTHER = "(other)"
+
+
+def load_model(directory: Path, family: str) -> torch.nn.Module:
+    """`models.load_pretrained(directory)`, checking it holds `family`."""
+    from models import load_pretrained
+
+    if not (directory / "config.json").is_file():
+        raise StageError(f"{directory} has no model: run `dvc repro {directory.parts[-3]}@{family}` first")
+    loaded_family, model = load_pretrained(directory)
+    if loaded_family != family:
+        raise StageError(f"{directory} holds a {loaded_family} model, expected {family}")
+    return model
+
+
+# ---------------------------------------------------------------------------------------- loss and ppl
+
+
+@torch.no_grad()
+def test_loss(model: torch.nn.Module, cfg: Config, docs: list, tokenizer: Any) -> dict[str, float]:
+    """Mean per-token cross-entropy and perplexity of `model` on `docs` under the pretraining objective."""
+    from pipeline.datamodule import Collator, FixedItems, PretrainDataset
+    from pipeline.module import token_losses
+
+    p, e = cfg.pretrain, cfg.evaluate
+    span_args = {}
+    if p.objective == "span_corruption":
+        sentinels = [tokenizer.sentinel_id(i) for i in range(cfg.tokenizer.num_sentinels)]
+        span_args = dict(
+            noise_density=p.noise_density,
+            mean_noise_span_length=p.mean_noise_span_length,
+            eos_id=tokenizer.eos_id,
+            sentinel_ids=sentinels,
+        )
+    dataset = PretrainDataset(docs, p.objective, p.input_length, cfg.seed, **span_args)
+    limit = e.max_loss_batches * e.batch_size if e.max_loss_batches > 0 else None
+    items = FixedItems(dataset, limit)
+    if len(items) == 0:
+        raise StageError(
+            f"the {e.split} split has too few tokens for one {p.input_length}-token example; use more data"
+        )
+    mc = model.config
+    collate = Collator(mc.layout, mc.pad_token_id, mc.decoder_start_token_id)
+    total, count = 0.0, 0
+    for start in range(0, len(items), e.batch_size):
+        batch = collate([items[i] for i in range(start, min(start + e.batch_size, len(items)))])
+        labels = batch.pop("labels")
+        logits = model(**batch)
+        ce, _, n = token_losses(logits, labels)
+        total, count = total + float(ce), count + int(n)
+    loss = total / max(count, 1)
+    return {"test_loss": loss, "test_ppl": math.exp(min(loss, 50.0)), "test_tokens": count, "test_examples": len(items)}
+
+
+# ----------------------------------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def generate_texts(model: torch.nn.Module, tokenizer: Any, inputs: list[str], num_beams: int, cfg: Config) -> list[str]:
+    """Decoded generations for `inputs` (encoder-decoder: from the start token; decoder-only: the continuation)."""
+    e, f = cfg.evaluate, cfg.finetune
+    pad = model.config.pad_token_id
+    out: list[str] = []
+    for start in range(0, len(inputs), e.batch_size):
+        ids = [row[: f.input_length] for row in tokenizer.encode(inputs[start : start + e.batch_size])]
+        width = max(len(r) for r in ids)
+        decoder_only = model.config.layout != "encoder_decoder"
+        batch = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.bool)
+        for i, row in enumerate(ids):  # decoder-only prompts are left-padded so continuations line up
+            sl = slice(width - len(row), width) if decoder_only else slice(0, len(row))
+            batch[i, sl], mask[i, sl] = torch.tensor(row), True
+        generated = model.generate(batch, attention_mask=mask, max_new_tokens=e.max_new_tokens, num_beams=num_beams)
+        new = generated[:, width:] if decoder_only else generated[:, 1:]
+        out += [tokenizer.decode(row.tolist()) for row in new]
+    return out
+
+
+def confusion_rows(classes: list[str], predictions: list[str], references: list[str]) -> list[dict[str, str]]:
+    """`actual,predicted` rows (DVC's confusion template); predictions outside `classes` become `(other)`."""
+    known = set(classes)
+    clean = [" ".join(p.split()) for p in predictions]
+    return [
+        {"actual": " ".join(r.split()), "predicted": p if p in known else OTHER}
+        for p, r in zip(clean, references, strict=True)
+    ]
+
+
+def confusion_matrix(classes: list[str], rows: list[dict[str, str]]) -> tuple[list[str], list[list[int]]]:
+    """Counts (actual x predicted) through torchmetrics; labels are the classes plus `(other)` when it occurs."""
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    labels = list(classes) + ([OTHER] if any(r["predicted"] == OTHER for r in rows) else [])
+    index = {c: i for i, c in enumerate(labels)}
+    actual = torch.tensor([index.get(r["actual"], len(labels) - 1) for r in rows])
+    predicted = torch.tensor([index[r["predicted"]] for r in rows])
+    matrix = multiclass_confusion_matrix(predicted, actual, num_classes=max(len(labels), 2))
+    return labels, matrix[: len(labels), : len(labels)].tolist()
+
+
+def plot_confusion(labels: list[str], matrix: list[list[int]], title: str, path: Path) -> None:
+    """A confusion matrix as a PNG heat map with counts in the cells (rows: actual, columns: predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(3.5, 0.45 * len(labels) + 1.5)
+    fig, ax = plt.subplots(figsize=(size + 0.8, size))
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    peak = max((max(r) for r in matrix), default=0)
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            if count:
+                ax.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, cfg: Config, prepared_dir: Path, out: Path, family: str):
+    """Task metrics for every beam size; writes confusion matrices into `out`; returns (metrics, samples)."""
+    from pipeline.tasks import build_examples, get_task, score
+
+    e = cfg.evaluate
+    examples = build_examples(cfg.finetune.tasks, e.split, cfg.seed, prepared_dir)
+    metrics: dict[str, dict[str, float]] = {}
+    samples: dict[str, list[dict[str, Any]]] = {}
+    for name, task_examples in examples.items():
+        task = get_task(name)
+        chosen = task_examples[: e.max_examples_per_task]
+        if not chosen:
+            log.warning("task %s has no %s examples; skipped", name, e.split)
+            continue
+        inputs, refs = [x.inputs for x in chosen], [x.targets for x in chosen]
+        metrics[name] = {"examples": len(chosen)}
+        generations: dict[int, list[str]] = {}
+        for beams in e.num_beams:
+            start = time.perf_counter()
+            generations[beams] = generate_texts(model, tokenizer, inputs, beams, cfg)
+            scores = score(task.metric, generations[beams], refs)
+            for key, value in scores.items():
+                metrics[name][f"{key}_beam{beams}"] = value
+            log.info(
+                "%s %s beam %d: %s = %.4f (%d examples, %.1f s)",
+                family, name, beams, task.metric, scores[task.metric], len(chosen), time.perf_counter() - start,
+            )  # fmt: skip
+        if task.classes:
+            greedy = generations[min(e.num_beams)]
+            rows = confusion_rows(task.classes, greedy, refs)
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=["actual", "predicted"])
+            writer.writeheader()
+            writer.writerows(rows)
+            (out / f"confusion_{name}.csv").write_text(buf.getvalue(), encoding="utf-8")
+            labels, matrix = confusion_matrix(task.classes, rows)
+            (out / f"confusion_{name}.json").write_text(json.dumps({"labels": labels, "matrix": matrix}) + "\n")
+            title = f"{family}: {name} (beam {min(e.num_beams)}, {len(rows)} test examples)"
+            plot_confusion(labels, matrix, title, out / f"confusion_{name}.png")
+        samples[name] = [
+            {"input": inputs[i], "reference": refs[i], **{f"beam{b}": generations[b][i] for b in e.num_beams}}
+            for i in range(min(e.num_samples, len(chosen)))
+        ]
+    return metrics, samples
+
+
+def samples_markdown(family: str, samples: dict[str, list[dict[str, Any]]]) -> str:
+    """The samples as a readable Markdown page."""
+    lines = [f"# {family}: sample generations (test split)", ""]
+    for task, rows in samples.items():
+        lines += [f"## {task}", ""]
+        for i, row in enumerate(rows, 1):
+            lines.append(f"{i}. **input:** {_md(row['input'])}")
+            lines.append(f"   - **reference:** {_md(row['reference'])}")
+            for key, value in row.items():
+                if key.startswith("beam"):
+                    lines.append(f"   - **{key}:** {_md(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _md(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return (text[:limit] + " ...") if len(text) > limit else (text or "*(empty)*")
+
+
+# --------------------------------------------------------------------------------------------- stage
+
+
+def evaluate(cfg: Config, family: str, root: Path) -> dict[str, Any]:
+    """Run the whole evaluation of `family`; writes outputs and returns the metrics."""
+    from pipeline.datamodule import document_arrays, load_tokenized
+    from pipeline.tokenizer import Tokenizer
+
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # LSH rotations drawn during evaluation
+    tokenizer = Tokenizer.load(root / "data" / "tokenizer")
+    tokenized = load_tokenized(root / "data" / "tokenized")
+    docs = document_arrays(tokenized[cfg.evaluate.split])
+    pretrained = load_model(root / "artifacts" / "pretrain" / family / "final", family)
+    metrics: dict[str, Any] = test_loss(pretrained, cfg, docs, tokenizer)
+    log.info("%s test loss %.4f, perplexity %.2f", family, metrics["test_loss"], metrics["test_ppl"])
+    del pretrained
+    finetuned = load_model(root / "artifacts" / "finetune" / family / "final", family)
+    out_dir = root / "artifacts" / "eval" / family
+    with atomic_output(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        task_metrics, samples = evaluate_tasks(finetuned, tokenizer, cfg, root / "data" / "prepared", tmp, family)
+        metrics.update(task_metrics)
+        metrics["parameters"] = finetuned.num_parameters()
+        metrics["non_embedding_parameters"] = finetuned.num_parameters(non_embedding=True)
+        metrics["seconds"] = round(time.perf_counter() - start, 1)
+        (tmp / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / "samples.md").write_text(samples_markdown(family, samples), encoding="utf-8")
+        (tmp / "report.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(root / "metrics" / f"eval-{family}.json", metrics)
+    log_to_mlflow(cfg, family, metrics, out_dir, root)
+    log.info("%s evaluated in %.0f s", family, time.perf_counter() - start)
+    return metrics
+
+
+def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """`eval/test_loss`, `eval/<task>/<metric>_beam<k>`: the same names for every family."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update({f"eval/{key}/{k}": float(v) for k, v in value.items() if isinstance(v, int | float)})
+        elif isinstance(value, int | float):
+            out[f"eval/{key}"] = float(value)
+    return out
+
+
+def log_to_mlflow(cfg: Config, family: str, metrics: dict[str, Any], out_dir: Path, root: Path) -> None:
+    """One run `evaluate-<family>` in the pipeline's experiment with the metrics and the output directory."""
+    from pipeline.tracking import TrackedRun, check_tracking_uri, git_revision, tracking_uri
+
+    uri = tracking_uri(cfg.mlflow.tracking_uri, root)
+    check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)
+    run = TrackedRun(uri, cfg.mlflow.experiment, system_metrics=False)
+    tags = {"family": family, "stage": "evaluate", "git_revision": git_revision(root)}
+    run.start(f"evaluate-{family}", tags)
+    try:
+        run.log_params({"evaluate": cfg.to_dict()["evaluate"], "models": cfg.to_dict()["models"]})
+        run.log_metrics(mlflow_metrics(metrics))
+        run.log_artifacts(out_dir, "eval")
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    run.finish()
+
+
+def body(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    return evaluate(cfg, args.family, repo_root())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("Evaluate one family: test loss/perplexity, task metrics, confusion matrices, samples.")
+    parser.add_argument("--family", choices=FAMILIES, required=True, help="model family to evaluate")
+    return run_stage(body, parser, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
