@@ -1,0 +1,132 @@
+"""Training-loop overhead: tokens/s of our Lightning module versus a bare PyTorch loop, same model and batches.
+
+Both loops do the same work per step: forward, cross-entropy (padding ignored), backward, gradient clipping,
+AdamW step, learning-rate schedule step. The Lightning side is `pipeline.module.Seq2SeqLM` under a
+`lightning.Trainer` with the stage's logging (every `--log-every` steps) but no checkpointing, progress bar or
+external logger, so the ratio measures the loop's own overhead. Runs alternate (bare, lightning, bare, ...)
+and the best of `--rounds` counts, which keeps other load on the machine from favouring one side.
+
+    python benchmarks/bench_train_loop.py [--family t5|reformer|both] [--steps 20] [--rounds 3]
+
+Prints one row per family: tokens/s of each loop and the ratio lightning / bare (1.0 = no overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import lightning as L
+import numpy as np
+import torch
+
+from models import build_model, config_class
+from pipeline.datamodule import Collator, PretrainDataset
+from pipeline.module import OptimSettings, Seq2SeqLM, build_optimizer, lr_factor, token_losses
+
+VOCAB = 8192
+
+
+def make_batches(family: str, n: int, batch_size: int, input_length: int) -> list[dict[str, torch.Tensor]]:
+    """`n` span-corruption batches of random documents (the objective and collation of the pretrain stage)."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, VOCAB - 100, size=int(rng.integers(50, 400))) for _ in range(n * batch_size)]
+    ds = PretrainDataset(
+        docs,
+        "span_corruption",
+        input_length,
+        seed=0,
+        noise_density=0.15,
+        mean_noise_span_length=3.0,
+        eos_id=1,
+        sentinel_ids=[VOCAB - 1 - i for i in range(100)],
+    )
+    collate = Collator("encoder_decoder")
+    return [collate([ds[(0, i * batch_size + j)] for j in range(batch_size)]) for i in range(n)]
+
+
+def fresh_model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(family, config_class(family).from_preset("tiny", vocab_size=VOCAB))
+
+
+def tokens(batches: list[dict[str, torch.Tensor]]) -> int:
+    return sum(int(b["attention_mask"].sum()) + int((b["labels"] >= 0).sum()) for b in batches)
+
+
+def bare_loop(family: str, batches: list[dict[str, torch.Tensor]], s: OptimSettings) -> float:
+    model = fresh_model(family).train()
+    optimizer = build_optimizer(model, s)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: lr_factor(k, s.schedule, s.warmup_steps, s.max_steps, s.min_lr_ratio)
+    )
+    start = time.perf_counter()
+    for b in batches:
+        logits = model(b["input_ids"], b["attention_mask"], b["decoder_input_ids"], b["decoder_attention_mask"])
+        ce_sum, _, count = token_losses(logits, b["labels"])
+        loss = ce_sum / count
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        float(loss)  # the stage reads the loss every step (NaN guard)
+    return time.perf_counter() - start
+
+
+class _Timer(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self.elapsed = time.perf_counter() - self.start
+
+
+def lightning_loop(family: str, batches: list[dict[str, torch.Tensor]], s: OptimSettings) -> float:
+    module = Seq2SeqLM(fresh_model(family), s)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+    timer = _Timer()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=len(batches),
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return timer.elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", default="both", choices=["t5", "reformer", "both"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--input-length", type=int, default=128)
+    parser.add_argument("--log-every", type=int, default=10)
+    args = parser.parse_args()
+    families = ["t5", "reformer"] if args.family == "both" else [args.family]
+    settings = OptimSettings(lr=1e-3, warmup_steps=2, max_steps=args.steps, log_every_n_steps=args.log_every)
+    print(f"threads {torch.get_num_threads()}, {args.steps} steps x batch {args.batch_size} x {args.input_length}")
+    print(f"{'family':<10}{'bare tok/s':>14}{'lightning tok/s':>18}{'ratio':>8}")
+    for family in families:
+        batches = make_batches(family, args.steps, args.batch_size, args.input_length)
+        n_tokens = tokens(batches)
+        bare, light = [], []
+        bare_loop(family, batches[:2], settings)  # warm up allocator and kernels
+        for _ in range(args.rounds):
+            bare.append(bare_loop(family, batches, settings))
+            light.append(lightning_loop(family, batches, settings))
+        b, lt = n_tokens / min(bare), n_tokens / min(light)
+        print(f"{family:<10}{b:>14,.0f}{lt:>18,.0f}{lt / b:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()
