@@ -236,6 +236,9 @@ def run_training(cfg: Config, stage: str, family: str, argv: list[str] | None = 
     paths = StagePaths(root, stage, family)
     section = getattr(cfg, stage)
     rank_zero = strategy.is_global_zero()
+    uri = tracking_uri(cfg.mlflow.tracking_uri, root)
+    if rank_zero:  # an unreachable tracking server fails the stage now, not after the training
+        check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     tok = read_tokenizer_info(root)
@@ -267,11 +270,9 @@ def run_training(cfg: Config, stage: str, family: str, argv: list[str] | None = 
         shutil.rmtree(paths.checkpoints)
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
 
-    # --- MLflow, checked before any training
-    uri = tracking_uri(cfg.mlflow.tracking_uri, root)
+    # --- MLflow: a new run, or the one the interrupted attempt left behind
     run = TrackedRun(uri, cfg.mlflow.experiment, active=rank_zero, system_metrics=cfg.mlflow.system_metrics)
     if rank_zero:
-        check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)
         tags = {
             "family": family,
             "stage": stage,
