@@ -267,7 +267,7 @@ def render_markdown(result: dict[str, Any], preset_name: str) -> str:
             value = PAPER_TABLE.get(r, {}).get(k)
             cells.append("—" if value is None else f"{value:.1f}%")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    times = ", ".join(f"{k} {v:.0f} s" for k, v in result["train_seconds"].items())
+    times = ", ".join(f"{row} {result['train_seconds'][row]:.0f} s" for row in result["rows"])
     lines += ["", f"Training and evaluation time per row on `{result['device']}`: {times}.", ""]
     return "\n".join(lines)
 
