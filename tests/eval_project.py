@@ -114,6 +114,7 @@ def write_training_metrics(tmp: Path, seed: int = 0) -> dict[str, Any]:
 def make_eval_project(tmp: Path, overrides: dict[str, Any] | None = None, trained: bool = False) -> Path:
     """The tiny project with the evaluation overrides; random models and training metrics unless `trained`
     (then the caller runs the real pretrain/finetune stages)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     make_project(tmp, {**EVAL_OVERRIDES, **(overrides or {})}, n_train_docs=120, with_tokenizer=True)
     if not trained:
         save_random_models(tmp)
