@@ -11,8 +11,8 @@ and `L / 4` target tokens (the ratio span corruption produces). Every measuremen
 - memory: `peak_mb` (whole child process) and `step_mb` (peak minus the resident size after building the model
   and optimizer: what the step itself needs, mostly activations);
 - lengths go from the shortest up; a family stops at the first length it cannot run (failure, or a predicted
-  peak above `max_memory_gb` by quadratic extrapolation from the last length), and nothing new starts after
-  `time_budget_s`;
+  peak above `max_memory_gb` by quadratic extrapolation from the last length); the length sweep starts nothing
+  after 75% of `time_budget_s`, the depth sweep nothing after all of it;
 - the crossover length is the shortest measured length from which on the Reformer is faster (or uses less
   memory) than T5 at every longer measured length, or runs where T5 could not; `null` when it never does.
 
@@ -45,6 +45,7 @@ log = logging.getLogger("pipeline.benchmark")
 OUT_DIR = Path("artifacts/benchmark")
 METRICS = Path("metrics/benchmark.json")
 CHILD_TIMEOUT_S = 300.0
+LENGTH_SHARE = 0.75  # share of benchmark.time_budget_s the length sweep may start measurements in
 
 
 # ------------------------------------------------------------------------------------------ child side
@@ -237,7 +238,7 @@ def benchmark(cfg: Config, vocab_size: int, child=run_child) -> dict[str, Any]:
             previous = [r for r in rows if r["family"] == family and r["kind"] == "length" and "peak_mb" in r]
             if family in stopped:
                 row["skipped"] = stopped[family]
-            elif budget_left() <= 0:
+            elif budget_left() <= (1 - LENGTH_SHARE) * b.time_budget_s:  # the rest is kept for the depth sweep
                 row["skipped"] = f"time budget of {b.time_budget_s:.0f} s used"
             elif previous and previous[-1]["peak_mb"] * (length / previous[-1]["seq_length"]) ** 2 > limit_mb:
                 predicted = previous[-1]["peak_mb"] * (length / previous[-1]["seq_length"]) ** 2
