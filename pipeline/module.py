@@ -183,10 +183,7 @@ class Seq2SeqLM(L.LightningModule):
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
-            raise NonFiniteLossError(
-                f"the training loss became {loss.item()} at step {self.global_step}; stopped, the last good "
-                "checkpoint is kept (lower the learning rate, enable gradient clipping or z-loss, or use bf16)"
-            )
+            raise NonFiniteLossError(self._diverged(f"the loss is {loss.item()}"))
         n = int(count)
         self._window["loss"] += float(ce.detach()) * n
         self._window["z"] += float(z.detach()) * n
@@ -215,10 +212,23 @@ class Seq2SeqLM(L.LightningModule):
         return (self.global_step + 1) % self.settings.log_every_n_steps == 0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # gradients are unscaled here (mixed precision) and not yet clipped: the norm the clipping sees
+        # gradients are unscaled here (mixed precision) and not yet clipped: the norm the clipping sees.
+        # A non-finite norm stops the run before the update would poison the weights (and the next checkpoint);
+        # under 16-mixed the loss scaler skips such steps itself, and DeepSpeed keeps its gradients elsewhere.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.trainer.precision != "16-mixed" and not bool(torch.isfinite(norm)):
+            raise NonFiniteLossError(self._diverged(f"the gradient norm is {float(norm)}"))
         if self._logging_step():
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
+            self._grad_norm = float(norm)
+
+    def _diverged(self, what: str) -> str:
+        return (
+            f"training diverged at step {self.global_step}: {what}; stopped, the last good checkpoint is kept "
+            "(lower the learning rate, enable gradient clipping or z-loss, or use bf16)"
+        )
 
     # ---- train logging ----
 

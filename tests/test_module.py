@@ -199,5 +199,5 @@ def test_non_finite_loss_stops_with_a_clear_error():
     module = Seq2SeqLM(model, settings)
     loader = torch.utils.data.DataLoader(Batches([batch] * 3), batch_size=None)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False)
-    with pytest.raises(NonFiniteLossError, match="loss became nan at step 0"):
+    with pytest.raises(NonFiniteLossError, match="diverged at step 0: the loss is nan"):
         trainer.fit(module, train_dataloaders=loader)

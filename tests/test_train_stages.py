@@ -1,0 +1,164 @@
+"""The pretrain and finetune stages end to end on a tiny project (tests/train_project.py), both families.
+
+Slow tests: they run the real stages (`python -m pipeline.pretrain`, in a subprocess where a kill is needed),
+with tiny models and a handful of steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from tests.train_project import ROOT, make_project
+
+pytestmark = pytest.mark.slow
+
+
+def stage(project: Path, name: str, family: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"pipeline.{name}", "--family", family],
+        cwd=project,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def mlflow_runs(project: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    experiment = client.get_experiment_by_name("t5-vs-reformer")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_kill_and_rerun_resumes_to_the_same_weights_metrics_and_mlflow_run(tmp_path):
+    overrides = {"pretrain.max_steps": 10, "pretrain.checkpoint_every_n_steps": 2, "pretrain.val_every_n_steps": 5}
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "killed").mkdir()
+    reference = make_project(tmp_path / "reference", overrides)
+    killed = make_project(tmp_path / "killed", overrides)
+
+    # a run killed (SIGKILL: no cleanup at all) once its first checkpoint exists
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pipeline.pretrain", "--family", "reformer"]
+    proc = subprocess.Popen(cmd, cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "artifacts/pretrain/reformer/checkpoints/last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists(), "the run ended before writing a checkpoint"
+    state = json.loads((killed / "artifacts/pretrain/reformer/checkpoints/run.json").read_text())
+    assert not state["completed"], "the run finished before it could be killed; make it longer"
+    killed_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < killed_step < 10
+
+    resumed = stage(killed, "pretrain", "reformer")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr + resumed.stdout
+    done = stage(reference, "pretrain", "reformer")
+    assert done.returncode == 0, done.stderr
+
+    # identical final weights, metrics and loss history
+    a = models.load_pretrained(killed / "artifacts/pretrain/reformer/final")[1].state_dict()
+    b = models.load_pretrained(reference / "artifacts/pretrain/reformer/final")[1].state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    for name in ("pretrain-reformer.json", "pretrain-reformer-train.csv", "pretrain-reformer-val.csv"):
+        assert (killed / "metrics" / name).read_text() == (reference / "metrics" / name).read_text(), name
+
+    # one MLflow run, continued by the resumed attempt, finished, with the whole metric history
+    runs = mlflow_runs(killed)
+    assert len(runs) == 1 and runs[0].info.run_id == state["mlflow_run_id"]
+    assert runs[0].info.status == "FINISHED"
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{killed}/mlflow.db").get_metric_history(state["mlflow_run_id"], "train/loss")
+    assert sorted({m.step for m in history}) == [2, 4, 6, 8, 10]
+
+
+def test_pretrain_then_finetune_t5_outputs_metrics_and_mlflow(tmp_path):
+    project = make_project(tmp_path, {"pretrain.max_steps": 20, "pretrain.optimizer.lr": 1e-2}, with_tokenizer=True)
+    result = stage(project, "pretrain", "t5")
+    assert result.returncode == 0, result.stderr
+    assert "pretrain@t5: 20 steps" in result.stdout and "MLflow run" in result.stdout
+
+    family, model = models.load_pretrained(project / "artifacts/pretrain/t5/final")
+    assert family == "t5" and model.config.vocab_size == 256
+    metrics = json.loads((project / "metrics/pretrain-t5.json").read_text())
+    assert metrics["steps"] == 20
+    assert metrics["val_loss"] < metrics["unigram_entropy"]  # the Markov corpus rewards using context
+    train_rows = read_csv(project / "metrics/pretrain-t5-train.csv")
+    assert [int(r["step"]) for r in train_rows] == list(range(2, 21, 2))
+    assert float(train_rows[-1]["loss"]) == pytest.approx(metrics["train_loss"])
+    val_rows = read_csv(project / "metrics/pretrain-t5-val.csv")
+    assert [int(r["step"]) for r in val_rows] == [4, 8, 12, 16, 20]
+
+    result = stage(project, "finetune", "t5")
+    assert result.returncode == 0, result.stderr
+    tuned = models.load_pretrained(project / "artifacts/finetune/t5/final")[1]
+    start = model.state_dict()
+    assert any(not torch.equal(start[k], v) for k, v in tuned.state_dict().items())
+
+    runs = {(r.data.tags["stage"], r.data.tags["family"]): r for r in mlflow_runs(project)}
+    assert set(runs) == {("pretrain", "t5"), ("finetune", "t5")}
+    run = runs[("pretrain", "t5")]
+    assert run.info.status == "FINISHED"
+    assert {"git_revision", "params_hash"} <= set(run.data.tags)
+    assert run.data.params["pretrain.max_steps"] == "20"
+    assert {"train/loss", "val/loss", "val/ppl", "train/lr", "train/tokens_per_s"} <= set(run.data.metrics)
+    from mlflow.tracking import MlflowClient
+
+    artifacts = {a.path for a in MlflowClient(f"sqlite:///{project}/mlflow.db").list_artifacts(run.info.run_id)}
+    assert {"model", "tokenizer", "params.json"} <= artifacts
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path):
+    project = make_project(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = stage(project, "pretrain", "t5", env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    assert result.returncode == 1
+    assert "unreachable" in result.stderr and result.stderr.strip().startswith("error:")
+    assert not (project / "artifacts").exists()
+
+
+def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_fails_the_run(tmp_path):
+    overrides = {
+        "pretrain.optimizer.lr": 1e30,  # AdamW moves every weight by about lr: the next forward overflows
+        "pretrain.optimizer.warmup_steps": 0,
+        "pretrain.checkpoint_every_n_steps": 1,
+        "trainer.gradient_clip_val": 0.0,
+    }
+    project = make_project(tmp_path, overrides)
+    result = stage(project, "pretrain", "t5")
+    assert result.returncode == 1
+    assert "error: training diverged at step" in result.stderr
+    last = project / "artifacts/pretrain/t5/checkpoints/last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert ckpt["global_step"] >= 1
+    assert not (project / "artifacts/pretrain/t5/final").exists()
+    (run,) = mlflow_runs(project)
+    assert run.info.status == "FAILED"
