@@ -135,12 +135,12 @@ def uncached_greedy(model: T5Model, x, am, n: int) -> torch.Tensor:
     """Greedy decoding without caches: the decoder re-runs over the whole prefix each step (encoder once)."""
     with torch.no_grad():
         memory = model.encode(x, am)
-        cross = model._padding_mask(am, memory.dtype)
+        cross_hidden = model._padding(am)
         seq = torch.zeros(x.shape[0], 1, dtype=torch.long)
         for _ in range(n):
             T = seq.shape[1]
-            mask = model.decoder.self_mask(T, T, causal=True)
-            h, _ = model.decoder(model.shared(seq), mask, memory=memory, cross_mask=cross)
+            bias, hidden = model.decoder.self_mask(T, T, causal=True)
+            h = model.decoder(model.shared(seq), bias, hidden, memory=memory, cross_hidden=cross_hidden)
             seq = torch.cat([seq, model.logits(h[:, -1]).argmax(-1, keepdim=True)], dim=1)
     return seq
 

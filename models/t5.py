@@ -149,6 +149,93 @@ def _all_true(mask: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and bool(mask.all())
 
 
+def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """Dropout: a bool mask of the kept elements of `x` (each kept with probability 1 - p) and the rescale 1 / (1 - p).
+
+    On CPU the mask comes from 15-bit slices of 63-bit random integers, four per draw: torch's CPU `bernoulli_`
+    draws one Mersenne Twister number per element through a generic sampler (serially, on AMD), which made it the
+    largest non-matmul cost of a training step; this is ~4.5x cheaper. p is rounded to a multiple of 2**-15 and the
+    rescale uses the rounded value, so the expected output still equals the input. Keeping a bool mask (1 byte per
+    element) rather than F.dropout's float noise (4 bytes) also shrinks the activations kept for backward.
+    """
+    if x.device.type != "cpu":
+        return torch.rand_like(x, dtype=torch.float32) >= p, 1.0 / (1.0 - p)
+    drop = round(p * 2**15)
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()  # uniform in [0, 2**63)
+    return (bits.view(torch.int16)[:n].view(x.shape) & 0x7FFF) >= drop, 2**15 / (2**15 - drop)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout with `keep_mask`; autograd keeps only the bool mask."""
+    if not training or p == 0.0:
+        return x
+    keep, scale = keep_mask(x, p)
+    return torch.mul(x, keep).mul_(scale)
+
+
+def _merge(bias: torch.Tensor | None, hidden: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """One additive mask for SDPA: `bias` (1, H, Lq, Lk) with the keys `hidden` (B or 1, 1, Lq or 1, Lk) set to -inf."""
+    if hidden is None:
+        return bias
+    if bias is None:
+        return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, _neg_inf(dtype))
+    return bias.masked_fill(hidden, _neg_inf(dtype)).contiguous()
+
+
+def _use_math(backend: str, x: torch.Tensor) -> bool:
+    """Our own attention math rather than SDPA: when asked for, or on CPU with autograd recording.
+
+    There SDPA has no fused kernel that takes a mask needing a gradient (the position bias) or dropout, so it runs its
+    unfused math: the same matmul/softmax/matmul as ours, but with a merged (B, H, Lq, Lk) mask per stack, float
+    dropout noise and the dropped probabilities all kept for backward. Ours adds the (1, H, Lq, Lk) bias in place,
+    masks padding in place and keeps a bool dropout mask (see `keep_mask`).
+    """
+    return backend == "eager" or (x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad)
+
+
+def attention_math(q, k, v, bias, hidden, p: float) -> torch.Tensor:
+    """softmax(q k^T + bias, keys `hidden` excluded) v with dropout p on the probabilities -> (B, H, Lq, Dk).
+
+    q (B, H, Lq, Dk), k/v (B, H, Lk, Dk), bias (1 or B, H, Lq, Lk), hidden bool (B or 1, 1, Lq or 1, Lk); or None.
+    """
+    scores = q @ k.transpose(-1, -2)  # (B, H, Lq, Lk); no 1/sqrt(Dk) (folded into the init of q)
+    if bias is not None:
+        scores += bias  # in place: the matmul does not keep its output; the bias gradient is summed over B
+    if hidden is not None:
+        scores.masked_fill_(hidden, _neg_inf(scores.dtype))
+    probs = scores.softmax(-1, dtype=torch.float32).type_as(q)
+    if p == 0.0:
+        return probs @ v
+    keep, scale = keep_mask(probs, p)
+    return ((probs * keep) @ v).mul_(scale)  # rescale the (B, H, Lq, Dk) output, not the probabilities
+
+
+class KVCache:
+    """One layer's self-attention keys/values during decoding, in (N, H, capacity, Dk) buffers that double when full,
+    so a step writes its keys in place instead of concatenating a new tensor."""
+
+    def __init__(self):
+        self.k = self.v = None
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add (N, H, t, Dk) keys/values; returns views of all of them so far, (N, H, length, Dk)."""
+        start, end = self.length, self.length + k.shape[2]
+        if self.k is None or end > self.k.shape[2]:
+            capacity = max(64, 2 * end)
+            old = (self.k, self.v)
+            self.k, self.v = (k.new_empty(*k.shape[:2], capacity, k.shape[3]) for _ in range(2))
+            if old[0] is not None:
+                self.k[:, :, :start], self.v[:, :, :start] = old[0][:, :, :start], old[1][:, :, :start]
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
 class T5LayerNorm(nn.Module):
     """RMS norm: scale only, no mean subtraction and no bias (paper section 3.1.1)."""
 
@@ -194,17 +281,15 @@ class T5Attention(nn.Module):
             return self._heads(F.linear(memory, torch.cat([self.k.weight, self.v.weight])), 2)
         return self._heads(self.k(memory), 1)[0], self._heads(self.v(memory), 1)[0]
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """q (B, H, Lq, Dk), k/v (B, H, Lk, Dk), mask additive (B or 1, H or 1, Lq, Lk) -> (B, Lq, D)."""
+    def attend(self, q, k, v, bias: torch.Tensor | None, hidden: torch.Tensor | None) -> torch.Tensor:
+        """q (B, H, Lq, Dk), k/v (B, H, Lk, Dk), additive bias (1 or B, H, Lq, Lk), hidden keys bool -> (B, Lq, D)."""
         p = self.dropout if self.training else 0.0
-        if self.backend == "flex" and q.is_cuda:
-            out = _flex_attention(q, k, v, mask)
-        elif self.backend == "eager":
-            scores = q @ k.transpose(-1, -2)  # (B, H, Lq, Lk), no 1/sqrt(Dk)
-            if mask is not None:
-                scores = scores + mask
-            out = F.dropout(scores.float().softmax(-1).type_as(q), p, self.training) @ v
+        if _use_math(self.backend, q):
+            out = attention_math(q, k, v, bias, hidden, p)
+        elif self.backend == "flex" and q.is_cuda:
+            out = _flex_attention(q, k, v, _merge(bias, hidden, q.dtype))
         else:
+            mask = _merge(bias, hidden, q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1.0)
         B, H, Lq, Dk = out.shape
         return self.o(out.transpose(1, 2).reshape(B, Lq, H * Dk))
@@ -231,10 +316,15 @@ class T5DenseActDense(nn.Module):
         super().__init__()
         self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = config.dropout_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wo(self.dropout(F.relu(self.wi(x))))
+        h = self.wi(x)  # (B, L, F); in-place ops below are safe: the matmul does not keep its output
+        if not self.training or self.dropout == 0.0:
+            return self.wo(h.relu_())
+        # relu(h) * keep == relu(h * keep): one (B, L, F) tensor kept for relu and wo; 1 / (1 - p) applied on (B, L, D)
+        keep, scale = keep_mask(h, self.dropout)
+        return self.wo(h.mul_(keep).relu_()).mul_(scale)
 
 
 def _gelu_new(x: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -254,14 +344,18 @@ class T5DenseGatedActDense(nn.Module):
         self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = config.dropout_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:  # one matmul for both input projections
             gate, linear = F.linear(x, torch.cat([self.wi_0.weight, self.wi_1.weight])).chunk(2, dim=-1)
         else:
             gate, linear = self.wi_0(x), self.wi_1(x)
-        return self.wo(self.dropout(_gelu_new(gate, self.training) * linear))
+        h = _gelu_new(gate, self.training) * linear  # (B, L, F)
+        if not self.training or self.dropout == 0.0:
+            return self.wo(h)
+        keep, scale = keep_mask(h, self.dropout)
+        return self.wo(h.mul_(keep)).mul_(scale)
 
 
 class T5LayerSelfAttention(nn.Module):
@@ -269,14 +363,14 @@ class T5LayerSelfAttention(nn.Module):
         super().__init__()
         self.SelfAttention = T5Attention(config, has_relative_attention_bias)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = config.dropout_rate
 
-    def forward(self, h, mask, past_kv=None):
+    def forward(self, h, bias, hidden, cache: KVCache | None = None):
         attn = self.SelfAttention
         q, k, v = attn.project_qkv(self.layer_norm(h))  # pre-norm residual block
-        if past_kv is not None:  # incremental decoding: append this step's keys/values to the cache
-            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
-        return h + self.dropout(attn.attend(q, k, v, mask)), (k, v)
+        if cache is not None:  # incremental decoding: this step's keys/values join the cached ones
+            k, v = cache.append(k, v)
+        return h + dropout(attn.attend(q, k, v, bias, hidden), self.dropout, self.training)
 
 
 class T5LayerCrossAttention(nn.Module):
@@ -284,11 +378,11 @@ class T5LayerCrossAttention(nn.Module):
         super().__init__()
         self.EncDecAttention = T5Attention(config)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = config.dropout_rate
 
-    def forward(self, h, memory_kv, mask):
+    def forward(self, h, memory_kv, bias, hidden):
         q = self.EncDecAttention._heads(self.EncDecAttention.q(self.layer_norm(h)), 1)[0]
-        return h + self.dropout(self.EncDecAttention.attend(q, *memory_kv, mask))
+        return h + dropout(self.EncDecAttention.attend(q, *memory_kv, bias, hidden), self.dropout, self.training)
 
 
 class T5LayerFF(nn.Module):
@@ -296,10 +390,10 @@ class T5LayerFF(nn.Module):
         super().__init__()
         self.DenseReluDense = T5DenseGatedActDense(config) if config.is_gated else T5DenseActDense(config)
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = config.dropout_rate
 
     def forward(self, h):
-        return h + self.dropout(self.DenseReluDense(self.layer_norm(h)))
+        return h + dropout(self.DenseReluDense(self.layer_norm(h)), self.dropout, self.training)
 
 
 class T5Block(nn.Module):
@@ -312,13 +406,13 @@ class T5Block(nn.Module):
             self.layer.append(T5LayerCrossAttention(config))
         self.layer.append(T5LayerFF(config))
 
-    def forward(self, h, self_mask, memory=None, memory_kv=None, cross_mask=None, past_kv=None):
-        h, kv = self.layer[0](h, self_mask, past_kv)
+    def forward(self, h, bias, hidden, memory=None, memory_kv=None, cross_bias=None, cross_hidden=None, cache=None):
+        h = self.layer[0](h, bias, hidden, cache)
         if len(self.layer) == 3:
             if memory_kv is None:  # training: project the encoder output here (checkpointed with the block)
                 memory_kv = self.layer[1].EncDecAttention.project_kv(memory)
-            h = self.layer[1](h, memory_kv, cross_mask)
-        return self.layer[-1](h), kv
+            h = self.layer[1](h, memory_kv, cross_bias, cross_hidden)
+        return self.layer[-1](h)
 
 
 class T5Stack(nn.Module):
@@ -329,7 +423,7 @@ class T5Stack(nn.Module):
         self.config, self.bidirectional = config, bidirectional
         self.block = nn.ModuleList([T5Block(config, i == 0, has_cross_attention) for i in range(num_layers)])
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = config.dropout_rate
 
     def position_bias(self, q_len: int, k_len: int, offset: int = 0) -> torch.Tensor:
         """(1, H, Lq, Lk) bias for queries at positions offset .. offset + Lq - 1 and keys at 0 .. Lk - 1."""
@@ -344,41 +438,45 @@ class T5Stack(nn.Module):
         )
         return table(buckets).permute(2, 0, 1).unsqueeze(0)
 
-    def self_mask(self, q_len, k_len, offset=0, key_mask=None, causal=False, prefix=None) -> torch.Tensor:
-        """Position bias with disallowed keys set to -inf (dtype min): one (B or 1, H, Lq, Lk) tensor per stack.
+    def self_mask(self, q_len, k_len, offset=0, key_mask=None, causal=False, prefix=None):
+        """(bias, hidden): the position bias (1, H, Lq, Lk), with keys after the query at -inf (dtype min) when
+        `causal`, and the keys each query may not see, bool (B or 1, 1, Lq or 1, Lk), or None when there are none.
 
-        `key_mask` (B, Lk) bool marks real keys; `causal` hides keys after the query unless they lie in the
-        prefix: `prefix` (B,) lengths of the bidirectional prefix (prefix LM).
+        `key_mask` (B, Lk) marks real keys; `prefix` (B,) lengths of the bidirectional prefix (prefix LM): then the
+        causal pattern depends on the row and goes into `hidden`. Batch-free masks stay in the (1, H, Lq, Lk) bias so
+        no (B, H, Lq, Lk) tensor is built per stack.
         """
         bias = self.position_bias(q_len, k_len, offset)  # (1, H, Lq, Lk)
-        allowed = None
+        hidden = None
         if causal and (q_len > 1 or prefix is not None):
             device = bias.device
-            q_pos = torch.arange(offset, offset + q_len, device=device)[:, None]
-            k_pos = torch.arange(k_len, device=device)[None, :]
-            allowed = (k_pos <= q_pos)[None]  # (1, Lq, Lk)
-            if prefix is not None:
-                allowed = allowed | (k_pos[None] < prefix.to(device)[:, None, None])  # (B, Lq, Lk)
-        if key_mask is not None and not _all_true(key_mask):
-            keys = key_mask.bool()[:, None, :]  # (B, 1, Lk)
-            allowed = keys if allowed is None else allowed & keys
-        if allowed is None:
-            return bias
-        return bias.masked_fill(~allowed[:, None], _neg_inf(bias.dtype)).contiguous()
-
-    def forward(self, h, self_mask, memory=None, cross_mask=None, memory_kvs=None, past_kvs=None):
-        """h (B, L, D) embeddings -> (B, L, D) hidden states, and each layer's self-attention (k, v)."""
-        h = self.dropout(h)
-        kvs = []
-        for i, block in enumerate(self.block):
-            memory_kv = None if memory_kvs is None else memory_kvs[i]
-            past_kv = None if past_kvs is None else past_kvs[i]
-            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, kv = checkpoint(block, h, self_mask, memory, memory_kv, cross_mask, past_kv, use_reentrant=False)
+            k_pos, q_pos = torch.arange(k_len, device=device), torch.arange(offset, offset + q_len, device=device)
+            future = k_pos[None, :] > q_pos[:, None]  # (Lq, Lk)
+            if prefix is None:
+                bias = bias.masked_fill(future, _neg_inf(bias.dtype))
             else:
-                h, kv = block(h, self_mask, memory, memory_kv, cross_mask, past_kv)
-            kvs.append(kv)
-        return self.dropout(self.final_layer_norm(h)), kvs
+                in_prefix = k_pos < prefix.to(device)[:, None]  # (B, Lk)
+                hidden = (future & ~in_prefix[:, None, :])[:, None]  # (B, 1, Lq, Lk)
+        if key_mask is not None and not _all_true(key_mask):
+            padding = ~key_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
+            hidden = padding if hidden is None else hidden | padding
+        return bias, hidden
+
+    def forward(self, h, bias, hidden, memory=None, cross_hidden=None, memory_kvs=None, caches=None):
+        """h (B, L, D) embeddings -> (B, L, D) hidden states; `caches` (one `KVCache` per layer) when decoding."""
+        h = dropout(h, self.dropout, self.training)
+        cross_bias = None
+        if not _use_math(self.config.attention_backend, h):  # SDPA / FlexAttention take one mask: merge once here
+            bias, hidden = _merge(bias, hidden, h.dtype), None
+            cross_bias, cross_hidden = _merge(None, cross_hidden, h.dtype), None
+        for i, block in enumerate(self.block):
+            args = (h, bias, hidden, memory, None if memory_kvs is None else memory_kvs[i], cross_bias, cross_hidden)
+            cache = None if caches is None else caches[i]
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, *args, cache, use_reentrant=False)
+            else:
+                h = block(*args, cache)
+        return dropout(self.final_layer_norm(h), self.dropout, self.training)
 
 
 class T5Model(nn.Module):
@@ -428,19 +526,16 @@ class T5Model(nn.Module):
         return self.lm_head(h)
 
     @staticmethod
-    def _padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-        """(B, S) 1 = real -> additive (B, 1, 1, S), or None when nothing is padded (lets SDPA take fast paths)."""
+    def _padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, S) 1 = real -> padded keys (B, 1, 1, S) bool, or None when nothing is padded (SDPA's fast paths)."""
         if attention_mask is None or _all_true(attention_mask):
             return None
-        return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
-            ~attention_mask.bool(), _neg_inf(dtype)
-        )[:, None, None, :]
+        return ~attention_mask.bool()[:, None, None, :]
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) -> encoder output (B, S, D)."""
         S = input_ids.shape[1]
-        mask = self.encoder.self_mask(S, S, key_mask=attention_mask)
-        return self.encoder(self.shared(input_ids), mask)[0]
+        return self.encoder(self.shared(input_ids), *self.encoder.self_mask(S, S, key_mask=attention_mask))
 
     def forward(
         self,
@@ -458,17 +553,17 @@ class T5Model(nn.Module):
             if (prefix_lengths is not None) != (c.layout == "prefix_lm"):
                 raise ValueError("prefix_lengths is required for layout 'prefix_lm' and only allowed there")
             L = input_ids.shape[1]
-            mask = self.decoder.self_mask(L, L, key_mask=attention_mask, causal=True, prefix=prefix_lengths)
-            return self.logits(self.decoder(self.shared(input_ids), mask)[0])
+            masks = self.decoder.self_mask(L, L, key_mask=attention_mask, causal=True, prefix=prefix_lengths)
+            return self.logits(self.decoder(self.shared(input_ids), *masks))
         if decoder_input_ids is None:
             raise ValueError("encoder_decoder layout needs decoder_input_ids (targets shifted right)")
         if prefix_lengths is not None:
             raise ValueError("prefix_lengths is only for layout 'prefix_lm'")
         memory = self.encode(input_ids, attention_mask)
         T = decoder_input_ids.shape[1]
-        self_mask = self.decoder.self_mask(T, T, key_mask=decoder_attention_mask, causal=True)
-        cross_mask = self._padding_mask(attention_mask, memory.dtype)
-        h, _ = self.decoder(self.shared(decoder_input_ids), self_mask, memory=memory, cross_mask=cross_mask)
+        bias, hidden = self.decoder.self_mask(T, T, key_mask=decoder_attention_mask, causal=True)
+        cross_hidden = self._padding(attention_mask)
+        h = self.decoder(self.shared(decoder_input_ids), bias, hidden, memory=memory, cross_hidden=cross_hidden)
         return self.logits(h)
 
     # ---- incremental decoding (protocol of models/generation.py) ----
@@ -478,18 +573,21 @@ class T5Model(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool().repeat_interleave(num_beams, dim=0)  # (N, S)
-        state = {"self_kv": None, "length": 0}
+        state = {"caches": [KVCache() for _ in self.decoder.block], "length": 0}
         if self.config.layout != "encoder_decoder":
             state["key_mask"] = attention_mask  # grows by one column per decoded token
             state["prefix"] = input_ids.shape[1] if self.config.layout == "prefix_lm" else None
             return state
         memory = self.encode(input_ids, attention_mask[::num_beams]).repeat_interleave(num_beams, dim=0)
         state["memory_kv"] = [b.layer[1].EncDecAttention.project_kv(memory) for b in self.decoder.block]
-        state["cross_mask"] = self._padding_mask(attention_mask, memory.dtype)
+        state["cross_hidden"] = self._padding(attention_mask)
         return state
 
     def decode_step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """tokens (N, t) new since the last call -> logits of the last position (N, V), updated state."""
+        """tokens (N, t) new since the last call -> logits of the last position (N, V), updated state.
+
+        The position bias is computed for the t new query rows only; keys/values go into each layer's `KVCache`.
+        """
         offset, t = state["length"], tokens.shape[1]
         key_mask, prefix = None, None
         if "key_mask" in state:  # decoder-only: the prompt's padding stays masked
@@ -500,22 +598,23 @@ class T5Model(nn.Module):
             state["key_mask"] = key_mask
             if state["prefix"] is not None:
                 prefix = torch.full((tokens.shape[0],), state["prefix"], device=tokens.device)
-        mask = self.decoder.self_mask(t, offset + t, offset, key_mask=key_mask, causal=True, prefix=prefix)
-        h, kvs = self.decoder(
+        bias, hidden = self.decoder.self_mask(t, offset + t, offset, key_mask=key_mask, causal=True, prefix=prefix)
+        h = self.decoder(
             self.shared(tokens),
-            mask,
-            cross_mask=state.get("cross_mask"),
+            bias,
+            hidden,
+            cross_hidden=state.get("cross_hidden"),
             memory_kvs=state.get("memory_kv"),
-            past_kvs=state["self_kv"],
+            caches=state["caches"],
         )
-        state.update(self_kv=kvs, length=offset + t)
+        state["length"] = offset + t
         return self.logits(h[:, -1]), state
 
     def reorder_state(self, state: dict, beam_idx: torch.Tensor) -> dict:
         """Keep the cache rows of the surviving beams (beam_idx indexes the N rows)."""
-
         # Only the self-attention caches differ between beams; the rest is identical within a batch item.
-        state["self_kv"] = [(k.index_select(0, beam_idx), v.index_select(0, beam_idx)) for k, v in state["self_kv"]]
+        for cache in state["caches"]:
+            cache.reorder(beam_idx)
         return state
 
     def generate(
