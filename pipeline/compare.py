@@ -426,7 +426,10 @@ def log_to_mlflow(cfg: Config, root: Path, report_dir: Path, headline: dict[str,
 
 
 def compare(cfg: Config, root: Path) -> dict[str, Any]:
+    from pipeline.tracking import check_tracking_uri, tracking_uri
+
     start = time.perf_counter()
+    check_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri, root), cfg.mlflow.connect_timeout_s)  # fail fast
     data = gather(root)
     report, headline = render_report(cfg, data)
     out = root / REPORT_DIR

@@ -239,8 +239,10 @@ def evaluate(cfg: Config, family: str, root: Path) -> dict[str, Any]:
     """Run the whole evaluation of `family`; writes outputs and returns the metrics."""
     from pipeline.datamodule import document_arrays, load_tokenized
     from pipeline.tokenizer import Tokenizer
+    from pipeline.tracking import check_tracking_uri, tracking_uri
 
     start = time.perf_counter()
+    check_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri, root), cfg.mlflow.connect_timeout_s)  # fail fast
     torch.manual_seed(cfg.seed)  # LSH rotations drawn during evaluation
     tokenizer = Tokenizer.load(root / "data" / "tokenizer")
     tokenized = load_tokenized(root / "data" / "tokenized")
