@@ -123,6 +123,16 @@ class TrackedRun:
         self.run_id, self.resumed = run.info.run_id, resume_run_id is not None
         return self.run_id
 
+    def close_stale(self, run_id: str | None) -> None:
+        """Mark a run an earlier, killed attempt left RUNNING (and that is not resumed) as KILLED."""
+        if not (self.active and run_id and self._exists(run_id)):
+            return
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+
     def _exists(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient

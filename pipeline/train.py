@@ -265,6 +265,7 @@ def run_training(cfg: Config, stage: str, family: str, argv: list[str] | None = 
     # --- checkpoints: resume the unfinished run of the same fingerprint, or start over
     current = fingerprint(cfg, stage, family, root, init_source)
     resume = resume_point(paths, current)
+    previous_run_id = read_run_state(paths).get("mlflow_run_id")
     run_state = read_run_state(paths) if resume else {}
     if rank_zero and resume is None and paths.checkpoints.exists():
         shutil.rmtree(paths.checkpoints)
@@ -280,6 +281,8 @@ def run_training(cfg: Config, stage: str, family: str, argv: list[str] | None = 
             "params_hash": current,
             "init": init_source,
         }
+        if resume is None:
+            run.close_stale(previous_run_id)
         run.start(f"{stage}-{family}", tags, resume_run_id=run_state.get("mlflow_run_id"))
         run.log_params(cfg.to_dict())
         write_json(

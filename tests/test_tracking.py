@@ -77,8 +77,17 @@ def test_run_tags_params_metrics_failure_and_resume(tmp_path: Path):
     assert len(client.search_runs([experiment.experiment_id])) == 1
 
     unknown = TrackedRun(uri, "exp", system_metrics=False)
-    assert unknown.start("pretrain-t5", tags, resume_run_id="0" * 32) != run_id  # gone: a new run
-    unknown.finish()
+    left_running = unknown.start("pretrain-t5", tags, resume_run_id="0" * 32)  # gone: a new run
+    assert left_running != run_id
+    import mlflow
+
+    mlflow.end_run()  # the process "dies": nothing marks the run, it stays RUNNING
+    client.set_terminated(left_running, status="RUNNING")
+    fresh = TrackedRun(uri, "exp", system_metrics=False)
+    fresh.close_stale(left_running)  # a fresh attempt (no checkpoint to resume) closes it
+    fresh.close_stale(run_id)  # finished runs are left alone
+    assert client.get_run(left_running).info.status == "KILLED"
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_inactive_run_does_nothing(tmp_path):
