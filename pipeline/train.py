@@ -244,6 +244,8 @@ def run_training(cfg: Config, stage: str, family: str, argv: list[str] | None = 
     tok = read_tokenizer_info(root)
     model, init_source = initial_model(cfg, stage, family, root, padded_vocab_size(int(tok["vocab_size"])))
     layout = getattr(model.config, "layout", "encoder_decoder")
+    if cfg.trainer.activation_checkpointing and hasattr(model.config, "gradient_checkpointing"):
+        model.config.gradient_checkpointing = True  # T5 recomputes each block; the Reformer is reversible anyway
     if stage == "pretrain":
         train, val, collate, entropy = pretrain_data(cfg, layout, tok, root)
     else:
@@ -390,7 +392,10 @@ def _fit_and_save(
     else:
         state = {f"model.{k}": v for k, v in _unwrap(module.model).state_dict().items()}
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    family_model = models.build_model(family, _unwrap(module.model).config)
+    config = _unwrap(module.model).config
+    if hasattr(config, "gradient_checkpointing"):
+        config.gradient_checkpointing = False  # a training-time choice, not part of the released model
+    family_model = models.build_model(family, config)
     family_model.load_state_dict(weights)
     with atomic_output(paths.final) as tmp:
         models.save_pretrained(family_model, family, tmp)

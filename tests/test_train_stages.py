@@ -162,3 +162,29 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_fails_the_run(
     assert not (project / "artifacts/pretrain/t5/final").exists()
     (run,) = mlflow_runs(project)
     assert run.info.status == "FAILED"
+
+
+def test_two_process_deepspeed_zero3_makes_one_mlflow_run_and_consolidated_weights(tmp_path):
+    overrides = {
+        "trainer.strategy": "deepspeed",
+        "trainer.devices": 2,
+        "deepspeed.stage": 3,
+        "pretrain.max_steps": 2,
+        "pretrain.log_every_n_steps": 1,
+        "pretrain.val_every_n_steps": 2,
+        "pretrain.checkpoint_every_n_steps": 2,
+    }
+    project = make_project(tmp_path, overrides)
+    result = stage(project, "pretrain", "reformer")
+    assert result.returncode == 0, result.stderr
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in result.stderr + result.stdout  # really two processes
+    (run,) = mlflow_runs(project)
+    assert run.info.status == "FINISHED"
+    assert (project / "artifacts/pretrain/reformer/checkpoints/last.ckpt").is_dir()  # sharded DeepSpeed checkpoint
+    family, model = models.load_pretrained(project / "artifacts/pretrain/reformer/final")
+    assert (
+        family == "reformer"
+        and model.num_parameters() == json.loads((project / "metrics/pretrain-reformer.json").read_text())["parameters"]
+    )
+    metrics = json.loads((project / "metrics/pretrain-reformer.json").read_text())
+    assert metrics["steps"] == 2 and metrics["tokens"] > 0
