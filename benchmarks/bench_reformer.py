@@ -11,7 +11,8 @@ Tables (batch 1, one training step = forward + cross-entropy + backward + AdamW 
      ordinary residual stack;
   3. ours / transformers ratios (time and memory) at the lengths both ran.
 
-Every (model, length) runs in a fresh child process; its peak memory is the growth of the child's peak RSS
+Every (model, length) runs in a fresh child process (glibc's mmap threshold fixed, so freed blocks go back to the
+system at once); its peak memory is the growth of the child's peak RSS
 (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) from after building the model and inputs to after the steps, so the
 interpreter, torch and the weights are excluded. Runs whose attention would not fit in the memory available now are
 skipped with "n/a (needs ~X GiB)". On CUDA (`--device cuda`) peak memory is `torch.cuda.max_memory_allocated`.
@@ -189,7 +190,9 @@ def measure(spec: dict, args) -> dict | str:
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        # a fixed mmap threshold makes glibc return large freed blocks at once, so peak RSS follows live tensors
+        # instead of the allocator's high-water mark (which otherwise grows with the number of layers run)
+        env={**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"},
         timeout=args.child_timeout,
     )
     if proc.returncode != 0:
