@@ -149,8 +149,8 @@ def _all_true(mask: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and bool(mask.all())
 
 
-def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """Dropout: a bool mask of the kept elements of `x` (each kept with probability 1 - p) and the rescale 1 / (1 - p).
+def drop_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """Dropout: a bool mask of the elements of `x` to zero (each with probability p) and the rescale 1 / (1 - p).
 
     On CPU the mask comes from 15-bit slices of 63-bit random integers, four per draw: torch's CPU `bernoulli_`
     draws one Mersenne Twister number per element through a generic sampler (serially, on AMD), which made it the
@@ -159,19 +159,19 @@ def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     element) rather than F.dropout's float noise (4 bytes) also shrinks the activations kept for backward.
     """
     if x.device.type != "cpu":
-        return torch.rand_like(x, dtype=torch.float32) >= p, 1.0 / (1.0 - p)
-    drop = round(p * 2**15)
+        return torch.rand_like(x, dtype=torch.float32) < p, 1.0 / (1.0 - p)
+    cut = round(p * 2**15)
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()  # uniform in [0, 2**63)
-    return (bits.view(torch.int16)[:n].view(x.shape) & 0x7FFF) >= drop, 2**15 / (2**15 - drop)
+    return bits.view(torch.int16)[:n].view(x.shape).bitwise_and_(0x7FFF) < cut, 2**15 / (2**15 - cut)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout with `keep_mask`; autograd keeps only the bool mask."""
+    """Inverted dropout with `drop_mask`; autograd keeps only the bool mask."""
     if not training or p == 0.0:
         return x
-    keep, scale = keep_mask(x, p)
-    return torch.mul(x, keep).mul_(scale)
+    drop, scale = drop_mask(x, p)
+    return torch.where(drop, 0.0, x).mul_(scale)  # `where` rather than `x * keep`: a bool x float product casts first
 
 
 def _merge(bias: torch.Tensor | None, hidden: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -184,31 +184,55 @@ def _merge(bias: torch.Tensor | None, hidden: torch.Tensor | None, dtype: torch.
 
 
 def _use_math(backend: str, x: torch.Tensor) -> bool:
-    """Our own attention math rather than SDPA: when asked for, or on CPU with autograd recording.
+    """Our own attention (`BiasedAttention`) rather than SDPA: when asked for, or on CPU with autograd recording.
 
-    There SDPA has no fused kernel that takes a mask needing a gradient (the position bias) or dropout, so it runs its
-    unfused math: the same matmul/softmax/matmul as ours, but with a merged (B, H, Lq, Lk) mask per stack, float
-    dropout noise and the dropped probabilities all kept for backward. Ours adds the (1, H, Lq, Lk) bias in place,
-    masks padding in place and keeps a bool dropout mask (see `keep_mask`).
+    There SDPA has no fused kernel that takes dropout or a mask needing a gradient (the position bias), so it runs
+    its unfused math through autograd: a merged (B, H, Lq, Lk) mask per stack, float dropout noise, and a fresh
+    (B, H, Lq, Lk) tensor for every step forward and backward.
     """
     return backend == "eager" or (x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad)
 
 
-def attention_math(q, k, v, bias, hidden, p: float) -> torch.Tensor:
-    """softmax(q k^T + bias, keys `hidden` excluded) v with dropout p on the probabilities -> (B, H, Lq, Dk).
+class BiasedAttention(torch.autograd.Function):
+    """softmax(q k^T + bias, keys `hidden` excluded) with dropout p, times v, differentiated by hand.
 
-    q (B, H, Lq, Dk), k/v (B, H, Lk, Dk), bias (1 or B, H, Lq, Lk), hidden bool (B or 1, 1, Lq or 1, Lk); or None.
+    q (B, H, Lq, Dk), k/v (B, H, Lk, Dk), bias (1 or B, H, Lq, Lk), hidden bool (B or 1, 1, Lq or 1, Lk) or None
+    -> (B, H, Lq, Dk). What autograd would do with more memory: the (B, H, Lq, Lk) scores are kept once (the
+    probabilities, 4 bytes each) plus the bool dropout mask, and each step reuses the score-sized buffer it frees
+    (fresh allocations of this size cost page faults on CPU). Masked keys get probability 0, hence gradient 0.
     """
-    scores = q @ k.transpose(-1, -2)  # (B, H, Lq, Lk); no 1/sqrt(Dk) (folded into the init of q)
-    if bias is not None:
-        scores += bias  # in place: the matmul does not keep its output; the bias gradient is summed over B
-    if hidden is not None:
-        scores.masked_fill_(hidden, _neg_inf(scores.dtype))
-    probs = scores.softmax(-1, dtype=torch.float32).type_as(q)
-    if p == 0.0:
-        return probs @ v
-    keep, scale = keep_mask(probs, p)
-    return ((probs * keep) @ v).mul_(scale)  # rescale the (B, H, Lq, Dk) output, not the probabilities
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, hidden, p: float):
+        scores = q @ k.transpose(-1, -2)  # (B, H, Lq, Lk); no 1/sqrt(Dk) (folded into the init of q)
+        if bias is not None:
+            scores += bias
+        if hidden is not None:
+            scores.masked_fill_(hidden, _neg_inf(scores.dtype))
+        probs = scores.softmax(-1)
+        drop, scale = drop_mask(probs, p) if p > 0.0 else (None, 1.0)
+        dropped = probs if drop is None else torch.where(drop, probs.new_zeros(()), probs, out=scores)
+        out = dropped @ v
+        ctx.save_for_backward(q, k, v, probs, drop, hidden)
+        ctx.scale, ctx.bias_shape = scale, None if bias is None else bias.shape
+        return out.mul_(scale) if drop is not None else out  # rescale the (B, H, Lq, Dk) output, not the scores
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, probs, drop, hidden = ctx.saved_tensors
+        if drop is None:
+            d_v, d_probs = probs.transpose(-1, -2) @ d_out, d_out @ v.transpose(-1, -2)
+        else:
+            d_out = d_out * ctx.scale
+            buffer = torch.where(drop, 0.0, probs)  # the dropped probabilities again
+            d_v = buffer.transpose(-1, -2) @ d_out
+            d_probs = torch.matmul(d_out, v.transpose(-1, -2), out=buffer).masked_fill_(drop, 0.0)
+        d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)  # probs * (d_probs - <d_probs, probs>)
+        if hidden is not None:  # only matters for rows with every key hidden (then softmax is uniform)
+            d_scores.masked_fill_(hidden, 0.0)
+        d_q, d_k = d_scores @ k, d_scores.transpose(-1, -2) @ q
+        d_bias = d_scores.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[3] else None  # summed over B
+        return d_q, d_k, d_v, d_bias, None, None
 
 
 class KVCache:
@@ -285,7 +309,7 @@ class T5Attention(nn.Module):
         """q (B, H, Lq, Dk), k/v (B, H, Lk, Dk), additive bias (1 or B, H, Lq, Lk), hidden keys bool -> (B, Lq, D)."""
         p = self.dropout if self.training else 0.0
         if _use_math(self.backend, q):
-            out = attention_math(q, k, v, bias, hidden, p)
+            out = BiasedAttention.apply(q, k, v, bias, hidden, p)
         elif self.backend == "flex" and q.is_cuda:
             out = _flex_attention(q, k, v, _merge(bias, hidden, q.dtype))
         else:
@@ -322,9 +346,9 @@ class T5DenseActDense(nn.Module):
         h = self.wi(x)  # (B, L, F); in-place ops below are safe: the matmul does not keep its output
         if not self.training or self.dropout == 0.0:
             return self.wo(h.relu_())
-        # relu(h) * keep == relu(h * keep): one (B, L, F) tensor kept for relu and wo; 1 / (1 - p) applied on (B, L, D)
-        keep, scale = keep_mask(h, self.dropout)
-        return self.wo(h.mul_(keep).relu_()).mul_(scale)
+        # dropout before relu (they commute): one (B, L, F) tensor kept for relu and wo; 1 / (1 - p) on (B, L, D)
+        drop, scale = drop_mask(h, self.dropout)
+        return self.wo(h.masked_fill_(drop, 0.0).relu_()).mul_(scale)
 
 
 def _gelu_new(x: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -354,8 +378,8 @@ class T5DenseGatedActDense(nn.Module):
         h = _gelu_new(gate, self.training) * linear  # (B, L, F)
         if not self.training or self.dropout == 0.0:
             return self.wo(h)
-        keep, scale = keep_mask(h, self.dropout)
-        return self.wo(h.mul_(keep)).mul_(scale)
+        drop, scale = drop_mask(h, self.dropout)
+        return self.wo(h.masked_fill_(drop, 0.0)).mul_(scale)
 
 
 class T5LayerSelfAttention(nn.Module):
@@ -436,7 +460,7 @@ class T5Stack(nn.Module):
         buckets = relative_position_bucket(
             relative, self.bidirectional, c.relative_attention_num_buckets, c.relative_attention_max_distance
         )
-        return table(buckets).permute(2, 0, 1).unsqueeze(0)
+        return table(buckets).permute(2, 0, 1).unsqueeze(0).contiguous()  # contiguous: read once per layer
 
     def self_mask(self, q_len, k_len, offset=0, key_mask=None, causal=False, prefix=None):
         """(bias, hidden): the position bias (1, H, Lq, Lk), with keys after the query at -inf (dtype min) when
