@@ -176,10 +176,10 @@ def test_loss_falls_and_metrics_are_logged_every_n_steps(family):
 
 
 def test_learning_rate_follows_the_schedule_and_accumulation_counts_optimizer_steps():
-    settings = OptimSettings(lr=1e-3, warmup_steps=4, schedule="cosine", max_steps=8, log_every_n_steps=1)
-    module, _ = fit("t5", 8, settings, accumulate=2)
+    settings = OptimSettings(lr=1e-3, warmup_steps=2, schedule="cosine", max_steps=5, log_every_n_steps=1)
+    module, _ = fit("t5", 5, settings, accumulate=2)
     lrs = [r["train/lr"] for r in module.history if "train/lr" in r]
-    expected = [1e-3 * lr_factor(s, "cosine", 4, 8, 0.1) for s in range(8)]
+    expected = [1e-3 * lr_factor(s, "cosine", 2, 5, 0.1) for s in range(5)]
     assert lrs == pytest.approx(expected)
 
 
