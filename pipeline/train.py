@@ -251,7 +251,10 @@ def run_training(cfg: Config, stage: str, family: str, argv: list[str] | None = 
     else:
         train, val, collate, entropy = finetune_data(cfg, layout, root)
 
-    trainer_kw = strategy.trainer_kwargs(cfg)
+    try:
+        trainer_kw = strategy.trainer_kwargs(cfg)
+    except strategy.StrategyError as exc:
+        raise StageError(str(exc)) from None
     world = _world_size(trainer_kw)
     datamodule = TrainDataModule(
         train,
@@ -292,21 +295,21 @@ def run_training(cfg: Config, stage: str, family: str, argv: list[str] | None = 
         )
     try:
         metrics = _fit_and_save(cfg, stage, family, paths, module, datamodule, trainer_kw, run, resume, entropy)
+        if not rank_zero:
+            return None
+        elapsed = time.perf_counter() - t_start
+        timing = _write_timing(paths, module, metrics, elapsed, run, uri, resume)
+        if cfg.mlflow.log_models:
+            run.log_artifacts(paths.final, "model")
+            run.log_artifacts(root / TOKENIZER_DIR, "tokenizer")
+            run.log_dict(cfg.to_dict(), "params.json")
+        run.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
     except KeyboardInterrupt:
         run.finish("KILLED")
         raise
     except BaseException:
         run.finish("FAILED")
         raise
-    if not rank_zero:
-        return None
-    elapsed = time.perf_counter() - t_start
-    timing = _write_timing(paths, module, metrics, elapsed, run, uri, resume)
-    if cfg.mlflow.log_models:
-        run.log_artifacts(paths.final, "model")
-        run.log_artifacts(root / TOKENIZER_DIR, "tokenizer")
-        run.log_dict(cfg.to_dict(), "params.json")
-    run.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
     run.finish("FINISHED")
     write_json(paths.checkpoints / "run.json", {"fingerprint": current, "mlflow_run_id": run.run_id, "completed": True})
     _summary(stage, family, metrics, timing, paths, uri, run.run_id)
