@@ -296,11 +296,13 @@ def summarize(result: dict[str, Any], counts: dict[str, dict[str, int]]) -> dict
             entry["memory_ratio_reformer_over_t5"] = _round(memory["reformer"][n] / memory["t5"][n], 3)
         per_length[str(n)] = entry
     longest = {f: max((n for n in lengths if speed[f].get(n)), default=None) for f in FAMILIES}
+    compared = [n for n in lengths if n in speed["t5"] and n in speed["reformer"]]
     t5_ne, ref_ne = counts["t5"]["non_embedding"], counts["reformer"]["non_embedding"]
     return {
         "speed_crossover_length": crossover(lengths, speed["t5"], speed["reformer"], lambda r, t: r > t),
         "memory_crossover_length": crossover(lengths, memory["t5"], memory["reformer"], lambda r, t: r < t),
         "longest_length": longest,
+        "compared_lengths": compared,
         "per_length": per_length,
         "parameters": counts,
         "non_embedding_ratio_reformer_over_t5": round(ref_ne / t5_ne, 3),

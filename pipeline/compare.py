@@ -286,7 +286,7 @@ def render_report(cfg: Config, data: dict[str, Any]) -> tuple[str, dict[str, Any
     notes = sorted({f"{r['family']} at {r['seq_length']}: {r.get('error') or r.get('skipped')}" for r in
                     data["benchmark_rows"] if r["kind"] == "length" and ("error" in r or "skipped" in r)})  # fmt: skip
     speed_x, memory_x = bench.get("speed_crossover_length"), bench.get("memory_crossover_length")
-    longest = max(int(n) for n in per_length) if per_length else None
+    compared = bench.get("compared_lengths") or []
     headline.update(
         speed_crossover_length=speed_x,
         memory_crossover_length=memory_x,
@@ -294,11 +294,14 @@ def render_report(cfg: Config, data: dict[str, Any]) -> tuple[str, dict[str, Any
     )
 
     def crossover_sentence(value: int | None, what: str) -> str:
+        if not compared:
+            return "not measured (no length was measured for both families within the benchmark's time budget)"
+        scope = f"lengths measured for both: {', '.join(map(str, compared))}"
         if value is None:
-            return f"the Reformer never {what} T5 up to length {longest} on this machine"
-        if value == min(int(n) for n in per_length):
-            return f"the Reformer {what} T5 at every measured length ({value} and up)"
-        return f"the Reformer {what} T5 from length **{value}** on (measured, up to {longest})"
+            return f"the Reformer never {what} T5 ({scope})"
+        if value == min(compared):
+            return f"the Reformer {what} T5 at every length measured ({scope})"
+        return f"the Reformer {what} T5 from length **{value}** on ({scope})"
 
     test_losses = {k: (v["eval"] or {}).get("test_loss") for k, v in fams.items()}
     best_loss = _winner(test_losses, higher_is_better=False)

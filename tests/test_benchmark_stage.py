@@ -57,6 +57,7 @@ def test_summarize_ratios_follow_the_rows():
     assert m["per_length"]["64"]["memory_ratio_reformer_over_t5"] == pytest.approx(2.0)
     assert m["speed_crossover_length"] == 128 and m["memory_crossover_length"] == 128
     assert m["longest_length"] == {"t5": 64, "reformer": 128}
+    assert m["compared_lengths"] == [64, 128]  # T5 did not fit at 128: compared, the Reformer wins there
     assert m["non_embedding_ratio_reformer_over_t5"] == pytest.approx(1.1)
 
 
