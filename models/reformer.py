@@ -25,7 +25,8 @@ from models.reversible import reversible_stack
 
 LAYOUTS = ("encoder_decoder", "causal_lm")
 ATTN_TYPES = ("lsh", "local")
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
+_GELU_TANH = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": _GELU_TANH, "gelu_fast": _GELU_TANH, "silu": F.silu}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # matched to the T5 presets of the same name by non-embedding parameter count (tests/test_reformer.py)

@@ -80,6 +80,10 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ReformerConfig:
         values["axial_pos_dims"] = list(hf_config.axial_pos_embds_dim)
     else:
         values["axial_pos_shape"] = values["axial_pos_dims"] = None
+    if values["pad_token_id"] is None:
+        values["pad_token_id"] = 0
+    if isinstance(values["eos_token_id"], (list, tuple)) or values["eos_token_id"] is None:
+        values["eos_token_id"] = (list(values["eos_token_id"] or []) or [1])[0]
     values.update(layout="causal_lm", tie_word_embeddings=False, reversible=True)
     values.update(overrides)
     return ReformerConfig(**values)
