@@ -158,7 +158,7 @@ def drop_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     rescale uses the rounded value, so the expected output still equals the input. Keeping a bool mask (1 byte per
     element) rather than F.dropout's float noise (4 bytes) also shrinks the activations kept for backward.
     """
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():  # GPU / compiled: the device's own generator
         return torch.rand_like(x, dtype=torch.float32) < p, 1.0 / (1.0 - p)
     cut = round(p * 2**15)
     n = x.numel()

@@ -148,3 +148,23 @@ def test_beam_search_matches_transformers(num_beams):
         want = ref.generate(x, attention_mask=am, max_new_tokens=10, do_sample=False, num_beams=num_beams)
         got = ours.generate(x, attention_mask=am, max_new_tokens=10, num_beams=num_beams)
         assert _until_eos(got, 1) == _until_eos(want, 1)
+
+
+@pytest.mark.parametrize("name", ["v1.0-relu-tied", "v1.1-gated-untied"])
+def test_logits_and_gradients_match_with_autograd(name):
+    """With autograd on, our CPU attention is the hand-differentiated `BiasedAttention`: logits (eval and train
+    without dropout) and every parameter's gradient must match the reference's autograd."""
+    ref = make_reference(**CONFIGS[name], dropout_rate=0.0)
+    ours = t5_from_hf(ref)
+    x, am, y, dm = inputs()
+    for train in (False, True):
+        ref.train(train), ours.train(train)
+        want = ref(input_ids=x, attention_mask=am, decoder_input_ids=y, decoder_attention_mask=dm).logits
+        got = ours(x, am, y, dm)
+        assert (got - want).abs().max().item() <= 1e-5
+    want.square().mean().backward()
+    got.square().mean().backward()
+    ref_params = dict(ref.named_parameters())
+    for key, param in ours.named_parameters():
+        want_grad = ref_params[key].grad
+        assert (param.grad - want_grad).abs().max().item() <= 1e-5 * max(1.0, want_grad.abs().max().item()), key

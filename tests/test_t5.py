@@ -245,3 +245,89 @@ def test_flex_backend_matches_sdpa_on_gpu():
     mask[1, 6:] = 0
     with torch.no_grad():
         assert torch.allclose(model(x, mask, y), flex(x, mask, y), atol=1e-4)
+
+
+def test_drop_mask_rate_lanes_and_rescale():
+    from models.t5 import drop_mask, dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1024)
+    drop, scale = drop_mask(x, 0.1)
+    assert drop.dtype == torch.bool and drop.shape == x.shape
+    p = round(0.1 * 2**15) / 2**15  # the rounded rate the rescale is computed from
+    assert scale == pytest.approx(1 / (1 - p))
+    lanes = drop.view(-1, 4).float().mean(0)  # each of the four 15-bit slices of a draw is unbiased
+    assert (lanes - p).abs().max().item() < 0.003
+    assert not torch.equal(drop, drop_mask(x, 0.1)[0])  # fresh randomness per call
+    y = dropout(x, 0.1, training=True)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.005)
+    values = y.unique()
+    assert values.numel() == 2 and values[0] == 0.0 and values[1].item() == pytest.approx(scale)
+    assert dropout(x, 0.1, training=False) is x
+
+
+def _plain_attention(q, k, v, bias, hidden, drop=None, scale=1.0):
+    scores = (q @ k.transpose(-1, -2) + bias).masked_fill(hidden, torch.finfo(q.dtype).min)
+    probs = scores.softmax(-1)
+    if drop is not None:
+        probs = probs.masked_fill(drop, 0.0) * scale
+    return probs @ v
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_biased_attention_matches_autograd(p):
+    from models.t5 import BiasedAttention, drop_mask
+
+    torch.manual_seed(0)
+    B, H, Lq, Lk, Dk = 3, 4, 6, 7, 5
+    q, k, v = (torch.randn(B, H, L, Dk, dtype=torch.float64, requires_grad=True) for L in (Lq, Lk, Lk))
+    bias = torch.randn(1, H, Lq, Lk, dtype=torch.float64, requires_grad=True)
+    hidden = torch.zeros(B, 1, Lq, Lk, dtype=torch.bool)
+    hidden[1, :, :, 5:] = True  # padded keys
+    hidden[2] = torch.ones(Lq, Lk).triu(1).bool()  # a causal row pattern
+    grad = torch.randn(B, H, Lq, Dk, dtype=torch.float64)
+    torch.manual_seed(1)
+    drop, scale = drop_mask(torch.empty(B, H, Lq, Lk, dtype=torch.float64), p) if p else (None, 1.0)
+    want = _plain_attention(q, k, v, bias, hidden, drop, scale)
+    want_grads = torch.autograd.grad(want, (q, k, v, bias), grad)
+    torch.manual_seed(1)  # the same dropout mask inside
+    got = BiasedAttention.apply(q, k, v, bias, hidden, p)
+    got_grads = torch.autograd.grad(got, (q, k, v, bias), grad)
+    assert torch.allclose(got, want, atol=1e-12)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert torch.allclose(g, w, atol=1e-12)
+
+
+def test_kv_cache_grows_in_place_and_reorders():
+    from models.t5 import KVCache
+
+    cache, ks = KVCache(), []
+    for t in (5, 1, 60, 1, 70):  # crosses the first capacity (64) and a doubling
+        k = torch.randn(3, 2, t, 4)
+        ks.append(k)
+        got_k, got_v = cache.append(k, -k)
+        assert torch.equal(got_k, torch.cat(ks, dim=2)) and torch.equal(got_v, -torch.cat(ks, dim=2))
+    assert cache.k.shape[2] >= cache.length == 137
+    buffer = cache.k
+    cache.append(torch.zeros(3, 2, 1, 4), torch.zeros(3, 2, 1, 4))
+    assert cache.k is buffer  # room left: written in place, no new tensor
+    cache.reorder(torch.tensor([2, 2, 0]))
+    assert torch.equal(cache.k[:, :, :137], torch.cat(ks, dim=2)[[2, 2, 0]])
+
+
+@pytest.mark.slow
+def test_compiled_training_step_with_dropout_has_no_graph_breaks():
+    torch.manual_seed(0)
+    model = T5Model(tiny(dropout_rate=0.1, num_layers=1)).train()
+    x, y = torch.randint(0, 64, (2, 9)), torch.randint(0, 64, (2, 5))
+    mask = torch.ones_like(x)
+    mask[1, 7:] = 0
+
+    def loss_fn(x, mask, y):
+        return torch.nn.functional.cross_entropy(model(x, mask, y).flatten(0, 1), y.flatten())
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")  # raises on a graph break
+    loss = compiled(x, mask, y)
+    loss.backward()
+    assert math.isfinite(loss.item()) and compiled(x, mask, y).item() != loss.item()  # dropout is live
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
