@@ -158,7 +158,7 @@ def _look_adjacent(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     """(B, H, C, S, ...) -> (B, H, C, (1 + before + after) * S, ...): each chunk sees its neighbours (wrapping)."""
     if before == 0 and after == 0:
         return x
-    return torch.cat([x.roll(-i, dims=2) for i in range(-before, after + 1)], dim=3)
+    return torch.cat([x if i == 0 else x.roll(-i, dims=2) for i in range(-before, after + 1)], dim=3)
 
 
 def chunked_attention(q, k, v, pos, key_mask, chunk_length, before, after, causal, self_mask, dropout, training):
@@ -226,6 +226,11 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
+def _normalise_keys(qk: torch.Tensor) -> torch.Tensor:
+    """Shared-QK keys: unit RMS per head, then the usual 1/sqrt(d_kv) (section 2.2)."""
+    return qk * torch.rsqrt(qk.pow(2).mean(-1, keepdim=True) + 1e-6) / math.sqrt(qk.shape[-1])
+
+
 class LSHSelfAttention(nn.Module):
     """LSH attention (section 2): shared query/key, angular hashing, sorting by bucket, chunked attention."""
 
@@ -278,9 +283,9 @@ class LSHSelfAttention(nn.Module):
         R, K = self.config.n_hashes, self.d_kv
         qk = _split_heads(self.query_key(hidden), self.num_heads)  # (B, H, L, K)
         v = _split_heads(self.value(hidden), self.num_heads)
-        key = qk * torch.rsqrt(qk.pow(2).mean(-1, keepdim=True) + 1e-6) / math.sqrt(K)  # normalised keys
         drop, training = self.config.attention_dropout_rate, self.training
         if self.config.use_full_attention or L <= self.chunk_length:
+            key = _normalise_keys(qk)
             return _merge_heads(full_attention(qk, key, v, key_mask, self.causal, True, drop, training))
         buckets = self.hash(qk, self.n_buckets(L), key_mask)  # (B, H, N)
         with torch.no_grad():  # sort by (round, bucket, position): argsort is stable, ids are round-major
@@ -289,9 +294,10 @@ class LSHSelfAttention(nn.Module):
             undo = torch.empty_like(order).scatter_(-1, order, arange)  # inverse permutation
             pos = order % L
         gather = pos.unsqueeze(-1).expand(-1, -1, -1, K)
+        qk = qk.gather(2, gather)  # (B, H, N, K) in sorted order
         out, lse = chunked_attention(
-            qk.gather(2, gather),
-            key.gather(2, gather),
+            qk,
+            _normalise_keys(qk),
             v.gather(2, gather),
             pos,
             key_mask,
