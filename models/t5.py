@@ -235,6 +235,15 @@ class BiasedAttention(torch.autograd.Function):
         return d_q, d_k, d_v, d_bias, None, None
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., In) @ weight (Out, In)^T. Decoding feeds a handful of rows and is bound by reading the weights; with
+    Out >= In, MKL streams a weight faster as the left operand of weight @ x^T (1.4-2x on CPU, the LM head most)."""
+    rows = x.numel() // x.shape[-1]
+    if rows > 16 or weight.shape[0] < weight.shape[1] or x.device.type != "cpu":
+        return F.linear(x, weight)
+    return (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], weight.shape[0])
+
+
 class KVCache:
     """One layer's self-attention keys/values during decoding, in (N, H, capacity, Dk) buffers that double when full,
     so a step writes its keys in place instead of concatenating a new tensor."""
@@ -297,7 +306,8 @@ class T5Attention(nn.Module):
         if self.training:  # training: one fused matmul beats three on the big activation
             return self._heads(F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight])), 3)
         # decoding: few tokens, the matmuls are bound by reading the weights; concatenating them would copy
-        return self._heads(self.q(x), 1)[0], self._heads(self.k(x), 1)[0], self._heads(self.v(x), 1)[0]
+        q, k, v = (self._heads(linear(x, w.weight), 1)[0] for w in (self.q, self.k, self.v))
+        return q, k, v
 
     def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys/values of the encoder output (B, S, D) -> 2 x (B, H, S, Dk)."""
@@ -316,7 +326,7 @@ class T5Attention(nn.Module):
             mask = _merge(bias, hidden, q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1.0)
         B, H, Lq, Dk = out.shape
-        return self.o(out.transpose(1, 2).reshape(B, Lq, H * Dk))
+        return linear(out.transpose(1, 2).reshape(B, Lq, H * Dk), self.o.weight)
 
 
 def _flex_attention(q, k, v, mask):
@@ -343,7 +353,7 @@ class T5DenseActDense(nn.Module):
         self.dropout = config.dropout_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.wi(x)  # (B, L, F); in-place ops below are safe: the matmul does not keep its output
+        h = linear(x, self.wi.weight)  # (B, L, F); in-place ops below are safe: the matmul does not keep its output
         if not self.training or self.dropout == 0.0:
             return self.wo(h.relu_())
         # dropout before relu (they commute): one (B, L, F) tensor kept for relu and wo; 1 / (1 - p) on (B, L, D)
@@ -372,10 +382,10 @@ class T5DenseGatedActDense(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:  # one matmul for both input projections
-            gate, linear = F.linear(x, torch.cat([self.wi_0.weight, self.wi_1.weight])).chunk(2, dim=-1)
+            gate, up = F.linear(x, torch.cat([self.wi_0.weight, self.wi_1.weight])).chunk(2, dim=-1)
         else:
-            gate, linear = self.wi_0(x), self.wi_1(x)
-        h = _gelu_new(gate, self.training) * linear  # (B, L, F)
+            gate, up = linear(x, self.wi_0.weight), linear(x, self.wi_1.weight)
+        h = _gelu_new(gate, self.training) * up  # (B, L, F)
         if not self.training or self.dropout == 0.0:
             return self.wo(h)
         drop, scale = drop_mask(h, self.dropout)
@@ -405,7 +415,8 @@ class T5LayerCrossAttention(nn.Module):
         self.dropout = config.dropout_rate
 
     def forward(self, h, memory_kv, bias, hidden):
-        q = self.EncDecAttention._heads(self.EncDecAttention.q(self.layer_norm(h)), 1)[0]
+        attn = self.EncDecAttention
+        q = attn._heads(linear(self.layer_norm(h), attn.q.weight), 1)[0]
         return h + dropout(self.EncDecAttention.attend(q, *memory_kv, bias, hidden), self.dropout, self.training)
 
 
@@ -546,8 +557,8 @@ class T5Model(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Output projection (…, D) -> (…, V); tied embeddings rescale by d_model**-0.5 (Mesh TensorFlow)."""
         if self.config.tie_word_embeddings:
-            return F.linear(h * self.config.d_model**-0.5, self.shared.weight)
-        return self.lm_head(h)
+            return linear(h * self.config.d_model**-0.5, self.shared.weight)
+        return linear(h, self.lm_head.weight)
 
     @staticmethod
     def _padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -603,7 +614,8 @@ class T5Model(nn.Module):
             state["prefix"] = input_ids.shape[1] if self.config.layout == "prefix_lm" else None
             return state
         memory = self.encode(input_ids, attention_mask[::num_beams]).repeat_interleave(num_beams, dim=0)
-        state["memory_kv"] = [b.layer[1].EncDecAttention.project_kv(memory) for b in self.decoder.block]
+        kvs = [b.layer[1].EncDecAttention.project_kv(memory) for b in self.decoder.block]
+        state["memory_kv"] = [(k.contiguous(), v.contiguous()) for k, v in kvs]  # read at every step
         state["cross_hidden"] = self._padding(attention_mask)
         return state
 
