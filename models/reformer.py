@@ -154,6 +154,28 @@ def _mask_values(dtype: torch.dtype) -> tuple[float, float]:
     return (-1e4, -1e3) if dtype == torch.float16 else (-1e9, -1e5)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout. On CPU the keep/drop decisions are 15-bit lanes of 64-bit random words (four per draw):
+    torch's CPU `bernoulli_` draws one Mersenne Twister number per element, which made dropout the largest
+    non-matmul cost of a training step. p is rounded to a multiple of 2**-15 and the rescale uses the rounded value.
+    Draws come from the global generator, so the reversible backward replays them."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return torch.where(torch.rand_like(x) < p, 0.0, x) / (1.0 - p)
+    cut, n = round(p * 2**15), x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()  # uniform in [0, 2**63)
+    drop = words.view(torch.int16)[:n].view(x.shape).bitwise_and_(0x7FFF) < cut
+    return torch.where(drop, 0.0, x).mul_(2**15 / (2**15 - cut))  # autograd keeps the bool mask only
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout` through the cheaper `dropout` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
 def _look_adjacent(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     """(B, H, C, S, ...) -> (B, H, C, (1 + before + after) * S, ...): each chunk sees its neighbours (wrapping)."""
     if before == 0 and after == 0:
@@ -161,13 +183,50 @@ def _look_adjacent(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     return torch.cat([x if i == 0 else x.roll(-i, dims=2) for i in range(-before, after + 1)], dim=3)
 
 
-def chunked_attention(q, k, v, pos, key_mask, chunk_length, before, after, causal, self_mask, dropout, training):
+class SharedQKScores(torch.autograd.Function):
+    """Shared-QK attention probabilities and their log-normaliser: (q, k, banned, own) -> (softmax, logsumexp).
+
+    dots = q k^T (..., S, W); `banned` (broadcastable bool) keys get the mask value, a query's `own` key the self
+    value (section 2.2); then probs = softmax(dots) and lse = logsumexp(dots). Written as one function so that the
+    exponentials are taken once (a fused softmax; lse = max(dots) - log(max(probs)), exact since the largest
+    probability is 1 / sum exp(dots - max)) instead of logsumexp + exp(dots - lse) + a third exp in logsumexp's
+    backward, and the backward keeps only probs and the `own` mask.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, banned, own):
+        dots = torch.matmul(q, k.transpose(-1, -2))  # (..., S, W)
+        mask_value, self_value = _mask_values(dots.dtype)
+        if banned is not None:
+            dots.masked_fill_(banned, mask_value)
+        dots.masked_fill_(own, self_value)
+        probs = torch.softmax(dots, dim=-1)
+        lse = dots.amax(dim=-1).sub_(probs.amax(dim=-1).log_())  # (..., S)
+        ctx.save_for_backward(q, k, probs, own)
+        return probs, lse
+
+    @staticmethod
+    def backward(ctx, grad_probs, grad_lse):
+        q, k, probs, own = ctx.saved_tensors
+        if grad_probs is None:
+            grad_dots = probs * grad_lse.unsqueeze(-1)
+        else:  # d lse / d dots = probs; banned keys have probs exactly 0, so their gradient is 0 already
+            grad_dots = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            if grad_lse is not None:
+                grad_dots.addcmul_(probs, grad_lse.unsqueeze(-1))
+        grad_dots.masked_fill_(own, 0.0)  # the self value is a constant
+        grad_q = torch.matmul(grad_dots, k) if ctx.needs_input_grad[0] else None
+        grad_k = torch.matmul(grad_dots.transpose(-1, -2), q) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_k, None, None
+
+
+def chunked_attention(q, k, v, pos, key_mask, chunk_length, before, after, causal, self_mask, drop, training):
     """Attention within chunks of `chunk_length` and their neighbours; q, k, v (B, H, N, K).
 
     `pos` (B, H, N), or (1, 1, N) when the same for every row, holds each vector's position in the sequence
     (positions after sorting, for LSH); it drives the causal, padding (`key_mask` (B, L) bool) and self masks.
-    Returns the output (B, H, N, K) and, for `self_mask` (LSH), the log-sum-exp of the logits (B, H, N), which
-    weighs the hash rounds against each other (section 2.3).
+    Returns the output (B, H, C, S, K) and, for `self_mask` (LSH), the log-sum-exp of the logits (B, H, C, S),
+    which weighs the hash rounds against each other (section 2.3).
     """
     B, H, N, K = q.shape
     C, S = N // chunk_length, chunk_length
@@ -176,32 +235,27 @@ def chunked_attention(q, k, v, pos, key_mask, chunk_length, before, after, causa
     v = _look_adjacent(v.view(B, H, C, S, K), before, after)
     q_pos = pos.view(pos.shape[0], pos.shape[1], C, S)
     k_pos = _look_adjacent(q_pos, before, after)  # (B|1, H|1, C, W)
-    dots = torch.matmul(q, k.transpose(-1, -2))  # (B, H, C, S, W); fresh, so it may be masked in place
-    mask_value, self_value = _mask_values(dots.dtype)
     banned = None
-    if key_mask is not None:
-        if pos.shape[0] == 1 and pos.shape[1] == 1:  # shared positions: index once for all heads
-            kept = key_mask[:, k_pos.flatten()].view(B, 1, C, 1, -1)
-        else:
-            kept = torch.gather(key_mask[:, None, :].expand(B, H, -1), 2, k_pos.flatten(2)).view(B, H, C, 1, -1)
-        banned = ~kept
-    if causal:
-        future = q_pos.unsqueeze(-1) < k_pos.unsqueeze(-2)
-        banned = future if banned is None else banned | future
+    with torch.no_grad():
+        if key_mask is not None:
+            if pos.shape[0] == 1 and pos.shape[1] == 1:  # shared positions: index once for all heads
+                banned = ~key_mask[:, k_pos.flatten()].view(B, 1, C, 1, -1)
+            else:
+                banned = ~key_mask.view(B, 1, -1).expand(B, H, -1).gather(2, k_pos.flatten(2)).view(B, H, C, 1, -1)
+        if causal:
+            future = q_pos.unsqueeze(-1) < k_pos.unsqueeze(-2)  # (B|1, H|1, C, S, W)
+            banned = future if banned is None else banned | future
+    if self_mask:  # shared-QK: a query's own key would dominate its dot products (section 2.2); penalised
+        probs, lse = SharedQKScores.apply(q, k, banned, q_pos.unsqueeze(-1) == k_pos.unsqueeze(-2))
+        return torch.matmul(dropout(probs, drop, training), v), lse
+    dots = torch.matmul(q, k.transpose(-1, -2))  # (B, H, C, S, W); fresh, so it may be masked in place
     if banned is not None:
-        dots.masked_fill_(banned, mask_value)
-    if not self_mask:
-        probs = F.dropout(torch.softmax(dots, dim=-1), dropout, training)
-        return torch.matmul(probs, v).view(B, H, N, K), None
-    # shared-QK: a query's own key would dominate its dot products (section 2.2); penalised, not removed
-    dots.masked_fill_(q_pos.unsqueeze(-1) == k_pos.unsqueeze(-2), self_value)
-    lse = torch.logsumexp(dots, dim=-1, keepdim=True)  # (B, H, C, S, 1)
-    probs = F.dropout(torch.exp(dots - lse), dropout, training)
-    out = torch.matmul(probs, v)  # (B, H, C, S, K)
-    return out.view(B, H, N, K), lse.view(B, H, N)
+        dots.masked_fill_(banned, _mask_values(dots.dtype)[0])
+    probs = dropout(torch.softmax(dots, dim=-1), drop, training)
+    return torch.matmul(probs, v), None
 
 
-def full_attention(q, k, v, key_mask, causal, self_mask, dropout, training):
+def full_attention(q, k, v, key_mask, causal, self_mask, drop, training):
     """Ordinary attention over the whole sequence, q, k, v (B, H, L, K); stores only one (L, L) map per head."""
     L = q.shape[2]
     dots = torch.matmul(q, k.transpose(-1, -2))  # (B, H, L, L)
@@ -212,7 +266,7 @@ def full_attention(q, k, v, key_mask, causal, self_mask, dropout, training):
         dots.masked_fill_(torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1), mask_value)
     if self_mask:
         dots.diagonal(dim1=-2, dim2=-1).fill_(self_value)
-    probs = F.dropout(torch.softmax(dots, dim=-1), dropout, training)
+    probs = dropout(torch.softmax(dots, dim=-1), drop, training)
     return torch.matmul(probs, v)
 
 
@@ -252,19 +306,28 @@ class LSHSelfAttention(nn.Module):
             return 2**power
         return [2 ** (power // 2), 2 ** (power - power // 2)]  # factorised to keep the rotations small
 
-    def hash(self, vectors: torch.Tensor, n_buckets: int | list[int], key_mask: torch.Tensor | None) -> torch.Tensor:
+    def rotations(self, n_buckets: int | list[int], like: torch.Tensor) -> torch.Tensor:
+        """Random rotations (H, K, R, sum(factors) / 2) for `hash`."""
+        factors = [n_buckets] if isinstance(n_buckets, int) else list(n_buckets)
+        shape = (self.num_heads, self.d_kv, self.config.n_hashes, sum(factors) // 2)
+        if self.config.hash_seed is not None:  # a private generator: same seed, same rotations, global RNG untouched
+            generator = torch.Generator(device=like.device).manual_seed(self.config.hash_seed)
+            return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+        return torch.randn(shape, device=like.device, dtype=like.dtype)  # global RNG: fresh every forward
+
+    def hash(
+        self,
+        vectors: torch.Tensor,
+        n_buckets: int | list[int],
+        key_mask: torch.Tensor | None,
+        rotations: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Angular LSH: argmax over [xR, -xR] of a random rotation R, per round; (B, H, L, K) -> (B, H, R*L).
 
         Bucket ids are offset by round so that sorting groups round by round; padding gets a bucket of its own.
         """
-        B, H, L, K = vectors.shape
         factors = [n_buckets] if isinstance(n_buckets, int) else list(n_buckets)
-        shape = (H, K, self.config.n_hashes, sum(factors) // 2)
-        if self.config.hash_seed is not None:  # a private generator: same seed, same rotations, global RNG untouched
-            generator = torch.Generator(device=vectors.device).manual_seed(self.config.hash_seed)
-            rotations = torch.randn(shape, generator=generator, device=vectors.device, dtype=vectors.dtype)
-        else:  # global RNG: a fresh draw every forward, replayed by the reversible backward
-            rotations = torch.randn(shape, device=vectors.device, dtype=vectors.dtype)
+        rotations = self.rotations(n_buckets, vectors) if rotations is None else rotations
         rotated = torch.einsum("bhlk,hkrn->bhrln", vectors.detach(), rotations)  # (B, H, R, L, sum(factors)/2)
         buckets, offset, scale = 0, 0, 1
         for factor in factors:
@@ -278,43 +341,56 @@ class LSHSelfAttention(nn.Module):
         rounds = torch.arange(self.config.n_hashes, device=vectors.device).view(1, 1, -1, 1)
         return (buckets + rounds * total).flatten(2)  # (B, H, N)
 
-    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def sort_order(self, qk: torch.Tensor, key_mask: torch.Tensor | None, cache: dict | None) -> torch.Tensor:
+        """(B, H, N) indices sorting (round, bucket, position). A reversible recomputation finds them in `cache`
+        (kept from its forward: 4 bytes per index) instead of hashing and sorting again; it still draws the
+        rotations so that the dropout masks drawn after them replay unchanged."""
+        rotations = self.rotations(self.n_buckets(qk.shape[2]), qk)
+        if cache is not None and "order" in cache:
+            return cache["order"].long()
+        with torch.no_grad():  # argsort is stable and bucket ids are round-major
+            order = torch.argsort(self.hash(qk, self.n_buckets(qk.shape[2]), key_mask, rotations), dim=-1, stable=True)
+        if cache is not None:
+            cache["order"] = order.int()
+        return order
+
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None, cache: dict | None = None):
         B, L, _ = hidden.shape
-        R, K = self.config.n_hashes, self.d_kv
-        qk = _split_heads(self.query_key(hidden), self.num_heads)  # (B, H, L, K)
-        v = _split_heads(self.value(hidden), self.num_heads)
+        H, R, K = self.num_heads, self.config.n_hashes, self.d_kv
+        # both projections in one matmul, per head [qk, v] side by side: (B, L, H, 2K)
+        weight = torch.cat([self.query_key.weight.view(H, K, -1), self.value.weight.view(H, K, -1)], dim=1)
+        qkv = F.linear(hidden, weight.flatten(0, 1)).view(B, L, H, 2 * K)
         drop, training = self.config.attention_dropout_rate, self.training
         if self.config.use_full_attention or L <= self.chunk_length:
+            qk, v = qkv.transpose(1, 2).split(K, dim=-1)  # (B, H, L, K)
             key = _normalise_keys(qk)
             return _merge_heads(full_attention(qk, key, v, key_mask, self.causal, True, drop, training))
-        buckets = self.hash(qk, self.n_buckets(L), key_mask)  # (B, H, N)
-        with torch.no_grad():  # sort by (round, bucket, position): argsort is stable, ids are round-major
-            order = torch.argsort(buckets, dim=-1, stable=True)  # (B, H, N)
-            arange = torch.arange(R * L, device=order.device).expand_as(order)
-            undo = torch.empty_like(order).scatter_(-1, order, arange)  # inverse permutation
+        order = self.sort_order(qkv[..., :K].transpose(1, 2), key_mask, cache)  # (B, H, N)
+        with torch.no_grad():
             pos = order % L
-        gather = pos.unsqueeze(-1).expand(-1, -1, -1, K)
-        qk = qk.gather(2, gather)  # (B, H, N, K) in sorted order
+            heads = torch.arange(H, device=order.device).view(1, H, 1)
+            rows = (pos + torch.arange(B, device=order.device).view(B, 1, 1) * L) * H + heads  # rows of (B*L*H, 2K)
+            undo = torch.empty_like(order).scatter_(
+                -1, order, torch.arange(R * L, device=order.device).expand_as(order)
+            )
+            # sorted index of (round r, position l), laid out (B, L, H, R) as rows of the (B*H*N, K) output
+            back = undo.view(B, H, R, L).permute(0, 3, 1, 2) + (
+                torch.arange(B, device=order.device).view(B, 1, 1, 1) * H + heads.view(1, 1, H, 1)
+            ) * (R * L)
+        # a row gather (one index per vector) rather than `gather` with an index expanded over K
+        qk, v = qkv.view(B * L * H, 2 * K).index_select(0, rows.flatten()).view(B, H, R * L, 2 * K).split(K, dim=-1)
+        keys = _normalise_keys(qk)
+        before, after = self.config.lsh_num_chunks_before, self.num_chunks_after
         out, lse = chunked_attention(
-            qk,
-            _normalise_keys(qk),
-            v.gather(2, gather),
-            pos,
-            key_mask,
-            self.chunk_length,
-            self.config.lsh_num_chunks_before,
-            self.num_chunks_after,
-            self.causal,
-            True,
-            drop,
-            training,
+            qk, keys, v, pos, key_mask, self.chunk_length, before, after, self.causal, True, drop, training
         )
-        out = out.gather(2, undo.unsqueeze(-1).expand(-1, -1, -1, K)).view(B, self.num_heads, R, L, K)
-        lse = lse.gather(2, undo).view(B, self.num_heads, R, L, 1)
+        back = back.flatten()
+        out = out.view(B * H * R * L, K).index_select(0, back).view(B, L, H, R, K)
+        lse = lse.view(-1).index_select(0, back).view(B, L, H, R, 1)
         # rounds combined through their normalisers; written as exp(lse - logsumexp) rather than softmax because a
         # query that only sees itself has lse near the self-mask value, where the two round differently in fp32
-        weights = torch.exp(lse - torch.logsumexp(lse, dim=2, keepdim=True))
-        return _merge_heads((out * weights).sum(dim=2))
+        weights = torch.exp(lse - torch.logsumexp(lse, dim=3, keepdim=True))
+        return (out * weights).sum(dim=3).view(B, L, H * K)
 
 
 class LocalSelfAttention(nn.Module):
@@ -330,12 +406,12 @@ class LocalSelfAttention(nn.Module):
         self.key = nn.Linear(config.d_model, inner, bias=False)
         self.value = nn.Linear(config.d_model, inner, bias=False)
 
-    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None, cache: dict | None = None):
         B, L, _ = hidden.shape
-        q = _split_heads(self.query(hidden), self.num_heads)  # (B, H, L, K)
-        k = _split_heads(self.key(hidden), self.num_heads) / math.sqrt(self.d_kv)
-        v = _split_heads(self.value(hidden), self.num_heads)
-        drop, training = self.config.attention_dropout_rate, self.training
+        # the three projections in one matmul (keys pre-scaled by 1/sqrt(d_kv)): (B, L, 3, H, K)
+        weight = torch.cat([self.query.weight, self.key.weight / math.sqrt(self.d_kv), self.value.weight])
+        q, k, v = F.linear(hidden, weight).view(B, L, 3, self.num_heads, self.d_kv).transpose(1, 3).unbind(2)
+        drop, training = self.config.attention_dropout_rate, self.training  # q, k, v: (B, H, L, K)
         if L <= self.chunk_length:
             return _merge_heads(full_attention(q, k, v, key_mask, self.causal, False, drop, training))
         pos = torch.arange(L, device=hidden.device).view(1, 1, L)  # the same for every row and head
@@ -343,14 +419,14 @@ class LocalSelfAttention(nn.Module):
         out, _ = chunked_attention(
             q, k, v, pos, key_mask, self.chunk_length, before, self.num_chunks_after, self.causal, False, drop, training
         )
-        return _merge_heads(out)
+        return _merge_heads(out.view(B, self.num_heads, L, self.d_kv))
 
 
 class ReformerSelfOutput(nn.Module):
     def __init__(self, config: ReformerConfig):
         super().__init__()
         self.dense = nn.Linear(config.num_heads * config.d_kv, config.d_model, bias=False)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.dense(hidden))
@@ -370,8 +446,8 @@ class ReformerAttention(nn.Module):
             self.self_attention = LocalSelfAttention(config, causal, after)
         self.output = ReformerSelfOutput(config)
 
-    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.output(self.self_attention(self.layer_norm(hidden), key_mask))
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None, cache: dict | None = None):
+        return self.output(self.self_attention(self.layer_norm(hidden), key_mask, cache))
 
 
 class ReformerCrossAttention(nn.Module):
@@ -404,7 +480,7 @@ class ChunkReformerFeedForward(nn.Module):
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.dense = nn.Linear(config.d_model, config.d_ff)
         self.output = nn.Linear(config.d_ff, config.d_model)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def forward_chunk(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.act(self.dropout(self.dense(self.layer_norm(hidden))))  # (B, S, d_ff)
@@ -425,8 +501,8 @@ class ReformerLayer(nn.Module):
         self.crossattention = ReformerCrossAttention(config) if cross else None
         self.feed_forward = ChunkReformerFeedForward(config)
 
-    def f(self, x2, *context, key_mask=None, encoder_mask=None):
-        out = self.attention(x2, key_mask)
+    def f(self, x2, *context, key_mask=None, encoder_mask=None, cache=None):
+        out = self.attention(x2, key_mask, cache)
         if self.crossattention is not None:  # still a function of x2 and the encoder only: the block stays invertible
             out = out + self.crossattention(x2 + out, context[0], encoder_mask)
         return out
@@ -443,7 +519,7 @@ class ReformerStack(nn.Module):
         self.config = config
         self.layers = nn.ModuleList(ReformerLayer(config, t, causal, cross, after) for t in attn_layers)
         self.layer_norm = nn.LayerNorm(2 * config.d_model, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
         lengths = {"lsh": config.lsh_chunk_length, "local": config.local_chunk_length}
         used = [lengths[t] for t in set(attn_layers)]
         self.pad_multiple, self.min_chunk = math.lcm(*used), min(used)
@@ -500,7 +576,7 @@ class ReformerEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.d_model)
         axial = config.axial_pos_shape is not None
         self.position_embeddings = AxialPositionEmbeddings(config) if axial else PositionEmbeddings(config)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, L, D)"""

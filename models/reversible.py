@@ -13,7 +13,9 @@ recomputation of f and g. Memory therefore does not grow with depth (section 3, 
 The recomputation must see the same randomness as the forward pass (dropout masks, and the random rotations
 of LSH hashing when they are drawn from the global generator), so the RNG state before each f and g call is
 recorded and replayed. `context` are tensors every f reads besides x2 (the encoder output for cross-attention);
-their gradients are accumulated over the blocks and returned.
+their gradients are accumulated over the blocks and returned. Each f also gets a `cache` dict, the same in the
+forward pass and in its recomputation, where a block may keep small results that need no gradient (the LSH sort
+order) instead of computing them twice; it is None in an ordinary residual stack.
 
 Dimension legend: B batch, L sequence length, D model width (each stream), 2D both streams concatenated.
 """
@@ -30,7 +32,7 @@ import torch
 class ReversibleBlock(Protocol):
     """What the stack needs from a block: the two residual branches."""
 
-    def f(self, x2: torch.Tensor, *context: torch.Tensor, **kwargs: Any) -> torch.Tensor: ...
+    def f(self, x2: torch.Tensor, *context: torch.Tensor, cache: dict | None = None, **kwargs: Any) -> torch.Tensor: ...
 
     def g(self, y1: torch.Tensor) -> torch.Tensor: ...
 
@@ -68,11 +70,11 @@ class ReversibleFunction(torch.autograd.Function):
         x1, x2 = torch.chunk(hidden, 2, dim=-1)
         states = []
         for block in blocks:
-            f_state = RandomState(hidden.device)
-            x1 = x1 + block.f(x2, *context, **kwargs)
+            f_state, cache = RandomState(hidden.device), {}
+            x1 = x1 + block.f(x2, *context, cache=cache, **kwargs)
             g_state = RandomState(hidden.device)
             x2 = x2 + block.g(x1)
-            states.append((f_state, g_state))
+            states.append((f_state, g_state, cache))
         ctx.blocks, ctx.kwargs, ctx.states = blocks, kwargs, states
         ctx.save_for_backward(x1, x2, *context)
         return torch.cat([x1, x2], dim=-1)
@@ -83,7 +85,7 @@ class ReversibleFunction(torch.autograd.Function):
         dy1, dy2 = torch.chunk(grad_hidden, 2, dim=-1)
         # context tensors become leaves so that every block's f adds its share into their .grad
         context = [c.detach().requires_grad_(c.requires_grad) for c in context]
-        for block, (f_state, g_state) in zip(reversed(ctx.blocks), reversed(ctx.states), strict=True):
+        for block, (f_state, g_state, cache) in zip(reversed(ctx.blocks), reversed(ctx.states), strict=True):
             # undo y2 = x2 + g(y1): recompute g(y1) with its dropout masks, push dy2 through it
             with torch.enable_grad():
                 y1 = y1.detach().requires_grad_(True)
@@ -98,7 +100,7 @@ class ReversibleFunction(torch.autograd.Function):
             with torch.enable_grad():
                 x2 = x2.detach().requires_grad_(True)
                 with f_state.replay():
-                    fx2 = block.f(x2, *context, **ctx.kwargs)
+                    fx2 = block.f(x2, *context, cache=cache, **ctx.kwargs)
                 torch.autograd.backward(fx2, dy1)
             with torch.no_grad():
                 x1 = y1 - fx2

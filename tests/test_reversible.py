@@ -16,7 +16,7 @@ class ToyBlock(nn.Module):
         self.lin_f, self.lin_c, self.lin_g = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.drop = nn.Dropout(p)
 
-    def f(self, x2, context, scale=1.0):
+    def f(self, x2, context, scale=1.0, cache=None):
         return scale * self.drop(torch.tanh(self.lin_f(x2) + self.lin_c(context).mean(1, keepdim=True)))
 
     def g(self, y1):
