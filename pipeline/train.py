@@ -212,12 +212,18 @@ def read_run_state(paths: StagePaths) -> dict[str, Any]:
 
 
 def resume_point(paths: StagePaths, current: str) -> Path | None:
-    """`last.ckpt` when it belongs to an unfinished run of the same fingerprint, else None."""
+    """The newest checkpoint of an unfinished run of the same fingerprint, else None.
+
+    Candidates are the periodic `last.ckpt` and the `hpc_ckpt_<n>.ckpt` that Lightning's SLURM environment saves
+    on SIGUSR1 before a requeue: a job requeued before its first periodic checkpoint, or long after it, resumes
+    from the checkpoint written at the signal.
+    """
     state = read_run_state(paths)
-    last = paths.checkpoints / "last.ckpt"
-    if state.get("fingerprint") == current and not state.get("completed") and last.exists():
-        return last
-    return None
+    if state.get("fingerprint") != current or state.get("completed"):
+        return None
+    candidates = [paths.checkpoints / "last.ckpt", *paths.checkpoints.glob("hpc_ckpt_*.ckpt")]
+    existing = [p for p in candidates if p.exists()]
+    return max(existing, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
 # ------------------------------------------------------------------------------------------------ stage
