@@ -99,3 +99,21 @@ def test_one_beam_is_greedy():
     assert torch.equal(generate(model, x, max_new_tokens=5, num_beams=1), model.generate(x, max_new_tokens=5))
     with pytest.raises(ValueError):
         generate(model, x, num_beams=0)
+
+
+@pytest.mark.parametrize("layout", ["encoder_decoder", "prefix_lm"])
+def test_cached_greedy_equals_uncached_past_cache_growth(layout):
+    model = model_for(layout, seed=6)
+    x = torch.randint(2, 50, (2, 5))
+    mask = torch.ones_like(x)
+    got = model.generate(x, mask, max_new_tokens=70, eos_token_id=-1)  # the caches double past 64 positions
+    assert torch.equal(got, naive_greedy(model, x, mask, 70))
+
+
+def test_beam_search_reorders_grown_caches():
+    model = model_for(seed=7)
+    x = torch.randint(2, 50, (2, 6))
+    beams = model.generate(x, max_new_tokens=70, num_beams=3, eos_token_id=-1)
+    assert beams.shape == (2, 71)
+    greedy = model.generate(x, max_new_tokens=70, eos_token_id=-1)
+    assert sequence_logprob(model, x[:1], beams[:1]) >= sequence_logprob(model, x[:1], greedy[:1]) - 1e-4

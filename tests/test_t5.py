@@ -248,7 +248,7 @@ def test_flex_backend_matches_sdpa_on_gpu():
 
 
 def test_drop_mask_rate_lanes_and_rescale():
-    from models.t5 import drop_mask, dropout
+    from models.common import drop_mask, dropout
 
     torch.manual_seed(0)
     x = torch.ones(1000, 1024)
@@ -276,7 +276,7 @@ def _plain_attention(q, k, v, bias, hidden, drop=None, scale=1.0):
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_biased_attention_matches_autograd(p):
-    from models.t5 import BiasedAttention, drop_mask
+    from models.common import BiasedAttention, drop_mask
 
     torch.manual_seed(0)
     B, H, Lq, Lk, Dk = 3, 4, 6, 7, 5
@@ -299,7 +299,7 @@ def test_biased_attention_matches_autograd(p):
 
 
 def test_kv_cache_grows_in_place_and_reorders():
-    from models.t5 import KVCache
+    from models.common import KVCache
 
     cache, ks = KVCache(), []
     for t in (5, 1, 60, 1, 70):  # crosses the first capacity (64) and a doubling
