@@ -155,18 +155,18 @@ def _mask_values(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout. On CPU the keep/drop decisions are 15-bit lanes of 64-bit random words (four per draw):
+    """Inverted dropout. On CPU the keep/drop decisions are the four 16-bit lanes of uniform 64-bit random words:
     torch's CPU `bernoulli_` draws one Mersenne Twister number per element, which made dropout the largest
-    non-matmul cost of a training step. p is rounded to a multiple of 2**-15 and the rescale uses the rounded value.
+    non-matmul cost of a training step. p is rounded to a multiple of 2**-16 and the rescale uses the rounded value.
     Draws come from the global generator, so the reversible backward replays them."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu":
         return torch.where(torch.rand_like(x) < p, 0.0, x) / (1.0 - p)
-    cut, n = round(p * 2**15), x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()  # uniform in [0, 2**63)
-    drop = words.view(torch.int16)[:n].view(x.shape).bitwise_and_(0x7FFF) < cut
-    return torch.where(drop, 0.0, x).mul_(2**15 / (2**15 - cut))  # autograd keeps the bool mask only
+    cut, n = round(p * 2**16), x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)  # all 64 bits
+    drop = words.view(torch.int16)[:n].view(x.shape) < cut - 2**15  # each lane uniform in [-2**15, 2**15)
+    return torch.where(drop, 0.0, x).mul_(2**16 / (2**16 - cut))  # autograd keeps the bool mask only
 
 
 class Dropout(nn.Dropout):
@@ -176,11 +176,59 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
+def _shift_chunks(dst: torch.Tensor, src: torch.Tensor, shift: int, add: bool) -> None:
+    """dst[:, :, c] = (or +=) src[:, :, (c + shift) % C], in place, for chunks on dim 2."""
+    C = src.shape[2]
+    shift %= C
+    for d, s in ((dst[:, :, : C - shift], src[:, :, shift:]), (dst[:, :, C - shift :], src[:, :, :shift])):
+        if d.numel():
+            d.add_(s) if add else d.copy_(s)
+
+
+class LookAdjacent(torch.autograd.Function):
+    """(B, H, C, S, ...) -> (B, H, C, (before + 1 + after) * S, ...): each chunk preceded by `before` and followed by
+    `after` neighbouring chunks (wrapping around), written straight into one tensor (no roll + cat copies)."""
+
+    @staticmethod
+    def forward(ctx, x, before, after):
+        ctx.shifts = range(-before, after + 1)
+        out = x.new_empty(*x.shape[:3], len(ctx.shifts), *x.shape[3:])
+        for j, shift in enumerate(ctx.shifts):
+            _shift_chunks(out[:, :, :, j], x, shift, add=False)
+        return out.flatten(3, 4)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.unflatten(3, (len(ctx.shifts), -1))
+        grad_x = grad.new_empty(grad[:, :, :, 0].shape)
+        for j, shift in enumerate(ctx.shifts):
+            _shift_chunks(grad_x, grad[:, :, :, j], -shift, add=j > 0)
+        return grad_x, None, None
+
+
 def _look_adjacent(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     """(B, H, C, S, ...) -> (B, H, C, (1 + before + after) * S, ...): each chunk sees its neighbours (wrapping)."""
-    if before == 0 and after == 0:
-        return x
-    return torch.cat([x if i == 0 else x.roll(-i, dims=2) for i in range(-before, after + 1)], dim=3)
+    return x if before == 0 and after == 0 else LookAdjacent.apply(x, before, after)
+
+
+class PermuteRows(torch.autograd.Function):
+    """rows of x (M, F) -> y = x[index] (M * repeats, F), where every row of x appears `repeats` times in y, at the
+    positions `inverse` (M * repeats, grouped by row of x). The backward gathers and sums (x's gradient =
+    sum of grad[inverse] per row) instead of scattering into x: `index_add_` runs as a sort-based scatter on CPU."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, repeats):
+        ctx.save_for_backward(inverse)
+        ctx.repeats = repeats
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        grad_x = grad.index_select(0, inverse)
+        if ctx.repeats > 1:
+            grad_x = grad_x.view(-1, ctx.repeats, grad.shape[-1]).sum(1)
+        return grad_x, None, None, None
 
 
 class SharedQKScores(torch.autograd.Function):
@@ -280,9 +328,24 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
-def _normalise_keys(qk: torch.Tensor) -> torch.Tensor:
-    """Shared-QK keys: unit RMS per head, then the usual 1/sqrt(d_kv) (section 2.2)."""
-    return qk * torch.rsqrt(qk.pow(2).mean(-1, keepdim=True) + 1e-6) / math.sqrt(qk.shape[-1])
+class NormaliseKeys(torch.autograd.Function):
+    """Shared-QK keys (section 2.2): unit RMS per head, then the usual 1/sqrt(d_kv); (..., K) -> (..., K).
+
+    With y = x * s, s = rsqrt(mean(x^2) + eps) / sqrt(K), the input gradient is s * (g - y * sum(g * y)): two
+    passes backward instead of autograd's seven through pow, mean, rsqrt, mul and div."""
+
+    @staticmethod
+    def forward(ctx, qk):
+        K = qk.shape[-1]
+        scale = torch.linalg.vector_norm(qk, dim=-1, keepdim=True).square_().div_(K).add_(1e-6).rsqrt_()
+        keys = qk * scale.div_(math.sqrt(K))
+        ctx.save_for_backward(keys, scale)
+        return keys
+
+    @staticmethod
+    def backward(ctx, grad):
+        keys, scale = ctx.saved_tensors
+        return torch.addcmul(grad, keys, (grad * keys).sum(-1, keepdim=True), value=-1).mul_(scale)
 
 
 class LSHSelfAttention(nn.Module):
@@ -363,30 +426,27 @@ class LSHSelfAttention(nn.Module):
         drop, training = self.config.attention_dropout_rate, self.training
         if self.config.use_full_attention or L <= self.chunk_length:
             qk, v = qkv.transpose(1, 2).split(K, dim=-1)  # (B, H, L, K)
-            key = _normalise_keys(qk)
+            key = NormaliseKeys.apply(qk)
             return _merge_heads(full_attention(qk, key, v, key_mask, self.causal, True, drop, training))
         order = self.sort_order(qkv[..., :K].transpose(1, 2), key_mask, cache)  # (B, H, N)
         with torch.no_grad():
+            arange = lambda n: torch.arange(n, device=order.device)  # noqa: E731
             pos = order % L
-            heads = torch.arange(H, device=order.device).view(1, H, 1)
-            rows = (pos + torch.arange(B, device=order.device).view(B, 1, 1) * L) * H + heads  # rows of (B*L*H, 2K)
-            undo = torch.empty_like(order).scatter_(
-                -1, order, torch.arange(R * L, device=order.device).expand_as(order)
-            )
-            # sorted index of (round r, position l), laid out (B, L, H, R) as rows of the (B*H*N, K) output
-            back = undo.view(B, H, R, L).permute(0, 3, 1, 2) + (
-                torch.arange(B, device=order.device).view(B, 1, 1, 1) * H + heads.view(1, 1, H, 1)
-            ) * (R * L)
-        # a row gather (one index per vector) rather than `gather` with an index expanded over K
-        qk, v = qkv.view(B * L * H, 2 * K).index_select(0, rows.flatten()).view(B, H, R * L, 2 * K).split(K, dim=-1)
-        keys = _normalise_keys(qk)
+            # sorted vector (b, h, i) is row `rows` of qkv as (B*L*H, 2K); its unsorted place is (b, pos, h, round)
+            rows = (pos + arange(B).view(B, 1, 1) * L) * H + arange(H).view(1, H, 1)  # (B, H, N)
+            undo = torch.empty_like(order).scatter_(-1, order, arange(R * L).expand_as(order))  # inverse permutation
+            # the other way: (b, l, h, r) -> row of the sorted (B*H*N, K); each qkv row is used by R of them
+            back = undo.view(B, H, R, L).permute(0, 3, 1, 2) + (arange(B * H).view(B, 1, H, 1) * (R * L))
+            rows, back, unsorted = rows.flatten(), back.flatten(), (rows * R + order // L).flatten()
+        qkv = PermuteRows.apply(qkv.view(B * L * H, 2 * K), rows, back, R)  # a row gather, not an expanded `gather`
+        qk, v = qkv.view(B, H, R * L, 2 * K).split(K, dim=-1)
+        keys = NormaliseKeys.apply(qk)
         before, after = self.config.lsh_num_chunks_before, self.num_chunks_after
         out, lse = chunked_attention(
             qk, keys, v, pos, key_mask, self.chunk_length, before, after, self.causal, True, drop, training
         )
-        back = back.flatten()
-        out = out.view(B * H * R * L, K).index_select(0, back).view(B, L, H, R, K)
-        lse = lse.view(-1).index_select(0, back).view(B, L, H, R, 1)
+        out = PermuteRows.apply(out.view(B * H * R * L, K), back, unsorted, 1).view(B, L, H, R, K)
+        lse = PermuteRows.apply(lse.view(B * H * R * L, 1), back, unsorted, 1).view(B, L, H, R, 1)
         # rounds combined through their normalisers; written as exp(lse - logsumexp) rather than softmax because a
         # query that only sees itself has lse near the self-mask value, where the two round differently in fp32
         weights = torch.exp(lse - torch.logsumexp(lse, dim=3, keepdim=True))
