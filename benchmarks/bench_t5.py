@@ -14,6 +14,13 @@ the first step (activations, gradients, optimizer state, temporaries), plus the 
 
     python benchmarks/bench_t5.py                       # small preset, batch 8, 512 / 114, fp32, CPU
     python benchmarks/bench_t5.py --preset tiny --steps 2 --warmup 1
+
+Decoding is hundreds of small ops per token: on a machine shared with other work, every OpenMP barrier of a
+multi-threaded op waits for a descheduled thread, and generation times say more about the load than the models.
+Time generation with `--threads 1` there (and the training step, which is large matmuls, with the default):
+
+    python benchmarks/bench_t5.py --preset small --skip generate
+    python benchmarks/bench_t5.py --preset small --skip train memory --threads 1
 """
 
 from __future__ import annotations
