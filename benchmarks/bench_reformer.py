@@ -1,7 +1,7 @@
 """Training-step time and peak memory of our Reformer against full attention, our T5 and `transformers`' Reformer.
 
 Tables (batch 1, one training step = forward + cross-entropy + backward + AdamW step):
-  1. time and peak memory versus sequence length (default 1K..64K) for
+  1. time and peak memory versus sequence length (default 1K, 4K, 16K; `--full-sweep` 1K..64K) for
      - `reformer`: ours, preset (default `tiny`), causal_lm, reversible, LSH/local as in the preset;
      - `full`: the same model and weights shape with full attention everywhere and an ordinary residual stack
        (an equal-size full-attention Transformer);
@@ -17,8 +17,14 @@ system at once); its peak memory is the growth of the child's peak RSS
 interpreter, torch and the weights are excluded. Runs whose attention would not fit in the memory available now are
 skipped with "n/a (needs ~X GiB)". On CUDA (`--device cuda`) peak memory is `torch.cuda.max_memory_allocated`.
 
-    python benchmarks/bench_reformer.py                       # the default tables (a few minutes on 2 CPU cores)
-    python benchmarks/bench_reformer.py --lengths 1024 4096 --depths 2 4 --repeats 3 --models reformer hf
+    python benchmarks/bench_reformer.py                       # the default tables (~4 minutes on 2 idle CPU cores)
+    python benchmarks/bench_reformer.py --full-sweep          # 1K..64K, depths 2..12, paired up to 64K (~30 minutes)
+    python benchmarks/bench_reformer.py --lengths 4096 --models reformer hf --depths --paired-lengths 4096 16384
+
+The default keeps the slow quadratic references (`full`, `t5`) to lengths <= --max-quadratic-length (4K) and times
+lengths >= --long (16K) with one step and no warm-up. Children run with OMP_WAIT_POLICY=passive (--omp-wait-policy):
+on a machine shared with other jobs, OpenMP threads that spin at every barrier while their partner is descheduled
+made step times swing 2-3x; sleeping threads make the alternated ratio stable.
 """
 
 from __future__ import annotations
@@ -137,20 +143,22 @@ def child(spec: dict) -> dict:
 
 
 def paired_child(spec: dict) -> dict:
-    """Ours and transformers' Reformer built side by side, steps alternated, fastest of each kept: a time ratio
-    that survives a busy machine (both see the same load)."""
+    """Ours and transformers' Reformer built side by side, steps alternated (one warm-up each), median and fastest
+    of each kept: a time ratio that survives a busy machine (both see the same load)."""
     import torch
 
     torch.manual_seed(0)
     steps = {name: build({**spec, "model": name})[1] for name in ("reformer", "hf")}
-    best = {name: float("inf") for name in steps}
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(1 + spec["repeats"]):
         for name, step in steps.items():
             start = time.perf_counter()
             step()
             if i > 0:
-                best[name] = min(best[name], time.perf_counter() - start)
-    return {"reformer_s": best["reformer"], "hf_s": best["hf"]}
+                times[name].append(time.perf_counter() - start)
+    result = {f"{name}_s": statistics.median(t) for name, t in times.items()}
+    result.update({f"{name}_min_s": min(t) for name, t in times.items()})
+    return result
 
 
 def estimate_gib(spec: dict, heads: int, layers: int) -> float:
@@ -192,7 +200,7 @@ def measure(spec: dict, args) -> dict | str:
         cwd=ROOT,
         # a fixed mmap threshold makes glibc return large freed blocks at once, so peak RSS follows live tensors
         # instead of the allocator's high-water mark (which otherwise grows with the number of layers run)
-        env={**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"},
+        env={**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536", **omp_env(args)},
         timeout=args.child_timeout,
     )
     if proc.returncode != 0:
@@ -201,6 +209,10 @@ def measure(spec: dict, args) -> dict | str:
             return f"n/a (over {args.memory_fraction * have:.0f} GiB)"
         return f"failed ({last[:60]})"
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def omp_env(args) -> dict[str, str]:
+    return {} if args.omp_wait_policy == "default" else {"OMP_WAIT_POLICY": args.omp_wait_policy.upper()}
 
 
 def fmt(result, key: str, unit: str) -> str:
@@ -222,18 +234,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--vocab", type=int, default=256, help="byte-level, as the paper's enwik8 runs")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1 << k for k in range(10, 17)])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--models", nargs="+", default=["reformer", "full", "t5", "hf"])
-    parser.add_argument("--depths", type=int, nargs="*", default=[2, 4, 8, 12], help="none: skip the depth table")
+    parser.add_argument("--max-quadratic-length", type=int, default=4096, help="longest length for full and t5")
+    parser.add_argument("--depths", type=int, nargs="*", default=[2, 12], help="none: skip the depth table")
     parser.add_argument("--depth-length", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per row (after one warm-up step)")
     parser.add_argument("--long", type=int, default=16384, help="from this length on: 1 timed step, no warm-up")
-    parser.add_argument("--paired-lengths", type=int, nargs="*", default=[4096], help="alternated ours/hf timing")
-    parser.add_argument("--paired-repeats", type=int, default=3)
+    parser.add_argument("--paired-lengths", type=int, nargs="*", default=[4096, 16384], help="alternated ours/hf")
+    parser.add_argument("--paired-repeats", type=int, default=10, help="alternated steps each (3 from --long on)")
+    parser.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "default"])
+    parser.add_argument(
+        "--full-sweep",
+        action="store_true",
+        help="lengths 1K..64K (quadratic references up to 16K where memory allows), depths 2 4 8 12, paired 4K..64K",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--memory-fraction", type=float, default=0.85, help="cap per run, of the memory available")
     parser.add_argument("--child-timeout", type=int, default=900)
     args = parser.parse_args(argv)
+    if args.full_sweep:
+        args.lengths, args.depths = [1 << k for k in range(10, 17)], [2, 4, 8, 12]
+        args.max_quadratic_length, args.paired_lengths = max(args.max_quadratic_length, 16384), [4096, 16384, 65536]
     if args.child:
         spec = json.loads(args.child)
         print(json.dumps(paired_child(spec) if spec["model"] == "paired" else child(spec)))
@@ -245,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     for length in args.lengths:
         short = length < args.long
         for name in models:
+            if name in ("full", "t5") and length > args.max_quadratic_length:
+                results[name, length] = "skipped (quadratic)"
+                continue
             spec = dict(model=name, length=length, vocab=args.vocab, preset=args.preset, device=args.device)
             spec.update(warmup=1 if short else 0, repeats=args.repeats if short else 1)
             results[name, length] = measure(spec, args)
@@ -292,16 +317,21 @@ def main(argv: list[str] | None = None) -> None:
         paired_rows = []
         for length in args.paired_lengths:
             spec = dict(model="paired", length=length, vocab=args.vocab, preset=args.preset, device=args.device)
-            result = measure({**spec, "repeats": args.paired_repeats}, args)
+            repeats = args.paired_repeats if length < args.long else min(args.paired_repeats, 3)
+            result = measure({**spec, "repeats": repeats}, args)
             print(f"  paired L={length}: {result}", file=sys.stderr, flush=True)
             if isinstance(result, dict):
                 t_ours, t_hf = result["reformer_s"], result["hf_s"]
-                paired_rows.append([str(length), f"{t_ours:.2f} s", f"{t_hf:.2f} s", f"{t_ours / t_hf:.2f}"])
+                fastest = result["reformer_min_s"] / result["hf_min_s"]
+                row = [str(length), str(repeats), f"{t_ours:.2f} s", f"{t_hf:.2f} s", f"{t_ours / t_hf:.2f}"]
+                paired_rows.append(row + [f"{fastest:.2f}"])
         if paired_rows:
-            title = "Step time, ours vs transformers' Reformer in one process, alternated (fastest of each)"
-            out.append(table(title, ["length", "ours", "transformers", "ratio"], paired_rows))
+            title = "Step time, ours vs transformers' Reformer in one process, alternated (medians)"
+            header = ["length", "steps", "ours", "transformers", "ratio", "ratio of fastest"]
+            out.append(table(title, header, paired_rows))
     print("\n".join(out))
-    print(f"\n(total {time.perf_counter() - started:.0f} s, device {args.device}, torch threads per child: default)")
+    policy = f"OMP_WAIT_POLICY={args.omp_wait_policy}"
+    print(f"\n(total {time.perf_counter() - started:.0f} s, device {args.device}, default torch threads, {policy})")
 
 
 def _importable(module: str) -> bool:
