@@ -361,3 +361,15 @@ def test_reversible_backward_reuses_the_lsh_sort():
     model.config.reversible = False  # an ordinary stack has nothing to recompute
     model(ids).logsumexp(-1).mean().backward()
     assert len(calls) == 4
+
+
+def test_bf16_autocast_forward_backward():
+    """The hand-written backward passes cope with the mixed dtypes autocast produces."""
+    torch.manual_seed(0)
+    model = ReformerModel(_config(layout="causal_lm", dropout_rate=0.1)).train()
+    ids = torch.randint(0, 40, (2, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids)
+    assert logits.dtype == torch.bfloat16
+    logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
