@@ -296,6 +296,14 @@ def chunked_attention(q, k, v, pos, key_mask, chunk_length, before, after, causa
     if self_mask:  # shared-QK: a query's own key would dominate its dot products (section 2.2); penalised
         probs, lse = SharedQKScores.apply(q, k, banned, q_pos.unsqueeze(-1) == k_pos.unsqueeze(-2))
         return torch.matmul(dropout(probs, drop, training), v), lse
+    if key_mask is None and not (training and drop > 0):
+        # a fused kernel (flash attention on CPU) keeps no (S, W) probabilities; chunks as heads, (B, H) as batch.
+        # Without a key mask every query sees at least itself, so -inf (SDPA) and the mask value agree exactly.
+        mask = None if banned is None else ~banned.flatten(0, 1)  # (1, C, S, W): True = may attend
+        out = F.scaled_dot_product_attention(
+            q.reshape(B * H, C, S, K), k.flatten(0, 1), v.flatten(0, 1), attn_mask=mask, scale=1.0
+        )
+        return out.view(B, H, C, S, K), None
     dots = torch.matmul(q, k.transpose(-1, -2))  # (B, H, C, S, W); fresh, so it may be masked in place
     if banned is not None:
         dots.masked_fill_(banned, _mask_values(dots.dtype)[0])
