@@ -18,7 +18,7 @@ interpreter, torch and the weights are excluded. Runs whose attention would not 
 skipped with "n/a (needs ~X GiB)". On CUDA (`--device cuda`) peak memory is `torch.cuda.max_memory_allocated`.
 
     python benchmarks/bench_reformer.py                       # the default tables (~4 minutes on 2 idle CPU cores)
-    python benchmarks/bench_reformer.py --full-sweep          # 1K..64K, depths 2..12, paired up to 64K (~30 minutes)
+    python benchmarks/bench_reformer.py --full-sweep          # 1K..64K, depths 2..12, paired up to 64K (~15-20 min)
     python benchmarks/bench_reformer.py --lengths 4096 --models reformer hf --depths --paired-lengths 4096 16384
 
 The default keeps the slow quadratic references (`full`, `t5`) to lengths <= --max-quadratic-length (4K) and times
