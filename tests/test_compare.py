@@ -42,7 +42,7 @@ def test_compare_stage_report_plots_and_mlflow(tmp_path: Path):
         assert f"{training[f'pretrain-{family}']['non_embedding_parameters']:,}" in report
         assert f"{training[f'pretrain-{family}']['tokens']:,}" in report
     for n, entry in bench["per_length"].items():
-        assert f"| {n} | {entry['t5_tokens_per_s']:.0f} |" in report
+        assert f"| {n} | {entry['t5_tokens_per_s']:,.0f} |" in report
     for section in ("## The answer in short", "## Setup", "## Side by side", "## Caveats", "listops: accuracy"):
         assert section in report
     names = ["loss_curves.png", "speed_vs_length.png", "memory_vs_length.png", "memory_vs_depth.png",
