@@ -335,8 +335,14 @@ def render_report(cfg: Config, data: dict[str, Any]) -> tuple[str, dict[str, Any
         f"({_num(tok.get('vocab_size', cfg.tokenizer.vocab_size))} pieces incl. {cfg.tokenizer.num_sentinels} "
         "sentinels).",
         f"- Data: source `{cfg.data.source}`"
-        + (f", {_num(prep.get('documents', prep.get('num_documents')))} documents" if prep else "")
-        + "; splits train/validation/test by document.",
+        + (
+            f", {_num(prep.get('documents_kept'))} documents kept of {_num(prep.get('documents_read'))} read "
+            f"(train {_num(prep.get('train', {}).get('documents'))}, validation "
+            f"{_num(prep.get('validation', {}).get('documents'))}, test {_num(prep.get('test', {}).get('documents'))})"
+            if prep
+            else ""
+        )
+        + "; split by document.",
         f"- Pretraining: `{p.objective}` (noise {p.noise_density}, mean span {p.mean_noise_span_length}), "
         f"{p.max_steps} steps x batch {p.batch_size} x {p.input_length} input tokens = {tokens:,} input tokens per "
         f"family, {p.optimizer.name} lr {p.optimizer.lr} ({p.optimizer.schedule}), identical for both families.",
