@@ -165,3 +165,22 @@ def _beam_search(
 
     out_len = P + int(done_lens[:, 0].max())
     return done_seqs[:, 0, :out_len]
+
+
+class GenerationMixin:
+    """Gives a model family the interface's `generate` method on top of its three decoding methods."""
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        length_penalty: float = 1.0,
+    ) -> torch.LongTensor:
+        """Greedy (`num_beams=1`) or beam search; see `models.generation.generate`."""
+        return generate(
+            self, input_ids, attention_mask, max_new_tokens, num_beams, eos_token_id, pad_token_id, length_penalty
+        )

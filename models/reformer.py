@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.generation import GenerationMixin
 from models.reversible import reversible_stack
 
 LAYOUTS = ("encoder_decoder", "causal_lm")
@@ -652,8 +653,12 @@ class ReformerEmbeddings(nn.Module):
         return self.dropout(self.word_embeddings(input_ids)) + self.dropout(positions)
 
 
-class ReformerModel(nn.Module):
-    """Reformer with an LM head over both streams; `causal_lm` has one stack (`decoder`), `encoder_decoder` two."""
+class ReformerModel(GenerationMixin, nn.Module):
+    """Reformer with an LM head over both streams; `causal_lm` has one stack (`decoder`), `encoder_decoder` two.
+
+    `generate` (from `GenerationMixin`) re-runs the decoder on the prefix each step; with `hash_seed=None` the
+    LSH hashing is random at every step, so set a seed for reproducible decoding.
+    """
 
     def __init__(self, config: ReformerConfig):
         super().__init__()
@@ -754,24 +759,6 @@ class ReformerModel(nn.Module):
 
     def reorder_state(self, state: dict[str, Any], beam_idx: torch.Tensor) -> dict[str, Any]:
         return {k: v.index_select(0, beam_idx) for k, v in state.items()}
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
-        num_beams: int = 1,
-        eos_token_id: int | None = None,
-        pad_token_id: int | None = None,
-        length_penalty: float = 1.0,
-    ) -> torch.Tensor:
-        """Greedy or beam search (models/generation.py). With `hash_seed=None` LSH hashing is random at every step."""
-        from models.generation import generate
-
-        return generate(
-            self, input_ids, attention_mask, max_new_tokens, num_beams, eos_token_id, pad_token_id, length_penalty
-        )
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameter count; non-embedding excludes token and position embeddings and the output projection."""

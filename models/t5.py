@@ -410,7 +410,7 @@ class T5Stack(nn.Module):
         return dropout(self.final_layer_norm(h), self.dropout, self.training)
 
 
-class T5Model(nn.Module):
+class T5Model(generation.GenerationMixin, nn.Module):
     """T5 encoder-decoder, or decoder-only causal / prefix LM; `forward` returns logits (no loss inside)."""
 
     def __init__(self, config: T5Config):
@@ -548,21 +548,6 @@ class T5Model(nn.Module):
         for cache in state["caches"]:
             cache.reorder(beam_idx)
         return state
-
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
-        num_beams: int = 1,
-        eos_token_id: int | None = None,
-        pad_token_id: int | None = None,
-        length_penalty: float = 1.0,
-    ) -> torch.LongTensor:
-        """Greedy (num_beams=1) or beam search with cached decoding; see `models.generation.generate`."""
-        return generation.generate(
-            self, input_ids, attention_mask, max_new_tokens, num_beams, eos_token_id, pad_token_id, length_penalty
-        )
 
     # ---- accounting ----
 
