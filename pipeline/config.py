@@ -151,7 +151,7 @@ class PretrainConfig:
     """Sequences per optimizer step per device (before gradient accumulation)."""
     max_steps: int = 200
     """Optimizer steps; with batch size and length this fixes the token budget shared by both families."""
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-3))
     """Optimizer and schedule."""
     z_loss: float = 0.0
     """Weight of the auxiliary z-loss (log of the softmax normaliser squared); 0 disables it."""
@@ -159,7 +159,7 @@ class PretrainConfig:
     """Log metrics (loss, lr, grad norm, tokens/s, MFU) every this many steps."""
     val_every_n_steps: int = 50
     """Run validation every this many steps."""
-    val_batches: int = 8
+    val_batches: int = 4
     """Validation batches per validation run."""
     checkpoint_every_n_steps: int = 50
     """Save a resumable checkpoint every this many steps."""
@@ -190,7 +190,7 @@ class FinetuneConfig:
     max_steps: int = 150
     """Optimizer steps."""
     optimizer: OptimizerConfig = field(
-        default_factory=lambda: OptimizerConfig(lr=5e-4, schedule="constant", warmup_steps=10)
+        default_factory=lambda: OptimizerConfig(lr=1e-3, schedule="constant", warmup_steps=10)
     )
     """Optimizer and schedule."""
     z_loss: float = 0.0
@@ -199,7 +199,7 @@ class FinetuneConfig:
     """Log metrics every this many steps."""
     val_every_n_steps: int = 50
     """Run validation every this many steps."""
-    val_batches: int = 8
+    val_batches: int = 4
     """Validation batches per validation run."""
     checkpoint_every_n_steps: int = 50
     """Save a resumable checkpoint every this many steps."""
@@ -237,7 +237,7 @@ class BenchmarkConfig:
     """Timed steps per measurement (after one warmup step)."""
     max_memory_gb: float = 8.0
     """Skip a measurement whose estimated peak memory exceeds this (protects the machine)."""
-    time_budget_s: float = 120.0
+    time_budget_s: float = 75.0
     """Stop measuring longer lengths once the stage has used this much time."""
 
 

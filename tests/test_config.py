@@ -148,3 +148,13 @@ def test_cli_ok_on_shipped():
     result = _run_validate(SHIPPED)
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
+
+
+def test_shipped_params_equal_the_documented_defaults():
+    """params.yaml spells out every default, so the dataclass docs and the shipped file cannot drift apart."""
+    from pipeline.config import Config
+
+    shipped = load_config(SHIPPED).to_dict()
+    defaults = Config().to_dict()
+    defaults["models"] = shipped["models"]  # presets are chosen in params.yaml, there is no code default
+    assert defaults == shipped
