@@ -138,20 +138,14 @@ class OptimizerConfig:
 
 
 @dataclass
-class PretrainConfig:
-    objective: Literal["span_corruption", "causal_lm", "prefix_lm"] = "span_corruption"
-    """Pretraining objective: T5 span corruption (encoder-decoder) or causal/prefix LM (decoder-only)."""
-    noise_density: float = 0.15
-    """Span corruption: fraction of input tokens masked."""
-    mean_noise_span_length: float = 3.0
-    """Span corruption: mean length of a masked span."""
-    input_length: int = 128
-    """Tokens per packed input sequence (span corruption fills it exactly; targets are derived)."""
+class TrainingLoopConfig:
+    """The knobs every training stage shares; `pretrain` and `finetune` set their own defaults."""
+
     batch_size: int = 16
     """Sequences per optimizer step per device (before gradient accumulation)."""
     max_steps: int = 200
     """Optimizer steps; with batch size and length this fixes the token budget shared by both families."""
-    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-3))
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """Optimizer and schedule."""
     z_loss: float = 0.0
     """Weight of the auxiliary z-loss (log of the softmax normaliser squared); 0 disables it."""
@@ -166,7 +160,21 @@ class PretrainConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class PretrainConfig(TrainingLoopConfig):
+    objective: Literal["span_corruption", "causal_lm", "prefix_lm"] = "span_corruption"
+    """Pretraining objective: T5 span corruption (encoder-decoder) or causal/prefix LM (decoder-only)."""
+    noise_density: float = 0.15
+    """Span corruption: fraction of input tokens masked."""
+    mean_noise_span_length: float = 3.0
+    """Span corruption: mean length of a masked span."""
+    input_length: int = 128
+    """Tokens per packed input sequence (span corruption fills it exactly; targets are derived)."""
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-3))
+    """Optimizer and schedule."""
+
+
+@dataclass
+class FinetuneConfig(TrainingLoopConfig):
     init: Literal["pretrained", "scratch", "t5_checkpoint"] = "pretrained"
     """Start from this family's pretrain output, from scratch, or from an original T5 checkpoint directory."""
     checkpoint_dir: str | None = None
@@ -185,24 +193,12 @@ class FinetuneConfig:
     """Maximum input tokens (longer inputs are truncated)."""
     target_length: int = 32
     """Maximum target tokens (longer targets are truncated)."""
-    batch_size: int = 16
-    """Sequences per optimizer step per device (before gradient accumulation)."""
     max_steps: int = 150
     """Optimizer steps."""
     optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(lr=1e-3, schedule="constant", warmup_steps=10)
     )
     """Optimizer and schedule."""
-    z_loss: float = 0.0
-    """Weight of the auxiliary z-loss; 0 disables it."""
-    log_every_n_steps: int = 10
-    """Log metrics every this many steps."""
-    val_every_n_steps: int = 50
-    """Run validation every this many steps."""
-    val_batches: int = 4
-    """Validation batches per validation run."""
-    checkpoint_every_n_steps: int = 50
-    """Save a resumable checkpoint every this many steps."""
 
 
 @dataclass
