@@ -30,6 +30,7 @@ from pipeline.objectives import (
     pack_documents,
     prefix_lm,
 )
+from pipeline.tokenstore import TokenSplit, TokenStore
 
 Item = tuple[int, int]  # (epoch, index): what the sampler yields and the datasets take
 
@@ -37,29 +38,33 @@ Item = tuple[int, int]  # (epoch, index): what the sampler yields and the datase
 # ----------------------------------------------------------------------------------------------- corpus
 
 
-def load_tokenized(path: str | Path) -> Any:
-    """The `datasets.DatasetDict` written by the tokenize stage (column `input_ids` per document)."""
-    import datasets
-
+def load_tokenized(path: str | Path) -> TokenStore:
+    """The token store written by the tokenize stage: `store[split]` is a memory-mapped `TokenSplit`."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist; run the tokenize stage first (`dvc repro tokenize`)")
-    return datasets.load_from_disk(str(path))
+    return TokenStore(path)
 
 
-def document_arrays(split: Any) -> list[np.ndarray]:
-    """The documents of a tokenized split as int64 arrays, in stored order."""
-    column = split.with_format("numpy")["input_ids"]
-    return [np.asarray(doc, dtype=np.int64) for doc in column]
+def document_arrays(split: Any) -> Sequence[np.ndarray]:
+    """The documents of a tokenized split, in stored order: a `TokenSplit` is returned as is (its documents are
+    views of the mapped file, nothing is read); a list of id sequences becomes a list of int64 arrays."""
+    if isinstance(split, TokenSplit):
+        return split
+    return [np.asarray(doc, dtype=np.int64) for doc in split]
 
 
 def unigram_entropy(docs: Sequence[np.ndarray]) -> float:
     """Entropy (nats per token) of the unigram distribution of the tokens: the loss of a model that ignores context.
 
-    A language model that learned anything from context has a loss clearly below this.
+    A language model that learned anything from context has a loss clearly below this. A `TokenSplit` brings
+    its counts (computed by the tokenize stage), so no pass over the corpus is needed.
     """
-    counts = np.bincount(np.concatenate(docs)) if docs else np.zeros(1)
-    p = counts[counts > 0] / counts.sum()
+    if isinstance(docs, TokenSplit):
+        counts = docs.counts
+    else:
+        counts = np.bincount(np.concatenate(docs)) if len(docs) else np.zeros(1)
+    p = counts[counts > 0] / max(counts.sum(), 1)
     return float(-(p * np.log(p)).sum())
 
 
@@ -90,10 +95,15 @@ class ResumableSampler(Sampler[Item]):
 
 
 class PretrainDataset(Dataset):
-    """Packed chunks of the corpus turned into examples by the pretraining objective, per `(epoch, index)`."""
+    """Packed chunks of the corpus turned into examples by the pretraining objective, per `(epoch, index)`.
+
+    On a `TokenSplit` the chunks are a view of the memory-mapped token file: building the dataset reads nothing,
+    and each example reads its own `raw_length` tokens. Pickles without the chunks (re-packed on arrival), so
+    loader workers map the file rather than receive a copy.
+    """
 
     def __init__(self, docs: Sequence[np.ndarray], objective: str, input_length: int, seed: int, **span_args: Any):
-        self.objective, self.seed = objective, seed
+        self.docs, self.objective, self.seed = docs, objective, seed
         if objective == "span_corruption":
             self.corrupt = SpanCorruption(input_length=input_length, **span_args)
             raw_length = self.corrupt.raw_length
@@ -101,14 +111,22 @@ class PretrainDataset(Dataset):
             raw_length = lm_raw_length(input_length)
         else:
             raise ValueError(f"unknown objective {objective!r}")
-        self.chunks = pack_documents(docs, raw_length)  # (N, raw_length)
+        self.raw_length = raw_length
+        self.chunks = pack_documents(docs, raw_length)  # (N, raw_length), a view on a TokenSplit
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "chunks"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.chunks = pack_documents(self.docs, self.raw_length)
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __getitem__(self, item: Item) -> dict[str, np.ndarray | int]:
         epoch, index = item
-        tokens = self.chunks[index]
+        tokens = np.asarray(self.chunks[index], dtype=np.int64)  # (raw_length,), read from the file here
         if self.objective == "span_corruption":
             inputs, targets = self.corrupt(tokens, example_rng(self.seed, epoch, index))
             return {"inputs": inputs, "targets": targets}

@@ -43,9 +43,15 @@ def pack_documents(docs: Sequence[np.ndarray], chunk_length: int) -> np.ndarray:
     """Concatenate token arrays (each already ending with eos) and cut them into full chunks.
 
     Returns `(n_chunks, chunk_length)` with the dtype of the documents; the incomplete tail is dropped.
+    Documents already stored back to back (a `TokenSplit`, whose `tokens` is the flat stream) are packed as a
+    reshaped view of that stream: nothing is copied or read.
     """
     if chunk_length < 1:
         raise ValueError(f"chunk_length must be >= 1, got {chunk_length}")
+    flat = getattr(docs, "tokens", None)
+    if isinstance(flat, np.ndarray):  # (N,) documents back to back
+        n_chunks = len(flat) // chunk_length
+        return flat[: n_chunks * chunk_length].reshape(n_chunks, chunk_length)
     if len(docs) == 0:
         return np.zeros((0, chunk_length), dtype=np.int64)
     stream = np.concatenate([np.asarray(d) for d in docs])  # (sum of lengths,)

@@ -1,32 +1,56 @@
-"""`tokenize` stage: train (or load) the SentencePiece tokenizer and tokenize every split.
+"""`tokenize` stage: train (or load) the SentencePiece tokenizer and tokenize every split into the token store.
 
 Inputs: `data/prepared/` from `prepare`. Outputs: `data/tokenizer/` (`spm.model` + `tokenizer.json`, see
-`pipeline/tokenizer.py`), `data/tokenized/` (a `datasets.DatasetDict` with `input_ids`, int32 with eos
-appended, and `length` per document) and `metrics/tokenize.json` (tokens per split, vocabulary, throughput).
-The tokenizer is trained on the train split only. Both directories are built in temporary siblings and
-swapped into place at the end, so a failed run leaves the previous outputs intact.
+`pipeline/tokenizer.py`), `data/tokenized/` (the memory-mapped token store of `pipeline/tokenstore.py`: per
+split a flat uint16/uint32 token file, eos after every document, with document offsets) and
+`metrics/tokenize.json` (documents and tokens per split, vocabulary, throughput, bytes per token on disk).
+
+Scale: memory is bounded by the tokenizer's training sample, not by the corpus.
+- SentencePiece is trained on a seeded sample of train documents of at most `tokenizer.train_sample_mb` MB of
+  text (the whole train split when it is smaller), then at most `input_sentence_size` of its lines.
+- Each split is cut into shards of about `tokenizer.shard_mb` MB of text; `tokenizer.num_proc` worker
+  processes encode shards in parallel (one SentencePiece thread each), reading the prepared Arrow files
+  through their memory map, a `batch_size`-document slice at a time.
+- Finished shards (and the trained tokenizer) are kept in `data/tokenized.partial/` until the stage
+  completes, under a key of everything that decides the outputs: a killed run continues from the finished
+  shards; a run with other params or other prepared data starts over.
+- The outputs are assembled in temporary siblings and swapped into place at the end, so a failed run leaves
+  the previous outputs intact; temporary siblings left by a killed run are removed by the next one.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
+import json
 import logging
+import math
+import multiprocessing
+import os
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipeline.common import StageError, atomic_output, repo_root, run_stage, stage_parser, write_json
 from pipeline.config import Config, TokenizerConfig
 from pipeline.tokenizer import MODEL_NAME, Tokenizer, train_sentencepiece
+from pipeline.tokenstore import SplitWriter, token_dtype, write_store_meta
 
 log = logging.getLogger("pipeline.tokenize")
 
 PREPARED_DIR = "data/prepared"
 TOKENIZER_DIR = "data/tokenizer"
 TOKENIZED_DIR = "data/tokenized"
+WORK_DIR = "data/tokenized.partial"
 METRICS_FILE = "metrics/tokenize.json"
-MIN_BATCHES_PER_WORKER = 16
+SPLITS = ("train", "validation", "test")
+MIN_PARALLEL_BYTES = 4 << 20
+"""Below this much text left to encode, worker processes cost more than they save: encode in-process."""
 
 
 def load_prepared(path: Path) -> Any:
@@ -39,14 +63,74 @@ def load_prepared(path: Path) -> Any:
         prepared = datasets.load_from_disk(str(path))
     except (OSError, ValueError) as exc:
         raise StageError(f"{path}: cannot load the prepared dataset ({exc})") from None
-    missing = [s for s in ("train", "validation", "test") if s not in prepared]
+    missing = [s for s in SPLITS if s not in prepared]
     if missing or "text" not in prepared["train"].column_names:
         raise StageError(f"{path}: expected splits train/validation/test with a `text` column; re-run prepare")
     return prepared
 
 
-def build_tokenizer(cfg: TokenizerConfig, seed: int, train_texts: list[str], root: Path, out_dir: Path) -> Tokenizer:
-    """Train a tokenizer on `train_texts` (or load `cfg.model_file`) and save it into `out_dir`."""
+def remove_stale_temporaries(target: Path) -> None:
+    """Remove what a killed run left beside `target`: `.<name>.*.tmp` siblings (from `atomic_output`), and
+    `.<name>.old` when `target` itself exists (otherwise `.old` is the previous result and is put back)."""
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        _remove(stale)
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        if target.exists():
+            _remove(old)
+        else:  # killed between the two renames of a swap: the previous output is still whole
+            os.replace(old, target)
+
+
+def _opt(tc: Any, name: str) -> float:  # TEMPORARY until the tokenizer config fields land
+    return getattr(tc, name, {"train_sample_mb": 100.0, "shard_mb": 8.0}[name])
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+
+def document_bytes(split: Any) -> np.ndarray:
+    """UTF-8 bytes of each document of a prepared split, from the Arrow offsets (no text is decoded)."""
+    import pyarrow.compute as pc
+
+    lengths = pc.fill_null(pc.binary_length(split.data.column("text")), 0)
+    return np.asarray(lengths.to_numpy(), dtype=np.int64)
+
+
+def sample_documents(sizes: np.ndarray, budget_bytes: int, seed: int) -> np.ndarray | None:
+    """Sorted indices of a seeded random sample of documents holding at most `budget_bytes` of text (at least
+    one document), or None when the whole split fits in the budget."""
+    if int(sizes.sum()) <= budget_bytes:
+        return None
+    order = np.random.default_rng(seed).permutation(len(sizes))
+    within = np.cumsum(sizes[order]) <= budget_bytes
+    return np.sort(order[: max(1, int(within.sum()))])
+
+
+def training_texts(train: Any, cfg: TokenizerConfig, seed: int) -> tuple[list[str], int]:
+    """(texts the tokenizer is trained on, their bytes): the train split, or a sample of `train_sample_mb` MB."""
+    sizes = document_bytes(train)
+    keep = sample_documents(sizes, int(_opt(cfg, "train_sample_mb") * 1e6), seed)
+    if keep is None:
+        return train.data.column("text").to_pylist(), int(sizes.sum())
+    log.info(
+        "training the tokenizer on %d of %d train documents (%.0f MB)",
+        len(keep),
+        len(sizes),
+        _opt(cfg, "train_sample_mb"),
+    )
+    return train.select(keep).data.column("text").to_pylist(), int(sizes[keep].sum())
+
+
+def build_tokenizer(cfg: TokenizerConfig, seed: int, train: Any, root: Path, out_dir: Path) -> Tokenizer:
+    """Train a tokenizer on (a sample of) the train split, or load `cfg.model_file`; save it into `out_dir`."""
     if cfg.model_file:
         source = Path(cfg.model_file)
         source = source if source.is_absolute() else root / source
@@ -64,8 +148,9 @@ def build_tokenizer(cfg: TokenizerConfig, seed: int, train_texts: list[str], roo
         return tokenizer
     num_pieces = cfg.vocab_size - cfg.num_sentinels
     start = time.perf_counter()
+    texts, _ = training_texts(train, cfg, seed)
     train_sentencepiece(
-        train_texts,
+        texts,
         out_dir / MODEL_NAME,
         num_pieces=num_pieces,
         model_type=cfg.model_type,
@@ -73,6 +158,7 @@ def build_tokenizer(cfg: TokenizerConfig, seed: int, train_texts: list[str], roo
         input_sentence_size=cfg.input_sentence_size,
         seed=seed,
     )
+    del texts
     log.info(
         "trained a %s SentencePiece model of %d pieces in %.1f s",
         cfg.model_type,
@@ -84,89 +170,233 @@ def build_tokenizer(cfg: TokenizerConfig, seed: int, train_texts: list[str], roo
     return tokenizer
 
 
-def encode_batch(batch: Any, tokenizer: Tokenizer) -> Any:
-    """`datasets.map` function on an Arrow batch: `text` -> `input_ids` (list<int32>, eos appended), `length`.
-
-    Building the Arrow arrays directly from flat numpy buffers keeps the per-token Python work to the
-    SentencePiece call itself (returning Python lists would make `datasets` convert every id one by one).
-    """
-    import numpy as np
-    import pyarrow as pa
-
-    ids = tokenizer.encode(batch.column("text").to_pylist(), add_eos=True)
-    lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, flat), "length": lengths})
+# --------------------------------------------------------------------------------------------- shards
 
 
-def map_workers(num_documents: int, batch_size: int, num_proc: int) -> int:
-    """Worker processes worth starting for a split: at most `num_proc`, each with `MIN_BATCHES_PER_WORKER`.
+@dataclass(frozen=True)
+class Shard:
+    """Documents `[start, stop)` of one split, about `shard_mb` MB of text; its files are `<name>.bin/.npz`."""
 
-    SentencePiece already spreads each batch over all cores with threads; extra processes only help with
-    the per-batch Python and Arrow work, and each costs a start-up (about half a second) that small splits
-    never win back, so the default corpus is tokenized in-process.
-    """
-    return max(1, min(num_proc, num_documents // (batch_size * MIN_BATCHES_PER_WORKER)))
+    split: str
+    index: int
+    start: int
+    stop: int
+    nbytes: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:05d}"
 
 
-def tokenize_split(dataset: Any, tokenizer: Tokenizer, batch_size: int, num_proc: int) -> Any:
-    """Tokenize one split with a batched `datasets.map` (worker processes only for large splits)."""
-    workers = map_workers(len(dataset), batch_size, num_proc)
-    return (
-        dataset.with_format("arrow")
-        .map(
-            encode_batch,
-            fn_kwargs={"tokenizer": tokenizer},
-            batched=True,
-            batch_size=batch_size,
-            num_proc=workers if workers > 1 else None,
-            remove_columns=dataset.column_names,
-            desc="tokenize",
-        )
-        .with_format(None)
+def plan_shards(split: str, sizes: np.ndarray, shard_bytes: int) -> list[Shard]:
+    """Cut a split into consecutive shards of about `shard_bytes` of text each (at least one document each)."""
+    if len(sizes) == 0:
+        return [Shard(split, 0, 0, 0, 0)]
+    ends = np.cumsum(sizes)
+    n = max(1, math.ceil(int(ends[-1]) / max(shard_bytes, 1)))
+    # shard i ends at the first document whose cumulative size reaches (i + 1) / n of the split
+    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, n) / n, side="left") + 1
+    bounds = np.unique(np.concatenate([[0], np.clip(cuts, 1, len(sizes)), [len(sizes)]]))
+    starts = np.concatenate([[0], ends])
+    return [
+        Shard(split, i, int(a), int(b), int(starts[b] - starts[a]))
+        for i, (a, b) in enumerate(itertools.pairwise(bounds))
+    ]
+
+
+def shard_done(work: Path, shard: Shard) -> bool:
+    """Whether a shard's files are complete (the `.npz` is renamed into place last)."""
+    return (work / f"{shard.name}.npz").is_file() and (work / f"{shard.name}.bin").is_file()
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(prepared_dir: str, tokenizer: Tokenizer, out_dir: str, batch_size: int) -> None:
+    import datasets
+
+    _WORKER.update(
+        prepared=datasets.load_from_disk(prepared_dir), tokenizer=tokenizer, out=Path(out_dir), batch=batch_size
     )
+
+
+def encode_shard(shard: Shard) -> tuple[Shard, int, float]:
+    """Encode one shard into `<name>.bin` (raw ids) and `<name>.npz` (lengths, counts); returns (shard, tokens, s).
+
+    Runs in a worker initialised by `_init_worker`. Files are written under temporary names (with the pid: an
+    orphaned worker of a killed run cannot collide) and renamed into place, the `.npz` last.
+    """
+    start_time = time.perf_counter()
+    tok: Tokenizer = _WORKER["tokenizer"]
+    out: Path = _WORKER["out"]
+    table = _WORKER["prepared"][shard.split].data
+    dtype = token_dtype(tok.vocab_size)
+    counts = np.zeros(tok.vocab_size, dtype=np.int64)
+    lengths: list[np.ndarray] = []
+    tmp_bin = out / f".{shard.name}.bin.{os.getpid()}.tmp"
+    with tmp_bin.open("wb") as fh:
+        for s in range(shard.start, shard.stop, _WORKER["batch"]):
+            texts = table.slice(s, min(_WORKER["batch"], shard.stop - s)).column("text").to_pylist()
+            ids = tok.encode(texts, add_eos=True, num_threads=1)
+            batch_lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(batch_lengths.sum()))
+            fh.write(flat.tobytes())
+            counts += np.bincount(flat, minlength=tok.vocab_size)
+            lengths.append(batch_lengths)
+    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    tmp_npz = out / f".{shard.name}.{os.getpid()}.tmp.npz"
+    np.savez(tmp_npz, lengths=all_lengths, counts=counts)
+    os.replace(tmp_bin, out / f"{shard.name}.bin")
+    os.replace(tmp_npz, out / f"{shard.name}.npz")
+    return shard, int(all_lengths.sum()), time.perf_counter() - start_time
+
+
+def encode_shards(
+    shards: list[Shard], prepared_dir: Path, tokenizer: Tokenizer, out: Path, batch_size: int, num_proc: int
+) -> tuple[int, int]:
+    """Encode `shards` (largest first) on up to `num_proc` processes; returns (tokens, processes used)."""
+    pending = sorted(shards, key=lambda s: -s.nbytes)
+    workers = min(num_proc, len(pending))
+    if sum(s.nbytes for s in pending) < MIN_PARALLEL_BYTES:
+        workers = 1
+    args = (str(prepared_dir), tokenizer, str(out), batch_size)
+    tokens = 0
+    if workers <= 1:
+        _init_worker(*args)
+        for shard in pending:
+            tokens += encode_shard(shard)[1]
+        return tokens, 1
+    # fork: workers inherit the imported libraries (as `datasets.map` does); each maps the Arrow files itself
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=args) as pool:
+        for shard, n, seconds in pool.imap_unordered(encode_shard, pending):
+            tokens += n
+            log.debug("shard %s: %d tokens in %.1f s", shard.name, n, seconds)
+    return tokens, workers
+
+
+# ----------------------------------------------------------------------------------------------- stage
+
+
+def job_key(cfg: Config, prepared_dir: Path) -> str:
+    """Everything the outputs depend on: the tokenizer params (not `num_proc`/`batch_size`), the seed, the
+    shard size and the prepared data's fingerprints. Finished shards are reused only under the same key."""
+    tc = cfg.tokenizer
+    prepared = sorted(
+        (str(p.relative_to(prepared_dir)), p.read_text(encoding="utf-8"))
+        for p in (*prepared_dir.glob("*/state.json"), prepared_dir / "stats.json")
+        if p.is_file()
+    )
+    model_file = None
+    if tc.model_file:
+        path = Path(tc.model_file)
+        path = path if path.is_absolute() else prepared_dir.parent.parent / path
+        model_file = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else str(path)
+    key = {
+        "seed": cfg.seed,
+        "model_file": model_file,
+        "vocab_size": tc.vocab_size,
+        "num_sentinels": tc.num_sentinels,
+        "model_type": tc.model_type,
+        "character_coverage": tc.character_coverage,
+        "input_sentence_size": tc.input_sentence_size,
+        "train_sample_mb": _opt(tc, "train_sample_mb"),
+        "shard_mb": _opt(tc, "shard_mb"),
+        "prepared": prepared,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def open_work_dir(work: Path, key: str) -> Path:
+    """The resumable work directory for `key`: kept when its key matches, otherwise emptied."""
+    key_file = work / "job.json"
+    if work.exists():
+        same = key_file.is_file() and json.loads(key_file.read_text(encoding="utf-8")).get("key") == key
+        if same:
+            for stale in (work / "shards").glob(".*.tmp*"):  # partial shard files of the killed run
+                _remove(stale)
+            remove_stale_temporaries(work / "tokenizer")
+            return work
+        log.info("%s belongs to other params or data: starting over", work)
+        shutil.rmtree(work)
+    (work / "shards").mkdir(parents=True)
+    key_file.write_text(json.dumps({"key": key}) + "\n", encoding="utf-8")
+    return work
+
+
+def work_tokenizer(cfg: Config, prepared: Any, root: Path, work: Path) -> Tokenizer:
+    """The tokenizer of this job: trained (or loaded) once and kept in the work directory across kills."""
+    saved = work / "tokenizer"
+    if (saved / "tokenizer.json").is_file():
+        log.info("resuming: reusing the tokenizer in %s", saved)
+        return Tokenizer.load(saved)
+    with atomic_output(saved) as tmp:
+        build_tokenizer(cfg.tokenizer, cfg.seed, prepared["train"], root, tmp)
+    return Tokenizer.load(saved)
 
 
 def body(cfg: Config, args: argparse.Namespace) -> None:
     import datasets
 
-    datasets.disable_caching()  # map results go to temporary files, never into data/prepared
     datasets.disable_progress_bars()
     root = repo_root()
-    prepared = load_prepared(root / PREPARED_DIR)
     tc = cfg.tokenizer
+    for target in (root / TOKENIZER_DIR, root / TOKENIZED_DIR, root / WORK_DIR):
+        remove_stale_temporaries(target)
+    prepared = load_prepared(root / PREPARED_DIR)
+    work = open_work_dir(root / WORK_DIR, job_key(cfg, root / PREPARED_DIR))
+    try:
+        tokenizer = work_tokenizer(cfg, prepared, root, work)
+    except StageError:
+        shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming
+        raise
+    shards = {
+        name: plan_shards(name, document_bytes(prepared[name]), int(_opt(tc, "shard_mb") * 1e6)) for name in SPLITS
+    }
+    todo = [s for split in shards.values() for s in split if not shard_done(work / "shards", s)]
+    total_shards = sum(map(len, shards.values()))
+    if len(todo) < total_shards:
+        log.info("resuming: %d of %d shards already tokenized", total_shards - len(todo), total_shards)
+    start = time.perf_counter()
+    encoded, workers = encode_shards(todo, root / PREPARED_DIR, tokenizer, work / "shards", tc.batch_size, tc.num_proc)
+    seconds = time.perf_counter() - start
+
     metrics: dict[str, Any] = {}
     with atomic_output(root / TOKENIZER_DIR) as tok_dir, atomic_output(root / TOKENIZED_DIR) as data_dir:
-        train_texts = prepared["train"].data.column("text").to_pylist()
-        tokenizer = build_tokenizer(tc, cfg.seed, train_texts, root, tok_dir)
-        tokenized = {}
-        start = time.perf_counter()
-        for name, split in prepared.items():
-            tokenized[name] = tokenize_split(split, tokenizer, tc.batch_size, tc.num_proc)
-        seconds = time.perf_counter() - start
-        result = datasets.DatasetDict(tokenized)
-        result.save_to_disk(str(data_dir))
-        total = 0
-        for name, split in result.items():
-            tokens = int(sum(split.data.column("length").to_pylist()))
-            total += tokens
-            metrics[name] = {"documents": len(split), "tokens": tokens}
+        shutil.copytree(work / "tokenizer", tok_dir)
+        data_dir.mkdir()
+        metas = {}
+        for name in SPLITS:
+            writer = SplitWriter(data_dir / name, tokenizer.vocab_size)
+            for shard in shards[name]:
+                with np.load(work / "shards" / f"{shard.name}.npz") as z:
+                    writer.append_file(work / "shards" / f"{shard.name}.bin", z["lengths"], z["counts"])
+            metas[name] = writer.close()
+            metrics[name] = {"documents": metas[name]["documents"], "tokens": metas[name]["tokens"]}
+        write_store_meta(data_dir, tokenizer.vocab_size, metas)
+        total = sum(m["tokens"] for m in metas.values())
+        disk = sum(f.stat().st_size for f in data_dir.rglob("*") if f.is_file())
         metrics.update(
             vocab_size=tokenizer.vocab_size,
             num_pieces=tokenizer.num_pieces,
             num_sentinels=tokenizer.num_sentinels,
             tokens_total=total,
-            tokens_per_second=round(total / max(seconds, 1e-9), 1),
+            tokens_per_second=round(encoded / max(seconds, 1e-9), 1),
+            dtype=token_dtype(tokenizer.vocab_size).name,
+            bytes_per_token=round(disk / max(total, 1), 4),
+            shards=total_shards,
+            shards_resumed=total_shards - len(todo),
+            processes=workers,
         )
+    shutil.rmtree(work, ignore_errors=True)
     write_json(root / METRICS_FILE, metrics)
     log.info(
-        "tokenized %d tokens (%s) with a vocabulary of %d at %.0f tokens/s",
+        "tokenized %d tokens (%s) with a vocabulary of %d at %.0f tokens/s on %d process(es), %.2f bytes/token",
         total,
-        ", ".join(f"{name} {metrics[name]['tokens']}" for name in result),
+        ", ".join(f"{name} {metrics[name]['tokens']}" for name in SPLITS),
         tokenizer.vocab_size,
         metrics["tokens_per_second"],
+        workers,
+        metrics["bytes_per_token"],
     )
 
 

@@ -101,19 +101,20 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------------ encode / decode
 
-    def encode(self, texts: Sequence[str], add_eos: bool = True) -> list[list[int]]:
+    def encode(self, texts: Sequence[str], add_eos: bool = True, num_threads: int | None = None) -> list[list[int]]:
         """Token ids of each text, eos appended unless `add_eos=False`.
 
         Literal `<extra_id_N>` strings (N < num_sentinels) become sentinel ids; the text between them is
         encoded by SentencePiece piece by piece, as T5's tokenizer does. Texts without sentinels are encoded
-        in one batched SentencePiece call.
+        in one batched SentencePiece call, on `num_threads` threads (None: SentencePiece's default, all cores;
+        worker processes that already split the work pass 1).
         """
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts; wrap a single text in a list")
         plain = [i for i, t in enumerate(texts) if self.num_sentinels == 0 or "<extra_id_" not in t]
         out: list[list[int]] = [[] for _ in texts]
         if plain:
-            for i, ids in zip(plain, self.sp.encode([texts[i] for i in plain]), strict=True):
+            for i, ids in zip(plain, self.sp.encode([texts[i] for i in plain], num_threads=num_threads), strict=True):
                 out[i] = ids
         if len(plain) < len(texts):
             done = set(plain)

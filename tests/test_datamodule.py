@@ -119,3 +119,46 @@ def test_text_to_text_on_a_decoder_only_model_trains_on_targets_only():
     assert b["input_ids"].tolist() == [[5, 6, 7, 8]]
     assert b["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 8, 1]]
     assert b["prefix_lengths"].tolist() == [3]
+
+
+# ------------------------------------------------------------------------------------- the token store
+
+
+def test_pretraining_on_the_token_store_is_a_view_and_matches_in_memory_packing(tmp_path):
+    from pipeline.datamodule import document_arrays, load_tokenized
+    from pipeline.tokenstore import write_store
+
+    docs = markov_docs(60, 4)
+    store = load_tokenized(write_store(tmp_path / "tok", {"train": docs}, vocab_size=250).path)
+    split = document_arrays(store["train"])
+    kw = dict(noise_density=0.15, mean_noise_span_length=3.0, eos_id=1, sentinel_ids=[249 - i for i in range(20)])
+    mapped = PretrainDataset(split, "span_corruption", 32, seed=1, **kw)
+    listed = PretrainDataset([np.asarray(d) for d in docs], "span_corruption", 32, seed=1, **kw)
+    assert isinstance(mapped.chunks, np.memmap) and mapped.chunks.dtype == np.uint16  # a view, not a copy
+    assert len(mapped) == len(listed) > 5
+    for item in [(0, 0), (0, 5), (2, 3)]:
+        for key in ("inputs", "targets"):
+            np.testing.assert_array_equal(mapped[item][key], listed[item][key])
+            assert mapped[item][key].dtype == np.int64
+    assert unigram_entropy(split) == pytest.approx(unigram_entropy([np.asarray(d) for d in docs]))
+
+
+def test_token_store_dataset_pickles_as_a_path_and_resumes_the_same_batches(tmp_path):
+    import pickle
+
+    from pipeline.datamodule import load_tokenized
+    from pipeline.tokenstore import write_store
+
+    store = load_tokenized(write_store(tmp_path / "tok", {"train": markov_docs(80, 5)}, vocab_size=250).path)
+    ds = PretrainDataset(store["train"], "causal_lm", 16, seed=0)
+    blob = pickle.dumps(ds)
+    assert len(blob) < 4096  # the file is re-mapped on the other side, not shipped
+    clone = pickle.loads(blob)
+    np.testing.assert_array_equal(clone[(1, 7)]["inputs"], ds[(1, 7)]["inputs"])
+
+    dm = TrainDataModule(ds, None, Collator("causal_lm"), batch_size=2, seed=5)
+    batches = take(iter(dm.train_dataloader()), 6)
+    resumed = TrainDataModule(clone, None, Collator("causal_lm"), batch_size=2, seed=5)
+    resumed.load_state_dict({"batches_consumed": 3, "batch_size": 2})
+    for x, y in zip(batches[3:], take(iter(resumed.train_dataloader()), 3), strict=True):
+        torch.testing.assert_close(x["input_ids"], y["input_ids"])

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import sentencepiece as spm
 import yaml
@@ -18,8 +19,9 @@ import yaml
 from pipeline.common import StageError
 from pipeline.data import pydoc_topics
 from pipeline.tokenize import main as tokenize_main
-from pipeline.tokenize import map_workers, tokenize_split
+from pipeline.tokenize import plan_shards, sample_documents
 from pipeline.tokenizer import Tokenizer, train_sentencepiece
+from pipeline.tokenstore import TokenStore
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_PIECES = 400
@@ -221,20 +223,23 @@ def _set_tokenizer_params(root: Path, **values) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def test_map_workers_only_for_large_splits():
-    assert map_workers(3_000, batch_size=1000, num_proc=2) == 1
-    assert map_workers(1_000_000, batch_size=1000, num_proc=2) == 2
-    assert map_workers(1_000_000, batch_size=1000, num_proc=1) == 1
+def test_shards_cover_each_split_in_order_with_about_the_requested_text():
+    sizes = np.full(100, 10)
+    shards = plan_shards("train", sizes, shard_bytes=250)
+    assert [(s.start, s.stop) for s in shards] == [(0, 25), (25, 50), (50, 75), (75, 100)]
+    assert sum(s.nbytes for s in shards) == 1000 and [s.index for s in shards] == [0, 1, 2, 3]
+    assert [(s.start, s.stop) for s in plan_shards("test", np.array([5, 1000, 5]), 100)] == [(0, 2), (2, 3)]
+    assert [(s.start, s.stop) for s in plan_shards("test", np.zeros(0, np.int64), 100)] == [(0, 0)]
 
 
-def test_tokenize_split_with_worker_processes_matches_direct_encoding(tok, corpus):
-    texts = corpus * 2  # enough batches of one document for two workers
-    dataset = datasets.Dataset.from_dict({"text": texts})
-    assert map_workers(len(texts), batch_size=1, num_proc=2) == 2
-    mapped = tokenize_split(dataset, tok, batch_size=1, num_proc=2)
-    assert mapped.column_names == ["input_ids", "length"]
-    assert mapped["input_ids"] == tok.encode(texts)
-    assert mapped["length"] == [len(ids) for ids in tok.encode(texts)]
+def test_tokenizer_sample_is_seeded_bounded_and_whole_when_it_fits():
+    sizes = np.full(1000, 100)
+    assert sample_documents(sizes, 10**6, seed=0) is None
+    keep = sample_documents(sizes, 5_000, seed=0)
+    assert len(keep) == 50 and np.all(np.diff(keep) > 0)
+    np.testing.assert_array_equal(keep, sample_documents(sizes, 5_000, seed=0))
+    assert not np.array_equal(keep, sample_documents(sizes, 5_000, seed=1))
+    assert len(sample_documents(np.array([10**9]), 10, seed=0)) == 1  # at least one document
 
 
 def test_tokenize_stage_outputs_and_failures_keep_them(tmp_path, monkeypatch, corpus):
@@ -244,17 +249,16 @@ def test_tokenize_stage_outputs_and_failures_keep_them(tmp_path, monkeypatch, co
 
     tok = Tokenizer.load(root / "data" / "tokenizer")
     assert tok.vocab_size == 600 and tok.sentinel_id(0) == 599 and tok.num_pieces == 600 - NUM_SENTINELS
-    tokenized = datasets.load_from_disk(str(root / "data" / "tokenized"))
+    store = TokenStore(root / "data" / "tokenized")
     prepared = datasets.load_from_disk(str(root / "data" / "prepared"))
     metrics = json.loads((root / "metrics" / "tokenize.json").read_text())
-    assert set(tokenized) == {"train", "validation", "test"}
-    for name, split in tokenized.items():
-        assert split.column_names == ["input_ids", "length"]
-        assert split.features["input_ids"].feature.dtype == "int32"
-        assert split["length"] == [len(ids) for ids in split["input_ids"]]
-        assert all(ids[-1] == tok.eos_id for ids in split["input_ids"])
-        assert split["input_ids"] == tok.encode(list(prepared[name]["text"]))
-        assert metrics[name] == {"documents": len(split), "tokens": sum(split["length"])}
+    assert set(store) == {"train", "validation", "test"}
+    for name, split in store.items():
+        assert split.tokens.dtype == np.uint16
+        assert (split.path / "tokens.bin").stat().st_size == 2 * split.num_tokens
+        assert [d.tolist() for d in split] == tok.encode(list(prepared[name]["text"]))
+        assert metrics[name] == {"documents": len(split), "tokens": split.num_tokens}
+    assert metrics["bytes_per_token"] > 2 and not (root / "data" / "tokenized.partial").exists()
     assert metrics["vocab_size"] == 600 and metrics["tokens_per_second"] > 0
 
     before = _snapshot(root)

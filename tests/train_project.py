@@ -86,7 +86,7 @@ def make_project(
 ) -> Path:
     """Write params.yaml, data/tokenizer/ (tokenizer.json; a real spm.model too when `with_tokenizer`) and
     data/tokenized/ under `tmp`; returns `tmp`."""
-    import datasets
+    from pipeline.tokenstore import write_store
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["models"] = copy.deepcopy(MODELS)
@@ -116,11 +116,5 @@ def make_project(
         write_tokenizer(tok_dir)
 
     splits = {"train": markov_docs(n_train_docs, 1), "validation": markov_docs(40, 2), "test": markov_docs(40, 3)}
-    dd = datasets.DatasetDict(
-        {
-            name: datasets.Dataset.from_dict({"input_ids": docs, "length": [len(d) for d in docs]})
-            for name, docs in splits.items()
-        }
-    )
-    dd.save_to_disk(str(tmp / "data" / "tokenized"))
+    write_store(tmp / "data" / "tokenized", splits, TOK_VOCAB)
     return tmp
