@@ -220,24 +220,34 @@ class _TooLong(Exception):
 
 
 def _listops_tree(
-    rng: random.Random, depth: int, max_depth: int, max_args: int, leaf_p: float, budget: list[int]
+    rng: random.Random,
+    depth: int,
+    max_depth: int,
+    max_args: int,
+    leaf_p: float,
+    budget: list[int],
+    in_tokens: bool = False,
 ) -> tuple[str, int]:
     """(expression, value); the root is always an operator, deeper nodes are digits with probability leaf_p.
 
-    `budget` holds the characters still allowed; generation stops with `_TooLong` when it runs out, so long
-    settings (LRA: depth 10, 10 arguments) never build the huge trees that would be rejected anyway.
+    `budget` holds the characters (or, `in_tokens`, the whitespace tokens `[MAX`, `7`, `]`) still allowed;
+    generation stops with `_TooLong` when it runs out, so long settings (LRA: depth 10, 10 arguments) never
+    build the huge trees that would be rejected anyway.
     """
     if depth >= max_depth or (depth > 1 and rng.random() < leaf_p):
-        budget[0] -= 2  # "d "
+        budget[0] -= 1 if in_tokens else 2  # "d "
         if budget[0] < 0:
             raise _TooLong
         digit = rng.randrange(10)
         return str(digit), digit
     operator = rng.choice(LISTOPS_OPERATORS)
-    budget[0] -= len(operator) + 4  # "[OP " and "] "
+    budget[0] -= 2 if in_tokens else len(operator) + 4  # "[OP " and "] "
     if budget[0] < 0:
         raise _TooLong
-    args = [_listops_tree(rng, depth + 1, max_depth, max_args, leaf_p, budget) for _ in range(rng.randint(2, max_args))]
+    args = [
+        _listops_tree(rng, depth + 1, max_depth, max_args, leaf_p, budget, in_tokens)
+        for _ in range(rng.randint(2, max_args))
+    ]
     text = f"[{operator} " + " ".join(a[0] for a in args) + " ]"
     return text, listops_value(operator, [a[1] for a in args])
 
@@ -258,6 +268,32 @@ def _build_listops(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Exam
         return Example(prefix + text, str(value), label=str(value))
 
     return _generated("listops", split, ctx, _count(split, o), draw)
+
+
+def _build_lra_listops(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Example]:
+    """ListOps as the Long Range Arena generates it (Tay et al. 2021, section 3.1; Nangia and Bowman 2018):
+    operators MAX, MIN, MED, SM; nesting depth up to 10; 2 to 10 arguments; every nested argument a digit
+    with probability 0.75; sequences of 500 to 2000 tokens; 96K/2K/2K examples; 10 classes."""
+    prefix = TASKS["lra_listops"].prefix
+
+    def draw(rng: random.Random) -> Example | None:
+        try:
+            budget = [o["max_tokens"]]
+            text, value = _listops_tree(
+                rng, 1, o["max_depth"], o["max_args"], o["leaf_probability"], budget, in_tokens=True
+            )
+        except _TooLong:
+            return None
+        if o["max_tokens"] - budget[0] < o["min_tokens"]:
+            return None
+        return Example(prefix + text, str(value), label=str(value))
+
+    return _generated("lra_listops", split, ctx, _count(split, o), draw)
+
+
+def listops_tokens(expression: str) -> int:
+    """Length of a ListOps expression in LRA tokens (`[MAX`, digits and `]` each count one)."""
+    return len(expression.split())
 
 
 # --------------------------------------------------------------------------------------- duplication
@@ -385,6 +421,25 @@ TASKS: dict[str, Task] = {
             },
             classes=[str(d) for d in range(10)],
             description="generated LRA ListOps expression -> its value",
+        ),
+        Task(
+            "lra_listops",
+            "listops: ",
+            "accuracy",
+            _build_lra_listops,
+            {
+                "num_examples": Option(96_000, (int,), "train examples (LRA: 96K)", 1),
+                "num_eval_examples": Option(2000, (int,), "validation and test examples, each (LRA: 2K)", 1),
+                "max_depth": Option(10, (int,), "maximum nesting depth of operators", 1),
+                "max_args": Option(10, (int,), "maximum arguments per operator", 2),
+                "min_tokens": Option(500, (int,), "shortest expression in tokens ([MAX, digit and ] count one)", 0),
+                "max_tokens": Option(2000, (int,), "longest expression in tokens", 5),
+                "leaf_probability": Option(
+                    0.75, (float, int), "chance that a nested argument is a digit", 0.0, maximum=1.0
+                ),
+            },
+            classes=[str(d) for d in range(10)],
+            description="Long Range Arena ListOps (500-2000 tokens, depth <= 10, <= 10 arguments) -> its value",
         ),
         Task(
             "duplication",
@@ -623,3 +678,56 @@ def score(metric: str, predictions: list[str], references: list[str]) -> dict[st
         )["f1"]
         return {"exact_match": accuracy, "f1": float(f1) / 100.0}
     raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+
+
+def example_scores(metric: str, predictions: list[str], references: list[str]) -> list[float]:
+    """One score per example, in [0, 1], whose mean is the corpus score of `score` for accuracy, exact match
+    and ROUGE-L (what the bootstrap over test examples resamples); for BLEU, sentence-level SacreBLEU (its
+    mean approximates, and does not equal, corpus BLEU)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    preds = [_normalize_space(p) for p in predictions]
+    refs = [_normalize_space(r) for r in references]
+    if metric in ("accuracy", "exact_match"):
+        return [float(p == r) for p, r in zip(preds, refs, strict=True)]
+    if metric == "rouge_l":
+        from torchmetrics.functional.text.rouge import rouge_score
+
+        return [
+            float(rouge_score([p], [r], rouge_keys="rougeL", use_stemmer=False)["rougeL_fmeasure"])
+            for p, r in zip(preds, refs, strict=True)
+        ]
+    if metric == "bleu":
+        from torchmetrics.functional.text import sacre_bleu_score
+
+        return [float(sacre_bleu_score([p], [[r]], tokenize="13a")) for p, r in zip(preds, refs, strict=True)]
+    raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+
+
+def baselines(task: Task, train: list[Example], test: list[Example]) -> dict[str, float]:
+    """The task's trivial baselines on `test`, in the task's metric: what a model that learned nothing reaches.
+
+    - classification (`task.classes`): `majority` (always the most frequent training label) and `chance`
+      (a uniform guess over the classes);
+    - generation: `copy_input` (the input without its prefix, echoed) and `most_frequent_output` (always the
+      most frequent training target).
+    """
+    from pipeline.stats import chance_baseline, majority_baseline
+
+    if not test:
+        raise ValueError(f"task {task.name}: no test examples for the baselines")
+    refs = [x.targets for x in test]
+    if task.classes:
+        labels = [x.label if x.label is not None else x.targets for x in train] or refs
+        return {
+            "majority": majority_baseline([_normalize_space(t) for t in labels], [_normalize_space(r) for r in refs]),
+            "chance": chance_baseline(len(task.classes)),
+        }
+    from pipeline.stats import majority_class
+
+    copied = [x.inputs.removeprefix(task.prefix) for x in test]
+    frequent = majority_class([_normalize_space(x.targets) for x in train] or refs)
+    return {
+        "copy_input": float(np.mean(example_scores(task.metric, copied, refs))),
+        "most_frequent_output": float(np.mean(example_scores(task.metric, [frequent] * len(refs), refs))),
+    }

@@ -18,8 +18,11 @@ from pipeline.tasks import (
     Example,
     Mixture,
     TaskContext,
+    baselines,
     build_examples,
+    example_scores,
     get_task,
+    listops_tokens,
     listops_value,
     mixing_rates,
     score,
@@ -432,3 +435,67 @@ def test_listops_at_long_range_arena_scale():
         expression = ex.inputs.removeprefix("listops: ")
         assert 500 <= len(expression) <= 2000
         assert ex.targets == str(evaluate_listops(expression))
+
+
+# ------------------------------------------------------------------------------- LRA ListOps, baselines
+
+
+def test_lra_listops_follows_the_long_range_arena_specification():
+    task = get_task("lra_listops")
+    defaults = task.resolve_options()
+    assert (defaults["num_examples"], defaults["num_eval_examples"]) == (96_000, 2000)
+    assert (defaults["max_depth"], defaults["max_args"], defaults["min_tokens"], defaults["max_tokens"]) == (
+        10,
+        10,
+        500,
+        2000,
+    )
+    assert task.classes == [str(d) for d in range(10)] and task.metric == "accuracy"
+    examples = build_examples({"lra_listops": {"num_eval_examples": 12}}, "test", 0)["lra_listops"]
+    assert len(examples) == 12
+    depths, arities = [], []
+    for ex in examples:
+        expression = ex.inputs.removeprefix(task.prefix)
+        assert 500 <= listops_tokens(expression) <= 2000
+        assert ex.targets == ex.label == str(evaluate_listops(expression))
+        assert set(re.findall(r"\[(\w+)", expression)) <= {"MAX", "MIN", "MED", "SM"}
+        depth = peak = 0
+        stack: list[int] = []  # argument counts of the open operators
+        for tok in expression.split():
+            if tok == "]":
+                arities.append(stack.pop())
+                depth -= 1
+                continue
+            if stack:
+                stack[-1] += 1
+            if tok.startswith("["):
+                stack.append(0)
+                depth += 1
+                peak = max(peak, depth)
+        depths.append(peak)
+    assert max(depths) <= 9  # depth 10 counts the digits below the deepest operator
+    assert min(arities) >= 2 and max(arities) <= 10
+
+
+def test_example_scores_average_to_the_corpus_score():
+    preds = ["4", "7", "4", "x"]
+    refs = ["4", "7", "1", "2"]
+    assert example_scores("accuracy", preds, refs) == [1.0, 1.0, 0.0, 0.0]
+    assert sum(example_scores("accuracy", preds, refs)) / 4 == pytest.approx(score("accuracy", preds, refs)["accuracy"])
+    preds = ["the cat sat on the mat", "a b c", ""]
+    refs = ["the cat sat", "a c", "nothing here"]
+    per = example_scores("rouge_l", preds, refs)
+    assert per[0] == pytest.approx(2 * 1.0 * 0.5 / 1.5) and per[2] == 0.0
+    assert sum(per) / 3 == pytest.approx(score("rouge_l", preds, refs)["rouge_l"], abs=1e-6)
+    with pytest.raises(ValueError, match="predictions"):
+        example_scores("accuracy", ["a"], [])
+
+
+def test_baselines_of_classification_and_generation_tasks():
+    listops = get_task("listops")
+    train = [Example("listops: [MAX 1 3 ]", "3", "3")] * 3 + [Example("listops: [MIN 1 3 ]", "1", "1")]
+    test = [Example("listops: [MAX 2 3 ]", "3", "3"), Example("listops: [MIN 2 3 ]", "2", "2")]
+    assert baselines(listops, train, test) == {"majority": 0.5, "chance": 0.1}
+    dup = get_task("duplication")
+    test = [Example("duplicate: a b", "a b"), Example("duplicate: c d", "c d")]
+    assert baselines(dup, [Example("duplicate: x", "x")], test) == {"copy_input": 1.0, "most_frequent_output": 0.0}
