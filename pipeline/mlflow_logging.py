@@ -1,0 +1,377 @@
+"""What the stages log to MLflow, so that runs tell apart in the UI (the run lifecycle lives in `tracking.py`).
+
+- The store: `store_root` is the user's repository even when `dvc exp run --temp/--queue` runs the stage in a
+  throw-away copy (DVC exports the parent repository as `DVC_ROOT`). `ensure_experiment` creates the experiment
+  with its artifacts next to the sqlite file (`<store>/mlartifacts/<id>`, never under whatever directory a stage
+  happens to run in) and tagged for MLflow's training view (not the GenAI one); when the repository was moved or
+  copied (the sqlite file now lives elsewhere than the artifact paths it records), the paths are moved along.
+- Grouping: `run_tags` tags every run with the DVC experiment (`dvc_exp`: its name, or `workspace` for a plain
+  `dvc repro`) and nests it under one parent run per pipeline execution (`mlflow.parentRunId`): one parent per
+  DVC experiment, one per git revision for workspace runs.
+- Params: `stage_params` keeps only the params a stage declares in `dvc.yaml` (the same list DVC tracks);
+  `model_params` logs the resolved model config (`model.d_model`, `model.n_hashes`, ...) and parameter counts
+  under the same keys for every family, so MLflow's compare view shows what differs.
+- `log_token_splits` logs the data splits as dataset inputs (source, digest, rows and tokens per split).
+- `log_trained_model` logs a trained model as an MLflow 3 LoggedModel from its safetensors + config, as a
+  model from code (`pipeline/mlflow_pyfunc.py`, nothing pickled), links metrics to it, and registers it on request.
+
+Every function expects the caller to be the process that logs (global rank zero).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import yaml
+from mlflow.data.dataset import Dataset
+from mlflow.data.dataset_source import DatasetSource
+
+log = logging.getLogger("pipeline")
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_VIEW = "custom_model_development"  # MLflow 3's "Machine learning" experiment type, not GenAI
+ARTIFACTS_DIR = "mlartifacts"
+WORKSPACE = "workspace"
+PARENT_KEY_TAG = "pipeline_execution"
+MAX_PARAM_LENGTH = 6000
+PYFUNC_FILE = Path(__file__).with_name("mlflow_pyfunc.py")
+MODELS_PACKAGE = Path(__file__).resolve().parent.parent / "models"
+
+
+# ------------------------------------------------------------------------------------------------ store
+
+
+def store_root(root: str | Path) -> Path:
+    """The repository whose store a stage logs into: DVC's parent repository under `dvc exp run`, else `root`.
+
+    `dvc exp run --temp` and `--queue` run the stages in a copy under `.dvc/tmp/exps/`, which is deleted
+    afterwards; DVC exports the user's repository as `DVC_ROOT`, so the default `mlflow.db` stays the user's.
+    """
+    dvc_root = os.environ.get("DVC_ROOT")
+    return Path(dvc_root).resolve() if dvc_root and Path(dvc_root).is_dir() else Path(root).resolve()
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI, else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def _local_path(location: str) -> Path | None:
+    """A local artifact location (`/abs/path` or `file:///abs/path`) as a path; None for remote ones."""
+    parsed = urlparse(location)
+    if parsed.scheme in ("", "file"):
+        return Path(url2pathname(parsed.path))
+    return None
+
+
+def ensure_experiment(uri: str, name: str, description: str | None = None) -> str:
+    """The id of experiment `name`, created if needed: training view, artifacts beside the sqlite store.
+
+    For a sqlite store whose artifact paths point outside the directory holding the database (the repository was
+    moved or copied since), the recorded paths are rewritten to the same place under the new directory.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    db = sqlite_path(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        tags = {EXPERIMENT_KIND_TAG: TRAINING_VIEW}
+        if description:
+            tags["mlflow.note.content"] = description
+        location = None
+        if db is not None:  # not the cwd-relative `./mlruns` MLflow would pick
+            location = (db.parent / ARTIFACTS_DIR / _safe_name(name)).as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=tags)
+        except MlflowException:  # created meanwhile by another process
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_VIEW:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_VIEW)
+    if db is not None:
+        relocate_artifacts(db, experiment.experiment_id, experiment.artifact_location)
+    return experiment.experiment_id
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "experiment"
+
+
+def relocate_artifacts(db: Path, experiment_id: str, location: str) -> bool:
+    """Point the experiment's artifact paths under `db`'s directory again if they lie outside it.
+
+    The artifacts are assumed to have travelled with the database (the layout `<store>/<dir>/<name>` is kept):
+    the path prefix `<old store>` becomes `<db directory>` in the experiment, its runs, logged models and
+    model versions. MLflow has no API to change an experiment's artifact location, hence the direct update.
+    Returns whether anything was rewritten.
+    """
+    old = _local_path(location)
+    if old is None or not old.is_absolute():
+        return False
+    new_store = db.parent.resolve()
+    if old == new_store or new_store in old.parents:
+        return False
+    old_store = old.parent.parent  # <old store>/<dir>/<experiment>
+    new = new_store / old.relative_to(old_store)
+    log.info("MLflow store moved: artifact paths %s -> %s", old_store, new_store)
+    prefixes = [(old_store.as_uri(), new_store.as_uri()), (str(old_store), str(new_store))]
+    updates = [
+        ("experiments", "artifact_location", "experiment_id = ?", (int(experiment_id),)),
+        ("runs", "artifact_uri", "experiment_id = ?", (int(experiment_id),)),
+        ("logged_models", "artifact_location", "experiment_id = ?", (int(experiment_id),)),
+        ("model_versions", "storage_location", "1 = 1", ()),
+    ]
+    with sqlite3.connect(db) as con:
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table, column, where, args in updates:
+            if table not in tables:
+                continue
+            for before, after in prefixes:
+                con.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 (fixed names)
+                    f"WHERE {where} AND substr({column}, 1, ?) = ?",
+                    (after, len(before) + 1, *args, len(before), before),
+                )
+    return new != old
+
+
+# ------------------------------------------------------------------------------------------------ tags
+
+
+def dvc_experiment() -> tuple[str, str | None]:
+    """(DVC experiment name or `workspace`, baseline git revision or None), from what `dvc exp run` exports."""
+    return os.environ.get("DVC_EXP_NAME") or WORKSPACE, os.environ.get("DVC_EXP_BASELINE_REV") or None
+
+
+def parent_run(uri: str, experiment_id: str, git_revision: str) -> str:
+    """The id of the parent run grouping this pipeline execution, created (and closed) on first use.
+
+    One per DVC experiment; workspace runs (`dvc repro`) group by git revision. The parent run is marked
+    FINISHED at once: it only groups, the stages' runs carry the status.
+    """
+    from mlflow.tracking import MlflowClient
+
+    exp_name, baseline = dvc_experiment()
+    revision = baseline or git_revision
+    key = f"{exp_name}@{revision}"
+    client = MlflowClient(uri)
+    found = client.search_runs([experiment_id], f"tags.{PARENT_KEY_TAG} = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    label = exp_name if exp_name != WORKSPACE else f"{WORKSPACE}@{revision[:12]}"
+    tags = {PARENT_KEY_TAG: key, "dvc_exp": exp_name, "git_revision": revision, "stage": "pipeline"}
+    run = client.create_run(experiment_id, tags=tags, run_name=label)
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    return run.info.run_id
+
+
+def run_tags(uri: str, experiment_id: str, git_revision: str, seed: int | None = None) -> dict[str, str]:
+    """Tags for a stage's run: the DVC experiment, its baseline, the seed, and the parent run of the execution."""
+    exp_name, baseline = dvc_experiment()
+    tags = {"dvc_exp": exp_name, "mlflow.parentRunId": parent_run(uri, experiment_id, git_revision)}
+    if baseline:
+        tags["dvc_baseline_rev"] = baseline
+    if seed is not None:
+        tags["seed"] = str(seed)
+    return tags
+
+
+# ------------------------------------------------------------------------------------------------ params
+
+
+def dvc_stage_params(dvc_yaml: str | Path, stage: str, item: Mapping[str, Any] | None = None) -> list[str]:
+    """The params keys `dvc.yaml` lists for `stage`, with `${item.<key>}` filled in from `item`."""
+    spec = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8")) or {}
+    keys: list[str] = []
+    for entry in (spec.get("stages", {}).get(stage) or {}).get("params", []) or []:
+        names = entry if isinstance(entry, str) else [k for v in entry.values() for k in (v or [])]
+        for name in [names] if isinstance(names, str) else names:
+            keys.append(re.sub(r"\$\{item\.(\w+)\}", lambda m: str((item or {}).get(m.group(1), m.group(0))), name))
+    return keys
+
+
+def select_params(params: Mapping[str, Any], keys: Sequence[str], drop: Sequence[str] = ()) -> dict[str, Any]:
+    """The nested subset of `params` named by the dotted `keys`, minus the dotted `drop` keys."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        if any(key == d or key.startswith(d + ".") for d in drop):
+            continue
+        node: Any = params
+        parts = key.split(".")
+        for part in parts:
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            target = out
+            for part in parts[:-1]:
+                target = target.setdefault(part, {})
+            target[parts[-1]] = node
+    return out
+
+
+def stage_params(
+    params: Mapping[str, Any], stage: str, variant: str, seed: int | None, root: str | Path
+) -> dict[str, Any]:
+    """The params sections `stage` reads (its `dvc.yaml` list), without the variant's raw model section.
+
+    The model is logged resolved instead (`model_params`), under keys every family shares. Falls back to all
+    params when the project has no `dvc.yaml` or the stage is not in it.
+    """
+    dvc_yaml = Path(root) / "dvc.yaml"
+    item = {"model": variant, "variant": variant, "family": variant, "seed": seed}
+    keys = dvc_stage_params(dvc_yaml, stage, item) if dvc_yaml.is_file() else []
+    if not keys:
+        return dict(params)
+    return select_params(params, keys, drop=[f"models.{variant}", "models"])
+
+
+def model_params(model: Any, variant: str, family: str) -> dict[str, str]:
+    """The resolved model config and parameter counts as MLflow params: `model.<field>`, the same for all families."""
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(vars(model.config))
+    out = {"model.variant": variant, "model.family": family}
+    for key, value in sorted(config.items()):
+        text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+        out[f"model.{key}"] = text[:MAX_PARAM_LENGTH]
+    out["model.parameters"] = str(model.num_parameters())
+    out["model.non_embedding_parameters"] = str(model.num_parameters(non_embedding=True))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+
+
+class DvcOutputSource(DatasetSource):
+    """A dataset that is a DVC output of this project: its path in the repository (never absolute) and origin."""
+
+    def __init__(self, path: str, origin: str, stage: str | None = None):
+        self.path, self.origin, self.stage = path, origin, stage
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "dvc"
+
+    def load(self) -> str:
+        """The path, relative to the repository root (run `dvc pull`/`dvc repro` to materialise it)."""
+        return self.path
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        return False
+
+    @classmethod
+    def _resolve(cls, raw_source: Any) -> DvcOutputSource:
+        raise NotImplementedError("DVC sources are built from their fields")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "origin": self.origin, "stage": self.stage}
+
+    @classmethod
+    def from_dict(cls, source_dict: dict[Any, Any]) -> DvcOutputSource:
+        return cls(source_dict["path"], source_dict.get("origin", ""), source_dict.get("stage"))
+
+
+class SplitDataset(Dataset):
+    """One split of a project dataset as MLflow sees it: name, digest, DVC source, and its size as profile."""
+
+    def __init__(self, source: DvcOutputSource, name: str, digest: str, profile: Mapping[str, int]):
+        self._profile = dict(profile)
+        super().__init__(source=source, name=name, digest=digest)
+
+    def _compute_digest(self) -> str:
+        return hashlib.sha256(json.dumps([self.name, self.source.to_dict()]).encode()).hexdigest()[:8]
+
+    @property
+    def profile(self) -> dict[str, int]:
+        return self._profile
+
+    @property
+    def schema(self) -> None:
+        return None
+
+    def to_dict(self) -> dict[str, str]:
+        config = super().to_dict()
+        config["profile"] = json.dumps(self._profile)
+        return config
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """What is logged of one data split: its name, path in the repository, content digest and sizes."""
+
+    name: str  # e.g. `tokenized/train`
+    path: str  # relative to the repository root, e.g. `data/tokenized/train`
+    digest: str
+    context: str  # MLflow input context: `training`, `validation`, `test`
+    profile: Mapping[str, int]
+
+
+def content_digest(*parts: Any) -> str:
+    """A short digest of JSON-serialisable parts (e.g. a split's fingerprint and its sizes)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def log_token_splits(splits: Sequence[SplitInfo], origin: str, stage: str) -> list[SplitDataset]:
+    """Log each split as a dataset input of the active run; returns the MLflow datasets (to link metrics)."""
+    import mlflow
+
+    datasets = [SplitDataset(DvcOutputSource(s.path, origin, stage), s.name, s.digest, s.profile) for s in splits]
+    for dataset, split in zip(datasets, splits, strict=True):
+        mlflow.log_input(dataset, context=split.context)
+    return datasets
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def log_trained_model(
+    final_dir: str | Path,
+    tokenizer_dir: str | Path,
+    name: str,
+    params: Mapping[str, str],
+    metrics: Mapping[str, float],
+    model_type: str,
+    register_as: str | None = None,
+    dataset: Dataset | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Log `final_dir` (safetensors + config.json) as a LoggedModel of the active run; returns its model id.
+
+    The model is a model from code (`pipeline/mlflow_pyfunc.py` with the `models` package), so nothing is
+    pickled; `metrics` are linked to the model (and to `dataset` when given); `register_as` adds a version of
+    that registered model.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(["input text"], ["generated text"], params={"max_new_tokens": 32, "num_beams": 1})
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(PYFUNC_FILE),
+        artifacts={"model": str(final_dir), "tokenizer": str(tokenizer_dir)},
+        code_paths=[str(MODELS_PACKAGE)],
+        pip_requirements=["torch", "safetensors", "sentencepiece", "mlflow"],
+        params=dict(params),
+        tags=dict(tags or {}),
+        model_type=model_type,
+        signature=signature,
+        registered_model_name=register_as,
+    )
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    if numeric:
+        mlflow.log_metrics(numeric, model_id=info.model_id, dataset=dataset)
+    return info.model_id
