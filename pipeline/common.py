@@ -1,20 +1,45 @@
-"""What every stage shares: its entry-point wrapper, user-facing errors and atomic output writing.
+"""What every stage shares: its entry point, how a run ends, user-facing errors, and publishing outputs.
 
-A stage never leaves half-written outputs and never destroys previous results on failure: it writes into a
-temporary sibling of each output and swaps it into place only when the whole output is complete.
+How a stage ends is decided in one place, `outcome_of(exception)`:
+
+    outcome      exit code          MLflow status   outputs
+    finished     0                  FINISHED        published (all together)
+    interrupted  130 (SIGINT),      KILLED          not published; checkpoints kept for a resume
+                 143 (SIGTERM)
+    diverged     1                  FAILED          not published; the last good checkpoint kept
+    failed       1 (2: bad params)  FAILED          not published; previous outputs untouched
+
+A problem the user can fix (a `StageError`, a missing input, a full disk, a read-only folder, a corrupt file) is
+printed as one `error: ...` line naming the culprit and what to do; anything else is a bug and keeps its
+traceback. `run_stage` installs SIGINT/SIGTERM handlers that remember the signal, so an interruption is reported
+as such even where a library turns it into something else (Lightning exits 1 on Ctrl-C and raises a bare
+`SystemExit` on SIGTERM).
+
+Outputs are published by one transaction (`publish()`): every output is written into a temporary sibling, and
+only when all of them are complete are they swapped into place, together; a failure before that leaves every
+previous output exactly as it was. Left-overs of a killed process (temporary siblings, a half-swapped target)
+are cleaned up, or rolled back, the next time the same output is written.
+
+Files a stage reads go through one set of loaders (`read_json`, `load_model_dir`, `check_checkpoint`) that
+turn a missing, unreadable or corrupt file into a `StageError` naming the file and what to do.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import enum
+import errno
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
-import tempfile
+import traceback
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +50,139 @@ log = logging.getLogger("pipeline")
 
 class StageError(RuntimeError):
     """A problem the user can fix (bad input, missing file, unreachable server): printed without a traceback."""
+
+
+class DivergedError(StageError):
+    """Training diverged (non-finite loss or gradients, or stuck at the uniform-prediction loss)."""
+
+
+class CorruptFileError(StageError):
+    """A file a stage reads exists but cannot be read back (truncated, not the expected format)."""
+
+    def __init__(self, path: str | Path, problem: str, fix: str):
+        self.path = Path(path)
+        super().__init__(f"{path} is corrupt or unreadable ({problem}); {fix}")
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """Raised where our signal handler may raise: the stage was interrupted by `signum`."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+# ------------------------------------------------------------------------------------------------ outcomes
+
+
+class Outcome(enum.Enum):
+    FINISHED = "finished"
+    INTERRUPTED = "interrupted"
+    DIVERGED = "diverged"
+    FAILED = "failed"
+
+
+MLFLOW_STATUS = {
+    Outcome.FINISHED: "FINISHED",
+    Outcome.INTERRUPTED: "KILLED",
+    Outcome.DIVERGED: "FAILED",
+    Outcome.FAILED: "FAILED",
+}
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """How a stage ended: outcome, exit code, MLflow status, the message for the user, and whether it is a bug."""
+
+    outcome: Outcome
+    exit_code: int
+    message: str = ""
+    bug: bool = False
+
+    @property
+    def mlflow_status(self) -> str:
+        return MLFLOW_STATUS[self.outcome]
+
+
+_received: list[int] = []  # signals received by this process since `install_signal_handlers`
+
+
+def received_signal() -> int | None:
+    """The first SIGINT/SIGTERM this process received since the handlers were installed, else None."""
+    return _received[0] if _received else None
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    _received.append(signum)
+    if signum == signal.SIGINT or signal.getsignal(signum) is _on_signal:
+        # called directly, not composed into Lightning's handler (which stops at the next step by itself)
+        raise StageInterrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """Remember SIGINT and SIGTERM (and raise `StageInterrupted` where no library handles them itself)."""
+    _received.clear()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signum, _on_signal)
+
+
+def _signal_code(signum: int) -> int:
+    return 128 + int(signum)
+
+
+def outcome_of(exc: BaseException | None) -> StageResult:
+    """The one place deciding how a stage ended, from the exception it ended with (None: it returned)."""
+    signum = received_signal()
+    if isinstance(exc, StageInterrupted):
+        signum = signum or exc.signum
+    if signum is None and isinstance(exc, KeyboardInterrupt):
+        signum = signal.SIGINT
+    if signum is None and type(exc).__name__ == "SIGTERMException":  # Lightning's bare SystemExit on SIGTERM
+        signum = signal.SIGTERM
+    if signum is not None:
+        name = signal.Signals(signum).name
+        return StageResult(
+            Outcome.INTERRUPTED,
+            _signal_code(signum),
+            f"interrupted by {name}: no outputs were published; re-run the stage to resume from its last checkpoint",
+        )
+    if exc is None:
+        return StageResult(Outcome.FINISHED, 0)
+    if isinstance(exc, DivergedError):
+        return StageResult(Outcome.DIVERGED, 1, str(exc))
+    if isinstance(exc, SystemExit):
+        if isinstance(exc.code, int) and exc.code:  # e.g. exit 2 after the config errors were printed
+            return StageResult(Outcome.FAILED, exc.code)
+        message = str(exc.code) if isinstance(exc.code, str) else "the stage stopped before it finished"
+        return StageResult(Outcome.FAILED, 1, message)
+    message = user_message(exc)
+    if message is not None:
+        return StageResult(Outcome.FAILED, 1, message)
+    return StageResult(Outcome.FAILED, 1, f"{type(exc).__name__}: {exc}", bug=True)
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The one-line message for a problem the user can fix, or None when `exc` is a bug."""
+    from pipeline.config import ConfigError
+
+    if isinstance(exc, StageError | ConfigError):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = exc.filename or "an output"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return (
+                f"no space left on the device writing {where}: free some space (or point the repository at a "
+                "larger disk) and re-run; previous outputs were kept"
+            )
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return (
+                f"cannot write {where} ({os.strerror(exc.errno)}): make it writable (chmod u+w, or remount) and "
+                "re-run; previous outputs were kept"
+            )
+    return None
 
 
 def repo_root(start: str | Path | None = None) -> Path:
@@ -48,49 +206,41 @@ def run_stage(
     parser: argparse.ArgumentParser,
     argv: list[str] | None = None,
 ) -> int:
-    """Parse arguments, load the validated config (exit 2 on config errors) and run `body`.
+    """Parse arguments, load the validated config (exit 2 on config errors), run `body`; return the exit code.
 
-    A `StageError` (or a missing input file) is printed as one `error: ...` line with exit status 1;
-    Ctrl-C exits with 130. Other exceptions keep their traceback: they are bugs.
+    The exit code and the message come from `outcome_of`: 0 only when `body` returned without a signal arriving.
     """
     logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"), format="%(message)s")
     args = parser.parse_args(argv)
-    cfg = load_config_or_exit(args.params)
+    install_signal_handlers()
     try:
+        cfg = load_config_or_exit(args.params)
         body(cfg, args)
-    except (StageError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    except BaseException as exc:  # noqa: BLE001 - every ending is classified, bugs keep their traceback
+        result = outcome_of(exc)
+        if result.bug:
+            traceback.print_exception(exc)
+        if result.message:
+            prefix = {Outcome.INTERRUPTED: "", Outcome.DIVERGED: "error: "}.get(result.outcome, "error: ")
+            print(f"{prefix}{result.message}", file=sys.stderr, flush=True)
+        return result.exit_code
+    result = outcome_of(None)
+    if result.message:
+        print(result.message, file=sys.stderr, flush=True)
+    return result.exit_code
 
 
-@contextlib.contextmanager
-def atomic_output(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path (file or directory, the caller decides) that replaces `target` on success.
+# ---------------------------------------------------------------------------------------------- publishing
 
-    On an exception the temporary path is removed and `target` is left exactly as it was.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp.rmdir()  # the caller creates a file or a directory at this path
+
+def _pid_alive(pid: int) -> bool:
     try:
-        yield tmp
-        if not tmp.exists():
-            raise StageError(f"internal error: nothing was written for {target}")
-        backup = None
-        if target.exists() or target.is_symlink():
-            backup = target.with_name(f".{target.name}.old")
-            _remove(backup)
-            os.replace(target, backup)
-        os.replace(tmp, target)
-        if backup is not None:
-            _remove(backup)
-    finally:
-        _remove(tmp)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:
@@ -100,7 +250,182 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _backup_of(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def recover_output(target: str | Path) -> None:
+    """Undo what a killed writer of `target` left behind: roll back a half-done swap (the previous output comes
+    back), and remove temporary siblings whose process is gone."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    backup = _backup_of(target)
+    if backup.exists() or backup.is_symlink():
+        if target.exists() or target.is_symlink():
+            _remove(backup)
+        else:
+            os.replace(backup, target)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        parts = stale.name[len(target.name) + 2 :].split(".")
+        pid = int(parts[0]) if parts and parts[0].isdigit() else None
+        if pid is None or not _pid_alive(pid):
+            _remove(stale)
+
+
+class Publication:
+    """A set of outputs written aside and swapped into place together (`commit`), or not at all (`abort`)."""
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []
+        self.committed = False
+
+    def stage(self, target: str | Path) -> Path:
+        """A fresh temporary path next to `target` (the caller creates a file or a directory there)."""
+        target = Path(target)
+        if any(t == target for t, _ in self._staged):
+            raise ValueError(f"{target} is already part of this publication")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover_output(target)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        self._staged.append((target, tmp))
+        return tmp
+
+    def write_text(self, target: str | Path, text: str) -> None:
+        self.stage(target).write_text(text, encoding="utf-8")
+
+    def write_json(self, target: str | Path, obj: Any) -> None:
+        self.write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+    def commit(self) -> None:
+        """Swap every staged output into place. Raises (and changes nothing) if any is missing, or if the
+        process received SIGINT/SIGTERM: an interrupted stage publishes nothing."""
+        signum = received_signal()
+        if signum is not None:
+            raise StageInterrupted(signum)
+        for target, tmp in self._staged:
+            if not (tmp.exists() or tmp.is_symlink()):
+                raise StageError(f"internal error: nothing was written for {target}")
+        moved: list[tuple[Path, Path | None]] = []
+        try:
+            for target, tmp in self._staged:
+                backup = None
+                if target.exists() or target.is_symlink():
+                    backup = _backup_of(target)
+                    _remove(backup)
+                    os.replace(target, backup)
+                moved.append((target, backup))
+                os.replace(tmp, target)
+        except BaseException:
+            for target, backup in reversed(moved):  # roll back: previous outputs return
+                if backup is not None:
+                    _remove(target)
+                    os.replace(backup, target)
+            raise
+        for _, backup in moved:
+            if backup is not None:
+                _remove(backup)
+        self.committed = True
+
+    def abort(self) -> None:
+        """Remove every temporary path; targets stay as they were."""
+        for _, tmp in self._staged:
+            _remove(tmp)
+
+
+@contextlib.contextmanager
+def publish() -> Iterator[Publication]:
+    """`with publish() as pub: pub.write_json(a, ...); tmp = pub.stage(b); ...`: all outputs are swapped into
+    place together when the block ends normally; on an exception none is, and the temporary paths go away."""
+    pub = Publication()
+    try:
+        yield pub
+        pub.commit()
+    finally:
+        pub.abort()
+
+
+@contextlib.contextmanager
+def atomic_output(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path (file or directory, the caller decides) that replaces `target` on success.
+
+    On an exception the temporary path is removed and `target` is left exactly as it was.
+    """
+    with publish() as pub:
+        yield pub.stage(target)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write `obj` as pretty JSON, atomically."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    with publish() as pub:
+        pub.write_json(path, obj)
+
+
+# ------------------------------------------------------------------------------------------------- loaders
+
+
+def read_json(path: str | Path, fix: str) -> Any:
+    """Parse a JSON file a stage reads; missing, unreadable or corrupt -> `StageError` naming it and `fix`."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path} not found: {fix}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(path, f"not valid JSON: {exc}", fix) from None
+    except OSError as exc:
+        raise CorruptFileError(path, exc.strerror or str(exc), fix) from None
+
+
+def load_model_dir(directory: str | Path, fix: str) -> tuple[str, Any]:
+    """`models.load_pretrained(directory)`; a missing, truncated or corrupt weights/config file -> `StageError`
+    naming the file and `fix` (e.g. which stage re-creates it)."""
+    import models
+
+    directory = Path(directory)
+    weights, config = directory / models.WEIGHTS_NAME, directory / models.CONFIG_NAME
+    for path in (config, weights):
+        if not path.is_file():
+            raise StageError(f"{path} not found: {fix}")
+    read_json(config, fix)
+    try:
+        return models.load_pretrained(directory)
+    except StageError:
+        raise
+    except Exception as exc:  # safetensors, torch and our own config checks raise many types for a bad file
+        culprit = config if isinstance(exc, KeyError | TypeError) else weights
+        raise CorruptFileError(culprit, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", fix) from None
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Raise `CorruptFileError` unless `path` is a readable training checkpoint: a Lightning file (loaded without
+    pickle, `weights_only=True`, memory-mapped) with a `state_dict`, or a DeepSpeed directory with its shards."""
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    fix = "move it aside, or set trainer.on_corrupt_checkpoint to 'previous' or 'scratch'"
+    if path.is_dir():
+        from pipeline.strategy import is_deepspeed_checkpoint
+
+        if not is_deepspeed_checkpoint(path):
+            raise CorruptFileError(path, "a directory without DeepSpeed shards or a 'latest' tag", fix)
+        tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else None
+        shards = list((path / tag).glob("*.pt")) if tag else list(path.glob("*/*.pt"))
+        if not shards:
+            raise CorruptFileError(path, f"the tag {tag!r} has no shard files", fix)
+        for shard in shards:
+            if shard.stat().st_size == 0 or not zipfile.is_zipfile(shard):
+                raise CorruptFileError(shard, "truncated or not a torch file", fix)
+        return
+    try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError("truncated or not a torch checkpoint (no zip archive)")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError("no 'state_dict' in it")
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError... for a damaged file
+        raise CorruptFileError(path, str(exc).splitlines()[0][:200], fix) from None

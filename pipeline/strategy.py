@@ -19,17 +19,27 @@ up and `devices`/`num_nodes` are taken from the launcher section, which `pipelin
 
 `consolidate_checkpoint(path)` reads a normal Lightning checkpoint file or a sharded DeepSpeed checkpoint
 directory and returns the full fp32 state dict of the LightningModule (keys `model.<name>`), so a stage can write
-one safetensors file.
+one safetensors file. Neither is unpickled without restriction: files load with `weights_only=True`, DeepSpeed's
+shards with the few DeepSpeed classes they hold allow-listed.
+
+A single-node run's rendezvous store (the `TCPStore` every rank connects to) listens on 127.0.0.1 only, not on
+every interface as torch's `env://` default does; multi-node runs and torchrun (whose agent owns the store) keep
+the launcher's address.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import socket
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.distributed import _init_dist_connection
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
@@ -152,7 +162,68 @@ def deepspeed_config(cfg: Config, accelerator: str | None = None) -> dict[str, A
     return config
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+LOOPBACK = "127.0.0.1"
+
+
+class LoopbackStoreMixin:
+    """Initialise torch.distributed from a `TCPStore` bound to 127.0.0.1 when every rank is on this node.
+
+    torch's `env://` rendezvous makes rank zero's store listen on all interfaces; on a single node nothing outside
+    the machine needs to reach it. Rank zero binds the socket itself and hands it to the store (`master_listen_fd`).
+    """
+
+    _loopback_socket: socket.socket | None = None
+
+    def _loopback_store(self) -> Any:
+        if self.num_nodes != 1 or self.world_size < 2 or launched_externally() == "torchrun":
+            return None
+        port = self.cluster_environment.main_port
+        timeout = getattr(self, "_timeout", None) or timedelta(minutes=30)
+        if self.global_rank == 0:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((LOOPBACK, port))
+            sock.listen(max(128, self.world_size))
+            type(self)._loopback_socket = sock  # the store needs it for the life of the process group
+            return torch.distributed.TCPStore(
+                LOOPBACK, port, self.world_size, True, timeout, wait_for_workers=False, master_listen_fd=sock.fileno()
+            )
+        return torch.distributed.TCPStore(LOOPBACK, port, self.world_size, False, timeout)
+
+    def _init_with_loopback_store(self) -> bool:
+        """Initialise the default process group on the loopback store; False when the usual path applies."""
+        if torch.distributed.is_initialized():
+            return False
+        store = self._loopback_store()
+        if store is None:
+            return False
+        self._process_group_backend = self._get_process_group_backend()
+        kwargs: dict[str, Any] = {"timeout": getattr(self, "_timeout", None) or timedelta(minutes=30), "store": store}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        return True
+
+
+class LoopbackDDPStrategy(LoopbackStoreMixin, DDPStrategy):
+    """DDP whose single-node rendezvous store listens on 127.0.0.1 only."""
+
+    def setup_distributed(self) -> None:
+        reset_seed()
+        self.set_world_ranks()
+        if not self._init_with_loopback_store():
+            super().setup_distributed()
+
+
+class LoopbackDeepSpeedStrategy(LoopbackStoreMixin, DeepSpeedStrategy):
+    """DeepSpeed (GPU) whose single-node rendezvous store listens on 127.0.0.1 only."""
+
+    def _init_deepspeed_distributed(self) -> None:
+        self._init_with_loopback_store()  # DeepSpeed then adopts the initialised process group
+        super()._init_deepspeed_distributed()
+
+
+class CPUDeepSpeedStrategy(LoopbackStoreMixin, DeepSpeedStrategy):
     """DeepSpeed on CPU processes with the gloo backend (for tests and CPU-only machines).
 
     Lightning's `DeepSpeedStrategy.setup_environment` refuses any accelerator but CUDA; everything else works with
@@ -174,6 +245,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         # DeepSpeedStrategy first checks that GPU indices match local ranks; CPU devices have no index.
         reset_seed()
         self.set_world_ranks()
+        self._init_with_loopback_store()  # DeepSpeed then adopts the initialised process group
         self._init_deepspeed_distributed()
 
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
@@ -215,9 +287,9 @@ def build_strategy(cfg: Config, accelerator: str | None = None) -> Any:
     if kind == "auto":
         return "auto"
     if kind == "ddp":
-        return DDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo")
+        return LoopbackDDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo")
     _ensure_deepspeed_accelerator(accelerator)
-    cls = DeepSpeedStrategy if accelerator == "gpu" else CPUDeepSpeedStrategy
+    cls = LoopbackDeepSpeedStrategy if accelerator == "gpu" else CPUDeepSpeedStrategy
     return cls(config=deepspeed_config(cfg, accelerator))
 
 
@@ -297,6 +369,42 @@ def _deepspeed_tag(path: Path) -> str:
     return tags[0]
 
 
+def _deepspeed_safe_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into its checkpoint shards besides tensors and builtins (allow-listed)."""
+    allowed: list[Any] = []
+    for module, names in (
+        ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+        ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+        ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+    ):
+        with contextlib.suppress(ImportError):
+            imported = __import__(module, fromlist=list(names))
+            allowed += [getattr(imported, n) for n in names if hasattr(imported, n)]
+    import collections
+
+    allowed += [argparse.Namespace, collections.OrderedDict, torch.Size]
+    return allowed
+
+
+@contextlib.contextmanager
+def restricted_torch_load() -> Iterator[None]:
+    """Within the block, every `torch.load` runs with `weights_only=True` (torch's restricted unpickler) and only
+    DeepSpeed's own checkpoint classes allow-listed, whatever the caller asked for (DeepSpeed asks for the full,
+    unrestricted unpickler, which can run arbitrary code from a crafted file)."""
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
 def consolidate_checkpoint(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
     """The full, unsharded fp32 state dict (keys `model.<name>`) of a Lightning or DeepSpeed checkpoint.
 
@@ -312,12 +420,13 @@ def consolidate_checkpoint(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"{path} is a directory but not a DeepSpeed checkpoint (no 'latest', no shards)")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=_deepspeed_tag(path))
+        with restricted_torch_load():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=_deepspeed_tag(path))
         # Lightning < 2.1 wrapped the module; strip that prefix so keys are always `model.<name>`.
         state = {k.removeprefix("_forward_module."): v for k, v in state.items()}
     elif path.is_file():
-        # Our own checkpoint (it holds loop and datamodule state besides tensors, hence the full unpickler).
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        # Our own checkpoint: loop, datamodule and RNG state are plain values, so the restricted unpickler reads it.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if "state_dict" not in checkpoint:
             raise FileNotFoundError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
         state = checkpoint["state_dict"]

@@ -5,28 +5,35 @@
   runs stages in a temporary copy of the repository).
 - `check_tracking_uri` fails fast with a `StageError` when a tracking server does not answer within
   `mlflow.connect_timeout_s`, before any training (MLflow's own client would retry for minutes, at the end).
+- `check_tracking_uri` also opens an existing sqlite store read-only: a file that is not a database fails the stage
+  before anything (checkpoints included) is touched.
 - `TrackedRun` starts the run (tags: family, stage, git revision, params hash), or resumes the run whose id an
   interrupted attempt left behind, logs the params flattened, metrics per step (through `MlflowMetrics`, a
-  Lightning logger), system metrics, and artifacts; `finish("FAILED")` marks a crash.
+  Lightning logger), system metrics, and artifacts.
+- `tracked_run(run, ...)` is the run's whole life, used by every stage: it starts the run and ends it with the
+  status `pipeline.common.outcome_of` decides (FINISHED, KILLED for SIGINT/SIGTERM, FAILED otherwise).
 - Every process but global rank zero gets a `TrackedRun` that does nothing, so a 2-process run makes one run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sqlite3
 import subprocess
+import sys
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from pipeline.common import StageError
+from pipeline.common import Outcome, StageError, StageInterrupted, outcome_of, received_signal
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
@@ -59,9 +66,30 @@ def check_tracking_uri(uri: str, timeout_s: float) -> None:
                 "or unset MLFLOW_TRACKING_URI / mlflow.tracking_uri to use the local sqlite store"
             ) from None
     elif uri.startswith("sqlite:///"):
-        parent = Path(uri.removeprefix("sqlite:///")).parent
+        path = Path(uri.removeprefix("sqlite:///"))
+        parent = path.parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise StageError(f"MLflow store {uri}: directory {parent} does not exist or is not writable")
+        if path.exists():
+            check_sqlite_store(path)
+
+
+def check_sqlite_store(path: Path) -> None:
+    """Raise `StageError` when the sqlite file `path` is not a readable, writable SQLite database."""
+    fix = (
+        f"move it aside (mv {path} {path}.bad) to start a fresh store, or point MLFLOW_TRACKING_URI / "
+        "mlflow.tracking_uri at a working one"
+    )
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise StageError(f"MLflow store {path} is not readable and writable: fix its permissions, or {fix}")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            bad = db.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise StageError(f"MLflow store {path} is not an SQLite database ({exc}): {fix}") from None
+    if bad and bad[0] != "ok":
+        raise StageError(f"MLflow store {path} is damaged (sqlite quick_check: {bad[0]}): {fix}")
 
 
 def git_revision(root: str | Path) -> str:
@@ -110,16 +138,22 @@ class TrackedRun:
             return None
         import mlflow
 
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(self.experiment)
-        if resume_run_id and not self._exists(resume_run_id):
-            resume_run_id = None
-        run = mlflow.start_run(
-            run_id=resume_run_id,
-            run_name=None if resume_run_id else run_name,
-            tags=dict(tags),
-            log_system_metrics=self.system_metrics,
-        )
+        try:
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_experiment(self.experiment)
+            if resume_run_id and not self._exists(resume_run_id):
+                resume_run_id = None
+            run = mlflow.start_run(
+                run_id=resume_run_id,
+                run_name=None if resume_run_id else run_name,
+                tags=dict(tags),
+                log_system_metrics=self.system_metrics,
+            )
+        except Exception as exc:  # MLflow and SQLAlchemy raise many types for a store that does not work
+            raise StageError(
+                f"MLflow store {self.uri} cannot start a run ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                ": check the store (or move a broken mlflow.db aside) and re-run"
+            ) from None
         self.run_id, self.resumed = run.info.run_id, resume_run_id is not None
         return self.run_id
 
@@ -181,12 +215,44 @@ class TrackedRun:
         if self.active and self.run_id is not None:
             import mlflow
 
-            if mlflow.active_run() is not None:
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == self.run_id:
                 mlflow.end_run(status=status)
             else:
                 from mlflow.tracking import MlflowClient
 
                 MlflowClient(self.uri).set_terminated(self.run_id, status=status)
+
+
+@contextlib.contextmanager
+def tracked_run(
+    run: TrackedRun, run_name: str, tags: Mapping[str, str], resume_run_id: str | None = None
+) -> Iterator[TrackedRun]:
+    """The MLflow run of one stage attempt, from start to its end status.
+
+    The block's ending decides the status through `pipeline.common.outcome_of`: FINISHED when it completes with
+    no signal received, KILLED on SIGINT/SIGTERM (then `StageInterrupted` is raised even if the block completed,
+    so the stage does not exit 0), FAILED otherwise. A failure to record the status does not hide the stage's
+    own error.
+    """
+    run.start(run_name, tags, resume_run_id=resume_run_id)
+    try:
+        yield run
+    except BaseException as exc:
+        _finish_quietly(run, outcome_of(exc).mlflow_status)
+        raise
+    result = outcome_of(None)
+    if result.outcome is not Outcome.FINISHED:
+        _finish_quietly(run, result.mlflow_status)
+        raise StageInterrupted(received_signal() or 15)
+    run.finish("FINISHED")
+
+
+def _finish_quietly(run: TrackedRun, status: str) -> None:
+    try:
+        run.finish(status)
+    except Exception as exc:  # the store broke too: the stage's own error is what the user must see
+        print(f"warning: could not mark MLflow run {run.run_id} {status}: {exc}", file=sys.stderr)
 
 
 class MlflowMetrics(Logger):
