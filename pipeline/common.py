@@ -112,6 +112,11 @@ def received_signal() -> int | None:
     return _received[0] if _received else None
 
 
+def note_signal(signum: int) -> None:
+    """Record that the stage is ending because of `signum` (e.g. SIGUSR1 before a SLURM requeue)."""
+    _received.append(signum)
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     _received.append(signum)
     if signum == signal.SIGINT or signal.getsignal(signum) is _on_signal:

@@ -8,6 +8,16 @@ Batches are dicts built by `pipeline/datamodule.py`:
     encoder-decoder layouts add decoder_input_ids / decoder_attention_mask (B, T);
     prefix_lm adds prefix_lengths (B,).
 
+Divergence guard (`trainer.divergence` in params): besides a non-finite loss or gradient norm, a run whose loss sits
+at the uniform-prediction level ln(vocab) (within `uniform_tolerance` nats), or whose gradient norm is exactly zero,
+for `patience_steps` optimizer steps in a row stops with `DivergedError`; while such a streak lasts no periodic
+checkpoint is written, so the last good one is kept.
+
+`StepCheckpoint` is the periodic `last.ckpt` writer: it writes atomically (a killed save never leaves a truncated
+`last.ckpt`), keeps the one before as `previous.ckpt` (what a corrupt `last.ckpt` falls back to), and under SLURM
+turns `SIGUSR1` into a checkpoint at the next optimizer-step boundary followed by `scontrol requeue`, so the
+requeued job resumes exactly where an uninterrupted run would be.
+
 Logged metrics (the same names for every family, so MLflow runs compare directly):
     train/loss, train/ppl, train/z_loss, train/lr, train/grad_norm, train/tokens (cumulative target tokens),
     train/tokens_per_s (input + target tokens per second, all devices), train/flops_per_s, train/mfu
@@ -17,17 +27,23 @@ Logged metrics (the same names for every family, so MLflow runs compare directly
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
+import signal
+import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from pipeline.common import StageError
+from pipeline.common import DivergedError, StageInterrupted, note_signal
 
 IGNORE_INDEX = -100
 
@@ -35,8 +51,15 @@ IGNORE_INDEX = -100
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12}
 
 
-class NonFiniteLossError(StageError):
+class NonFiniteLossError(DivergedError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class RequeuedError(StageInterrupted):
+    """The SLURM job saved its state and asked to be requeued; this attempt ends here (SLURM restarts it)."""
+
+    def __init__(self) -> None:
+        super().__init__(signal.SIGUSR1)
 
 
 @dataclass
@@ -55,11 +78,21 @@ class OptimSettings:
     z_loss: float = 0.0
     log_every_n_steps: int = 10
     peak_flops: float | None = None
+    divergence_patience: int = 0  # optimizer steps; 0 turns the stuck-loss / zero-gradient guard off
+    uniform_tolerance: float = 0.01  # nats around ln(vocab) that count as "uniform predictions"
 
     @classmethod
-    def from_section(cls, section: Any, peak_flops: float | None = None) -> OptimSettings:
+    def from_section(cls, section: Any, peak_flops: float | None = None, divergence: Any = None) -> OptimSettings:
+        """From a `pretrain`/`finetune` section and the optional `trainer.divergence` section."""
         o = section.optimizer
+        guard = {}
+        if divergence is not None:
+            guard = {
+                "divergence_patience": int(divergence.patience_steps),
+                "uniform_tolerance": float(divergence.uniform_tolerance),
+            }
         return cls(
+            **guard,
             name=o.name,
             lr=o.lr,
             weight_decay=o.weight_decay,
@@ -172,6 +205,9 @@ class Seq2SeqLM(L.LightningModule):
         self.last_speed: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
         self._pending_rng: dict[str, Any] | None = None
+        self.divergence_streak = 0  # consecutive optimizer steps that looked stuck (see `_check_stuck`)
+        self._step_loss = [0.0, 0]  # sum of micro-batch losses since the last optimizer step, and their count
+        self._step_grad_norm: float | None = None
 
     # ---- the loss ----
 
@@ -192,6 +228,8 @@ class Seq2SeqLM(L.LightningModule):
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
             raise NonFiniteLossError(self._diverged(f"the loss is {loss.item()}"))
+        self._step_loss[0] += float(ce.detach())
+        self._step_loss[1] += 1
         n = int(count)
         self._window["loss"] += float(ce.detach()) * n
         self._window["z"] += float(z.detach()) * n
@@ -229,8 +267,35 @@ class Seq2SeqLM(L.LightningModule):
         norm = torch.nn.utils.get_total_norm(grads)
         if self.trainer.precision != "16-mixed" and not bool(torch.isfinite(norm)):
             raise NonFiniteLossError(self._diverged(f"the gradient norm is {float(norm)}"))
+        self._step_grad_norm = float(norm)
         if self._logging_step():
             self._grad_norm = float(norm)
+
+    def _check_stuck(self) -> None:
+        """After each optimizer step: count steps stuck at the uniform loss or with a zero gradient norm; stop after
+        `divergence_patience` in a row. The loss is averaged over ranks, so every rank decides the same."""
+        s = self.settings
+        loss_sum, count = self._step_loss
+        self._step_loss = [0.0, 0]
+        grad_norm, self._step_grad_norm = self._step_grad_norm, None
+        if s.divergence_patience <= 0 or count == 0:
+            return
+        loss = torch.tensor([loss_sum / count], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            loss = self.trainer.strategy.reduce(loss, reduce_op="mean")
+        loss_value = float(loss)
+        uniform = math.log(self.model.config.vocab_size)
+        at_uniform = abs(loss_value - uniform) <= s.uniform_tolerance
+        zero_grad = grad_norm is not None and grad_norm == 0.0
+        self.divergence_streak = self.divergence_streak + 1 if (at_uniform or zero_grad) else 0
+        if self.divergence_streak >= s.divergence_patience:
+            what = "a gradient norm of 0" if zero_grad else f"a loss of {loss_value:.4f} = ln(vocab) {uniform:.4f}"
+            raise DivergedError(
+                self._diverged(
+                    f"{what} for {self.divergence_streak} steps in a row (trainer.divergence.patience_steps), the "
+                    "model predicts nothing better than uniform"
+                )
+            )
 
     def _diverged(self, what: str) -> str:
         return (
@@ -256,6 +321,7 @@ class Seq2SeqLM(L.LightningModule):
         # on_train_batch_end before the module's hook runs: the saved state must include this step's row
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]  # the rate this step uses
         super().optimizer_step(*args, **kwargs)
+        self._check_stuck()
         if not self._logging_step():
             return
         step = self.global_step + 1  # Lightning advances its step counter after this hook returns
@@ -327,6 +393,7 @@ class Seq2SeqLM(L.LightningModule):
             "history": list(self.history),
             "window": dict(self._window),
             "rng": rng_states(),
+            "divergence_streak": self.divergence_streak,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -337,6 +404,7 @@ class Seq2SeqLM(L.LightningModule):
         self.history = list(state["history"])
         self._window = dict(state["window"])
         self._pending_rng = state["rng"]
+        self.divergence_streak = int(state.get("divergence_streak", 0))
 
     def on_train_start(self) -> None:
         # restore the random states last: Lightning seeds, builds and (for DeepSpeed) loads everything before this
@@ -344,3 +412,95 @@ class Seq2SeqLM(L.LightningModule):
             set_rng_states(self._pending_rng)
             self._pending_rng = None
         self._window_start = time.perf_counter()
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+PREVIOUS_NAME = "previous.ckpt"
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """`last.ckpt` every `every_n_train_steps` optimizer steps, written atomically, the one before kept as
+    `previous.ckpt`; skipped while the divergence guard sees a stuck streak; SIGUSR1 under SLURM -> checkpoint at
+    the next step boundary, `scontrol requeue`, and this attempt ends (`RequeuedError`).
+
+    Lightning's own SLURM auto-requeue saves `hpc_ckpt_<n>.ckpt` from inside the signal handler, in the middle of
+    whatever step is running, and `trainer.validate` later reloads that file: the resumed run is not exact and the
+    published weights are stale. The stage therefore turns it off (`SLURMEnvironment(auto_requeue=False)`) and
+    uses this callback's `requeue_on_signal` instead.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int, requeue_on_signal: bool = False):
+        super().__init__(
+            dirpath=dirpath,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=every_n_train_steps,
+            save_on_train_epoch_end=False,
+        )
+        self.requeue_on_signal = requeue_on_signal
+        self._signalled = False
+        self._previous_handler: Any = None
+
+    # -- SIGUSR1: remember it, act at the next step boundary
+    def _on_sigusr1(self, signum: int, frame: Any) -> None:
+        self._signalled = True
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.requeue_on_signal:
+            self._previous_handler = signal.signal(signal.SIGUSR1, self._on_sigusr1)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.requeue_on_signal and self._previous_handler is not None:
+            signal.signal(signal.SIGUSR1, self._previous_handler)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if getattr(pl_module, "divergence_streak", 0) > 0:
+            return  # keep the last good checkpoint while the run may be diverging
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        if not self.requeue_on_signal or trainer.fit_loop.epoch_loop._should_accumulate():
+            return
+        signalled = trainer.strategy.reduce_boolean_decision(self._signalled, all=False)
+        if not signalled:
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_checkpoint(trainer, str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}.ckpt"))
+        if trainer.is_global_zero:
+            job = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ.get("SLURM_JOB_ID")
+            if job:
+                proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                print(f"step {trainer.global_step}: checkpoint saved; scontrol requeue {job}: exit {proc.returncode}")
+        trainer.strategy.barrier()
+        note_signal(signal.SIGUSR1)  # the stage ends as interrupted (KILLED in MLflow), whatever Lightning makes of it
+        raise RequeuedError()
+
+    # -- atomic save, the one before kept
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        target = Path(filepath)
+        tmp = target.with_name(f".{target.name}.saving")
+        if trainer.is_global_zero and (tmp.exists() or tmp.is_symlink()):
+            _remove_path(tmp)
+        trainer.strategy.barrier()
+        trainer.save_checkpoint(tmp, self.save_weights_only)  # collective under DeepSpeed: every rank calls it
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            previous = target.with_name(PREVIOUS_NAME)
+            if target.exists():
+                _remove_path(previous)
+                os.replace(target, previous)
+            os.replace(tmp, target)
+        trainer.strategy.barrier()
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
