@@ -45,6 +45,11 @@ ARTIFACTS_DIR = "mlartifacts"
 WORKSPACE = "workspace"
 PARENT_KEY_TAG = "pipeline_execution"
 MAX_PARAM_LENGTH = 6000
+EXPERIMENT_DESCRIPTION = (
+    "T5 versus Reformer, trained and evaluated by the DVC pipeline of this repository. Runs are nested under one "
+    "parent per pipeline execution (tag `dvc_exp`: the DVC experiment, or `workspace`); filter with "
+    "`tags.stage = 'pretrain'` and compare a stage's runs: the `model.*` params show how the variants differ."
+)
 PYFUNC_FILE = Path(__file__).with_name("mlflow_pyfunc.py")
 MODELS_PACKAGE = Path(__file__).resolve().parent.parent / "models"
 
@@ -190,6 +195,12 @@ def run_tags(uri: str, experiment_id: str, git_revision: str, seed: int | None =
     return tags
 
 
+def context_tags(uri: str, experiment: str, git_revision: str, seed: int | None = None) -> dict[str, str]:
+    """`run_tags` for a stage about to start its run in `experiment` (created by `ensure_experiment` if new)."""
+    experiment_id = ensure_experiment(uri, experiment, description=EXPERIMENT_DESCRIPTION)
+    return run_tags(uri, experiment_id, git_revision, seed)
+
+
 # ------------------------------------------------------------------------------------------------ params
 
 
@@ -323,6 +334,27 @@ class SplitInfo:
 def content_digest(*parts: Any) -> str:
     """A short digest of JSON-serialisable parts (e.g. a split's fingerprint and its sizes)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def token_store_splits(
+    root: str | Path, contexts: Mapping[str, str], directory: str = "data/tokenized"
+) -> list[SplitInfo]:
+    """The splits of the token store under `root` (`<split>/meta.json`: documents, tokens, sha256) to log.
+
+    `contexts` maps a split to its MLflow input context, e.g. `{"train": "training", "validation": "validation"}`.
+    """
+    out = []
+    for split, context in contexts.items():
+        meta_path = Path(root) / directory / split / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            log.warning("MLflow: %s unreadable, split %s not logged as a dataset", meta_path, split)
+            continue
+        sizes = {k: int(meta[k]) for k in ("documents", "tokens") if k in meta}
+        digest = str(meta.get("sha256") or content_digest(meta))[:16]
+        out.append(SplitInfo(f"{Path(directory).name}/{split}", f"{directory}/{split}", digest, context, sizes))
+    return out
 
 
 def log_token_splits(splits: Sequence[SplitInfo], origin: str, stage: str) -> list[SplitDataset]:

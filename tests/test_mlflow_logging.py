@@ -209,3 +209,23 @@ def test_dataset_inputs_and_a_logged_model_from_safetensors(store: str, tmp_path
     loaded = mlflow.pyfunc.load_model(f"models:/{model_id}")
     outputs = loaded.predict(["listops [MAX 2 3 ]", "word1"], params={"max_new_tokens": 4})
     assert isinstance(outputs, list) and len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
+
+
+def test_token_store_splits_read_sizes_and_digest(tmp_path: Path):
+    split = tmp_path / "data" / "tokenized" / "train"
+    split.mkdir(parents=True)
+    (split / "meta.json").write_text('{"documents": 12, "tokens": 340, "dtype": "uint16", "sha256": "ab12cd34ef56" }')
+    (info,) = ml.token_store_splits(tmp_path, {"train": "training", "test": "testing"})  # no test split: left out
+    assert info == ml.SplitInfo(
+        "tokenized/train", "data/tokenized/train", "ab12cd34ef56", "training", {"documents": 12, "tokens": 340}
+    )
+
+
+def test_context_tags_create_the_experiment_once(store: str):
+    from mlflow.tracking import MlflowClient
+
+    first = ml.context_tags(store, "t5-vs-reformer", "rev1", seed=2)
+    again = ml.context_tags(store, "t5-vs-reformer", "rev1", seed=2)
+    assert first == again and first["seed"] == "2"
+    experiment = MlflowClient(store).get_experiment_by_name("t5-vs-reformer")
+    assert experiment.tags["mlflow.note.content"] == ml.EXPERIMENT_DESCRIPTION
