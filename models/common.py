@@ -1,10 +1,13 @@
-"""Mechanisms shared by our model families, in plain PyTorch: cheap dropout masks, attention with an additive bias
-differentiated by hand, matmuls for decoding, and a growing key/value cache.
+"""Mechanisms shared by our model families, in plain PyTorch: cheap dropout (the one implementation of both),
+attention with an additive bias differentiated by hand, matmuls for decoding, and a growing key/value cache.
 
 Dimension legend: B batch, H heads, Lq / Lk query / key length, Dk per-head size, N rows being decoded.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +20,18 @@ def neg_inf(dtype: torch.dtype) -> float:
 def drop_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     """Dropout: a bool mask of the elements of `x` to zero (each with probability p) and the rescale 1 / (1 - p).
 
-    On CPU the mask comes from 15-bit slices of 63-bit random integers, four per draw: torch's CPU `bernoulli_`
-    draws one Mersenne Twister number per element through a generic sampler (serially, on AMD), which made it the
-    largest non-matmul cost of a training step; this is ~4.5x cheaper. p is rounded to a multiple of 2**-15 and the
-    rescale uses the rounded value, so the expected output still equals the input. Keeping a bool mask (1 byte per
-    element) rather than F.dropout's float noise (4 bytes) also shrinks the activations kept for backward.
+    The one dropout of both families. On CPU the decisions are the four signed 16-bit lanes of uniform 64-bit
+    random words, one compare each: torch's CPU `bernoulli_` draws one Mersenne Twister number per element through
+    a generic sampler, which made dropout the largest non-matmul cost of a training step (this is ~4.5x cheaper).
+    p is rounded to a multiple of 2**-16 and the rescale uses the rounded value, so the expected output still
+    equals the input. Draws come from the global generator, so the Reformer's reversible backward replays them.
+    A bool mask (1 byte per element) rather than F.dropout's float noise (4 bytes) also shrinks what backward keeps.
     """
     if x.device.type != "cpu" or torch.compiler.is_compiling():  # GPU / compiled: the device's own generator
         return torch.rand_like(x, dtype=torch.float32) < p, 1.0 / (1.0 - p)
-    cut = round(p * 2**15)
-    n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()  # uniform in [0, 2**63)
-    return bits.view(torch.int16)[:n].view(x.shape).bitwise_and_(0x7FFF) < cut, 2**15 / (2**15 - cut)
+    cut, n = round(p * 2**16), x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)  # all 64 bits
+    return words.view(torch.int16)[:n].view(x.shape) < cut - 2**15, 2**16 / (2**16 - cut)  # lanes in [-2**15, 2**15)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -37,6 +40,13 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     drop, scale = drop_mask(x, p)
     return torch.where(drop, 0.0, x).mul_(scale)  # `where` rather than `x * keep`: a bool x float product casts first
+
+
+class Dropout(torch.nn.Dropout):
+    """`nn.Dropout` through `dropout` above (same module interface, cheaper masks)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
 
 
 class BiasedAttention(torch.autograd.Function):
@@ -81,13 +91,44 @@ class BiasedAttention(torch.autograd.Function):
         return d_q, d_k, d_v, d_bias, None, None
 
 
+# (rows, Out, In, dtype, threads) -> whether `weight @ x^T` beat `F.linear` when measured in this process
+_WEIGHT_LEFT: dict[tuple, bool] = {}
+
+
+def _weight_left_is_faster(x: torch.Tensor, weight: torch.Tensor, repeats: int = 3) -> bool:
+    """Time both forms of a small product on this processor, alternated (median of `repeats` after one warm-up);
+    the weight-left form must win by 10% to be chosen, since F.linear is the default."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats + 1):
+        for i, fn in enumerate((lambda: F.linear(x, weight), lambda: weight @ x.T)):
+            start = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - start)
+    return statistics.median(times[1][1:]) < 0.9 * statistics.median(times[0][1:])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (..., In) @ weight (Out, In)^T. Decoding feeds a handful of rows and is bound by reading the weights; with
-    Out >= In, MKL streams a weight faster as the left operand of weight @ x^T (1.4-2x on CPU, the LM head most)."""
+    """x (..., In) @ weight (Out, In)^T for decoding, where a handful of rows (N <= 64) is bound by reading the
+    weights. How the BLAS streams a weight depends on the processor: on some CPUs `weight @ x^T` (the weight as
+    the left operand) is up to 2x faster for the LM head, on others up to 3x slower. So the first call of each
+    shape measures both in this process and keeps the faster (`_weight_left_is_faster`); with autograd recording,
+    off CPU, or under torch.compile it is plain F.linear. Both forms compute the same sums (rounding may differ)."""
     rows = x.numel() // x.shape[-1]
-    if rows > 16 or weight.shape[0] < weight.shape[1] or x.device.type != "cpu":
+    if (
+        rows > 64
+        or x.device.type != "cpu"
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        or torch.compiler.is_compiling()
+    ):
         return F.linear(x, weight)
-    return (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], weight.shape[0])
+    key = (rows, *weight.shape, weight.dtype, torch.get_num_threads())
+    flat = x.reshape(rows, -1)
+    left = _WEIGHT_LEFT.get(key)
+    if left is None:
+        left = _WEIGHT_LEFT[key] = _weight_left_is_faster(flat, weight)
+    if not left:
+        return F.linear(x, weight)
+    return (weight @ flat.T).T.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class KVCache:
@@ -112,4 +153,7 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def reorder(self, index: torch.Tensor) -> None:
-        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+        """Keep rows `index` (N,) of the filled part only, in place (the spare capacity is not copied)."""
+        n = self.length
+        self.k[:, :, :n] = self.k[:, :, :n].index_select(0, index)
+        self.v[:, :, :n] = self.v[:, :, :n].index_select(0, index)

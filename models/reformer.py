@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.common import Dropout, dropout
 from models.generation import GenerationMixin
+from models.lsh_kernels import NormaliseKeys, PermuteRows, SharedQKScores, look_adjacent, mask_values
 from models.reversible import reversible_stack
 
 LAYOUTS = ("encoder_decoder", "causal_lm")
@@ -150,125 +152,6 @@ class ReformerConfig:
         return cls(**d)
 
 
-def _mask_values(dtype: torch.dtype) -> tuple[float, float]:
-    """(masked, self) logit values; the self value is only a penalty so a token alone may still attend to itself."""
-    return (-1e4, -1e3) if dtype == torch.float16 else (-1e9, -1e5)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout. On CPU the keep/drop decisions are the four 16-bit lanes of uniform 64-bit random words:
-    torch's CPU `bernoulli_` draws one Mersenne Twister number per element, which made dropout the largest
-    non-matmul cost of a training step. p is rounded to a multiple of 2**-16 and the rescale uses the rounded value.
-    Draws come from the global generator, so the reversible backward replays them."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return torch.where(torch.rand_like(x) < p, 0.0, x) / (1.0 - p)
-    cut, n = round(p * 2**16), x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)  # all 64 bits
-    drop = words.view(torch.int16)[:n].view(x.shape) < cut - 2**15  # each lane uniform in [-2**15, 2**15)
-    return torch.where(drop, 0.0, x).mul_(2**16 / (2**16 - cut))  # autograd keeps the bool mask only
-
-
-class Dropout(nn.Dropout):
-    """`nn.Dropout` through the cheaper `dropout` above."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
-
-
-def _shift_chunks(dst: torch.Tensor, src: torch.Tensor, shift: int, add: bool) -> None:
-    """dst[:, :, c] = (or +=) src[:, :, (c + shift) % C], in place, for chunks on dim 2."""
-    C = src.shape[2]
-    shift %= C
-    for d, s in ((dst[:, :, : C - shift], src[:, :, shift:]), (dst[:, :, C - shift :], src[:, :, :shift])):
-        if d.numel():
-            d.add_(s) if add else d.copy_(s)
-
-
-class LookAdjacent(torch.autograd.Function):
-    """(B, H, C, S, ...) -> (B, H, C, (before + 1 + after) * S, ...): each chunk preceded by `before` and followed by
-    `after` neighbouring chunks (wrapping around), written straight into one tensor (no roll + cat copies)."""
-
-    @staticmethod
-    def forward(ctx, x, before, after):
-        ctx.shifts = range(-before, after + 1)
-        out = x.new_empty(*x.shape[:3], len(ctx.shifts), *x.shape[3:])
-        for j, shift in enumerate(ctx.shifts):
-            _shift_chunks(out[:, :, :, j], x, shift, add=False)
-        return out.flatten(3, 4)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.unflatten(3, (len(ctx.shifts), -1))
-        grad_x = grad.new_empty(grad[:, :, :, 0].shape)
-        for j, shift in enumerate(ctx.shifts):
-            _shift_chunks(grad_x, grad[:, :, :, j], -shift, add=j > 0)
-        return grad_x, None, None
-
-
-def _look_adjacent(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """(B, H, C, S, ...) -> (B, H, C, (1 + before + after) * S, ...): each chunk sees its neighbours (wrapping)."""
-    return x if before == 0 and after == 0 else LookAdjacent.apply(x, before, after)
-
-
-class PermuteRows(torch.autograd.Function):
-    """rows of x (M, F) -> y = x[index] (M * repeats, F), where every row of x appears `repeats` times in y, at the
-    positions `inverse` (M * repeats, grouped by row of x). The backward gathers and sums (x's gradient =
-    sum of grad[inverse] per row) instead of scattering into x: `index_add_` runs as a sort-based scatter on CPU."""
-
-    @staticmethod
-    def forward(ctx, x, index, inverse, repeats):
-        ctx.save_for_backward(inverse)
-        ctx.repeats = repeats
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        grad_x = grad.index_select(0, inverse)
-        if ctx.repeats > 1:
-            grad_x = grad_x.view(-1, ctx.repeats, grad.shape[-1]).sum(1)
-        return grad_x, None, None, None
-
-
-class SharedQKScores(torch.autograd.Function):
-    """Shared-QK attention probabilities and their log-normaliser: (q, k, banned, own) -> (softmax, logsumexp).
-
-    dots = q k^T (..., S, W); `banned` (broadcastable bool) keys get the mask value, a query's `own` key the self
-    value (section 2.2); then probs = softmax(dots) and lse = logsumexp(dots). Written as one function so that the
-    exponentials are taken once (a fused softmax; lse = max(dots) - log(max(probs)), exact since the largest
-    probability is 1 / sum exp(dots - max)) instead of logsumexp + exp(dots - lse) + a third exp in logsumexp's
-    backward, and the backward keeps only probs and the `own` mask.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, banned, own):
-        dots = torch.matmul(q, k.transpose(-1, -2))  # (..., S, W)
-        mask_value, self_value = _mask_values(dots.dtype)
-        if banned is not None:
-            dots.masked_fill_(banned, mask_value)
-        dots.masked_fill_(own, self_value)
-        probs = torch.softmax(dots, dim=-1)
-        lse = dots.amax(dim=-1).sub_(probs.amax(dim=-1).log_())  # (..., S)
-        ctx.save_for_backward(q, k, probs, own)
-        return probs, lse
-
-    @staticmethod
-    def backward(ctx, grad_probs, grad_lse):
-        q, k, probs, own = ctx.saved_tensors
-        if grad_probs is None:
-            grad_dots = probs * grad_lse.unsqueeze(-1)
-        else:  # d lse / d dots = probs; banned keys have probs exactly 0, so their gradient is 0 already
-            grad_dots = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            if grad_lse is not None:
-                grad_dots.addcmul_(probs, grad_lse.unsqueeze(-1))
-        grad_dots.masked_fill_(own, 0.0)  # the self value is a constant
-        grad_q = torch.matmul(grad_dots, k) if ctx.needs_input_grad[0] else None
-        grad_k = torch.matmul(grad_dots.transpose(-1, -2), q) if ctx.needs_input_grad[1] else None
-        return grad_q, grad_k, None, None
-
-
 def chunked_attention(q, k, v, pos, key_mask, chunk_length, before, after, causal, self_mask, drop, training):
     """Attention within chunks of `chunk_length` and their neighbours; q, k, v (B, H, N, K).
 
@@ -280,10 +163,10 @@ def chunked_attention(q, k, v, pos, key_mask, chunk_length, before, after, causa
     B, H, N, K = q.shape
     C, S = N // chunk_length, chunk_length
     q = q.view(B, H, C, S, K)
-    k = _look_adjacent(k.view(B, H, C, S, K), before, after)  # (B, H, C, W, K)
-    v = _look_adjacent(v.view(B, H, C, S, K), before, after)
+    k = look_adjacent(k.view(B, H, C, S, K), before, after)  # (B, H, C, W, K)
+    v = look_adjacent(v.view(B, H, C, S, K), before, after)
     q_pos = pos.view(pos.shape[0], pos.shape[1], C, S)
-    k_pos = _look_adjacent(q_pos, before, after)  # (B|1, H|1, C, W)
+    k_pos = look_adjacent(q_pos, before, after)  # (B|1, H|1, C, W)
     banned = None
     with torch.no_grad():
         if key_mask is not None:
@@ -307,7 +190,7 @@ def chunked_attention(q, k, v, pos, key_mask, chunk_length, before, after, causa
         return out.view(B, H, C, S, K), None
     dots = torch.matmul(q, k.transpose(-1, -2))  # (B, H, C, S, W); fresh, so it may be masked in place
     if banned is not None:
-        dots.masked_fill_(banned, _mask_values(dots.dtype)[0])
+        dots.masked_fill_(banned, mask_values(dots.dtype)[0])
     probs = dropout(torch.softmax(dots, dim=-1), drop, training)
     return torch.matmul(probs, v), None
 
@@ -316,7 +199,7 @@ def full_attention(q, k, v, key_mask, causal, self_mask, drop, training):
     """Ordinary attention over the whole sequence, q, k, v (B, H, L, K); stores only one (L, L) map per head."""
     L = q.shape[2]
     dots = torch.matmul(q, k.transpose(-1, -2))  # (B, H, L, L)
-    mask_value, self_value = _mask_values(dots.dtype)
+    mask_value, self_value = mask_values(dots.dtype)
     if key_mask is not None:
         dots.masked_fill_(~key_mask[:, None, None, :], mask_value)
     if causal:
@@ -335,26 +218,6 @@ def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, H, L, K) -> (B, L, H*K)"""
     return x.transpose(1, 2).flatten(2)
-
-
-class NormaliseKeys(torch.autograd.Function):
-    """Shared-QK keys (section 2.2): unit RMS per head, then the usual 1/sqrt(d_kv); (..., K) -> (..., K).
-
-    With y = x * s, s = rsqrt(mean(x^2) + eps) / sqrt(K), the input gradient is s * (g - y * sum(g * y)): two
-    passes backward instead of autograd's seven through pow, mean, rsqrt, mul and div."""
-
-    @staticmethod
-    def forward(ctx, qk):
-        K = qk.shape[-1]
-        scale = torch.linalg.vector_norm(qk, dim=-1, keepdim=True).square_().div_(K).add_(1e-6).rsqrt_()
-        keys = qk * scale.div_(math.sqrt(K))
-        ctx.save_for_backward(keys, scale)
-        return keys
-
-    @staticmethod
-    def backward(ctx, grad):
-        keys, scale = ctx.saved_tensors
-        return torch.addcmul(grad, keys, (grad * keys).sum(-1, keepdim=True), value=-1).mul_(scale)
 
 
 class LSHSelfAttention(nn.Module):
@@ -796,3 +659,4 @@ class ReformerModel(GenerationMixin, nn.Module):
             + stack_flops(self.decoder, target_len, input_len)
             + head * target_len
         )
+

@@ -254,9 +254,9 @@ def test_drop_mask_rate_lanes_and_rescale():
     x = torch.ones(1000, 1024)
     drop, scale = drop_mask(x, 0.1)
     assert drop.dtype == torch.bool and drop.shape == x.shape
-    p = round(0.1 * 2**15) / 2**15  # the rounded rate the rescale is computed from
+    p = round(0.1 * 2**16) / 2**16  # the rounded rate the rescale is computed from
     assert scale == pytest.approx(1 / (1 - p))
-    lanes = drop.view(-1, 4).float().mean(0)  # each of the four 15-bit slices of a draw is unbiased
+    lanes = drop.view(-1, 4).float().mean(0)  # each of the four 16-bit lanes of a draw is unbiased
     assert (lanes - p).abs().max().item() < 0.003
     assert not torch.equal(drop, drop_mask(x, 0.1)[0])  # fresh randomness per call
     y = dropout(x, 0.1, training=True)
