@@ -1,49 +1,55 @@
 """Model families compared by the pipeline: our own T5 and our own Reformer, in plain PyTorch.
 
 Everything in `pipeline/` reaches the models through this registry, never through a family's module
-directly, so a third family is one more entry in `FAMILIES`. Each family provides:
+directly. Each family module ends with one `SPEC = FamilySpec(...)` (`models/spec.py`): config class, model
+class, presets, benchmark sizing, activation-checkpointing hook, and optional capabilities. Adding a family is
+one module plus one line in `SPECS` below.
 
-- a config dataclass with `from_preset(name, **overrides)`, `to_dict()` and `from_dict(d)`;
-- a model class built from that config, with the shared interface described in `docs/interfaces.md`
-  (`forward` returns logits, `generate` decodes, `num_parameters`, `training_flops`).
+The family's config dataclass has `from_preset(name, **overrides)`, `to_dict()` and `from_dict(d)`; the model
+class has the shared interface described in `docs/interfaces.md` (`forward` returns logits, `generate`
+decodes, `num_parameters`, `training_flops`).
 
 This package imports only torch (and safetensors for the weights file format).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# family -> (module, config class, model class)
-FAMILIES: dict[str, tuple[str, str, str]] = {
-    "t5": ("models.t5", "T5Config", "T5Model"),
-    "reformer": ("models.reformer", "ReformerConfig", "ReformerModel"),
-}
+from models import reformer, t5
+from models.spec import FamilySpec
+
+SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (t5.SPEC, reformer.SPEC)}
+FAMILIES: tuple[str, ...] = tuple(SPECS)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
-def _lookup(family: str, index: int) -> Any:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; known: {', '.join(sorted(FAMILIES))}")
-    entry = FAMILIES[family]
-    return getattr(importlib.import_module(entry[0]), entry[index])
+def spec(family: str) -> FamilySpec:
+    """The `FamilySpec` of a registered family; `ValueError` naming the known ones otherwise."""
+    if family not in SPECS:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(sorted(SPECS))}")
+    return SPECS[family]
 
 
 def config_class(family: str) -> type:
     """The config dataclass of a model family."""
-    return _lookup(family, 1)
+    return spec(family).config_class
 
 
 def model_class(family: str) -> type:
     """The model class (an `nn.Module`) of a model family."""
-    return _lookup(family, 2)
+    return spec(family).model_class
+
+
+def presets(family: str) -> dict[str, dict[str, Any]]:
+    """The named presets of a model family."""
+    return spec(family).presets
 
 
 def build_model(family: str, config: Any) -> torch.nn.Module:

@@ -660,3 +660,37 @@ class ReformerModel(GenerationMixin, nn.Module):
             + head * target_len
         )
 
+
+# ------------------------------------------------------------------------------------------ family spec
+
+
+def _benchmark_config(config: ReformerConfig, num_layers: int | None, length: int) -> ReformerConfig:
+    """The preset's attention pattern (local, lsh, ...) repeated to `num_layers` layers per stack, and position
+    tables grown to hold `length` tokens (position embeddings do not count as non-embedding parameters)."""
+    changes: dict[str, Any] = {}
+    if num_layers is not None:
+        pattern = list(config.attn_layers)
+        changes.update(attn_layers=[pattern[i % len(pattern)] for i in range(num_layers)], encoder_attn_layers=None)
+    if config.axial_pos_shape and math.prod(config.axial_pos_shape) < length:
+        changes["axial_pos_shape"] = [-(-length // config.axial_pos_shape[1]), config.axial_pos_shape[1]]
+    elif not config.axial_pos_shape and config.max_position_embeddings < length:
+        changes["max_position_embeddings"] = length
+    return dataclasses.replace(config, **changes)
+
+
+def _seeded(config: ReformerConfig, seed: int) -> ReformerConfig:
+    """A fixed `hash_seed` is offset by the run's seed; None already draws rotations from the seeded torch RNG."""
+    return config if config.hash_seed is None else dataclasses.replace(config, hash_seed=config.hash_seed + seed)
+
+
+from models.spec import FamilySpec  # noqa: E402  (the spec closes the module)
+
+SPEC = FamilySpec(
+    name="reformer",
+    config_class=ReformerConfig,
+    model_class=ReformerModel,
+    presets=PRESETS,
+    benchmark_config=_benchmark_config,
+    activation_checkpointing=None,  # reversible layers recompute activations in the backward pass already
+    seeded=_seeded,
+)

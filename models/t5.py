@@ -582,3 +582,36 @@ class T5Model(generation.GenerationMixin, nn.Module):
             linear = (c.num_layers * (attn_w + ff_w) + head_w) * L
             attention = c.num_layers * L * L
         return float(batch_size * (6 * linear + 12 * attention * inner))
+
+
+# ------------------------------------------------------------------------------------------ family spec
+
+
+def _benchmark_config(config: T5Config, num_layers: int | None, length: int) -> T5Config:
+    """`num_layers` blocks in each stack; relative positions need no table growth for `length`."""
+    from dataclasses import replace
+
+    return config if num_layers is None else replace(config, num_layers=num_layers, num_decoder_layers=num_layers)
+
+
+def _activation_checkpointing(config: T5Config, enabled: bool) -> None:
+    config.gradient_checkpointing = enabled  # each block is recomputed in the backward pass
+
+
+def _load_checkpoint(directory) -> T5Model:
+    from models.hf.t5 import load_t5_checkpoint  # needs transformers' file layout, not transformers itself
+
+    return load_t5_checkpoint(directory)
+
+
+from models.spec import FamilySpec  # noqa: E402  (the spec closes the module)
+
+SPEC = FamilySpec(
+    name="t5",
+    config_class=T5Config,
+    model_class=T5Model,
+    presets=PRESETS,
+    benchmark_config=_benchmark_config,
+    activation_checkpointing=_activation_checkpointing,
+    load_checkpoint=_load_checkpoint,
+)

@@ -1,24 +1,27 @@
-"""Stage `benchmark`: training-step speed and peak memory of both families versus sequence length and depth.
+"""Stage `benchmark`: training-step speed and peak memory of every model variant versus sequence length and depth.
 
-Both families are built from their `params.yaml` presets (matched by non-embedding parameter count) in the
-encoder-decoder layout the pipeline trains, and run one AdamW training step on random tokens: `L` input tokens
-and `L / 4` target tokens (the ratio span corruption produces). Every measurement runs in its own child process
-(`python -m pipeline.benchmark --child SPEC`), so its peak memory is that process's own (`ru_maxrss` on CPU,
-`torch.cuda.max_memory_allocated` on a GPU) and one out-of-memory death cannot take the stage down.
+Every variant of `models:` is built from its `params.yaml` entry in the encoder-decoder layout the pipeline
+trains (its family's spec sizes it to a depth and a length), and runs one AdamW training step on random
+tokens: `L` input tokens and `L / 4` target tokens (the ratio span corruption produces). Every measurement runs
+in its own child process (`python -m pipeline.benchmark --child SPEC`), so its peak memory is that process's
+own (`ru_maxrss` on CPU, `torch.cuda.max_memory_allocated` on a GPU) and one out-of-memory death cannot take the
+stage down.
 
 - speed: input tokens per second of a training step (forward + backward + optimizer), median of `repeats`
   timed steps after one warmup step;
 - memory: `peak_mb` (whole child process) and `step_mb` (peak minus the resident size after building the model
   and optimizer: what the step itself needs, mostly activations);
-- lengths go from the shortest up; a family stops at the first length it cannot run (failure, or a predicted
+- lengths go from the shortest up; a variant stops at the first length it cannot run (failure, or a predicted
   peak above `max_memory_gb` by quadratic extrapolation from the last length); the length sweep starts nothing
   after 75% of `time_budget_s`, the depth sweep nothing after all of it;
-- the crossover length is the shortest measured length from which on the Reformer is faster (or uses less
-  memory) than T5 at every longer measured length, or runs where T5 could not; `null` when it never does.
+- the first variant of `models:` is the reference; another variant's crossover length is the shortest measured
+  length from which on it is faster (or uses less memory) than the reference at every longer measured length,
+  or runs where the reference could not; `null` when it never does.
 
 Outputs: `artifacts/benchmark/results.json` (every measurement), `results.csv`, `length.csv` and `depth.csv`
-(DVC plots data, one column per family), `speed_vs_length.png`, `memory_vs_length.png`, `memory_vs_depth.png`,
-and the DVC metrics `metrics/benchmark.json` (crossovers, per-length ratios, parameter counts).
+(DVC plots data, one column per variant), `speed_vs_length.png`, `memory_vs_length.png`, `memory_vs_depth.png`,
+and the DVC metrics `metrics/benchmark.json` (crossovers and per-length ratios against the reference,
+parameter counts).
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import csv
 import io
 import json
 import logging
-import math
 import multiprocessing
 import os
 import resource
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common import atomic_output, repo_root, run_stage, stage_parser, write_json
-from pipeline.config import FAMILIES, Config
+from pipeline.config import Config
 
 log = logging.getLogger("pipeline.benchmark")
 
@@ -114,39 +116,25 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_config(
-    cfg: Config, family: str, vocab_size: int, num_layers: int | None = None, length: int = 0
+    cfg: Config, variant: str, vocab_size: int, num_layers: int | None = None, length: int = 0
 ) -> dict[str, Any]:
-    """The family's config as a dict (encoder-decoder), optionally with `num_layers` layers per stack, able to
-    take `length` positions."""
-    overrides: dict[str, Any] = {"vocab_size": vocab_size, "layout": "encoder_decoder", "dropout_rate": 0.0}
-    base = cfg.model_config(family, vocab_size)
-    if num_layers is not None:
-        if family == "reformer":  # repeat the preset's attention pattern (local, lsh, ...) to the depth asked
-            pattern = list(base.attn_layers)
-            overrides["attn_layers"] = [pattern[i % len(pattern)] for i in range(num_layers)]
-            overrides["encoder_attn_layers"] = None
-        else:
-            overrides["num_layers"] = num_layers
-            overrides["num_decoder_layers"] = None
-    # position tables grow to hold `length` positions (position embeddings are not non-embedding parameters)
-    if family == "reformer" and base.axial_pos_shape and math.prod(base.axial_pos_shape) < length:
-        overrides["axial_pos_shape"] = [-(-length // base.axial_pos_shape[1]), base.axial_pos_shape[1]]
-    elif family == "reformer" and not base.axial_pos_shape and base.max_position_embeddings < length:
-        overrides["max_position_embeddings"] = length
-    section = cfg.models[family]
-    from models import config_class
+    """The variant's config as a dict (encoder-decoder, no dropout), sized by its family's spec to `num_layers`
+    layers per stack (None: as configured) and `length` positions."""
+    from models import spec
 
-    return config_class(family).from_preset(section.preset, **{**section.overrides, **overrides}).to_dict()
+    config = cfg.model_config(variant, vocab_size)
+    config = type(config).from_dict({**config.to_dict(), "layout": "encoder_decoder", "dropout_rate": 0.0})
+    return spec(cfg.family(variant)).benchmark_config(config, num_layers, length).to_dict()
 
 
 def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, dict[str, int]]:
-    """Total and non-embedding parameters of each family's preset (the matched-size check)."""
+    """Total and non-embedding parameters of each variant (the matched-size check)."""
     from models import build_model
 
     counts = {}
-    for family in FAMILIES:
-        model = build_model(family, model_config(cfg, family, vocab_size))
-        counts[family] = {"total": model.num_parameters(), "non_embedding": model.num_parameters(non_embedding=True)}
+    for variant in cfg.models:
+        model = build_model(cfg.family(variant), model_config(cfg, variant, vocab_size))
+        counts[variant] = {"total": model.num_parameters(), "non_embedding": model.num_parameters(non_embedding=True)}
     return counts
 
 
@@ -190,19 +178,22 @@ def run_child(spec: dict[str, Any], timeout_s: float = CHILD_TIMEOUT_S) -> dict[
     return result
 
 
-def crossover(lengths: list[int], t5: dict[int, float | None], reformer: dict[int, float | None], better) -> int | None:
-    """Shortest length from which the Reformer wins at every longer measured length.
+def crossover(
+    lengths: list[int], reference: dict[int, float | None], other: dict[int, float | None], better
+) -> int | None:
+    """Shortest length from which `other` wins against `reference` at every longer measured length.
 
-    `t5[L]`/`reformer[L]` are the figures, None where that family did not fit, the key absent where L was not
-    measured (time budget); `better(r, t)` says whether the Reformer's figure beats T5's. A length where only
-    the Reformer fit counts as a win, one where only T5 fit as a loss; lengths not measured for both are ignored.
+    `reference[L]`/`other[L]` are the figures, None where that variant did not fit, the key absent where L was
+    not measured (time budget); `better(o, r)` says whether the other's figure beats the reference's. A length
+    where only the other fit counts as a win, one where only the reference fit as a loss; lengths not measured
+    for both are ignored.
     """
     wins: list[tuple[int, bool]] = []
     for n in sorted(lengths):
-        if n not in t5 or n not in reformer or (t5[n] is None and reformer[n] is None):
+        if n not in reference or n not in other or (reference[n] is None and other[n] is None):
             continue
-        r, t = reformer[n], t5[n]
-        wins.append((n, r is not None and (t is None or better(r, t))))
+        o, r = other[n], reference[n]
+        wins.append((n, o is not None and (r is None or better(o, r))))
     answer = None
     for n, won in reversed(wins):
         if not won:
@@ -219,10 +210,10 @@ def benchmark(cfg: Config, vocab_size: int, child=run_child) -> dict[str, Any]:
     limit_mb = b.max_memory_gb * 1024
     rows: list[dict[str, Any]] = []
 
-    def spec(family: str, length: int, num_layers: int | None = None) -> dict[str, Any]:
+    def spec(variant: str, length: int, num_layers: int | None = None) -> dict[str, Any]:
         return {
-            "family": family,
-            "config": model_config(cfg, family, vocab_size, num_layers, length),
+            "family": cfg.family(variant),
+            "config": model_config(cfg, variant, vocab_size, num_layers, length),
             "batch_size": b.batch_size,
             "input_len": length,
             "target_len": max(length // 4, 1),
@@ -233,79 +224,89 @@ def benchmark(cfg: Config, vocab_size: int, child=run_child) -> dict[str, Any]:
     lengths = sorted(set(b.seq_lengths))
     stopped: dict[str, str] = {}
     for length in lengths:
-        for family in FAMILIES:
-            row = {"kind": "length", "family": family, "seq_length": length, "num_layers": None}
-            previous = [r for r in rows if r["family"] == family and r["kind"] == "length" and "peak_mb" in r]
-            if family in stopped:
-                row["skipped"] = stopped[family]
+        for variant in cfg.models:
+            row = {"kind": "length", "variant": variant, "seq_length": length, "num_layers": None}
+            previous = [r for r in rows if r["variant"] == variant and r["kind"] == "length" and "peak_mb" in r]
+            if variant in stopped:
+                row["skipped"] = stopped[variant]
             elif budget_left() <= (1 - LENGTH_SHARE) * b.time_budget_s:  # the rest is kept for the depth sweep
                 row["skipped"] = f"time budget of {b.time_budget_s:.0f} s used"
             elif previous and previous[-1]["peak_mb"] * (length / previous[-1]["seq_length"]) ** 2 > limit_mb:
                 predicted = previous[-1]["peak_mb"] * (length / previous[-1]["seq_length"]) ** 2
                 row["skipped"] = f"predicted peak {predicted:.0f} MiB > max_memory_gb {b.max_memory_gb}"
             else:
-                row.update(child(spec(family, length), max(min(budget_left() + 60, CHILD_TIMEOUT_S), 30)))
+                row.update(child(spec(variant, length), max(min(budget_left() + 60, CHILD_TIMEOUT_S), 30)))
             if "error" in row or ("skipped" in row and "budget" not in row["skipped"]):
-                stopped.setdefault(family, f"does not fit: stopped at {length}")
+                stopped.setdefault(variant, f"does not fit: stopped at {length}")
             log.info("benchmark %s", _describe(row))
             rows.append(row)
     for num_layers in sorted(set(b.depths)):
-        for family in FAMILIES:
-            row = {"kind": "depth", "family": family, "seq_length": b.depth_seq_length, "num_layers": num_layers}
+        for variant in cfg.models:
+            row = {"kind": "depth", "variant": variant, "seq_length": b.depth_seq_length, "num_layers": num_layers}
             if budget_left() <= 0:
                 row["skipped"] = f"time budget of {b.time_budget_s:.0f} s used"
             else:
-                row.update(child(spec(family, b.depth_seq_length, num_layers), max(budget_left() + 60, 30)))
+                row.update(child(spec(variant, b.depth_seq_length, num_layers), max(budget_left() + 60, 30)))
             log.info("benchmark %s", _describe(row))
             rows.append(row)
     return {"rows": rows, "seconds": round(time.perf_counter() - start, 1)}
 
 
 def _describe(row: dict[str, Any]) -> str:
-    what = f"{row['family']:>8} L={row['seq_length']}" + (f" layers={row['num_layers']}" if row["num_layers"] else "")
+    what = f"{row['variant']:>8} L={row['seq_length']}" + (f" layers={row['num_layers']}" if row["num_layers"] else "")
     if "tokens_per_s" in row:
         return f"{what}: {row['tokens_per_s']:.0f} tok/s, peak {row['peak_mb']:.0f} MiB, step {row['step_mb']:.0f} MiB"
     return f"{what}: {row.get('error') or row.get('skipped')}"
 
 
 def summarize(result: dict[str, Any], counts: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """DVC metrics: crossovers, per-length Reformer/T5 ratios, parameter counts."""
-    by = {(r["family"], r["kind"], r["seq_length"], r["num_layers"]): r for r in result["rows"]}
+    """DVC metrics: per-length figures, crossovers and ratios against the reference (first) variant, parameters.
+
+    `counts` lists the variants in params order (see `parameter_counts`); the first is the reference.
+    """
+    variants = list(counts)
+    ref = variants[0]
+    by = {(r["variant"], r["kind"], r["seq_length"], r["num_layers"]): r for r in result["rows"]}
     lengths = sorted({r["seq_length"] for r in result["rows"] if r["kind"] == "length"})
 
-    def figures(family: str, key: str) -> dict[int, float | None]:
-        """Measured lengths -> figure; None where the family did not fit; lengths cut by the budget left out."""
+    def figures(variant: str, key: str) -> dict[int, float | None]:
+        """Measured lengths -> figure; None where the variant did not fit; lengths cut by the budget left out."""
         out = {}
         for n in lengths:
-            row = by.get((family, "length", n, None), {})
+            row = by.get((variant, "length", n, None), {})
             if key in row or "error" in row or ("skipped" in row and "budget" not in row["skipped"]):
                 out[n] = row.get(key)
         return out
 
-    speed = {f: figures(f, "tokens_per_s") for f in FAMILIES}
-    memory = {f: figures(f, "step_mb") for f in FAMILIES}
+    speed = {v: figures(v, "tokens_per_s") for v in variants}
+    memory = {v: figures(v, "step_mb") for v in variants}
     per_length = {}
     for n in lengths:
         entry: dict[str, Any] = {}
-        for f in FAMILIES:
-            entry[f"{f}_tokens_per_s"] = _round(speed[f].get(n))
-            entry[f"{f}_step_mb"] = _round(memory[f].get(n))
-        if speed["t5"].get(n) and speed["reformer"].get(n):
-            entry["speed_ratio_reformer_over_t5"] = _round(speed["reformer"][n] / speed["t5"][n], 3)
-        if memory["t5"].get(n) and memory["reformer"].get(n):
-            entry["memory_ratio_reformer_over_t5"] = _round(memory["reformer"][n] / memory["t5"][n], 3)
+        for v in variants:
+            entry[f"{v}_tokens_per_s"] = _round(speed[v].get(n))
+            entry[f"{v}_step_mb"] = _round(memory[v].get(n))
+        for v in variants[1:]:
+            if speed[ref].get(n) and speed[v].get(n):
+                entry[f"speed_ratio_{v}_over_{ref}"] = _round(speed[v][n] / speed[ref][n], 3)
+            if memory[ref].get(n) and memory[v].get(n):
+                entry[f"memory_ratio_{v}_over_{ref}"] = _round(memory[v][n] / memory[ref][n], 3)
         per_length[str(n)] = entry
-    longest = {f: max((n for n in lengths if speed[f].get(n)), default=None) for f in FAMILIES}
-    compared = [n for n in lengths if n in speed["t5"] and n in speed["reformer"]]
-    t5_ne, ref_ne = counts["t5"]["non_embedding"], counts["reformer"]["non_embedding"]
     return {
-        "speed_crossover_length": crossover(lengths, speed["t5"], speed["reformer"], lambda r, t: r > t),
-        "memory_crossover_length": crossover(lengths, memory["t5"], memory["reformer"], lambda r, t: r < t),
-        "longest_length": longest,
-        "compared_lengths": compared,
+        "reference": ref,
+        "speed_crossover_length": {
+            v: crossover(lengths, speed[ref], speed[v], lambda o, r: o > r) for v in variants[1:]
+        },
+        "memory_crossover_length": {
+            v: crossover(lengths, memory[ref], memory[v], lambda o, r: o < r) for v in variants[1:]
+        },
+        "longest_length": {v: max((n for n in lengths if speed[v].get(n)), default=None) for v in variants},
+        "compared_lengths": {v: [n for n in lengths if n in speed[ref] and n in speed[v]] for v in variants[1:]},
         "per_length": per_length,
         "parameters": counts,
-        "non_embedding_ratio_reformer_over_t5": round(ref_ne / t5_ne, 3),
+        "non_embedding_ratio_over_reference": {
+            v: round(counts[v]["non_embedding"] / counts[ref]["non_embedding"], 3) for v in variants[1:]
+        },
         "seconds": result["seconds"],
     }
 
@@ -315,8 +316,9 @@ def _round(x: float | None, digits: int = 1) -> float | None:
 
 
 def write_tables(result: dict[str, Any], out: Path) -> None:
-    """`results.csv` (one row per measurement), `length.csv` and `depth.csv` (one column per family)."""
-    fields = ["kind", "family", "seq_length", "num_layers", "tokens_per_s", "step_s", "peak_mb", "step_mb", "note"]
+    """`results.csv` (one row per measurement), `length.csv` and `depth.csv` (one column per variant)."""
+    variants = list(dict.fromkeys(r["variant"] for r in result["rows"]))
+    fields = ["kind", "variant", "seq_length", "num_layers", "tokens_per_s", "step_s", "peak_mb", "step_mb", "note"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
@@ -325,14 +327,14 @@ def write_tables(result: dict[str, Any], out: Path) -> None:
     (out / "results.csv").write_text(buf.getvalue(), encoding="utf-8")
     for kind, axis in (("length", "seq_length"), ("depth", "num_layers")):
         keys = sorted({r[axis] for r in result["rows"] if r["kind"] == kind})
-        cols = [f"{f}_{m}" for f in FAMILIES for m in ("tokens_per_s", "step_mb")]
+        cols = [f"{v}_{m}" for v in variants for m in ("tokens_per_s", "step_mb")]
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow([axis, *cols])
         for k in keys:
             line = [k]
-            for f in FAMILIES:
-                row = next((r for r in result["rows"] if r["kind"] == kind and r["family"] == f and r[axis] == k), {})
+            for v in variants:
+                row = next((r for r in result["rows"] if r["kind"] == kind and r["variant"] == v and r[axis] == k), {})
                 line += [_fmt(row.get("tokens_per_s")), _fmt(row.get("step_mb"))]
             writer.writerow(line)
         (out / f"{kind}.csv").write_text(buf.getvalue(), encoding="utf-8")
@@ -356,12 +358,13 @@ def write_plots(result: dict[str, Any], out: Path) -> None:
     ]
     for name, kind, axis, key, ylabel, title in charts:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for family, marker in zip(FAMILIES, "os", strict=False):
+        variants = list(dict.fromkeys(r["variant"] for r in result["rows"]))
+        for i, variant in enumerate(variants):
             pts = sorted(
-                (r[axis], r[key]) for r in result["rows"] if r["kind"] == kind and r["family"] == family and key in r
+                (r[axis], r[key]) for r in result["rows"] if r["kind"] == kind and r["variant"] == variant and key in r
             )
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker=marker, label=family)
+                ax.plot(*zip(*pts, strict=True), marker="osd^v<>p"[i % 8], label=variant)
         if kind == "length":
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -395,14 +398,14 @@ def body(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
         write_plots(result, tmp)
     write_json(root / METRICS, metrics)
     log.info(
-        "benchmark done in %.0f s: speed crossover %s, memory crossover %s",
-        result["seconds"], metrics["speed_crossover_length"], metrics["memory_crossover_length"],
+        "benchmark done in %.0f s: speed crossover vs %s %s, memory crossover %s",
+        result["seconds"], metrics["reference"], metrics["speed_crossover_length"], metrics["memory_crossover_length"],
     )  # fmt: skip
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(body, stage_parser("Speed and memory of both families versus sequence length and depth."), argv)
+    return run_stage(body, stage_parser("Speed and memory of every variant versus sequence length and depth."), argv)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
     python -m pipeline.compare
 
-Reads what the other stages wrote (nothing is recomputed, so the stage takes seconds):
-`metrics/{prepare,tokenize}.json`, `metrics/{pretrain,finetune}-<family>.json` and their `-train.csv`/`-val.csv`
-loss histories, `artifacts/{pretrain,finetune}/<family>/final/training.json` (wall time, throughput),
-`metrics/eval-<family>.json` and `artifacts/eval/<family>/confusion_<task>.json`, `metrics/benchmark.json` and
-`artifacts/benchmark/results.json`.
+Reads what the other stages wrote for every variant V of `models:` and seed S of `seeds:` (nothing is
+recomputed, so the stage takes seconds; paths from `pipeline/paths.py`): `metrics/{prepare,tokenize}.json`,
+`metrics/{pretrain,finetune}/V-S.json` and their `-train.csv`/`-val.csv` loss histories,
+`artifacts/{pretrain,finetune}/V/S/final/training.json` (wall time, throughput), `metrics/evaluate/V-S.json` and
+`artifacts/eval/V/S/confusion_<task>.json`, `metrics/benchmark.json` and `artifacts/benchmark/results.json`.
+Each variant's figures are the mean over its seeds (loss curves: the mean at each step; confusion matrices: the
+counts summed).
 
 Writes `reports/comparison.md` (verdict, setup, side-by-side table, task metrics, speed and memory per length,
 caveats) and `reports/loss_curves.png`, `reports/speed_vs_length.png`, `reports/memory_vs_length.png`,
@@ -28,12 +30,18 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common import StageError, atomic_output, repo_root, run_stage, stage_parser, write_json
-from pipeline.config import FAMILIES, Config
+from pipeline.config import Config
+from pipeline.paths import RunPaths, stage_metrics
 
 log = logging.getLogger("pipeline.compare")
 
 REPORT_DIR = Path("reports")
-COLORS = {"t5": "tab:blue", "reformer": "tab:orange"}
+COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
+
+
+def color(data: dict[str, Any], variant: str) -> str:
+    """A variant's colour on every chart (by its position in `models:`)."""
+    return COLORS[list(data["variants"]).index(variant) % len(COLORS)]
 
 
 # -------------------------------------------------------------------------------------------- inputs
@@ -53,26 +61,70 @@ def read_csv(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
-def gather(root: Path) -> dict[str, Any]:
-    """Everything the report shows, keyed by source."""
-    data: dict[str, Any] = {"families": {}}
+def gather_run(root: Path, variant: str, seed: int) -> dict[str, Any]:
+    """What one (variant, seed) run left behind: stage metrics, timings, loss curves, evaluation, confusions."""
+    run: dict[str, Any] = {}
+    for stage in ("pretrain", "finetune"):
+        paths = RunPaths(root, stage, variant, seed)
+        run[stage] = read_json(paths.metrics, paths.dvc_stage())
+        timing = paths.final / "training.json"
+        run[f"{stage}_timing"] = json.loads(timing.read_text()) if timing.is_file() else {}
+        run[f"{stage}_train_curve"] = read_csv(paths.history("train"))
+        run[f"{stage}_val_curve"] = read_csv(paths.history("val"))
+    ev = RunPaths(root, "evaluate", variant, seed)
+    run["eval"] = read_json(ev.metrics, ev.dvc_stage())
+    run["confusion"] = {}
+    for path in sorted(ev.out.glob("confusion_*.json")):
+        run["confusion"][path.stem.removeprefix("confusion_")] = json.loads(path.read_text())
+    return run
+
+
+def mean_over_seeds(runs: list[Any]) -> Any:
+    """Numbers averaged, mappings merged key by key, loss curves averaged step by step; other values: the first."""
+    first = runs[0]
+    if all(isinstance(r, int | float) and not isinstance(r, bool) for r in runs):
+        return sum(runs) / len(runs)
+    if all(isinstance(r, dict) for r in runs):
+        keys = [k for k in first if all(k in r for r in runs)]
+        return {k: mean_over_seeds([r[k] for r in runs]) for k in keys}
+    if all(isinstance(r, list) for r in runs) and first and all(isinstance(x, dict) and "step" in x for x in first):
+        by_step: dict[float, list[dict[str, float]]] = {}
+        for r in runs:
+            for row in r:
+                by_step.setdefault(row["step"], []).append(row)
+        return [mean_over_seeds(rows) for _, rows in sorted(by_step.items()) if len(rows) == len(runs)]
+    return first
+
+
+def sum_confusions(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Confusion matrices of the same task summed over seeds (labels merged, in first-seen order)."""
+    out: dict[str, Any] = {}
+    for task in dict.fromkeys(t for r in runs for t in r):
+        labels = list(dict.fromkeys(lab for r in runs if task in r for lab in r[task]["labels"]))
+        matrix = [[0] * len(labels) for _ in labels]
+        for r in runs:
+            if task not in r:
+                continue
+            idx = [labels.index(lab) for lab in r[task]["labels"]]
+            for i, row in enumerate(r[task]["matrix"]):
+                for j, count in enumerate(row):
+                    matrix[idx[i]][idx[j]] += count
+        out[task] = {"labels": labels, "matrix": matrix}
+    return out
+
+
+def gather(cfg: Config, root: Path) -> dict[str, Any]:
+    """Everything the report shows: per variant, the mean over `cfg.seeds` of each run's figures."""
+    data: dict[str, Any] = {"variants": {}, "seeds": list(cfg.seeds)}
     for name in ("prepare", "tokenize"):
-        path = root / "metrics" / f"{name}.json"
+        path = stage_metrics(root, name)
         data[name] = json.loads(path.read_text()) if path.is_file() else {}
-    for family in FAMILIES:
-        fam: dict[str, Any] = {}
-        for stage in ("pretrain", "finetune"):
-            fam[stage] = read_json(root / "metrics" / f"{stage}-{family}.json", f"{stage}@{family}")
-            timing = root / "artifacts" / stage / family / "final" / "training.json"
-            fam[f"{stage}_timing"] = json.loads(timing.read_text()) if timing.is_file() else {}
-            fam[f"{stage}_train_curve"] = read_csv(root / "metrics" / f"{stage}-{family}-train.csv")
-            fam[f"{stage}_val_curve"] = read_csv(root / "metrics" / f"{stage}-{family}-val.csv")
-        fam["eval"] = read_json(root / "metrics" / f"eval-{family}.json", f"evaluate@{family}")
-        fam["confusion"] = {}
-        for path in sorted((root / "artifacts" / "eval" / family).glob("confusion_*.json")):
-            fam["confusion"][path.stem.removeprefix("confusion_")] = json.loads(path.read_text())
-        data["families"][family] = fam
-    data["benchmark"] = read_json(root / "metrics" / "benchmark.json", "benchmark")
+    for variant in cfg.models:
+        runs = [gather_run(root, variant, seed) for seed in cfg.seeds]
+        merged = mean_over_seeds([{k: v for k, v in r.items() if k != "confusion"} for r in runs])
+        merged["confusion"] = sum_confusions([r["confusion"] for r in runs])
+        data["variants"][variant] = merged
+    data["benchmark"] = read_json(stage_metrics(root, "benchmark"), "benchmark")
     data["benchmark_rows"] = read_json(root / "artifacts" / "benchmark" / "results.json", "benchmark")["rows"]
     return data
 
@@ -90,18 +142,18 @@ def _plt():
 
 
 def plot_loss_curves(data: dict[str, Any], path: Path) -> None:
-    """Pretraining and fine-tuning loss of both families on shared axes (solid: train, dashed: validation)."""
+    """Pretraining and fine-tuning loss of every variant on shared axes (solid: train, dashed: validation)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, stage in zip(axes, ("pretrain", "finetune"), strict=True):
-        for family, fam in data["families"].items():
+        for variant, fam in data["variants"].items():
             for kind, style in (("train", "-"), ("val", "--")):
                 rows = [r for r in fam[f"{stage}_{kind}_curve"] if "step" in r and "loss" in r]
                 if rows:
                     steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
                     marker = "o" if kind == "val" else None
-                    ax.plot(steps, losses, style, color=COLORS.get(family), marker=marker, label=f"{family} {kind}")
-        ax.set_title(f"{stage} loss (nats per target token)")
+                    ax.plot(steps, losses, style, color=color(data, variant), marker=marker, label=f"{variant} {kind}")
+        ax.set_title(f"{stage} loss (nats per target token, mean over seeds)")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
         ax.grid(True, alpha=0.3)
@@ -119,15 +171,15 @@ BENCHMARK_CHARTS = {
 
 
 def plot_benchmark(rows: list[dict[str, Any]], name: str, path: Path) -> None:
-    """One of `BENCHMARK_CHARTS`: both families on one chart (log-log against length)."""
+    """One of `BENCHMARK_CHARTS`: every variant on one chart (log-log against length)."""
     plt = _plt()
     kind, axis, key, ylabel = BENCHMARK_CHARTS[name]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for family in FAMILIES:
-        pts = sorted((r[axis], r[key]) for r in rows if r["kind"] == kind and r["family"] == family and key in r)
+    for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
+        pts = sorted((r[axis], r[key]) for r in rows if r["kind"] == kind and r["variant"] == variant and key in r)
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, marker="o", color=COLORS.get(family), label=family)
+            ax.plot(xs, ys, marker="o", color=COLORS[i % len(COLORS)], label=variant)
     if kind == "length":
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -146,22 +198,22 @@ def plot_benchmark(rows: list[dict[str, Any]], name: str, path: Path) -> None:
 
 
 def plot_confusions(data: dict[str, Any], path: Path) -> None:
-    """Every classification task's confusion matrix, one row per task, one column per family."""
+    """Every classification task's confusion matrix (summed over seeds), one row per task, one column per variant."""
     plt = _plt()
-    tasks = sorted({t for fam in data["families"].values() for t in fam["confusion"]})
-    families = list(data["families"])
+    tasks = sorted({t for fam in data["variants"].values() for t in fam["confusion"]})
+    variants = list(data["variants"])
     if not tasks:
         fig, ax = plt.subplots(figsize=(5, 1.5))
         ax.axis("off")
         ax.text(0.5, 0.5, "no classification task in finetune.tasks", ha="center", va="center")
     else:
-        fig, axes = plt.subplots(len(tasks), len(families), figsize=(5.5 * len(families), 4.8 * len(tasks)))
-        axes = [[axes]] if len(tasks) == 1 and len(families) == 1 else axes
+        fig, axes = plt.subplots(len(tasks), len(variants), figsize=(5.5 * len(variants), 4.8 * len(tasks)))
+        axes = [[axes]] if len(tasks) == 1 and len(variants) == 1 else axes
         axes = [axes] if len(tasks) == 1 else axes
         for i, task in enumerate(tasks):
-            for j, family in enumerate(families):
+            for j, variant in enumerate(variants):
                 ax = axes[i][j]
-                cm = data["families"][family]["confusion"].get(task)
+                cm = data["variants"][variant]["confusion"].get(task)
                 if not cm:
                     ax.axis("off")
                     continue
@@ -175,7 +227,7 @@ def plot_confusions(data: dict[str, Any], path: Path) -> None:
                         if count:
                             color = "white" if count > peak / 2 else "black"
                             ax.text(b, a, str(count), ha="center", va="center", fontsize=7, color=color)
-                ax.set_title(f"{family}: {task}")
+                ax.set_title(f"{variant}: {task} (all seeds)")
                 ax.set_xlabel("predicted")
                 ax.set_ylabel("actual")
     fig.tight_layout()
@@ -216,21 +268,24 @@ def task_metric_rows(data: dict[str, Any], beams: list[int]) -> list[tuple[str, 
     from pipeline.tasks import get_task
 
     rows = []
-    tasks = sorted({t for f in data["families"].values() for t, v in f["eval"].items() if isinstance(v, dict)})
+    tasks = sorted({t for f in data["variants"].values() for t, v in f["eval"].items() if isinstance(v, dict)})
     for task in tasks:
         try:
             metric = get_task(task).metric
         except KeyError:
-            metric = next(k.rsplit("_beam", 1)[0] for k in data["families"]["t5"]["eval"][task] if "_beam" in k)
+            first = next(f["eval"][task] for f in data["variants"].values() if task in f["eval"])
+            metric = next(k.rsplit("_beam", 1)[0] for k in first if "_beam" in k)
         for b in beams:
             key = f"{metric}_beam{b}"
-            rows.append((task, key, {f: fam["eval"].get(task, {}).get(key) for f, fam in data["families"].items()}))
+            rows.append((task, key, {v: fam["eval"].get(task, {}).get(key) for v, fam in data["variants"].items()}))
     return rows
 
 
 def render_report(cfg: Config, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The Markdown report and the headline numbers (`metrics/compare.json`)."""
-    fams = data["families"]
+    fams = data["variants"]
+    ref = next(iter(fams))
+    others = [v for v in fams if v != ref]
     bench = data["benchmark"]
     p, f = cfg.pretrain, cfg.finetune
     headline: dict[str, Any] = {}
@@ -247,6 +302,7 @@ def render_report(cfg: Config, data: dict[str, Any]) -> tuple[str, dict[str, Any
     params = each(lambda x: x["pretrain"]["parameters"])
     non_emb = each(lambda x: x["pretrain"]["non_embedding_parameters"])
     rows: list[tuple[str, dict[str, Any], str]] = [
+        ("family", {k: cfg.models[k].family for k in fams}, "—"),
         ("preset", {k: cfg.models[k].preset for k in fams}, "—"),
         ("parameters (total)", params, "—"),
         ("parameters (non-embedding)", non_emb, "—"),
@@ -271,69 +327,66 @@ def render_report(cfg: Config, data: dict[str, Any]) -> tuple[str, dict[str, Any
         table.append(f"| {name} | " + " | ".join(_num(values.get(k)) for k in fams) + f" | {verdict} |")
 
     per_length = bench.get("per_length", {})
-    bench_table = [
-        "| length | T5 tokens/s | Reformer tokens/s | Reformer/T5 speed | T5 step MiB | Reformer step MiB | "
-        "Reformer/T5 memory |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    cols = [f"{v} tokens/s" for v in fams] + [f"{v}/{ref} speed" for v in others]
+    cols += [f"{v} step MiB" for v in fams] + [f"{v}/{ref} memory" for v in others]
+    bench_table = ["| length | " + " | ".join(cols) + " |", "| ---: |" + " ---: |" * len(cols)]
     for n in sorted(per_length, key=int):
         e = per_length[n]
-        bench_table.append(
-            f"| {n} | {_num(e.get('t5_tokens_per_s'), 0)} | {_num(e.get('reformer_tokens_per_s'), 0)} | "
-            f"{_num(e.get('speed_ratio_reformer_over_t5'), 2)} | {_num(e.get('t5_step_mb'), 0)} | "
-            f"{_num(e.get('reformer_step_mb'), 0)} | {_num(e.get('memory_ratio_reformer_over_t5'), 2)} |"
-        )
-    notes = sorted({f"{r['family']} at {r['seq_length']}: {r.get('error') or r.get('skipped')}" for r in
+        cells = [_num(e.get(f"{v}_tokens_per_s"), 0) for v in fams]
+        cells += [_num(e.get(f"speed_ratio_{v}_over_{ref}"), 2) for v in others]
+        cells += [_num(e.get(f"{v}_step_mb"), 0) for v in fams]
+        cells += [_num(e.get(f"memory_ratio_{v}_over_{ref}"), 2) for v in others]
+        bench_table.append(f"| {n} | " + " | ".join(cells) + " |")
+    notes = sorted({f"{r['variant']} at {r['seq_length']}: {r.get('error') or r.get('skipped')}" for r in
                     data["benchmark_rows"] if r["kind"] == "length" and ("error" in r or "skipped" in r)})  # fmt: skip
-    speed_x, memory_x = bench.get("speed_crossover_length"), bench.get("memory_crossover_length")
-    compared = bench.get("compared_lengths") or []
-    headline.update(
-        speed_crossover_length=speed_x,
-        memory_crossover_length=memory_x,
-        non_embedding_ratio_reformer_over_t5=bench.get("non_embedding_ratio_reformer_over_t5"),
-    )
+    speed_x, memory_x = bench.get("speed_crossover_length") or {}, bench.get("memory_crossover_length") or {}
+    compared = bench.get("compared_lengths") or {}
+    for v in others:
+        headline[f"speed_crossover_length_{v}"] = speed_x.get(v)
+        headline[f"memory_crossover_length_{v}"] = memory_x.get(v)
+        headline[f"non_embedding_ratio_{v}_over_{ref}"] = (bench.get("non_embedding_ratio_over_reference") or {}).get(v)
 
-    def crossover_sentence(value: int | None, what: str) -> str:
-        if not compared:
-            return "not measured (no length was measured for both families within the benchmark's time budget)"
-        scope = f"lengths measured for both: {', '.join(map(str, compared))}"
+    def crossover_sentence(variant: str, value: int | None, what: str) -> str:
+        lengths = compared.get(variant) or []
+        if not lengths:
+            return f"`{variant}`: not measured (no length measured for both within the benchmark's time budget)"
+        scope = f"lengths measured for both: {', '.join(map(str, lengths))}"
         if value is None:
-            return f"the Reformer never {what} T5 ({scope})"
-        if value == min(compared):
-            return f"the Reformer {what} T5 at every length measured ({scope})"
-        return f"the Reformer {what} T5 from length **{value}** on ({scope})"
+            return f"`{variant}` never {what} `{ref}` ({scope})"
+        if value == min(lengths):
+            return f"`{variant}` {what} `{ref}` at every length measured ({scope})"
+        return f"`{variant}` {what} `{ref}` from length **{value}** on ({scope})"
 
     test_losses = {k: (v["eval"] or {}).get("test_loss") for k, v in fams.items()}
     best_loss = _winner(test_losses, higher_is_better=False)
     task_wins = {}
     for task, _key, values in task_metric_rows(data, [min(cfg.evaluate.num_beams)]):
         task_wins[task] = _winner(values, True)
-    ne = [non_emb.get(k) for k in fams]
-    ratio = (ne[1] / ne[0]) if all(ne) and len(ne) == 2 else None
     tokens = p.max_steps * p.batch_size * p.input_length
     prep, tok = data["prepare"], data["tokenize"]
 
     lines = [
-        "# T5 versus Reformer: results",
+        f"# Model variants compared: {', '.join(fams)}",
         "",
         "Generated by `dvc repro` (stage `compare`, `pipeline/compare.py`) from the metrics of the other stages; "
-        "do not edit by hand. Numbers are from this run only.",
+        f"do not edit by hand. Every figure of a variant is the mean over seeds {data['seeds']}.",
         "",
         "## The answer in short",
         "",
         f"- **Quality at this budget** (test loss under the pretraining objective, lower is better): {best_loss}.",
         "- **Fine-tuning tasks** (greedy decoding): " + "; ".join(f"`{t}`: {w}" for t, w in task_wins.items()) + ".",
-        f"- **Speed**: {crossover_sentence(speed_x, 'trains faster than')}.",
-        f"- **Memory**: {crossover_sentence(memory_x, 'needs less memory than')}.",
-        f"- **Model sizes** are matched on non-embedding parameters: T5 {_num(non_emb.get('t5'))}, Reformer "
-        f"{_num(non_emb.get('reformer'))} (ratio {_num(ratio, 2)}).",
+        *(f"- **Speed**: {crossover_sentence(v, speed_x.get(v), 'trains faster than')}." for v in others),
+        *(f"- **Memory**: {crossover_sentence(v, memory_x.get(v), 'needs less memory than')}." for v in others),
+        "- **Model sizes**, non-embedding parameters: "
+        + ", ".join(f"`{v}` {_num(non_emb.get(v))}" for v in fams)
+        + f" (the reference for ratios is `{ref}`, the first variant in params.yaml).",
         "",
         "## Setup",
         "",
-        f"- Models: `models.t5` preset `{cfg.models['t5'].preset}` and `models.reformer` preset "
-        f"`{cfg.models['reformer'].preset}`, both encoder-decoder, same SentencePiece vocabulary "
-        f"({_num(tok.get('vocab_size', cfg.tokenizer.vocab_size))} pieces incl. {cfg.tokenizer.num_sentinels} "
-        "sentinels).",
+        "- Models: "
+        + ", ".join(f"`models.{v}` ({cfg.models[v].family}, preset `{cfg.models[v].preset}`)" for v in fams)
+        + f"; the same SentencePiece vocabulary ({_num(tok.get('vocab_size', cfg.tokenizer.vocab_size))} pieces "
+        f"incl. {cfg.tokenizer.num_sentinels} sentinels); seeds {data['seeds']}.",
         f"- Data: source `{cfg.data.source}`"
         + (
             f", {_num(prep.get('documents_kept'))} documents kept of {_num(prep.get('documents_read'))} read "
@@ -345,9 +398,9 @@ def render_report(cfg: Config, data: dict[str, Any]) -> tuple[str, dict[str, Any
         + "; split by document.",
         f"- Pretraining: `{p.objective}` (noise {p.noise_density}, mean span {p.mean_noise_span_length}), "
         f"{p.max_steps} steps x batch {p.batch_size} x {p.input_length} input tokens = {tokens:,} input tokens per "
-        f"family, {p.optimizer.name} lr {p.optimizer.lr} ({p.optimizer.schedule}), identical for both families.",
+        f"run, {p.optimizer.name} lr {p.optimizer.lr} ({p.optimizer.schedule}), identical for every variant.",
         f"- Fine-tuning: tasks {', '.join(f'`{t}`' for t in f.tasks)} mixed `{f.mixing}`, {f.max_steps} steps x "
-        f"batch {f.batch_size}, from each family's own pretrained weights (`finetune.init: {f.init}`).",
+        f"batch {f.batch_size}, from each run's own pretrained weights (`finetune.init: {f.init}`).",
         f"- Evaluation: `{cfg.evaluate.split}` split, at most {cfg.evaluate.max_examples_per_task} examples per task, "
         f"beams {cfg.evaluate.num_beams}, up to {cfg.evaluate.max_new_tokens} new tokens.",
         "",
@@ -361,14 +414,17 @@ def render_report(cfg: Config, data: dict[str, Any]) -> tuple[str, dict[str, Any
         "",
         f"One training step (AdamW, batch {cfg.benchmark.batch_size}, L input tokens and L/4 target tokens, random "
         "tokens), each measurement in its own process; memory is the step's own peak above the loaded model and "
-        "optimizer. Ratios above 1 mean the Reformer is faster (speed) or uses more memory (memory).",
+        f"optimizer. Ratios above 1 mean the variant is faster (speed) or uses more memory (memory) than `{ref}`.",
         "",
         *bench_table,
         "",
         *(["Not measured: " + "; ".join(notes) + ".", ""] if notes else []),
-        f"Speed crossover: **{_num(speed_x)}**; memory crossover: **{_num(memory_x)}** (the shortest length from "
-        "which the Reformer wins at every longer measured length; — means it did not happen in the measured "
-        "range).",
+        "Crossovers against `"
+        + ref
+        + "`: "
+        + "; ".join(f"`{v}` speed **{_num(speed_x.get(v))}**, memory **{_num(memory_x.get(v))}**" for v in others)
+        + " (the shortest length from which the variant wins at every longer measured length; — means it did not "
+        "happen in the measured range).",
         "",
         "![speed vs length](speed_vs_length.png) ![memory vs length](memory_vs_length.png)",
         "",
@@ -378,26 +434,26 @@ def render_report(cfg: Config, data: dict[str, Any]) -> tuple[str, dict[str, Any
         "",
         "![confusion matrices](confusion_matrices.png)",
         "",
-        "Sample generations of each task: `artifacts/eval/<family>/samples.md`.",
+        "Sample generations of each task: `artifacts/eval/<variant>/<seed>/samples.md`.",
         "",
         "## Caveats",
         "",
         f"- Tiny models and a tiny budget ({tokens:,} pretraining input tokens): the losses show which model "
         "learns faster at the very start of training, not which is better at convergence or at scale.",
         "- Pretraining and fine-tuning use short sequences (length "
-        f"{p.input_length}/{f.input_length}), where the Reformer's LSH and local attention bring no saving; its "
+        f"{p.input_length}/{f.input_length}), where efficient attention (LSH, local) brings no saving; its "
         "advantage can only show at the lengths of the benchmark, which measures speed and memory, not quality.",
         "- Timings come from the machine that ran the pipeline (shared CPU cores are noisy); compare ratios, "
         "not absolute numbers, and re-run `dvc repro benchmark` on the target hardware.",
-        "- The Reformer's LSH attention hashes with random rotations: its losses and metrics vary with the seed "
-        "more than T5's.",
+        f"- Means over {len(data['seeds'])} seed(s); LSH attention hashes with random rotations, so its runs vary "
+        "with the seed more than full attention's.",
         "- Task metrics come from at most "
         f"{cfg.evaluate.max_examples_per_task} test examples per task: differences of a few points are noise.",
         "",
         "## Reproduce and explore",
         "",
         "`dvc repro` rebuilds everything; `dvc metrics show`, `dvc plots show` (loss curves, speed and memory "
-        "versus length, confusion matrices), `dvc exp run -S models.reformer.n_hashes=8` then `dvc exp show` / "
+        "versus length, confusion matrices), `dvc exp run -S models.<variant>.<field>=...` then `dvc exp show` / "
         "`dvc metrics diff` compare variants; `mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db` shows the "
         "runs (see `docs/results.md`).",
         "",
@@ -409,20 +465,29 @@ def render_report(cfg: Config, data: dict[str, Any]) -> tuple[str, dict[str, Any
 
 
 def log_to_mlflow(cfg: Config, root: Path, report_dir: Path, headline: dict[str, Any], report: str) -> str | None:
-    """The comparison run: description = the report, artifacts = report and plots, tags naming the family runs."""
+    """The comparison run: description = the report, artifacts = report and plots, tags naming the runs compared."""
     from pipeline.tracking import TrackedRun, check_tracking_uri, git_revision, tracking_uri
 
     uri = tracking_uri(cfg.mlflow.tracking_uri, root)
     check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)
     run = TrackedRun(uri, cfg.mlflow.experiment, system_metrics=False)
-    tags = {"stage": "compare", "family": "all", "git_revision": git_revision(root), "mlflow.note.content": report}
-    for family in FAMILIES:
-        for stage in ("pretrain", "finetune"):
-            timing = root / "artifacts" / stage / family / "final" / "training.json"
-            if timing.is_file():
-                run_id = json.loads(timing.read_text()).get("mlflow_run_id")
-                if run_id:
-                    tags[f"{stage}_{family}_run_id"] = run_id
+    tags = {
+        "stage": "compare",
+        "variant": "all",
+        "family": "all",
+        "seed": "all",
+        "git_revision": git_revision(root),
+        "mlflow.note.content": report,
+    }
+    for variant in cfg.models:
+        for seed in cfg.seeds:
+            for stage in ("pretrain", "finetune"):
+                paths = RunPaths(root, stage, variant, seed)
+                timing = paths.final / "training.json"
+                if timing.is_file():
+                    run_id = json.loads(timing.read_text()).get("mlflow_run_id")
+                    if run_id:
+                        tags[f"{stage}_{paths.label}_run_id"] = run_id
     run_id = run.start("comparison", tags)
     try:
         run.log_metrics({f"compare/{k}": v for k, v in headline.items() if isinstance(v, int | float)})
@@ -439,7 +504,7 @@ def compare(cfg: Config, root: Path) -> dict[str, Any]:
 
     start = time.perf_counter()
     check_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri, root), cfg.mlflow.connect_timeout_s)  # fail fast
-    data = gather(root)
+    data = gather(cfg, root)
     report, headline = render_report(cfg, data)
     out = root / REPORT_DIR
     figures: dict[str, Any] = {
@@ -466,7 +531,7 @@ def body(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(body, stage_parser("Side-by-side report of both families (reports/comparison.md, MLflow)."), argv)
+    return run_stage(body, stage_parser("Side-by-side report of every variant (reports/comparison.md, MLflow)."), argv)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -23,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 DEFAULT_PARAMS = "params.yaml"
-FAMILIES = ("t5", "reformer")
+VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # a DVC stage suffix and a folder name: no '-', '@', '/'
 
 
 class ConfigError(ValueError):
@@ -175,10 +176,11 @@ class PretrainConfig(TrainingLoopConfig):
 
 @dataclass
 class FinetuneConfig(TrainingLoopConfig):
-    init: Literal["pretrained", "scratch", "t5_checkpoint"] = "pretrained"
-    """Start from this family's pretrain output, from scratch, or from an original T5 checkpoint directory."""
+    init: Literal["pretrained", "scratch", "checkpoint"] = "pretrained"
+    """Start from the variant's pretrain output, from scratch, or from an original checkpoint of the family
+    (`checkpoint_dir`; only families whose spec can load one, e.g. a `transformers` T5 directory)."""
     checkpoint_dir: str | None = None
-    """For `init: t5_checkpoint`: a local `transformers` T5 checkpoint directory (config.json + weights)."""
+    """For `init: checkpoint`: a local checkpoint directory in the family's original format."""
     tasks: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {"summarize": {}, "listops": {}, "duplication": {}}
     )
@@ -335,8 +337,9 @@ class LauncherConfig:
 
 @dataclass
 class ModelSection:
-    """A model family's config: a preset name plus overrides of any field of the family's config class."""
+    """A model variant: a family, a preset of it, and the fields that differ from the preset (non-null ones)."""
 
+    family: str
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -344,7 +347,10 @@ class ModelSection:
 @dataclass
 class Config:
     seed: int = 1234
-    """Global seed: data split, tokenizer sampling, initialisation, corruption noise, hashing."""
+    """Data seed: the train/validation/test split, tokenizer sampling and the fine-tuning tasks' examples."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Training/evaluation repetitions: each seed re-runs every variant with its own initialisation, data order
+    and LSH rotations (the `pretrain@<variant>-<seed>` stages); `compare` aggregates over them."""
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     models: dict[str, ModelSection] = field(default_factory=dict)
@@ -359,26 +365,30 @@ class Config:
     source: str = field(default=DEFAULT_PARAMS, repr=False, metadata={"internal": True})
     """Path the config was loaded from (not a params key)."""
 
-    def model_config(self, family: str, vocab_size: int | None = None) -> Any:
-        """The family's model config dataclass built from its preset and overrides.
+    def model_config(self, variant: str, vocab_size: int | None = None) -> Any:
+        """The variant's model config dataclass (of its family) built from its preset and non-null fields.
 
         `vocab_size` (from the tokenizer, rounded up to a multiple of 128) wins over the preset's unless the
         params set `vocab_size` explicitly.
         """
         from models import config_class
 
-        section = self.models[family]
+        section = self.models[variant]
         overrides = dict(section.overrides)
         if vocab_size is not None and "vocab_size" not in overrides:
             overrides["vocab_size"] = vocab_size
-        return config_class(family).from_preset(section.preset, **overrides)
+        return config_class(section.family).from_preset(section.preset, **overrides)
+
+    def family(self, variant: str) -> str:
+        """The model family of `variant`."""
+        return self.models[variant].family
 
     def to_dict(self) -> dict[str, Any]:
         """The params as plain data (models flattened back to `preset` + fields), e.g. for logging."""
         out = {
             f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.metadata.get("internal")
         }
-        out["models"] = {k: {"preset": v.preset, **v.overrides} for k, v in self.models.items()}
+        out["models"] = {k: {"family": v.family, "preset": v.preset, **v.overrides} for k, v in self.models.items()}
         return out
 
 
@@ -500,35 +510,31 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
 
 
 def _build_models(raw: Any, problems: list[str]) -> dict[str, ModelSection]:
-    """`models.<family>`: `preset` plus any field of the family's config dataclass, checked against it."""
-    from models import config_class
+    """`models.<variant>`: `family`, `preset` and any field of the family's config dataclass (null: preset's)."""
+    from models import FAMILIES, config_class, presets
 
     sections: dict[str, ModelSection] = {}
-    if not isinstance(raw, dict):
-        problems.append(f"models: expected a mapping with keys {', '.join(FAMILIES)}, got {raw!r}")
-        raw = {}
-    for key in raw:
-        if key not in FAMILIES:
-            problems.append(_unknown(str(key), list(FAMILIES), f"models.{key}"))
-    for family in FAMILIES:
-        path = f"models.{family}"
-        body = raw.get(family)
-        if body is None:
-            problems.append(f"{path}: missing; give at least `preset: tiny`")
+    if not isinstance(raw, dict) or not raw:
+        problems.append(f"models: expected a mapping of variant names to {{family, preset, ...}}, got {raw!r}")
+        return sections
+    for variant, body in raw.items():
+        path = f"models.{variant}"
+        if not isinstance(variant, str) or not VARIANT_NAME.match(variant):
+            problems.append(f"{path}: variant names are letters, digits and '_' (used in stage names and paths)")
             continue
         if not isinstance(body, dict):
-            problems.append(f"{path}: expected a mapping, got {body!r}")
+            problems.append(f"{path}: expected a mapping with `family` and `preset`, got {body!r}")
             continue
         body = dict(body)
-        preset = body.pop("preset", "tiny")
-        try:
-            cls = config_class(family)
-        except ImportError as exc:
-            problems.append(f"{path}: the model family cannot be imported ({exc})")
+        family = body.pop("family", variant if variant in FAMILIES else None)  # `t5: {preset: tiny}` is a t5
+        if family not in FAMILIES:
+            problems.append(f"{path}.family: expected one of {', '.join(map(repr, FAMILIES))}, got {family!r}")
             continue
-        presets = list(getattr(sys.modules[cls.__module__], "PRESETS", {}))
-        if preset not in presets:
-            problems.append(f"{path}.preset: unknown preset {preset!r}; allowed: {', '.join(presets)}")
+        preset = body.pop("preset", None) or "tiny"
+        cls = config_class(family)
+        known = list(presets(family))
+        if preset not in known:
+            problems.append(f"{path}.preset: unknown preset {preset!r}; allowed: {', '.join(known)}")
             continue
         hints = typing.get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls)]
@@ -536,8 +542,10 @@ def _build_models(raw: Any, problems: list[str]) -> dict[str, ModelSection]:
         for key, value in body.items():
             sub = f"{path}.{key}"
             if key not in names:
-                problems.append(_unknown(str(key), ["preset", *names], sub))
+                problems.append(_unknown(str(key), ["family", "preset", *names], sub))
                 bad = True
+                continue
+            if value is None:  # null: the preset's value
                 continue
             before = len(problems)
             converted = _check(value, hints[key], sub, problems)
@@ -549,7 +557,7 @@ def _build_models(raw: Any, problems: list[str]) -> dict[str, ModelSection]:
             except (TypeError, ValueError) as exc:
                 problems.append(f"{path}: {exc}")
                 continue
-        sections[family] = ModelSection(preset=preset, overrides=overrides)
+        sections[variant] = ModelSection(family=family, preset=preset, overrides=overrides)
     return sections
 
 
@@ -557,6 +565,8 @@ def _build_models(raw: Any, problems: list[str]) -> dict[str, ModelSection]:
 
 
 def _cross_checks(cfg: Config, problems: list[str]) -> None:
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or any(s is not None and s < 0 for s in cfg.seeds):
+        problems.append(f"seeds: must be a non-empty list of distinct integers >= 0, got {cfg.seeds}")
     d, t = cfg.data, cfg.tokenizer
     for name in ("validation_fraction", "test_fraction"):
         value = getattr(d, name)
@@ -614,10 +624,19 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
             )
 
     f = cfg.finetune
-    if f.init == "t5_checkpoint" and not f.checkpoint_dir:
-        problems.append("finetune.checkpoint_dir: required when finetune.init is 't5_checkpoint'")
-    if f.checkpoint_dir and f.init != "t5_checkpoint":
-        problems.append("finetune.checkpoint_dir: only used with finetune.init: t5_checkpoint")
+    if f.init == "checkpoint" and not f.checkpoint_dir:
+        problems.append("finetune.checkpoint_dir: required when finetune.init is 'checkpoint'")
+    if f.checkpoint_dir and f.init != "checkpoint":
+        problems.append("finetune.checkpoint_dir: only used with finetune.init: checkpoint")
+    if f.init == "checkpoint":
+        from models import spec
+
+        for variant, section in cfg.models.items():
+            if spec(section.family).load_checkpoint is None:
+                problems.append(
+                    f"finetune.init: 'checkpoint' needs a family that loads original checkpoints; "
+                    f"models.{variant} is a {section.family} model, which cannot"
+                )
     if not f.tasks:
         problems.append("finetune.tasks: list at least one task")
     if f.mixing_temperature <= 0:
@@ -764,7 +783,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     path = argv[0] if argv else DEFAULT_PARAMS
     cfg = load_config_or_exit(path)
-    print(f"{path}: ok ({', '.join(f'{k}={v.preset}' for k, v in cfg.models.items())})")
+    variants = ", ".join(f"{k}={v.family}/{v.preset}" for k, v in cfg.models.items())
+    print(f"{path}: ok (variants {variants}; seeds {cfg.seeds})")
     return 0
 
 

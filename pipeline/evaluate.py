@@ -1,12 +1,14 @@
-"""Stage `evaluate@<family>`: test-split loss and perplexity, task metrics from generations, confusion matrices.
+"""Stage `evaluate@<variant>-<seed>`: test-split loss and perplexity, task metrics, confusion matrices.
 
-    python -m pipeline.evaluate --family t5
+    python -m pipeline.evaluate --model <variant> --seed <seed>
 
-1. The pretrained model (`artifacts/pretrain/<family>/final`) scores the test split under the pretraining
+Paths come from `pipeline/paths.py`; V-S below is the variant and the seed.
+
+1. The pretrained model (`artifacts/pretrain/V/S/final`) scores the test split under the pretraining
    objective, exactly as validation does during training (same packing, same corruption seeded per example,
    at most `evaluate.max_loss_batches` batches): `test_loss` (mean cross-entropy per target token, nats) and
    `test_ppl = exp(test_loss)`.
-2. The fine-tuned model (`artifacts/finetune/<family>/final`) generates an answer for at most
+2. The fine-tuned model (`artifacts/finetune/V/S/final`) generates an answer for at most
    `evaluate.max_examples_per_task` test examples of every task in `finetune.tasks`, once per beam size in
    `evaluate.num_beams` (1 is greedy), scored with the task's metric through torchmetrics
    (`pipeline.tasks.score`): `<task>.<metric>_beam<k>`.
@@ -15,9 +17,12 @@
    `(other)`.
 4. `num_samples` examples per task are written with their input, reference and every beam's generation.
 
-Outputs: `artifacts/eval/<family>/` (`samples.json`, `samples.md`, `confusion_<task>.csv`/`.png`,
-`report.json`) and the DVC metrics `metrics/eval-<family>.json`; the same numbers go to an MLflow run
-(`evaluate-<family>`, tags family/stage) in the pipeline's experiment as `eval/test_loss`, `eval/test_ppl`,
+The test examples depend only on the params' `seed` (the same for every run); the run's seed S drives the
+randomness left at evaluation time (the LSH rotations).
+
+Outputs: `artifacts/eval/V/S/` (`samples.json`, `samples.md`, `confusion_<task>.csv`/`.png`, `report.json`)
+and the DVC metrics `metrics/evaluate/V-S.json`; the same numbers go to an MLflow run (`evaluate@V-S`, tags
+variant/family/seed/stage) in the pipeline's experiment as `eval/test_loss`, `eval/test_ppl`,
 `eval/<task>/<metric>_beam<k>`, with the output directory as artifacts.
 """
 
@@ -36,22 +41,24 @@ from typing import Any
 import torch
 
 from pipeline.common import StageError, atomic_output, repo_root, run_stage, stage_parser, write_json
-from pipeline.config import FAMILIES, Config
+from pipeline.config import Config
+from pipeline.paths import RunPaths
 
 log = logging.getLogger("pipeline.evaluate")
 
 OTHER = "(other)"
 
 
-def load_model(directory: Path, family: str) -> torch.nn.Module:
-    """`models.load_pretrained(directory)`, checking it holds `family`."""
+def load_model(paths: RunPaths, family: str) -> torch.nn.Module:
+    """`models.load_pretrained(paths.final)`, checking it holds a `family` model."""
     from models import load_pretrained
 
+    directory = paths.final
     if not (directory / "config.json").is_file():
-        raise StageError(f"{directory} has no model: run `dvc repro {directory.parts[-3]}@{family}` first")
+        raise StageError(f"{directory} has no model: run `dvc repro {paths.dvc_stage()}` first")
     loaded_family, model = load_pretrained(directory)
     if loaded_family != family:
-        raise StageError(f"{directory} holds a {loaded_family} model, expected {family}")
+        raise StageError(f"{directory} holds a {loaded_family} model, expected {family} (models.{paths.variant})")
     return model
 
 
@@ -166,7 +173,7 @@ def plot_confusion(labels: list[str], matrix: list[list[int]], title: str, path:
     plt.close(fig)
 
 
-def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, cfg: Config, prepared_dir: Path, out: Path, family: str):
+def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, cfg: Config, prepared_dir: Path, out: Path, label: str):
     """Task metrics for every beam size; writes confusion matrices into `out`; returns (metrics, samples)."""
     from pipeline.tasks import build_examples, get_task, score
 
@@ -191,7 +198,7 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, cfg: Config, prepared
                 metrics[name][f"{key}_beam{beams}"] = value
             log.info(
                 "%s %s beam %d: %s = %.4f (%d examples, %.1f s)",
-                family, name, beams, task.metric, scores[task.metric], len(chosen), time.perf_counter() - start,
+                label, name, beams, task.metric, scores[task.metric], len(chosen), time.perf_counter() - start,
             )  # fmt: skip
         if task.classes:
             greedy = generations[min(e.num_beams)]
@@ -203,7 +210,7 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, cfg: Config, prepared
             (out / f"confusion_{name}.csv").write_text(buf.getvalue(), encoding="utf-8")
             labels, matrix = confusion_matrix(task.classes, rows)
             (out / f"confusion_{name}.json").write_text(json.dumps({"labels": labels, "matrix": matrix}) + "\n")
-            title = f"{family}: {name} (beam {min(e.num_beams)}, {len(rows)} test examples)"
+            title = f"{label}: {name} (beam {min(e.num_beams)}, {len(rows)} test examples)"
             plot_confusion(labels, matrix, title, out / f"confusion_{name}.png")
         samples[name] = [
             {"input": inputs[i], "reference": refs[i], **{f"beam{b}": generations[b][i] for b in e.num_beams}}
@@ -212,9 +219,9 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, cfg: Config, prepared
     return metrics, samples
 
 
-def samples_markdown(family: str, samples: dict[str, list[dict[str, Any]]]) -> str:
+def samples_markdown(label: str, samples: dict[str, list[dict[str, Any]]]) -> str:
     """The samples as a readable Markdown page."""
-    lines = [f"# {family}: sample generations (test split)", ""]
+    lines = [f"# {label}: sample generations (test split)", ""]
     for task, rows in samples.items():
         lines += [f"## {task}", ""]
         for i, row in enumerate(rows, 1):
@@ -235,42 +242,46 @@ def _md(text: str, limit: int = 300) -> str:
 # --------------------------------------------------------------------------------------------- stage
 
 
-def evaluate(cfg: Config, family: str, root: Path) -> dict[str, Any]:
-    """Run the whole evaluation of `family`; writes outputs and returns the metrics."""
+def evaluate(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
+    """Run the whole evaluation of one variant and seed; writes outputs and returns the metrics."""
     from pipeline.datamodule import document_arrays, load_tokenized
     from pipeline.tokenizer import Tokenizer
     from pipeline.tracking import check_tracking_uri, tracking_uri
 
+    if variant not in cfg.models:
+        raise StageError(f"--model {variant}: not a variant of `models:` in {cfg.source} ({', '.join(cfg.models)})")
+    family = cfg.family(variant)
+    out = RunPaths(root, "evaluate", variant, seed)
     start = time.perf_counter()
     check_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri, root), cfg.mlflow.connect_timeout_s)  # fail fast
-    torch.manual_seed(cfg.seed)  # LSH rotations drawn during evaluation
+    torch.manual_seed(seed)  # LSH rotations drawn during evaluation
     tokenizer = Tokenizer.load(root / "data" / "tokenizer")
     tokenized = load_tokenized(root / "data" / "tokenized")
     docs = document_arrays(tokenized[cfg.evaluate.split])
-    pretrained = load_model(root / "artifacts" / "pretrain" / family / "final", family)
+    pretrained = load_model(RunPaths(root, "pretrain", variant, seed), family)
     metrics: dict[str, Any] = test_loss(pretrained, cfg, docs, tokenizer)
-    log.info("%s test loss %.4f, perplexity %.2f", family, metrics["test_loss"], metrics["test_ppl"])
+    log.info("%s test loss %.4f, perplexity %.2f", out.label, metrics["test_loss"], metrics["test_ppl"])
     del pretrained
-    finetuned = load_model(root / "artifacts" / "finetune" / family / "final", family)
-    out_dir = root / "artifacts" / "eval" / family
+    finetuned = load_model(RunPaths(root, "finetune", variant, seed), family)
+    out_dir = out.out
     with atomic_output(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        task_metrics, samples = evaluate_tasks(finetuned, tokenizer, cfg, root / "data" / "prepared", tmp, family)
+        task_metrics, samples = evaluate_tasks(finetuned, tokenizer, cfg, root / "data" / "prepared", tmp, out.label)
         metrics.update(task_metrics)
         metrics["parameters"] = finetuned.num_parameters()
         metrics["non_embedding_parameters"] = finetuned.num_parameters(non_embedding=True)
         metrics["seconds"] = round(time.perf_counter() - start, 1)
         (tmp / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (tmp / "samples.md").write_text(samples_markdown(family, samples), encoding="utf-8")
+        (tmp / "samples.md").write_text(samples_markdown(out.label, samples), encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    write_json(root / "metrics" / f"eval-{family}.json", metrics)
-    log_to_mlflow(cfg, family, metrics, out_dir, root)
-    log.info("%s evaluated in %.0f s", family, time.perf_counter() - start)
+    write_json(out.metrics, metrics)
+    log_to_mlflow(cfg, out, family, metrics, root)
+    log.info("%s evaluated in %.0f s", out.label, time.perf_counter() - start)
     return metrics
 
 
 def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """`eval/test_loss`, `eval/<task>/<metric>_beam<k>`: the same names for every family."""
+    """`eval/test_loss`, `eval/<task>/<metric>_beam<k>`: the same names for every variant."""
     out = {}
     for key, value in metrics.items():
         if isinstance(value, dict):
@@ -280,19 +291,26 @@ def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_to_mlflow(cfg: Config, family: str, metrics: dict[str, Any], out_dir: Path, root: Path) -> None:
-    """One run `evaluate-<family>` in the pipeline's experiment with the metrics and the output directory."""
+def log_to_mlflow(cfg: Config, paths: RunPaths, family: str, metrics: dict[str, Any], root: Path) -> None:
+    """One run `evaluate@<variant>-<seed>` in the pipeline's experiment with the metrics and the output folder."""
     from pipeline.tracking import TrackedRun, check_tracking_uri, git_revision, tracking_uri
 
     uri = tracking_uri(cfg.mlflow.tracking_uri, root)
     check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)
     run = TrackedRun(uri, cfg.mlflow.experiment, system_metrics=False)
-    tags = {"family": family, "stage": "evaluate", "git_revision": git_revision(root)}
-    run.start(f"evaluate-{family}", tags)
+    tags = {
+        "variant": paths.variant,
+        "family": family,
+        "seed": str(paths.seed),
+        "stage": "evaluate",
+        "git_revision": git_revision(root),
+    }
+    run.start(paths.dvc_stage(), tags)
     try:
-        run.log_params({"evaluate": cfg.to_dict()["evaluate"], "models": cfg.to_dict()["models"]})
+        params = cfg.to_dict()
+        run.log_params({"evaluate": params["evaluate"], "model": params["models"][paths.variant]})
         run.log_metrics(mlflow_metrics(metrics))
-        run.log_artifacts(out_dir, "eval")
+        run.log_artifacts(paths.out, "eval")
     except BaseException:
         run.finish("FAILED")
         raise
@@ -300,12 +318,13 @@ def log_to_mlflow(cfg: Config, family: str, metrics: dict[str, Any], out_dir: Pa
 
 
 def body(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
-    return evaluate(cfg, args.family, repo_root())
+    return evaluate(cfg, args.model, args.seed, repo_root())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("Evaluate one family: test loss/perplexity, task metrics, confusion matrices, samples.")
-    parser.add_argument("--family", choices=FAMILIES, required=True, help="model family to evaluate")
+    parser = stage_parser("Evaluate one variant and seed: test loss/perplexity, task metrics, confusion, samples.")
+    parser.add_argument("--model", required=True, help="model variant: a key of `models:` in the params")
+    parser.add_argument("--seed", required=True, type=int, help="run seed (one of `seeds:` in the params)")
     return run_stage(body, parser, argv)
 
 

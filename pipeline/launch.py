@@ -1,14 +1,15 @@
 """Where training processes come from: Lightning (`local`), torchrun, or a SLURM job that the stage waits for.
 
-A training stage calls `launch_if_needed(cfg, stage, family, argv)` first thing:
+A training stage calls `launch_if_needed(cfg, stage, variant, argv, seed=seed)` first thing:
 
 - `launcher.kind: local`, or already inside a launched process: returns None and the stage trains in-process
   (Lightning starts `trainer.devices - 1` more processes itself when it needs them);
 - `torchrun`: runs `torchrun --nnodes N --nproc-per-node P --rdzv-endpoint host:port -m pipeline.<stage> <argv>`
   (as `python -m torch.distributed.run`, the same entry point, from this interpreter) and returns its exit code;
-- `slurm`: writes an sbatch script into `artifacts/<stage>/<family>/slurm/`, submits it with `sbatch --parsable`,
-  polls `sacct` (or `squeue`) until the job ends, streams the job's log meanwhile, and returns 0 only if the job
-  COMPLETED. So `dvc repro` on a login node works unchanged: DVC sees an ordinary command that ran to completion.
+- `slurm`: writes an sbatch script into `artifacts/<stage>/<variant>/<seed>/slurm/`, submits it with
+  `sbatch --parsable`, polls `sacct` (or `squeue`) until the job ends, streams the job's log meanwhile, and
+  returns 0 only if the job COMPLETED. So `dvc repro` on a login node works unchanged: DVC sees an ordinary
+  command that ran to completion.
 
 We never start worker processes ourselves: torchrun, SLURM's `srun` or Lightning do. Inside them,
 `pipeline.strategy.launched_externally()` recognises the launch, and Lightning's torchelastic or SLURM cluster
@@ -30,6 +31,7 @@ from typing import TextIO
 
 from pipeline.common import StageError, atomic_output, repo_root
 from pipeline.config import Config
+from pipeline.paths import RunPaths, run_label
 from pipeline.strategy import launched_externally
 
 # SLURM job states after which the job will not run again (https://slurm.schedmd.com/squeue.html#SECTION_JOB-STATE-CODES).
@@ -51,7 +53,7 @@ LAUNCHER_ENV = "PIPELINE_LAUNCHER"  # exported by the sbatch script so the srun 
 MAX_UNKNOWN_POLLS = 10  # give up when neither sacct nor squeue nor the exit-code file knows the job this often
 
 
-def launch_if_needed(cfg: Config, stage: str, family: str, argv: list[str]) -> int | None:
+def launch_if_needed(cfg: Config, stage: str, variant: str, argv: list[str], seed: int | None = None) -> int | None:
     """Start the stage under the configured launcher and return its exit code, or None to train in-process."""
     kind = cfg.launcher.kind
     if kind == "local" or launched_externally() is not None:
@@ -59,7 +61,7 @@ def launch_if_needed(cfg: Config, stage: str, family: str, argv: list[str]) -> i
     if kind == "torchrun":
         return run_torchrun(cfg, stage, argv)
     if kind == "slurm":
-        return submit_and_wait(cfg, stage, family, argv)
+        return submit_and_wait(cfg, stage, variant, argv, seed)
     raise StageError(f"launcher.kind: unknown launcher {kind!r}")
 
 
@@ -102,18 +104,27 @@ def run_torchrun(cfg: Config, stage: str, argv: list[str]) -> int:
 # --------------------------------------------------------------------------------------------------- SLURM
 
 
-def slurm_dir(stage: str, family: str, root: Path | None = None) -> Path:
-    """Where the sbatch script and the job logs go: `artifacts/<stage>/<family>/slurm/`."""
-    return (root or repo_root()) / "artifacts" / stage / family / "slurm"
+def slurm_dir(stage: str, variant: str, root: Path | None = None, seed: int | None = None) -> Path:
+    """Where the sbatch script and the job logs go: `artifacts/<stage>/<variant>/<seed>/slurm/`."""
+    root = root or repo_root()
+    if seed is None:
+        return root / "artifacts" / stage / variant / "slurm"
+    return RunPaths(root, stage, variant, seed).out / "slurm"
 
 
-def sbatch_script(cfg: Config, stage: str, family: str, argv: list[str], root: Path | None = None) -> str:
+def _job_name(stage: str, variant: str, seed: int | None) -> str:
+    return f"{stage}-{variant if seed is None else run_label(variant, seed)}"
+
+
+def sbatch_script(
+    cfg: Config, stage: str, variant: str, argv: list[str], root: Path | None = None, seed: int | None = None
+) -> str:
     """The sbatch script for one stage run: one task per GPU on every node, `srun` starts them all."""
     root = root or repo_root()
     la, s = cfg.launcher, cfg.launcher.slurm
-    logs = slurm_dir(stage, family, root)
+    logs = slurm_dir(stage, variant, root, seed)
     options = [
-        f"--job-name={stage}-{family}",
+        f"--job-name={_job_name(stage, variant, seed)}",
         f"--nodes={la.nnodes}",
         f"--ntasks-per-node={s.gpus_per_node}",  # Lightning's SLURMEnvironment: one task per device
         f"--gres=gpu:{s.gpus_per_node}",
@@ -133,7 +144,8 @@ def sbatch_script(cfg: Config, stage: str, family: str, argv: list[str], root: P
     command = shlex.join(["srun", "--kill-on-bad-exit=1", "python", "-m", f"pipeline.{stage}", *argv])
     lines = [
         "#!/bin/bash",
-        f"# {stage} of {family}, written by pipeline/launch.py (launcher.kind: slurm). Resubmitted by `dvc repro`.",
+        f"# {_job_name(stage, variant, seed)}, written by pipeline/launch.py (launcher.kind: slurm). "
+        "Resubmitted by `dvc repro`.",
         *(f"#SBATCH {opt}" for opt in options),
         "",
         "set -eo pipefail",
@@ -237,13 +249,13 @@ def wait_for_job(
         sleep(poll_interval_s)
 
 
-def submit_and_wait(cfg: Config, stage: str, family: str, argv: list[str]) -> int:
+def submit_and_wait(cfg: Config, stage: str, variant: str, argv: list[str], seed: int | None = None) -> int:
     """Write the sbatch script, submit it, wait for the job; 0 if it COMPLETED, else its exit code (or 1)."""
-    logs = slurm_dir(stage, family)
+    logs = slurm_dir(stage, variant, seed=seed)
     logs.mkdir(parents=True, exist_ok=True)
-    script = logs / f"{stage}-{family}.sbatch"
+    script = logs / f"{_job_name(stage, variant, seed)}.sbatch"
     with atomic_output(script) as tmp:
-        tmp.write_text(sbatch_script(cfg, stage, family, argv), encoding="utf-8")
+        tmp.write_text(sbatch_script(cfg, stage, variant, argv, seed=seed), encoding="utf-8")
     job_id = submit(script)
     print(f"submitted SLURM job {job_id} ({script}); log: {logs}/slurm-{job_id}.out", file=sys.stderr, flush=True)
     try:

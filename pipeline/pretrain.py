@@ -1,6 +1,6 @@
-"""Pretraining stage: `python -m pipeline.pretrain --family t5|reformer` (outputs: see `pipeline/train.py`).
+"""Pretraining stage: `python -m pipeline.pretrain --model <variant> --seed <seed>` (outputs: `pipeline/train.py`).
 
-Trains a freshly initialised model of the family on the tokenized corpus with the `pretrain.objective`
+Trains a freshly initialised model of the variant on the tokenized corpus with the `pretrain.objective`
 (T5 span corruption by default), under the distribution strategy and launcher chosen in params.
 """
 

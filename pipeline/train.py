@@ -1,20 +1,25 @@
 """What the `pretrain` and `finetune` stages share: model, data, Trainer, checkpoints, MLflow, outputs.
 
-`python -m pipeline.<stage> --family F` (stage `pretrain` or `finetune`) writes:
+`python -m pipeline.<stage> --model V --seed S` (stage `pretrain` or `finetune`, V a variant of `models:` in
+params.yaml, S a seed) writes, with paths from `pipeline/paths.py`:
 
-- `artifacts/<stage>/F/final/`: `model.safetensors` + `config.json` (`models.save_pretrained`, loadable with
+- `artifacts/<stage>/V/S/final/`: `model.safetensors` + `config.json` (`models.save_pretrained`, loadable with
   `models.load_pretrained` without DeepSpeed or pickle), `training.json` (timing, throughput, MLflow run id);
-- `artifacts/<stage>/F/checkpoints/`: resumable Lightning checkpoints (`last.ckpt`, a file, or a directory under
+- `artifacts/<stage>/V/S/checkpoints/`: resumable Lightning checkpoints (`last.ckpt`, a file, or a directory under
   DeepSpeed) and `run.json` (fingerprint of what is trained, MLflow run id, `completed`). Re-running the stage
   after a kill resumes from `last.ckpt` when the fingerprint matches; a finished run or other params start over;
-- `metrics/<stage>-F.json`: DVC metrics (`steps`, `tokens`, `train_loss`, `val_loss`, `val_ppl`,
+- `metrics/<stage>/V-S.json`: DVC metrics (`steps`, `tokens`, `train_loss`, `val_loss`, `val_ppl`,
   `unigram_entropy` (pretrain: nats per token of the training split's unigram distribution), `parameters`,
   `non_embedding_parameters`, `epochs`); deterministic on CPU, so an interrupted-and-resumed run writes the
   same file as an uninterrupted one (timings live in `final/training.json`);
-- `metrics/<stage>-F-train.csv`: loss history, one row per logged step, columns
+- `metrics/<stage>/V-S-train.csv`: loss history, one row per logged step, columns
   `step,tokens,loss,ppl,z_loss,lr,grad_norm`;
-- `metrics/<stage>-F-val.csv`: one row per validation, columns `step,tokens,loss,ppl`.
+- `metrics/<stage>/V-S-val.csv`: one row per validation, columns `step,tokens,loss,ppl`.
   (`tokens` counts target tokens trained on so far, all processes; losses are nats per target token.)
+
+The seed S sets the initialisation, the order and corruption noise of the training data and the LSH
+rotations; the data split, the tokenizer, the validation examples and the task examples depend only on the
+params' `seed`, so every run of every variant is scored on the same examples.
 
 Only global rank zero writes outputs and talks to MLflow; every rank runs the same code otherwise.
 """
@@ -30,7 +35,6 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +58,7 @@ from pipeline.datamodule import (
     val_items,
 )
 from pipeline.module import OptimSettings, Seq2SeqLM, peak_flops_per_device
+from pipeline.paths import RunPaths
 from pipeline.tracking import MlflowMetrics, TrackedRun, check_tracking_uri, git_revision, params_hash, tracking_uri
 
 log = logging.getLogger("pipeline")
@@ -64,30 +69,7 @@ TRAIN_COLUMNS = ["step", "tokens", "loss", "ppl", "z_loss", "lr", "grad_norm"]
 VAL_COLUMNS = ["step", "tokens", "loss", "ppl"]
 
 
-@dataclass
-class StagePaths:
-    root: Path
-    stage: str
-    family: str
-
-    @property
-    def out(self) -> Path:
-        return self.root / "artifacts" / self.stage / self.family
-
-    @property
-    def final(self) -> Path:
-        return self.out / "final"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.out / "checkpoints"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics" / f"{self.stage}-{self.family}.json"
-
-    def history(self, split: str) -> Path:
-        return self.root / "metrics" / f"{self.stage}-{self.family}-{split}.csv"
+StagePaths = RunPaths  # the name older callers use
 
 
 def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
@@ -105,27 +87,33 @@ def read_tokenizer_info(root: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- model
 
 
-def initial_model(cfg: Config, stage: str, family: str, root: Path, vocab_size: int) -> tuple[torch.nn.Module, str]:
+def initial_model(
+    cfg: Config, stage: str, variant: str, seed: int, root: Path, vocab_size: int
+) -> tuple[torch.nn.Module, str]:
     """The model training starts from, and a description of where it came from."""
+    family = cfg.family(variant)
     if stage == "finetune" and cfg.finetune.init == "pretrained":
-        source = root / "artifacts" / "pretrain" / family / "final"
-        if not (source / models.WEIGHTS_NAME).is_file():
-            raise StageError(f"{source} has no weights: run `dvc repro pretrain@{family}` first (or finetune.init)")
-        loaded_family, model = models.load_pretrained(source)
+        source = RunPaths(root, "pretrain", variant, seed)
+        if not (source.final / models.WEIGHTS_NAME).is_file():
+            raise StageError(
+                f"{source.final} has no weights: run `dvc repro {source.dvc_stage()}` first (or set finetune.init)"
+            )
+        loaded_family, model = models.load_pretrained(source.final)
         if loaded_family != family:
-            raise StageError(f"{source} holds a {loaded_family} model, not {family}")
-        return model.train(), str(source.relative_to(root))
-    if stage == "finetune" and cfg.finetune.init == "t5_checkpoint":
-        if family != "t5":
-            raise StageError(f"finetune.init 't5_checkpoint' only applies to the t5 family, not {family}")
-        from models.hf.t5 import load_t5_checkpoint
-
+            raise StageError(f"{source.final} holds a {loaded_family} model, but models.{variant} is {family}")
+        return model.train(), str(source.final.relative_to(root))
+    if stage == "finetune" and cfg.finetune.init == "checkpoint":
+        load = models.spec(family).load_checkpoint
+        if load is None:
+            raise StageError(f"finetune.init 'checkpoint': the {family} family cannot load original checkpoints")
         directory = Path(cfg.finetune.checkpoint_dir).expanduser()
         directory = directory if directory.is_absolute() else root / directory
         if not directory.is_dir():
             raise StageError(f"finetune.checkpoint_dir {directory} does not exist")
-        return load_t5_checkpoint(directory).train(), str(directory)
-    return models.build_model(family, cfg.model_config(family, vocab_size)), "scratch"
+        return load(directory).train(), str(directory)
+    config = cfg.model_config(variant, vocab_size)
+    seeded = models.spec(family).seeded
+    return models.build_model(family, seeded(config, seed) if seeded else config), "scratch"
 
 
 def _file_digest(path: Path) -> str:
@@ -139,8 +127,14 @@ def _file_digest(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------- data
 
 
-def pretrain_data(cfg: Config, layout: str, tok: dict[str, Any], root: Path) -> tuple[Any, Any, Any, float]:
-    """(train dataset, validation dataset, collator, unigram entropy of the train split) for pretraining."""
+def pretrain_data(
+    cfg: Config, layout: str, tok: dict[str, Any], root: Path, seed: int | None = None
+) -> tuple[Any, Any, Any, float]:
+    """(train dataset, validation dataset, collator, unigram entropy of the train split) for pretraining.
+
+    `seed` (the run's; default the params' `seed`) draws the training examples' noise; validation noise
+    depends on the params' `seed` only, so every run is validated on the same examples.
+    """
     p = cfg.pretrain
     splits = load_tokenized(root / TOKENIZED_DIR)
     train_docs, val_docs = document_arrays(splits["train"]), document_arrays(splits["validation"])
@@ -154,7 +148,7 @@ def pretrain_data(cfg: Config, layout: str, tok: dict[str, Any], root: Path) -> 
             eos_id=int(tok.get("eos_id", 1)),
             sentinel_ids=sentinels,
         )
-    train = PretrainDataset(train_docs, p.objective, p.input_length, cfg.seed, **span_args)
+    train = PretrainDataset(train_docs, p.objective, p.input_length, cfg.seed if seed is None else seed, **span_args)
     val = PretrainDataset(val_docs, p.objective, p.input_length, cfg.seed + 1, **span_args)
     if len(train) == 0:
         raise StageError(f"the training split is shorter than one sequence of {p.input_length} tokens")
@@ -177,11 +171,11 @@ def finetune_data(cfg: Config, layout: str, root: Path) -> tuple[Any, Any, Any, 
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def fingerprint(cfg: Config, stage: str, family: str, root: Path, init_source: str) -> str:
+def fingerprint(cfg: Config, stage: str, variant: str, seed: int, root: Path, init_source: str) -> str:
     """What the checkpoints are a function of: the params the stage reads, the data, and the initial weights."""
     tokenized = root / TOKENIZED_DIR
     data_sig = sorted(
-        (str(p.relative_to(tokenized)), p.read_text()) for p in tokenized.glob("*/state.json") if p.is_file()
+        (str(p.relative_to(tokenized)), p.read_text()) for p in tokenized.glob("*/meta.json") if p.is_file()
     )
     init = init_source
     weights = Path(init_source) if Path(init_source).is_absolute() else root / init_source
@@ -191,9 +185,9 @@ def fingerprint(cfg: Config, stage: str, family: str, root: Path, init_source: s
     return params_hash(
         {
             "stage": stage,
-            "family": family,
-            "seed": d["seed"],
-            "model": d["models"][family],
+            "variant": variant,
+            "seed": [d["seed"], seed],
+            "model": d["models"][variant],
             "section": d[stage],
             "trainer": d["trainer"],
             "deepspeed": d["deepspeed"] if cfg.trainer.strategy == "deepspeed" else None,
@@ -203,7 +197,7 @@ def fingerprint(cfg: Config, stage: str, family: str, root: Path, init_source: s
     )
 
 
-def read_run_state(paths: StagePaths) -> dict[str, Any]:
+def read_run_state(paths: RunPaths) -> dict[str, Any]:
     path = paths.checkpoints / "run.json"
     try:
         return json.loads(path.read_text())
@@ -211,7 +205,7 @@ def read_run_state(paths: StagePaths) -> dict[str, Any]:
         return {}
 
 
-def resume_point(paths: StagePaths, current: str) -> Path | None:
+def resume_point(paths: RunPaths, current: str) -> Path | None:
     """The newest checkpoint of an unfinished run of the same fingerprint, else None.
 
     Candidates are the periodic `last.ckpt` and the `hpc_ckpt_<n>.ckpt` that Lightning's SLURM environment saves
@@ -229,31 +223,37 @@ def resume_point(paths: StagePaths, current: str) -> Path | None:
 # ------------------------------------------------------------------------------------------------ stage
 
 
-def run_training(cfg: Config, stage: str, family: str, argv: list[str] | None = None) -> dict[str, Any] | None:
-    """Run the `pretrain` or `finetune` stage for one family; returns the metrics (rank zero) or None."""
-    code = _launch_if_needed(cfg, stage, family, argv)
+def run_training(
+    cfg: Config, stage: str, variant: str, seed: int, argv: list[str] | None = None
+) -> dict[str, Any] | None:
+    """Run the `pretrain` or `finetune` stage for one variant and seed; returns the metrics (rank zero) or None."""
+    if variant not in cfg.models:
+        raise StageError(f"--model {variant}: not a variant of `models:` in {cfg.source} ({', '.join(cfg.models)})")
+    root = repo_root()
+    paths = RunPaths(root, stage, variant, seed)
+    code = _launch_if_needed(cfg, stage, variant, seed, argv)
     if code is not None:
         if code != 0:
-            raise StageError(f"the {cfg.launcher.kind} job for {stage}@{family} failed with exit code {code}")
+            raise StageError(f"the {cfg.launcher.kind} job for {paths.dvc_stage()} failed with exit code {code}")
         return None
 
     t_start = time.perf_counter()
-    root = repo_root()
-    paths = StagePaths(root, stage, family)
+    family = cfg.family(variant)
     section = getattr(cfg, stage)
     rank_zero = strategy.is_global_zero()
     uri = tracking_uri(cfg.mlflow.tracking_uri, root)
     if rank_zero:  # an unreachable tracking server fails the stage now, not after the training
         check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    L.seed_everything(seed, workers=True, verbose=False)  # initialisation, dropout, LSH rotations
     tok = read_tokenizer_info(root)
-    model, init_source = initial_model(cfg, stage, family, root, padded_vocab_size(int(tok["vocab_size"])))
+    model, init_source = initial_model(cfg, stage, variant, seed, root, padded_vocab_size(int(tok["vocab_size"])))
     layout = getattr(model.config, "layout", "encoder_decoder")
-    if cfg.trainer.activation_checkpointing and hasattr(model.config, "gradient_checkpointing"):
-        model.config.gradient_checkpointing = True  # T5 recomputes each block; the Reformer is reversible anyway
+    recompute = models.spec(family).activation_checkpointing
+    if cfg.trainer.activation_checkpointing and recompute is not None:
+        recompute(model.config, True)
     if stage == "pretrain":
-        train, val, collate, entropy = pretrain_data(cfg, layout, tok, root)
+        train, val, collate, entropy = pretrain_data(cfg, layout, tok, root, seed)
     else:
         train, val, collate, entropy = finetune_data(cfg, layout, root)
 
@@ -267,14 +267,14 @@ def run_training(cfg: Config, stage: str, family: str, argv: list[str] | None = 
         val_items(val, section.val_batches, section.batch_size, world),
         collate,
         section.batch_size,
-        cfg.seed,
+        seed,  # data order
         cfg.trainer.num_workers,
     )
     settings = OptimSettings.from_section(section, peak_flops=peak_flops_per_device())
     module = Seq2SeqLM(model, settings)
 
     # --- checkpoints: resume the unfinished run of the same fingerprint, or start over
-    current = fingerprint(cfg, stage, family, root, init_source)
+    current = fingerprint(cfg, stage, variant, seed, root, init_source)
     resume = resume_point(paths, current)
     previous_run_id = read_run_state(paths).get("mlflow_run_id")
     run_state = read_run_state(paths) if resume else {}
@@ -286,7 +286,9 @@ def run_training(cfg: Config, stage: str, family: str, argv: list[str] | None = 
     run = TrackedRun(uri, cfg.mlflow.experiment, active=rank_zero, system_metrics=cfg.mlflow.system_metrics)
     if rank_zero:
         tags = {
+            "variant": variant,
             "family": family,
+            "seed": str(seed),
             "stage": stage,
             "git_revision": git_revision(root),
             "params_hash": current,
@@ -294,13 +296,13 @@ def run_training(cfg: Config, stage: str, family: str, argv: list[str] | None = 
         }
         if resume is None:
             run.close_stale(previous_run_id)
-        run.start(f"{stage}-{family}", tags, resume_run_id=run_state.get("mlflow_run_id"))
+        run.start(paths.dvc_stage(), tags, resume_run_id=run_state.get("mlflow_run_id"))
         run.log_params(cfg.to_dict())
         write_json(
             paths.checkpoints / "run.json", {"fingerprint": current, "mlflow_run_id": run.run_id, "completed": False}
         )
     try:
-        metrics = _fit_and_save(cfg, stage, family, paths, module, datamodule, trainer_kw, run, resume, entropy)
+        metrics = _fit_and_save(cfg, family, paths, module, datamodule, trainer_kw, run, resume, entropy)
         if not rank_zero:
             return None
         elapsed = time.perf_counter() - t_start
@@ -318,11 +320,11 @@ def run_training(cfg: Config, stage: str, family: str, argv: list[str] | None = 
         raise
     run.finish("FINISHED")
     write_json(paths.checkpoints / "run.json", {"fingerprint": current, "mlflow_run_id": run.run_id, "completed": True})
-    _summary(stage, family, metrics, timing, paths, uri, run.run_id)
+    _summary(metrics, timing, paths, uri, run.run_id)
     return metrics
 
 
-def _launch_if_needed(cfg: Config, stage: str, family: str, argv: list[str] | None) -> int | None:
+def _launch_if_needed(cfg: Config, stage: str, variant: str, seed: int, argv: list[str] | None) -> int | None:
     """torchrun/SLURM: start the job and wait (`pipeline/launch.py`); None means: run here, in this process."""
     try:
         from pipeline import launch
@@ -330,7 +332,7 @@ def _launch_if_needed(cfg: Config, stage: str, family: str, argv: list[str] | No
         if cfg.launcher.kind != "local":
             raise
         return None
-    return launch.launch_if_needed(cfg, stage, family, sys.argv[1:] if argv is None else argv)
+    return launch.launch_if_needed(cfg, stage, variant, sys.argv[1:] if argv is None else argv, seed=seed)
 
 
 def _world_size(trainer_kw: dict[str, Any]) -> int:
@@ -340,9 +342,8 @@ def _world_size(trainer_kw: dict[str, Any]) -> int:
 
 def _fit_and_save(
     cfg: Config,
-    stage: str,
     family: str,
-    paths: StagePaths,
+    paths: RunPaths,
     module: Seq2SeqLM,
     datamodule: TrainDataModule,
     trainer_kw: dict[str, Any],
@@ -350,6 +351,7 @@ def _fit_and_save(
     resume: Path | None,
     entropy: float | None,
 ) -> dict[str, Any]:
+    stage = paths.stage
     section = getattr(cfg, stage)
     accumulate = cfg.trainer.accumulate_grad_batches
     checkpoint = ModelCheckpoint(
@@ -381,7 +383,7 @@ def _fit_and_save(
     if entropy is not None and run.active:
         run.log_metrics({"train/unigram_entropy": entropy}, step=0)
     if resume is not None:
-        log.info(f"{stage}@{family}: resuming from {resume.relative_to(paths.root)}")
+        log.info(f"{paths.dvc_stage()}: resuming from {resume.relative_to(paths.root)}")
     if cfg.trainer.compile:
         module.model = torch.compile(module.model)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
@@ -402,8 +404,9 @@ def _fit_and_save(
         state = {f"model.{k}": v for k, v in _unwrap(module.model).state_dict().items()}
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     config = _unwrap(module.model).config
-    if hasattr(config, "gradient_checkpointing"):
-        config.gradient_checkpointing = False  # a training-time choice, not part of the released model
+    recompute = models.spec(family).activation_checkpointing
+    if recompute is not None:
+        recompute(config, False)  # a training-time choice, not part of the released model
     family_model = models.build_model(family, config)
     family_model.load_state_dict(weights)
     with atomic_output(paths.final) as tmp:
@@ -444,7 +447,7 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]], prefi
 
 
 def _write_timing(
-    paths: StagePaths,
+    paths: RunPaths,
     module: Seq2SeqLM,
     metrics: dict[str, Any],
     elapsed: float,
@@ -465,11 +468,9 @@ def _write_timing(
 
 
 def _summary(
-    stage: str,
-    family: str,
     metrics: dict[str, Any],
     timing: dict[str, Any],
-    paths: StagePaths,
+    paths: RunPaths,
     uri: str,
     run_id: str | None,
 ) -> None:
@@ -479,7 +480,7 @@ def _summary(
     entropy = f", unigram entropy {fmt(metrics['unigram_entropy'])}" if "unigram_entropy" in metrics else ""
     speed = timing.get("tokens_per_s")
     print(
-        f"{stage}@{family}: {metrics['steps']} steps, {metrics['tokens']:,} target tokens in "
+        f"{paths.dvc_stage()}: {metrics['steps']} steps, {metrics['tokens']:,} target tokens in "
         f"{timing['wall_time_s']:.1f} s ({'n/a' if speed is None else f'{speed:,.0f}'} tokens/s); final loss "
         f"train {fmt(metrics['train_loss'])}, val {fmt(metrics['val_loss'])}{entropy}; "
         f"model {paths.final.relative_to(paths.root)}, metrics {paths.metrics.relative_to(paths.root)}; "
@@ -489,13 +490,14 @@ def _summary(
 
 
 def stage_main(stage: str, argv: list[str] | None = None) -> int:
-    """Entry point of `python -m pipeline.<stage> --family F`."""
+    """Entry point of `python -m pipeline.<stage> --model V --seed S`."""
     from pipeline.common import run_stage, stage_parser
 
-    parser = stage_parser(f"{stage.capitalize()} one model family (see pipeline/train.py for the outputs).")
-    parser.add_argument("--family", required=True, choices=sorted(models.FAMILIES), help="model family")
+    parser = stage_parser(f"{stage.capitalize()} one model variant with one seed (outputs: pipeline/train.py).")
+    parser.add_argument("--model", required=True, help="model variant: a key of `models:` in the params")
+    parser.add_argument("--seed", required=True, type=int, help="run seed (one of `seeds:` in the params)")
 
     def body(cfg: Config, args: argparse.Namespace) -> None:
-        run_training(cfg, stage, args.family, argv)
+        run_training(cfg, stage, args.model, args.seed, argv)
 
     return run_stage(body, parser, argv)

@@ -18,7 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.paths import RunPaths
 from tests.train_project import ROOT, make_project
+
+SEED = 0  # the one seed of the test project (`seeds: [0]`)
 
 EVAL_OVERRIDES = {
     "evaluate.max_loss_batches": 2,
@@ -59,7 +62,7 @@ def run_module(module: str, cwd: Path, *args: str, extra_env: dict[str, str] | N
 
 
 def save_random_models(tmp: Path) -> None:
-    """Random-init models of both families as `artifacts/{pretrain,finetune}/<family>/final`."""
+    """Random-init models of every variant as `artifacts/{pretrain,finetune}/<variant>/0/final`."""
     import torch
 
     import models
@@ -67,19 +70,22 @@ def save_random_models(tmp: Path) -> None:
 
     cfg = load_config(tmp / "params.yaml")
     vocab = -(-cfg.tokenizer.vocab_size // 128) * 128
-    for i, family in enumerate(("t5", "reformer")):
+    for i, variant in enumerate(cfg.models):
         torch.manual_seed(i)
-        model = models.build_model(family, cfg.model_config(family, vocab))
+        family = cfg.family(variant)
+        model = models.build_model(family, cfg.model_config(variant, vocab))
         for stage in ("pretrain", "finetune"):
-            models.save_pretrained(model, family, tmp / "artifacts" / stage / family / "final")
+            models.save_pretrained(model, family, RunPaths(tmp, stage, variant, SEED).final)
 
 
 def write_training_metrics(tmp: Path, seed: int = 0) -> dict[str, Any]:
-    """`metrics/<stage>-<family>.json`, `-train.csv`, `-val.csv` and `final/training.json` as train.py writes them."""
+    """`metrics/<stage>/<variant>-0.json`, `-train.csv`, `-val.csv` and `final/training.json` as train.py writes them;
+    returns them keyed `<stage>-<variant>`."""
     rng = np.random.default_rng(seed)
     written: dict[str, Any] = {}
-    for family in ("t5", "reformer"):
+    for family in ("t5", "reformer"):  # the variants of tests/train_project.py
         for stage in ("pretrain", "finetune"):
+            paths = RunPaths(tmp, stage, family, SEED)
             steps = list(range(2, 10, 2))
             losses = sorted(rng.uniform(2.0, 6.0, size=len(steps)).tolist(), reverse=True)
             metrics = {
@@ -92,21 +98,20 @@ def write_training_metrics(tmp: Path, seed: int = 0) -> dict[str, Any]:
                 "non_embedding_parameters": int(rng.integers(5_000, 9_000)),
                 "epochs": 0.5,
             }
-            (tmp / "metrics").mkdir(exist_ok=True)
-            (tmp / "metrics" / f"{stage}-{family}.json").write_text(json.dumps(metrics))
-            with (tmp / "metrics" / f"{stage}-{family}-train.csv").open("w", newline="") as f:
+            paths.metrics.parent.mkdir(parents=True, exist_ok=True)
+            paths.metrics.write_text(json.dumps(metrics))
+            with paths.history("train").open("w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["step", "tokens", "loss", "ppl", "z_loss", "lr", "grad_norm"])
                 for s, loss in zip(steps, losses, strict=True):
                     w.writerow([s, s * 100, loss, float(np.exp(loss)), "", 1e-3, 1.0])
-            with (tmp / "metrics" / f"{stage}-{family}-val.csv").open("w", newline="") as f:
+            with paths.history("val").open("w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["step", "tokens", "loss", "ppl"])
                 w.writerow([steps[-1], steps[-1] * 100, losses[-1] + 0.1, float(np.exp(losses[-1] + 0.1))])
             timing = {"wall_time_s": float(rng.uniform(10, 100)), "tokens_per_s": float(rng.uniform(100, 900))}
-            final = tmp / "artifacts" / stage / family / "final"
-            final.mkdir(parents=True, exist_ok=True)
-            (final / "training.json").write_text(json.dumps(timing))
+            paths.final.mkdir(parents=True, exist_ok=True)
+            (paths.final / "training.json").write_text(json.dumps(timing))
             written[f"{stage}-{family}"] = {**metrics, **timing}
     return written
 

@@ -44,21 +44,22 @@ def test_crossover_counts_fitting_where_the_other_does_not():
 
 def test_summarize_ratios_follow_the_rows():
     rows = [
-        {"kind": "length", "family": "t5", "seq_length": 64, "num_layers": None, "tokens_per_s": 200.0, "step_mb": 10},
-        {"kind": "length", "family": "reformer", "seq_length": 64, "num_layers": None, "tokens_per_s": 100.0,
+        {"kind": "length", "variant": "t5", "seq_length": 64, "num_layers": None, "tokens_per_s": 200.0, "step_mb": 10},
+        {"kind": "length", "variant": "reformer", "seq_length": 64, "num_layers": None, "tokens_per_s": 100.0,
          "step_mb": 20},
-        {"kind": "length", "family": "t5", "seq_length": 128, "num_layers": None, "skipped": "predicted peak"},
-        {"kind": "length", "family": "reformer", "seq_length": 128, "num_layers": None, "tokens_per_s": 50.0,
+        {"kind": "length", "variant": "t5", "seq_length": 128, "num_layers": None, "skipped": "predicted peak"},
+        {"kind": "length", "variant": "reformer", "seq_length": 128, "num_layers": None, "tokens_per_s": 50.0,
          "step_mb": 30},
     ]  # fmt: skip
     counts = {"t5": {"total": 10, "non_embedding": 100}, "reformer": {"total": 10, "non_embedding": 110}}
     m = summarize({"rows": rows, "seconds": 1.0}, counts)
+    assert m["reference"] == "t5"  # the first variant
     assert m["per_length"]["64"]["speed_ratio_reformer_over_t5"] == pytest.approx(0.5)
     assert m["per_length"]["64"]["memory_ratio_reformer_over_t5"] == pytest.approx(2.0)
-    assert m["speed_crossover_length"] == 128 and m["memory_crossover_length"] == 128
+    assert m["speed_crossover_length"] == {"reformer": 128} and m["memory_crossover_length"] == {"reformer": 128}
     assert m["longest_length"] == {"t5": 64, "reformer": 128}
-    assert m["compared_lengths"] == [64, 128]  # T5 did not fit at 128: compared, the Reformer wins there
-    assert m["non_embedding_ratio_reformer_over_t5"] == pytest.approx(1.1)
+    assert m["compared_lengths"] == {"reformer": [64, 128]}  # T5 did not fit at 128: compared, the Reformer wins
+    assert m["non_embedding_ratio_over_reference"] == {"reformer": pytest.approx(1.1)}
 
 
 def test_tiny_presets_are_matched_by_non_embedding_parameters():
@@ -109,7 +110,7 @@ def test_benchmark_stage_outputs(tmp_path: Path):
     metrics = json.loads((project / "metrics" / "benchmark.json").read_text())
     results = json.loads((project / "artifacts" / "benchmark" / "results.json").read_text())
     lengths = [r for r in results["rows"] if r["kind"] == "length"]
-    assert {(r["family"], r["seq_length"]) for r in lengths} == {(f, n) for f in ("t5", "reformer") for n in (32, 64)}
+    assert {(r["variant"], r["seq_length"]) for r in lengths} == {(v, n) for v in ("t5", "reformer") for n in (32, 64)}
     assert set(metrics["per_length"]) == {"32", "64"}
     with (project / "artifacts" / "benchmark" / "length.csv").open() as f:
         table = list(csv.DictReader(f))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.compare import _winner, read_csv
+from pipeline.compare import _winner, mean_over_seeds, read_csv, sum_confusions
 from tests.eval_project import make_eval_project, run_module, write_training_metrics
 
 
@@ -25,11 +25,36 @@ def test_read_csv_drops_empty_cells(tmp_path: Path):
     assert read_csv(tmp_path / "missing.csv") == []
 
 
+def test_mean_over_seeds_averages_numbers_and_curves_step_by_step():
+    runs = [
+        {"eval": {"test_loss": 2.0, "listops": {"accuracy_beam1": 0.5}}, "curve": [{"step": 1, "loss": 4.0}]},
+        {"eval": {"test_loss": 4.0, "listops": {"accuracy_beam1": 0.7}}, "curve": [{"step": 1, "loss": 2.0}]},
+    ]
+    mean = mean_over_seeds(runs)
+    assert mean["eval"]["test_loss"] == pytest.approx(3.0)
+    assert mean["eval"]["listops"]["accuracy_beam1"] == pytest.approx(0.6)
+    assert mean["curve"] == [{"step": 1.0, "loss": 3.0}]
+    # a step logged by only one seed is left out; a value missing from a seed is dropped, not averaged as zero
+    runs[0]["curve"].append({"step": 2, "loss": 1.0})
+    del runs[1]["eval"]["listops"]
+    mean = mean_over_seeds(runs)
+    assert [r["step"] for r in mean["curve"]] == [1.0] and "listops" not in mean["eval"]
+
+
+def test_sum_confusions_adds_counts_over_seeds_with_merged_labels():
+    a = {"listops": {"labels": ["1", "2"], "matrix": [[3, 1], [0, 2]]}}
+    b = {"listops": {"labels": ["1", "2", "(other)"], "matrix": [[1, 0, 1], [0, 1, 0], [0, 0, 0]]}}
+    assert sum_confusions([a, b]) == {
+        "listops": {"labels": ["1", "2", "(other)"], "matrix": [[4, 1, 1], [0, 3, 0], [0, 0, 0]]}
+    }
+
+
 @pytest.mark.slow
 def test_compare_stage_report_plots_and_mlflow(tmp_path: Path):
     project = make_eval_project(tmp_path)
     training = write_training_metrics(project, seed=3)
-    for module, args in (("pipeline.evaluate", ["--family", "t5"]), ("pipeline.evaluate", ["--family", "reformer"]),
+    for module, args in (("pipeline.evaluate", ["--model", "t5", "--seed", "0"]),
+                         ("pipeline.evaluate", ["--model", "reformer", "--seed", "0"]),
                          ("pipeline.benchmark", []), ("pipeline.compare", [])):  # fmt: skip
         result = run_module(module, project, *args)
         assert result.returncode == 0, (module, result.stdout[-3000:])
@@ -37,7 +62,7 @@ def test_compare_stage_report_plots_and_mlflow(tmp_path: Path):
     report = (project / "reports" / "comparison.md").read_text()
     bench = json.loads((project / "metrics" / "benchmark.json").read_text())
     for family in ("t5", "reformer"):
-        ev = json.loads((project / "metrics" / f"eval-{family}.json").read_text())
+        ev = json.loads((project / "metrics" / "evaluate" / f"{family}-0.json").read_text())
         assert f"{ev['test_loss']:.3f}" in report
         assert f"{training[f'pretrain-{family}']['non_embedding_parameters']:,}" in report
         assert f"{training[f'pretrain-{family}']['tokens']:,}" in report
@@ -51,7 +76,7 @@ def test_compare_stage_report_plots_and_mlflow(tmp_path: Path):
         assert (project / "reports" / name).read_bytes()[:4] == b"\x89PNG"
         assert f"({name})" in report  # the report shows every plot
     headline = json.loads((project / "metrics" / "compare.json").read_text())
-    assert headline["speed_crossover_length"] == bench["speed_crossover_length"]
+    assert headline["speed_crossover_length_reformer"] == bench["speed_crossover_length"]["reformer"]
 
     from mlflow import MlflowClient
 
@@ -67,5 +92,5 @@ def test_compare_names_the_missing_stage(tmp_path: Path):
     project = make_eval_project(tmp_path)
     result = run_module("pipeline.compare", project)
     assert result.returncode == 1
-    assert "error:" in result.stdout and "evaluate@t5" in result.stdout
+    assert "error:" in result.stdout and "evaluate@t5-0" in result.stdout
     assert not (project / "reports" / "comparison.md").exists()

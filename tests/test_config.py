@@ -24,10 +24,11 @@ def shipped() -> dict:
 def test_shipped_params_load():
     cfg = load_config(SHIPPED)
     assert cfg.data.source == "builtin"
-    assert set(cfg.models) == {"t5", "reformer"}
-    # both families build a config from their preset, and a model from it
-    for family in cfg.models:
-        mcfg = cfg.model_config(family, vocab_size=8064)
+    assert list(cfg.models) == ["t5", "reformer"] and cfg.seeds == [0, 1, 2]
+    assert {v: cfg.family(v) for v in cfg.models} == {"t5": "t5", "reformer": "reformer"}
+    # both variants build a config from their preset, and a model from it
+    for variant in cfg.models:
+        mcfg = cfg.model_config(variant, vocab_size=8064)
         assert mcfg.vocab_size == 8064
     # the flattened view round-trips through validation unchanged
     again = config_from_dict(cfg.to_dict())
@@ -71,12 +72,18 @@ BROKEN = [
     ({"pretrain.optimizer.learning_rate": 0.1}, "pretrain.optimizer.learning_rate: unknown key"),
     ({"data.validation_fraction": 0.7}, "data.validation_fraction: must be in (0, 0.5)"),
     ({"tokenizer.num_sentinels": 7990}, "tokenizer.vocab_size: 8000 leaves 10 SentencePiece pieces"),
-    ({"finetune.init": "t5_checkpoint"}, "finetune.checkpoint_dir: required when finetune.init is 't5_checkpoint'"),
+    ({"finetune.init": "checkpoint"}, "finetune.checkpoint_dir: required when finetune.init is 'checkpoint'"),
+    ({"finetune.init": "checkpoint", "finetune.checkpoint_dir": "x"}, "models.reformer is a reformer model"),
     ({"deepspeed.offload_parameters": True, "trainer.strategy": "deepspeed"}, "deepspeed.offload_parameters"),
     ({"trainer.accelerator": "cpu", "trainer.precision": "16-mixed"}, "trainer.precision: '16-mixed' needs a GPU"),
     ({"models.t5.preset": "huge"}, "models.t5.preset: unknown preset 'huge'"),
     ({"models.reformer.n_hashes": "eight"}, "models.reformer.n_hashes: expected"),
     ({"models.reformer.n_hash": 2}, "models.reformer.n_hash: unknown key (did you mean 'n_hashes'?)"),
+    ({"models.reformer.family": "gpt"}, "models.reformer.family: expected one of 't5', 'reformer', got 'gpt'"),
+    ({"models.t5-big": {"family": "t5"}}, "models.t5-big: variant names are letters, digits and '_'"),
+    ({"models": {}}, "models: expected a mapping of variant names"),
+    ({"seeds": []}, "seeds: must be a non-empty list"),
+    ({"seeds": [0, 0]}, "seeds: must be a non-empty list of distinct integers"),
     ({"pretrain.objective": "causal_lm"}, "needs a decoder-only layout"),
     ({"mlflow.tracking_uri": "file:./mlruns"}, "mlflow.tracking_uri: MLflow 3 no longer accepts file stores"),
     ({"trainer.devices": 0}, "trainer.devices: must be >= 1"),
@@ -156,5 +163,25 @@ def test_shipped_params_equal_the_documented_defaults():
 
     shipped = load_config(SHIPPED).to_dict()
     defaults = Config().to_dict()
-    defaults["models"] = shipped["models"]  # presets are chosen in params.yaml, there is no code default
+    defaults["models"] = shipped["models"]  # variants are chosen in params.yaml, there is no code default
     assert defaults == shipped
+
+
+def test_shipped_variants_show_every_config_field():
+    """Every field of the family's config is a key of each shipped variant (so `dvc exp run -S` needs no `+`)."""
+    import models
+
+    shipped = yaml.safe_load(SHIPPED.read_text())["models"]
+    for variant, body in shipped.items():
+        spec = models.spec(body["family"])
+        assert list(body) == ["family", "preset", *spec.field_names()], variant
+        assert all(v is None for k, v in body.items() if k not in ("family", "preset")), variant
+
+
+def test_null_fields_take_the_preset_value_and_set_ones_override_it(shipped):
+    raw = copy.deepcopy(shipped)
+    raw["models"]["reformer"]["n_hashes"] = 8
+    cfg = config_from_dict(raw)
+    preset = load_config(SHIPPED).model_config("reformer")
+    assert cfg.model_config("reformer").n_hashes == 8 and preset.n_hashes == 2
+    assert cfg.model_config("reformer").d_model == preset.d_model  # null: the preset's

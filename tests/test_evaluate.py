@@ -71,7 +71,7 @@ def test_generate_texts_returns_one_continuation_per_input(family):
 
     cfg = load_config(ROOT / "params.yaml")
     cfg.evaluate.batch_size, cfg.evaluate.max_new_tokens = 2, 5
-    overrides = {k: v for k, v in MODELS[family].items() if k != "preset"}
+    overrides = {k: v for k, v in MODELS[family].items() if k not in ("family", "preset")}
     if family == "reformer":
         overrides.pop("axial_pos_shape"), overrides.pop("axial_pos_dims")
         overrides.update(axial_pos_shape=None, axial_pos_dims=None, max_position_embeddings=256)
@@ -89,15 +89,15 @@ def test_generate_texts_returns_one_continuation_per_input(family):
 def test_evaluate_stage_writes_metrics_plots_and_mlflow_run(tmp_path: Path):
     project = make_eval_project(tmp_path)
     for family in ("t5", "reformer"):
-        result = run_module("pipeline.evaluate", project, "--family", family)
+        result = run_module("pipeline.evaluate", project, "--model", family, "--seed", "0")
         assert result.returncode == 0, result.stdout[-3000:]
-        metrics = json.loads((project / "metrics" / f"eval-{family}.json").read_text())
+        metrics = json.loads((project / "metrics" / "evaluate" / f"{family}-0.json").read_text())
         assert metrics["test_loss"] > 0 and metrics["test_ppl"] == pytest.approx(math.exp(metrics["test_loss"]))
         for task in ("listops", "duplication"):
             for beams in (1, 2):
                 key = ("accuracy" if task == "listops" else "exact_match") + f"_beam{beams}"
                 assert 0.0 <= metrics[task][key] <= 1.0
-        out = project / "artifacts" / "eval" / family
+        out = project / "artifacts" / "eval" / family / "0"
         rows = (out / "confusion_listops.csv").read_text().splitlines()
         assert rows[0] == "actual,predicted" and len(rows) == 1 + metrics["listops"]["examples"]
         assert (out / "confusion_listops.png").read_bytes()[:4] == b"\x89PNG"
@@ -111,7 +111,11 @@ def test_evaluate_stage_writes_metrics_plots_and_mlflow_run(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("t5-vs-reformer")
     runs = client.search_runs([experiment.experiment_id], "tags.stage = 'evaluate'")
-    assert {r.data.tags["family"] for r in runs} == {"t5", "reformer"}
+    assert {(r.data.tags["variant"], r.data.tags["family"], r.data.tags["seed"]) for r in runs} == {
+        ("t5", "t5", "0"),
+        ("reformer", "reformer", "0"),
+    }
+    assert {r.info.run_name for r in runs} == {"evaluate@t5-0", "evaluate@reformer-0"}
     names = [set(r.data.metrics) for r in runs]
     assert names[0] == names[1] and "eval/listops/accuracy_beam2" in names[0]
 
@@ -120,8 +124,16 @@ def test_evaluate_stage_reports_missing_model(tmp_path: Path):
     project = make_eval_project(tmp_path)
     import shutil
 
-    shutil.rmtree(project / "artifacts" / "finetune" / "t5" / "final")
-    result = run_module("pipeline.evaluate", project, "--family", "t5")
+    shutil.rmtree(project / "artifacts" / "finetune" / "t5" / "0" / "final")
+    result = run_module("pipeline.evaluate", project, "--model", "t5", "--seed", "0")
     assert result.returncode == 1
-    assert "error:" in result.stdout and "finetune" in result.stdout
-    assert not (project / "metrics" / "eval-t5.json").exists()
+    assert "error:" in result.stdout and "dvc repro finetune@t5-0" in result.stdout
+    assert not (project / "metrics" / "evaluate" / "t5-0.json").exists()
+
+
+def test_evaluate_stage_names_an_unknown_variant(tmp_path: Path):
+    project = make_eval_project(tmp_path)
+    result = run_module("pipeline.evaluate", project, "--model", "gpt", "--seed", "0")
+    assert result.returncode == 1
+    assert "error: --model gpt: not a variant" in result.stdout and "t5, reformer" in result.stdout
+    assert "Traceback" not in result.stdout

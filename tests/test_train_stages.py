@@ -1,4 +1,4 @@
-"""The pretrain and finetune stages end to end on a tiny project (tests/train_project.py), both families.
+"""The pretrain and finetune stages end to end on a tiny project (tests/train_project.py), both variants.
 
 Slow tests: they run the real stages (`python -m pipeline.pretrain`, in a subprocess where a kill is needed),
 with tiny models and a handful of steps.
@@ -25,9 +25,10 @@ from tests.train_project import ROOT, make_project
 pytestmark = pytest.mark.slow
 
 
-def stage(project: Path, name: str, family: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def stage(project: Path, name: str, variant: str, env: dict | None = None, seed: int = 0):
+    """`python -m pipeline.<name> --model <variant> --seed <seed>` in `project`."""
     return subprocess.run(
-        [sys.executable, "-m", f"pipeline.{name}", "--family", family],
+        [sys.executable, "-m", f"pipeline.{name}", "--model", variant, "--seed", str(seed)],
         cwd=project,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         capture_output=True,
@@ -58,16 +59,16 @@ def test_kill_and_rerun_resumes_to_the_same_weights_metrics_and_mlflow_run(tmp_p
 
     # a run killed (SIGKILL: no cleanup at all) once its first checkpoint exists
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pipeline.pretrain", "--family", "reformer"]
+    cmd = [sys.executable, "-m", "pipeline.pretrain", "--model", "reformer", "--seed", "0"]
     proc = subprocess.Popen(cmd, cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = killed / "artifacts/pretrain/reformer/checkpoints/last.ckpt"
+    last = killed / "artifacts/pretrain/reformer/0/checkpoints/last.ckpt"
     deadline = time.monotonic() + 300
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert last.exists(), "the run ended before writing a checkpoint"
-    state = json.loads((killed / "artifacts/pretrain/reformer/checkpoints/run.json").read_text())
+    state = json.loads((killed / "artifacts/pretrain/reformer/0/checkpoints/run.json").read_text())
     assert not state["completed"], "the run finished before it could be killed; make it longer"
     killed_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert 0 < killed_step < 10
@@ -79,13 +80,13 @@ def test_kill_and_rerun_resumes_to_the_same_weights_metrics_and_mlflow_run(tmp_p
     assert done.returncode == 0, done.stderr
 
     # identical final weights, metrics and loss history
-    a = models.load_pretrained(killed / "artifacts/pretrain/reformer/final")[1].state_dict()
-    b = models.load_pretrained(reference / "artifacts/pretrain/reformer/final")[1].state_dict()
+    a = models.load_pretrained(killed / "artifacts/pretrain/reformer/0/final")[1].state_dict()
+    b = models.load_pretrained(reference / "artifacts/pretrain/reformer/0/final")[1].state_dict()
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-    for name in ("pretrain-reformer.json", "pretrain-reformer-train.csv", "pretrain-reformer-val.csv"):
-        assert (killed / "metrics" / name).read_text() == (reference / "metrics" / name).read_text(), name
+    for name in ("reformer-0.json", "reformer-0-train.csv", "reformer-0-val.csv"):
+        assert (killed / "metrics/pretrain" / name).read_text() == (reference / "metrics/pretrain" / name).read_text()
 
     # one MLflow run, continued by the resumed attempt, finished, with the whole metric history
     runs = mlflow_runs(killed)
@@ -101,29 +102,30 @@ def test_pretrain_then_finetune_t5_outputs_metrics_and_mlflow(tmp_path):
     project = make_project(tmp_path, {"pretrain.max_steps": 20, "pretrain.optimizer.lr": 1e-2}, with_tokenizer=True)
     result = stage(project, "pretrain", "t5")
     assert result.returncode == 0, result.stderr
-    assert "pretrain@t5: 20 steps" in result.stdout and "MLflow run" in result.stdout
+    assert "pretrain@t5-0: 20 steps" in result.stdout and "MLflow run" in result.stdout
 
-    family, model = models.load_pretrained(project / "artifacts/pretrain/t5/final")
+    family, model = models.load_pretrained(project / "artifacts/pretrain/t5/0/final")
     assert family == "t5" and model.config.vocab_size == 256
-    metrics = json.loads((project / "metrics/pretrain-t5.json").read_text())
+    metrics = json.loads((project / "metrics/pretrain/t5-0.json").read_text())
     assert metrics["steps"] == 20
     assert metrics["val_loss"] < metrics["unigram_entropy"]  # the Markov corpus rewards using context
-    train_rows = read_csv(project / "metrics/pretrain-t5-train.csv")
+    train_rows = read_csv(project / "metrics/pretrain/t5-0-train.csv")
     assert [int(r["step"]) for r in train_rows] == list(range(2, 21, 2))
     assert float(train_rows[-1]["loss"]) == pytest.approx(metrics["train_loss"])
-    val_rows = read_csv(project / "metrics/pretrain-t5-val.csv")
+    val_rows = read_csv(project / "metrics/pretrain/t5-0-val.csv")
     assert [int(r["step"]) for r in val_rows] == [4, 8, 12, 16, 20]
 
     result = stage(project, "finetune", "t5")
     assert result.returncode == 0, result.stderr
-    tuned = models.load_pretrained(project / "artifacts/finetune/t5/final")[1]
+    tuned = models.load_pretrained(project / "artifacts/finetune/t5/0/final")[1]
     start = model.state_dict()
     assert any(not torch.equal(start[k], v) for k, v in tuned.state_dict().items())
 
-    runs = {(r.data.tags["stage"], r.data.tags["family"]): r for r in mlflow_runs(project)}
+    runs = {(r.data.tags["stage"], r.data.tags["variant"]): r for r in mlflow_runs(project)}
     assert set(runs) == {("pretrain", "t5"), ("finetune", "t5")}
     run = runs[("pretrain", "t5")]
     assert run.info.status == "FINISHED"
+    assert (run.data.tags["family"], run.data.tags["seed"], run.info.run_name) == ("t5", "0", "pretrain@t5-0")
     assert {"git_revision", "params_hash"} <= set(run.data.tags)
     assert run.data.params["pretrain.max_steps"] == "20"
     assert {"train/loss", "val/loss", "val/ppl", "train/lr", "train/tokens_per_s"} <= set(run.data.metrics)
@@ -155,11 +157,11 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_fails_the_run(
     result = stage(project, "pretrain", "t5")
     assert result.returncode == 1
     assert "error: training diverged at step" in result.stderr
-    last = project / "artifacts/pretrain/t5/checkpoints/last.ckpt"
+    last = project / "artifacts/pretrain/t5/0/checkpoints/last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert ckpt["global_step"] >= 1
-    assert not (project / "artifacts/pretrain/t5/final").exists()
+    assert not (project / "artifacts/pretrain/t5/0/final").exists()
     (run,) = mlflow_runs(project)
     assert run.info.status == "FAILED"
 
@@ -180,11 +182,8 @@ def test_two_process_deepspeed_zero3_makes_one_mlflow_run_and_consolidated_weigh
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in result.stderr + result.stdout  # really two processes
     (run,) = mlflow_runs(project)
     assert run.info.status == "FINISHED"
-    assert (project / "artifacts/pretrain/reformer/checkpoints/last.ckpt").is_dir()  # sharded DeepSpeed checkpoint
-    family, model = models.load_pretrained(project / "artifacts/pretrain/reformer/final")
-    assert (
-        family == "reformer"
-        and model.num_parameters() == json.loads((project / "metrics/pretrain-reformer.json").read_text())["parameters"]
-    )
-    metrics = json.loads((project / "metrics/pretrain-reformer.json").read_text())
+    assert (project / "artifacts/pretrain/reformer/0/checkpoints/last.ckpt").is_dir()  # sharded DeepSpeed checkpoint
+    family, model = models.load_pretrained(project / "artifacts/pretrain/reformer/0/final")
+    metrics = json.loads((project / "metrics/pretrain/reformer-0.json").read_text())
+    assert family == "reformer" and model.num_parameters() == metrics["parameters"]
     assert metrics["steps"] == 2 and metrics["tokens"] > 0

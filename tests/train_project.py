@@ -19,8 +19,9 @@ TOK_VOCAB = 250  # tokenizer vocabulary (sentinels included); models get it padd
 NUM_SENTINELS = 20
 
 MODELS = {
-    "t5": {"preset": "tiny", "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4},
+    "t5": {"family": "t5", "preset": "tiny", "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4},
     "reformer": {
+        "family": "reformer",
         "preset": "tiny",
         "d_model": 32,
         "d_kv": 8,
@@ -90,6 +91,7 @@ def make_project(
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["models"] = copy.deepcopy(MODELS)
+    params["seeds"] = [0]
     params["tokenizer"]["vocab_size"] = TOK_VOCAB
     params["tokenizer"]["num_sentinels"] = NUM_SENTINELS
     for stage in ("pretrain", "finetune"):
