@@ -240,6 +240,16 @@ class BenchmarkConfig:
 
 
 @dataclass
+class DivergenceConfig:
+    patience_steps: int = 50
+    """Stop a run as diverged after this many optimizer steps in a row with the loss at the uniform-prediction
+    level ln(vocab) or a gradient norm of 0 (the last good checkpoint is kept); 0 turns this check off
+    (a non-finite loss or gradient norm always stops the run)."""
+    uniform_tolerance: float = 0.01
+    """Nats around ln(vocab) that count as the uniform-prediction loss."""
+
+
+@dataclass
 class TrainerConfig:
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     """Device type; `auto` picks GPUs when present."""
@@ -263,6 +273,11 @@ class TrainerConfig:
     """Recompute activations in the backward pass (T5; the Reformer's reversible layers already do)."""
     progress_bar: bool = True
     """Show a progress bar with loss and tokens/s."""
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    """When a run counts as diverged besides non-finite values."""
+    on_corrupt_checkpoint: Literal["stop", "previous", "scratch"] = "stop"
+    """A resume checkpoint that cannot be read: `stop` with a message naming it; or move it aside (kept, renamed
+    `*.corrupt-<time>`) and resume from the checkpoint before it (`previous`, else from scratch) or from `scratch`."""
 
 
 @dataclass
@@ -308,7 +323,8 @@ class SlurmConfig:
     time: str = "04:00:00"
     """Wall-clock limit (`--time`)."""
     gpus_per_node: int = 1
-    """GPUs per node (`--gres=gpu:N`); also the tasks per node."""
+    """GPUs per node (`--gres=gpu:N`); also the tasks per node. 0: a CPU partition, no `--gres`, and
+    `launcher.nproc_per_node` tasks per node."""
     cpus_per_task: int = 8
     """CPUs per task (`--cpus-per-task`)."""
     mem: str | None = None
@@ -696,10 +712,16 @@ def _cross_checks(cfg: Config, problems: list[str]) -> None:
         problems.append(f"launcher.nproc_per_node: must be >= 1, got {la.nproc_per_node}")
     if la.nnodes < 1:
         problems.append(f"launcher.nnodes: must be >= 1, got {la.nnodes}")
-    if la.kind == "slurm" and la.slurm.gpus_per_node < 1:
-        problems.append(f"launcher.slurm.gpus_per_node: must be >= 1, got {la.slurm.gpus_per_node}")
+    if la.kind == "slurm" and la.slurm.gpus_per_node < 0:
+        problems.append(f"launcher.slurm.gpus_per_node: must be >= 0 (0: CPU tasks), got {la.slurm.gpus_per_node}")
+    if la.kind == "slurm" and la.slurm.gpus_per_node == 0 and la.nproc_per_node < 1:
+        problems.append(f"launcher.nproc_per_node: must be >= 1 (CPU tasks per node), got {la.nproc_per_node}")
+    if tr.divergence.patience_steps < 0:
+        problems.append(f"trainer.divergence.patience_steps: must be >= 0, got {tr.divergence.patience_steps}")
+    if tr.divergence.uniform_tolerance <= 0:
+        problems.append(f"trainer.divergence.uniform_tolerance: must be > 0, got {tr.divergence.uniform_tolerance}")
     if la.kind != "local":  # the launcher starts the processes; Lightning must expect the same counts
-        per_node = la.nproc_per_node if la.kind == "torchrun" else la.slurm.gpus_per_node
+        per_node = la.nproc_per_node if la.kind == "torchrun" else la.slurm.gpus_per_node or la.nproc_per_node
         if tr.devices not in ("auto", per_node):
             problems.append(f"trainer.devices: {tr.devices} but launcher.kind {la.kind} starts {per_node} per node")
         if tr.num_nodes != la.nnodes:

@@ -126,8 +126,9 @@ def sbatch_script(
     options = [
         f"--job-name={_job_name(stage, variant, seed)}",
         f"--nodes={la.nnodes}",
-        f"--ntasks-per-node={s.gpus_per_node}",  # Lightning's SLURMEnvironment: one task per device
-        f"--gres=gpu:{s.gpus_per_node}",
+        # Lightning's SLURMEnvironment: one task per device (per GPU, or launcher.nproc_per_node CPU tasks)
+        f"--ntasks-per-node={s.gpus_per_node or la.nproc_per_node}",
+        *([f"--gres=gpu:{s.gpus_per_node}"] if s.gpus_per_node else []),
         f"--cpus-per-task={s.cpus_per_task}",
         f"--time={s.time}",
     ]
@@ -180,7 +181,7 @@ def job_state(job_id: str, logs: Path) -> tuple[str | None, str]:
         if line:
             state, _, exit_code = line.partition("|")
             return state.split()[0], exit_code.strip()  # "CANCELLED by 1234" -> "CANCELLED"
-    proc = _run(["squeue", "-h", "-j", job_id, "-o", "%T"])
+    proc = _run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"])  # finished jobs too (MinJobAge)
     if proc is not None and proc.stdout.strip():
         return proc.stdout.split()[0], ""
     exit_file = logs / f"exitcode-{job_id}"

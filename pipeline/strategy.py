@@ -103,7 +103,7 @@ def process_layout(cfg: Config) -> tuple[int | str, int]:
     if la.kind == "torchrun":
         return la.nproc_per_node, la.nnodes
     if la.kind == "slurm":
-        return la.slurm.gpus_per_node, la.nnodes
+        return la.slurm.gpus_per_node or la.nproc_per_node, la.nnodes
     return t.devices, t.num_nodes
 
 

@@ -257,6 +257,10 @@ if [ $n -lt 2 ]; then echo RUNNING; else cp "$d/result" {exit_file}; fi
     assert submit_and_wait(slurm_config(), "pretrain", "t5", ARGV) == 2
 
 
-def test_missing_sbatch_is_a_clear_error(project):
+def test_missing_sbatch_is_a_clear_error(project, monkeypatch):
+    import shutil
+
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "sbatch" else real_which(name, *a, **k))
     with pytest.raises(StageError, match="sbatch. is not on PATH"):
         launch_if_needed(slurm_config(), "pretrain", "t5", ARGV)
