@@ -8,7 +8,8 @@ own (`ru_maxrss` on CPU, `torch.cuda.max_memory_allocated` on a GPU) and one out
 stage down.
 
 - speed: input tokens per second of a training step (forward + backward + optimizer), median of `repeats`
-  timed steps after one warmup step;
+  timed steps after one warmup step, with the spread of the repeats (`tokens_per_s_low`/`_high`: slowest and
+  fastest step);
 - memory: `peak_mb` (whole child process) and `step_mb` (peak minus the resident size after building the model
   and optimizer: what the step itself needs, mostly activations);
 - lengths go from the shortest up; a variant stops at the first length it cannot run (failure, or a predicted
@@ -16,7 +17,10 @@ stage down.
   after 75% of `time_budget_s`, the depth sweep nothing after all of it;
 - the first variant of `models:` is the reference; another variant's crossover length is the shortest measured
   length from which on it is faster (or uses less memory) than the reference at every longer measured length,
-  or runs where the reference could not; `null` when it never does.
+  or runs where the reference could not; `null` when it never does. `crossovers` adds its uncertainty: the
+  crossover counting only lengths where the spreads of the repeats do not overlap (`certain`) and counting
+  every length where the other's best repeat wins (`possible`), with a sentence for the report; `dropped`
+  lists every measurement the time budget or the memory limit left out.
 
 Outputs: `artifacts/benchmark/results.json` (every measurement), `results.csv`, `length.csv` and `depth.csv`
 (DVC plots data, one column per variant), `speed_vs_length.png`, `memory_vs_length.png`, `memory_vs_depth.png`,
@@ -104,7 +108,13 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = statistics.median(times)
     return {
         "step_s": seconds,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "repeats": len(times),
         "tokens_per_s": B * L / seconds,
+        # the spread of the repeats: slowest and fastest step (a busy machine widens it)
+        "tokens_per_s_low": B * L / max(times),
+        "tokens_per_s_high": B * L / min(times),
         "peak_mb": peak_mb,
         "step_mb": max(peak_mb - base_mb, 0.0),
         "device": str(device),
@@ -202,6 +212,34 @@ def crossover(
     return answer
 
 
+def crossover_sentence(
+    variant: str, reference: str, what: str, certain: int | None, possible: int | None, compared: list[int]
+) -> str:
+    """The crossover in words, with its uncertainty: `certain` counts a length only where the spreads of the
+    repeats do not overlap, `possible` wherever the other variant's best repeat wins."""
+    verb = "trains faster than" if what == "speed" else "needs less memory than"
+    scope = f"lengths measured for both: {', '.join(map(str, compared))}"
+    if not compared:
+        return f"{what}: {variant} versus {reference} not measured (no length measured for both within the time budget)"
+    if certain == possible:
+        if certain is None:
+            return f"{what}: {variant} never {verb} {reference} ({scope})"
+        if certain == min(compared):
+            return f"{what}: {variant} {verb} {reference} at every length measured ({scope})"
+        return (
+            f"{what}: {variant} {verb} {reference} from length **{certain}** on ({scope}; the repeats do not overlap)"
+        )
+    if certain is None:
+        return (
+            f"{what}: uncertain: {variant} may cross {reference} from length {possible} on, but the spread of the "
+            f"repeats overlaps: not established in the measured range ({scope})"
+        )
+    return (
+        f"{what}: {variant} {verb} {reference} from length **{certain}** on; the crossover may come as early as "
+        f"{possible}, where the repeats overlap ({scope})"
+    )
+
+
 def benchmark(cfg: Config, vocab_size: int, child=run_child) -> dict[str, Any]:
     """All measurements of the stage, as a JSON-ready dict (see the module docstring)."""
     b = cfg.benchmark
@@ -280,6 +318,37 @@ def summarize(result: dict[str, Any], counts: dict[str, dict[str, int]]) -> dict
 
     speed = {v: figures(v, "tokens_per_s") for v in variants}
     memory = {v: figures(v, "step_mb") for v in variants}
+
+    def spread(variant: str, key: str) -> dict[int, tuple[float, float, float] | None]:
+        """Like `figures`, as (median, low, high) of the repeats (low = high = median without a spread)."""
+        out: dict[int, tuple[float, float, float] | None] = {}
+        for n, value in figures(variant, key).items():
+            row = by.get((variant, "length", n, None), {})
+            out[n] = None if value is None else (value, row.get(f"{key}_low", value), row.get(f"{key}_high", value))
+        return out
+
+    crossovers = []
+    for key, what, faster in (("tokens_per_s", "speed", True), ("step_mb", "memory", False)):
+        ref_fig = spread(ref, key)
+        for v in variants[1:]:
+            fig = spread(v, key)
+            # certain: the other's worst repeat beats the reference's best; possible: its best beats their worst
+            if faster:
+                certain = crossover(lengths, ref_fig, fig, lambda o, r: o[1] > r[2])
+                possible = crossover(lengths, ref_fig, fig, lambda o, r: o[2] > r[1])
+            else:
+                certain = crossover(lengths, ref_fig, fig, lambda o, r: o[2] < r[1])
+                possible = crossover(lengths, ref_fig, fig, lambda o, r: o[1] < r[2])
+            compared = [n for n in lengths if n in ref_fig and n in fig]
+            crossovers.append(
+                {"variant": v, "reference": ref, "what": what, "certain": certain, "possible": possible,
+                 "compared": compared, "sentence": crossover_sentence(v, ref, what, certain, possible, compared)}
+            )  # fmt: skip
+    dropped = [
+        f"{r['variant']} at {r['seq_length']}" + (f" x {r['num_layers']} layers" if r["num_layers"] else "")
+        + f": {r.get('error') or r.get('skipped')}"
+        for r in result["rows"] if "error" in r or "skipped" in r
+    ]  # fmt: skip
     per_length = {}
     for n in lengths:
         entry: dict[str, Any] = {}
@@ -300,6 +369,8 @@ def summarize(result: dict[str, Any], counts: dict[str, dict[str, int]]) -> dict
         "memory_crossover_length": {
             v: crossover(lengths, memory[ref], memory[v], lambda o, r: o < r) for v in variants[1:]
         },
+        "crossovers": crossovers,
+        "dropped": dropped,
         "longest_length": {v: max((n for n in lengths if speed[v].get(n)), default=None) for v in variants},
         "compared_lengths": {v: [n for n in lengths if n in speed[ref] and n in speed[v]] for v in variants[1:]},
         "per_length": per_length,
@@ -345,41 +416,11 @@ def _fmt(x: float | None) -> str:
 
 
 def write_plots(result: dict[str, Any], out: Path) -> None:
-    """The three PNG charts (log-log axes for length: quadratic versus linear growth shows as slopes 2 and 1)."""
-    import matplotlib
+    """The three PNG charts, drawn by `pipeline.charts.benchmark_chart` (the report draws the same ones)."""
+    from pipeline.charts import BENCHMARK_CHARTS, benchmark_chart
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    charts = [
-        ("speed_vs_length.png", "length", "seq_length", "tokens_per_s", "training tokens/s", "Speed vs length"),
-        ("memory_vs_length.png", "length", "seq_length", "step_mb", "step memory (MiB)", "Memory vs length"),
-        ("memory_vs_depth.png", "depth", "num_layers", "step_mb", "step memory (MiB)", "Memory vs depth"),
-    ]
-    for name, kind, axis, key, ylabel, title in charts:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        variants = list(dict.fromkeys(r["variant"] for r in result["rows"]))
-        for i, variant in enumerate(variants):
-            pts = sorted(
-                (r[axis], r[key]) for r in result["rows"] if r["kind"] == kind and r["variant"] == variant and key in r
-            )
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="osd^v<>p"[i % 8], label=variant)
-        if kind == "length":
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            depth_note = ""
-        else:
-            depth_note = f" (length {result['rows'][-1]['seq_length']})"
-        ax.set_xlabel("sequence length (input tokens)" if kind == "length" else "layers per stack")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title + depth_note)
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
+    for name in BENCHMARK_CHARTS:
+        benchmark_chart(result["rows"], name, out / name)
 
 
 def body(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:

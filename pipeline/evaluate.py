@@ -16,11 +16,17 @@ Paths come from `pipeline/paths.py`; V-S below is the variant and the seed.
    `actual,predicted` rows for DVC's `confusion` template and a PNG; predictions outside the classes count as
    `(other)`.
 4. `num_samples` examples per task are written with their input, reference and every beam's generation.
+5. The trivial baselines (`pipeline.tasks.baselines`: majority class and chance, or copy-the-input and
+   most-frequent-output) as `<task>.baseline_<name>`, `<task>.constant_beam<k>` (1.0 when every prediction
+   is the same), `unigram_loss` (the test targets' cross-entropy under the training targets' unigram
+   distribution), and `examples.json`: every prediction with its per-example score, which `compare`
+   bootstraps over.
 
 The test examples depend only on the params' `seed` (the same for every run); the run's seed S drives the
 randomness left at evaluation time (the LSH rotations).
 
-Outputs: `artifacts/eval/V/S/` (`samples.json`, `samples.md`, `confusion_<task>.csv`/`.png`, `report.json`)
+Outputs: `artifacts/eval/V/S/` (`samples.json`, `samples.md`, `examples.json`, `confusion_<task>.csv`/`.png`,
+`report.json`)
 and the DVC metrics `metrics/evaluate/V-S.json`; the same numbers go to an MLflow run (`evaluate@V-S`, tags
 variant/family/seed/stage) in the pipeline's experiment as `eval/test_loss`, `eval/test_ppl`,
 `eval/<task>/<metric>_beam<k>`, with the output directory as artifacts.
@@ -66,8 +72,13 @@ def load_model(paths: RunPaths, family: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def test_loss(model: torch.nn.Module, cfg: Config, docs: list, tokenizer: Any) -> dict[str, float]:
-    """Mean per-token cross-entropy and perplexity of `model` on `docs` under the pretraining objective."""
+def test_loss(
+    model: torch.nn.Module, cfg: Config, docs: list, tokenizer: Any, train_docs: list | None = None
+) -> dict[str, float]:
+    """Mean per-token cross-entropy and perplexity of `model` on `docs` under the pretraining objective.
+
+    With `train_docs`, also `unigram_loss`: the cross-entropy of the same test targets under the unigram
+    distribution of as many training targets (the trivial baseline: a model that ignores its input)."""
     from pipeline.datamodule import Collator, FixedItems, PretrainDataset
     from pipeline.module import token_losses
 
@@ -91,14 +102,30 @@ def test_loss(model: torch.nn.Module, cfg: Config, docs: list, tokenizer: Any) -
     mc = model.config
     collate = Collator(mc.layout, mc.pad_token_id, mc.decoder_start_token_id)
     total, count = 0.0, 0
+    targets: list[torch.Tensor] = []
     for start in range(0, len(items), e.batch_size):
         batch = collate([items[i] for i in range(start, min(start + e.batch_size, len(items)))])
         labels = batch.pop("labels")
+        targets.append(labels[labels >= 0])
         logits = model(**batch)
         ce, _, n = token_losses(logits, labels)
         total, count = total + float(ce), count + int(n)
     loss = total / max(count, 1)
-    return {"test_loss": loss, "test_ppl": math.exp(min(loss, 50.0)), "test_tokens": count, "test_examples": len(items)}
+    out = {"test_loss": loss, "test_ppl": math.exp(min(loss, 50.0)), "test_tokens": count, "test_examples": len(items)}
+    if train_docs is not None:
+        from pipeline.stats import unigram_cross_entropy
+
+        train_items = FixedItems(PretrainDataset(train_docs, p.objective, p.input_length, cfg.seed, **span_args), limit)
+        train_targets = []
+        for start in range(0, len(train_items), e.batch_size):
+            labels = collate([train_items[i] for i in range(start, min(start + e.batch_size, len(train_items)))])[
+                "labels"
+            ]
+            train_targets.append(labels[labels >= 0])
+        out["unigram_loss"] = unigram_cross_entropy(
+            torch.cat(train_targets).tolist(), torch.cat(targets).tolist(), model.config.vocab_size
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------------------- generation
@@ -147,40 +174,18 @@ def confusion_matrix(classes: list[str], rows: list[dict[str, str]]) -> tuple[li
     return labels, matrix[: len(labels), : len(labels)].tolist()
 
 
-def plot_confusion(labels: list[str], matrix: list[list[int]], title: str, path: Path) -> None:
-    """A confusion matrix as a PNG heat map with counts in the cells (rows: actual, columns: predicted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = max(3.5, 0.45 * len(labels) + 1.5)
-    fig, ax = plt.subplots(figsize=(size + 0.8, size))
-    image = ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title(title)
-    peak = max((max(r) for r in matrix), default=0)
-    for i, row in enumerate(matrix):
-        for j, count in enumerate(row):
-            if count:
-                ax.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, cfg: Config, prepared_dir: Path, out: Path, label: str):
     """Task metrics for every beam size; writes confusion matrices into `out`; returns (metrics, samples)."""
-    from pipeline.tasks import build_examples, get_task, score
+    from pipeline.charts import confusion_matrix as plot_confusion
+    from pipeline.stats import constant_predictions
+    from pipeline.tasks import baselines, build_examples, example_scores, get_task, score
 
     e = cfg.evaluate
     examples = build_examples(cfg.finetune.tasks, e.split, cfg.seed, prepared_dir)
+    train_examples = build_examples(cfg.finetune.tasks, "train", cfg.seed, prepared_dir)
     metrics: dict[str, dict[str, float]] = {}
     samples: dict[str, list[dict[str, Any]]] = {}
+    per_example: dict[str, dict[str, Any]] = {}
     for name, task_examples in examples.items():
         task = get_task(name)
         chosen = task_examples[: e.max_examples_per_task]
@@ -189,6 +194,9 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, cfg: Config, prepared
             continue
         inputs, refs = [x.inputs for x in chosen], [x.targets for x in chosen]
         metrics[name] = {"examples": len(chosen)}
+        trivial = baselines(task, train_examples.get(name, []), chosen)
+        metrics[name].update({f"baseline_{key}": value for key, value in trivial.items()})
+        per_example[name] = {"metric": task.metric, "references": refs, "baselines": trivial, "beams": {}}
         generations: dict[int, list[str]] = {}
         for beams in e.num_beams:
             start = time.perf_counter()
@@ -196,6 +204,11 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, cfg: Config, prepared
             scores = score(task.metric, generations[beams], refs)
             for key, value in scores.items():
                 metrics[name][f"{key}_beam{beams}"] = value
+            metrics[name][f"constant_beam{beams}"] = float(constant_predictions(generations[beams]))
+            per_example[name]["beams"][str(beams)] = {
+                "predictions": generations[beams],
+                "scores": example_scores(task.metric, generations[beams], refs),
+            }
             log.info(
                 "%s %s beam %d: %s = %.4f (%d examples, %.1f s)",
                 label, name, beams, task.metric, scores[task.metric], len(chosen), time.perf_counter() - start,
@@ -216,6 +229,8 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, cfg: Config, prepared
             {"input": inputs[i], "reference": refs[i], **{f"beam{b}": generations[b][i] for b in e.num_beams}}
             for i in range(min(e.num_samples, len(chosen)))
         ]
+    # every prediction with its score: what compare bootstraps over (and checks for constant predictions)
+    (out / "examples.json").write_text(json.dumps(per_example, ensure_ascii=False) + "\n", encoding="utf-8")
     return metrics, samples
 
 
@@ -259,7 +274,8 @@ def evaluate(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]
     tokenized = load_tokenized(root / "data" / "tokenized")
     docs = document_arrays(tokenized[cfg.evaluate.split])
     pretrained = load_model(RunPaths(root, "pretrain", variant, seed), family)
-    metrics: dict[str, Any] = test_loss(pretrained, cfg, docs, tokenizer)
+    train_docs = document_arrays(tokenized["train"])
+    metrics: dict[str, Any] = test_loss(pretrained, cfg, docs, tokenizer, train_docs)
     log.info("%s test loss %.4f, perplexity %.2f", out.label, metrics["test_loss"], metrics["test_ppl"])
     del pretrained
     finetuned = load_model(RunPaths(root, "finetune", variant, seed), family)

@@ -122,3 +122,38 @@ def test_benchmark_stage_outputs(tmp_path: Path):
         assert (project / "artifacts" / "benchmark" / name).read_bytes()[:4] == b"\x89PNG"
     depth = [r for r in results["rows"] if r["kind"] == "depth"]
     assert sorted({r["num_layers"] for r in depth}) == [1, 2]
+
+
+def _row(variant: str, n: int, speed: float, low: float, high: float, mb: float = 10.0) -> dict:
+    return {"kind": "length", "variant": variant, "seq_length": n, "num_layers": None, "tokens_per_s": speed,
+            "tokens_per_s_low": low, "tokens_per_s_high": high, "step_mb": mb}  # fmt: skip
+
+
+def test_crossover_with_overlapping_repeats_is_reported_as_uncertain():
+    counts = {"t5": {"total": 10, "non_embedding": 100}, "reformer": {"total": 10, "non_embedding": 100}}
+    rows = [
+        _row("t5", 64, 100, 95, 105), _row("reformer", 64, 80, 75, 85),     # t5 faster, spreads apart
+        _row("t5", 128, 100, 90, 110), _row("reformer", 128, 104, 95, 112),  # reformer ahead, spreads overlap
+        _row("t5", 256, 100, 95, 105), _row("reformer", 256, 130, 120, 140),  # reformer faster for certain
+    ]  # fmt: skip
+    m = summarize({"rows": rows, "seconds": 1.0}, counts)
+    speed = next(c for c in m["crossovers"] if c["what"] == "speed")
+    assert (speed["certain"], speed["possible"]) == (256, 128)
+    assert "from length **256** on" in speed["sentence"] and "as early as 128" in speed["sentence"]
+    # overlapping everywhere beyond 64: never established
+    rows[4:] = [_row("t5", 256, 100, 90, 110), _row("reformer", 256, 101, 92, 111)]
+    speed = next(c for c in summarize({"rows": rows, "seconds": 1.0}, counts)["crossovers"] if c["what"] == "speed")
+    assert speed["certain"] is None and speed["possible"] == 128 and speed["sentence"].startswith("speed: uncertain")
+    # well separated everywhere: certain and possible agree
+    rows = [_row("t5", n, 100, 98, 102) for n in (64, 128)] + [_row("reformer", n, 50, 48, 52) for n in (64, 128)]
+    speed = next(c for c in summarize({"rows": rows, "seconds": 1.0}, counts)["crossovers"] if c["what"] == "speed")
+    assert speed["certain"] is None and speed["possible"] is None and "never trains faster" in speed["sentence"]
+
+
+def test_measurements_dropped_by_the_budget_are_listed():
+    counts = {"t5": {"total": 10, "non_embedding": 100}, "reformer": {"total": 10, "non_embedding": 100}}
+    rows = [_row("t5", 64, 100, 95, 105), _row("reformer", 64, 80, 75, 85)]
+    rows.append({"kind": "length", "variant": "t5", "seq_length": 128, "num_layers": None,
+                 "skipped": "time budget of 75 s used"})  # fmt: skip
+    m = summarize({"rows": rows, "seconds": 1.0}, counts)
+    assert m["dropped"] == ["t5 at 128: time budget of 75 s used"]
