@@ -357,6 +357,30 @@ def token_store_splits(
     return out
 
 
+def training_inputs(
+    stage: str, root: str | Path, sizes: Mapping[str, int], section: Mapping[str, Any] | None = None
+) -> list[SplitInfo]:
+    """The datasets a training stage reads, to log as its inputs.
+
+    Pretraining reads the token store's train and validation splits. Fine-tuning reads the task mixture built
+    from `data/prepared` and the task params (`section`): its digest covers both, `sizes` gives the examples of
+    the `train` and `validation` sides.
+    """
+    if stage == "pretrain":
+        return token_store_splits(root, {"train": "training", "validation": "validation"})
+    prepared = Path(root) / "data" / "prepared"
+    signature = sorted(
+        (str(p.relative_to(prepared)), p.read_text(encoding="utf-8")) for p in prepared.glob("*/state.json")
+    )
+    tasks = dict((section or {}).get("tasks", {}))
+    digest = content_digest(signature, tasks, (section or {}).get("mixing"))
+    return [
+        SplitInfo(f"{stage}-mixture/{split}", "data/prepared", digest, context, {"examples": int(sizes[split])})
+        for split, context in (("train", "training"), ("validation", "validation"))
+        if split in sizes
+    ]
+
+
 def log_token_splits(splits: Sequence[SplitInfo], origin: str, stage: str) -> list[SplitDataset]:
     """Log each split as a dataset input of the active run; returns the MLflow datasets (to link metrics)."""
     import mlflow
@@ -388,9 +412,8 @@ def log_trained_model(
     that registered model.
     """
     import mlflow
-    from mlflow.models import infer_signature
 
-    signature = infer_signature(["input text"], ["generated text"], params={"max_new_tokens": 32, "num_beams": 1})
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars for a few small files
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=str(PYFUNC_FILE),
@@ -399,8 +422,7 @@ def log_trained_model(
         pip_requirements=["torch", "safetensors", "sentencepiece", "mlflow"],
         params=dict(params),
         tags=dict(tags or {}),
-        model_type=model_type,
-        signature=signature,
+        model_type=model_type,  # the signature (list of strings in, out) comes from the type hints of `predict`
         registered_model_name=register_as,
     )
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}

@@ -39,7 +39,14 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
 def tracking_uri(configured: str | None, root: str | Path) -> str:
-    """The tracking URI to use: the environment wins, then params, then the repo's sqlite file (absolute)."""
+    """The tracking URI to use: the environment wins, then params, then the repo's sqlite file (absolute).
+
+    The repo is the user's one even when `dvc exp run --temp/--queue` runs the stage in a throw-away copy
+    (`mlflow_logging.store_root`: DVC exports the parent repository as `DVC_ROOT`).
+    """
+    from pipeline.mlflow_logging import store_root
+
+    root = store_root(root)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
     if not uri:
         return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"

@@ -40,12 +40,23 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 import models
-from pipeline import strategy
-from pipeline.common import StageError, atomic_output, repo_root, write_json
+from pipeline import mlflow_logging, strategy
+from pipeline.common import (
+    CorruptFileError,
+    Publication,
+    StageError,
+    check_checkpoint,
+    load_model_dir,
+    publish,
+    read_json,
+    repo_root,
+    write_json,
+)
 from pipeline.config import Config
+from pipeline.console import ProgressBar, quiet_libraries
 from pipeline.datamodule import (
     Collator,
     PretrainDataset,
@@ -57,9 +68,17 @@ from pipeline.datamodule import (
     unigram_entropy,
     val_items,
 )
-from pipeline.module import OptimSettings, Seq2SeqLM, peak_flops_per_device
+from pipeline.module import PREVIOUS_NAME, OptimSettings, Seq2SeqLM, StepCheckpoint, peak_flops_per_device
 from pipeline.paths import RunPaths
-from pipeline.tracking import MlflowMetrics, TrackedRun, check_tracking_uri, git_revision, params_hash, tracking_uri
+from pipeline.tracking import (
+    MlflowMetrics,
+    TrackedRun,
+    check_tracking_uri,
+    git_revision,
+    params_hash,
+    tracked_run,
+    tracking_uri,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -78,10 +97,7 @@ def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
 
 
 def read_tokenizer_info(root: Path) -> dict[str, Any]:
-    path = root / TOKENIZER_DIR / "tokenizer.json"
-    if not path.is_file():
-        raise StageError(f"{path} not found: run the tokenize stage first (dvc repro tokenize)")
-    return json.loads(path.read_text())
+    return read_json(root / TOKENIZER_DIR / "tokenizer.json", "run the tokenize stage (dvc repro tokenize)")
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -98,7 +114,7 @@ def initial_model(
             raise StageError(
                 f"{source.final} has no weights: run `dvc repro {source.dvc_stage()}` first (or set finetune.init)"
             )
-        loaded_family, model = models.load_pretrained(source.final)
+        loaded_family, model = load_model_dir(source.final, f"re-run `dvc repro {source.dvc_stage()}`")
         if loaded_family != family:
             raise StageError(f"{source.final} holds a {loaded_family} model, but models.{variant} is {family}")
         return model.train(), str(source.final.relative_to(root))
@@ -205,19 +221,35 @@ def read_run_state(paths: RunPaths) -> dict[str, Any]:
         return {}
 
 
-def resume_point(paths: RunPaths, current: str) -> Path | None:
-    """The newest checkpoint of an unfinished run of the same fingerprint, else None.
+def resume_point(paths: RunPaths, current: str, on_corrupt: str = "stop", act: bool = True) -> Path | None:
+    """The newest readable checkpoint of an unfinished run of the same fingerprint, else None.
 
-    Candidates are the periodic `last.ckpt` and the `hpc_ckpt_<n>.ckpt` that Lightning's SLURM environment saves
-    on SIGUSR1 before a requeue: a job requeued before its first periodic checkpoint, or long after it, resumes
-    from the checkpoint written at the signal.
+    Candidates, newest first: `last.ckpt`, `previous.ckpt` (the one before, see `StepCheckpoint`) and any
+    `hpc_ckpt_<n>.ckpt` an older version left. One that cannot be read (`check_checkpoint`) stops the stage with
+    a message naming it (`trainer.on_corrupt_checkpoint: stop`), or is moved aside, kept and renamed
+    `<stage dir>/<name>.corrupt-<time>`, and the one before it is tried (`previous`) or training starts over
+    (`scratch`). Only the process that may change files (`act`) moves anything.
     """
     state = read_run_state(paths)
     if state.get("fingerprint") != current or state.get("completed"):
         return None
-    candidates = [paths.checkpoints / "last.ckpt", *paths.checkpoints.glob("hpc_ckpt_*.ckpt")]
-    existing = [p for p in candidates if p.exists()]
-    return max(existing, key=lambda p: p.stat().st_mtime_ns, default=None)
+    candidates = [paths.checkpoints / "last.ckpt", paths.checkpoints / PREVIOUS_NAME]
+    candidates += paths.checkpoints.glob("hpc_ckpt_*.ckpt")
+    existing = sorted((p for p in candidates if p.exists()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for ckpt in existing:
+        try:
+            check_checkpoint(ckpt)
+            return ckpt
+        except CorruptFileError as exc:
+            if on_corrupt == "stop":
+                raise
+            aside = paths.out / f"{ckpt.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+            if act:
+                ckpt.rename(aside)
+            log.warning(f"{exc}\nmoved it aside to {aside} (trainer.on_corrupt_checkpoint: {on_corrupt})")
+            if on_corrupt == "scratch":
+                return None
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ stage
@@ -238,6 +270,7 @@ def run_training(
         return None
 
     t_start = time.perf_counter()
+    quiet_libraries()
     family = cfg.family(variant)
     section = getattr(cfg, stage)
     rank_zero = strategy.is_global_zero()
@@ -270,20 +303,20 @@ def run_training(
         seed,  # data order
         cfg.trainer.num_workers,
     )
-    settings = OptimSettings.from_section(section, peak_flops=peak_flops_per_device())
+    settings = OptimSettings.from_section(
+        section, peak_flops=peak_flops_per_device(), divergence=cfg.trainer.divergence
+    )
     module = Seq2SeqLM(model, settings)
 
     # --- checkpoints: resume the unfinished run of the same fingerprint, or start over
     current = fingerprint(cfg, stage, variant, seed, root, init_source)
-    resume = resume_point(paths, current)
+    resume = resume_point(paths, current, cfg.trainer.on_corrupt_checkpoint, act=rank_zero)
     previous_run_id = read_run_state(paths).get("mlflow_run_id")
     run_state = read_run_state(paths) if resume else {}
-    if rank_zero and resume is None and paths.checkpoints.exists():
-        shutil.rmtree(paths.checkpoints)
-    paths.checkpoints.mkdir(parents=True, exist_ok=True)
 
     # --- MLflow: a new run, or the one the interrupted attempt left behind
     run = TrackedRun(uri, cfg.mlflow.experiment, active=rank_zero, system_metrics=cfg.mlflow.system_metrics)
+    tags: dict[str, str] = {}
     if rank_zero:
         tags = {
             "variant": variant,
@@ -296,32 +329,78 @@ def run_training(
         }
         if resume is None:
             run.close_stale(previous_run_id)
-        run.start(paths.dvc_stage(), tags, resume_run_id=run_state.get("mlflow_run_id"))
-        run.log_params(cfg.to_dict())
-        write_json(
-            paths.checkpoints / "run.json", {"fingerprint": current, "mlflow_run_id": run.run_id, "completed": False}
-        )
-    try:
-        metrics = _fit_and_save(cfg, family, paths, module, datamodule, trainer_kw, run, resume, entropy)
+        tags.update(mlflow_logging.context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], seed))
+    with tracked_run(run, paths.dvc_stage(), tags, resume_run_id=run_state.get("mlflow_run_id")):
+        metrics, timing = _train_and_publish(
+            cfg, stage, variant, seed, family, paths, module, datamodule, trainer_kw, run, resume, entropy, current,
+            t_start, uri, model, train, val,
+        )  # fmt: skip
         if not rank_zero:
             return None
-        elapsed = time.perf_counter() - t_start
-        timing = _write_timing(paths, module, metrics, elapsed, run, uri, resume)
-        if cfg.mlflow.log_models:
-            run.log_artifacts(paths.final, "model")
-            run.log_artifacts(root / TOKENIZER_DIR, "tokenizer")
-            run.log_dict(cfg.to_dict(), "params.json")
-        run.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
-    except KeyboardInterrupt:
-        run.finish("KILLED")
-        raise
-    except BaseException:
-        run.finish("FAILED")
-        raise
-    run.finish("FINISHED")
     write_json(paths.checkpoints / "run.json", {"fingerprint": current, "mlflow_run_id": run.run_id, "completed": True})
     _summary(metrics, timing, paths, uri, run.run_id)
     return metrics
+
+
+def _train_and_publish(
+    cfg: Config,
+    stage: str,
+    variant: str,
+    seed: int,
+    family: str,
+    paths: RunPaths,
+    module: Seq2SeqLM,
+    datamodule: TrainDataModule,
+    trainer_kw: dict[str, Any],
+    run: TrackedRun,
+    resume: Path | None,
+    entropy: float | None,
+    current: str,
+    t_start: float,
+    uri: str,
+    model: torch.nn.Module,
+    train: Any,
+    val: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Inside the MLflow run: fit, then publish weights, training.json, loss histories and metrics together."""
+    root = paths.root
+    rank_zero = run.active  # global rank zero
+    if rank_zero and resume is None and paths.checkpoints.exists():
+        shutil.rmtree(paths.checkpoints)  # only now: the tracking store has proven itself by starting the run
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    model_params: dict[str, Any] = {}
+    datasets: list[Any] = []
+    if run.active:
+        # only the params this stage reads (its dvc.yaml list), and the resolved model under `model.*`
+        run.log_params(mlflow_logging.stage_params(cfg.to_dict(), stage, variant, seed, root))
+        model_params = mlflow_logging.model_params(model, variant, family)
+        run.log_params(model_params)
+        sizes = {"train": len(train), "validation": len(val)}
+        inputs = mlflow_logging.training_inputs(stage, root, sizes, cfg.to_dict()[stage])
+        datasets = mlflow_logging.log_token_splits(inputs, origin=cfg.data.source, stage=stage)
+        write_json(
+            paths.checkpoints / "run.json", {"fingerprint": current, "mlflow_run_id": run.run_id, "completed": False}
+        )
+    with publish() as pub:
+        metrics = _fit_and_save(cfg, family, paths, module, datamodule, trainer_kw, run, resume, entropy, pub)
+        if not rank_zero:
+            return {}, {}
+        elapsed = time.perf_counter() - t_start
+        timing = _write_timing(paths, module, metrics, elapsed, run, uri, resume, pub)
+        if cfg.mlflow.log_models:  # a LoggedModel from the safetensors + config; fine-tuned ones registered
+            mlflow_logging.log_trained_model(
+                pub.staged(paths.final),  # logged before it is published: a failure here publishes nothing
+                root / TOKENIZER_DIR,
+                name=f"{stage}-{paths.label}",
+                params=model_params,
+                metrics=metrics,
+                model_type=family,
+                register_as=f"{cfg.mlflow.experiment}-{variant}" if stage == "finetune" else None,
+                dataset=datasets[-1] if datasets else None,
+                tags={"variant": variant, "family": family, "seed": str(seed), "stage": stage},
+            )
+        run.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
+    return metrics, timing
 
 
 def _launch_if_needed(cfg: Config, stage: str, variant: str, seed: int, argv: list[str] | None) -> int | None:
@@ -350,20 +429,18 @@ def _fit_and_save(
     run: TrackedRun,
     resume: Path | None,
     entropy: float | None,
+    pub: Publication,
 ) -> dict[str, Any]:
     stage = paths.stage
     section = getattr(cfg, stage)
     accumulate = cfg.trainer.accumulate_grad_batches
-    checkpoint = ModelCheckpoint(
-        dirpath=paths.checkpoints,
-        save_top_k=0,
-        save_last=True,
-        every_n_train_steps=section.checkpoint_every_n_steps,
-        save_on_train_epoch_end=False,
-    )
+    on_slurm = strategy.launched_externally() == "slurm"
+    # under SLURM, SIGUSR1 -> checkpoint at the next step boundary and requeue (module.StepCheckpoint); Lightning's
+    # own auto-requeue saves mid-step and its hpc_ckpt files are later reloaded by trainer.validate (stale weights)
+    checkpoint = StepCheckpoint(paths.checkpoints, section.checkpoint_every_n_steps, requeue_on_signal=on_slurm)
     callbacks: list[L.Callback] = [SamplerPosition(), checkpoint]
     if cfg.trainer.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, section.log_every_n_steps // 2)))
+        callbacks.append(ProgressBar(refresh_rate=max(1, section.log_every_n_steps // 2)))
     trainer = L.Trainer(
         **trainer_kw,
         max_steps=section.max_steps,
@@ -378,7 +455,8 @@ def _fit_and_save(
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        default_root_dir=paths.checkpoints,
+        default_root_dir=paths.checkpoints / "trainer",  # never holds hpc_ckpt_* files that validate() would load
+        plugins=[SLURMEnvironment(auto_requeue=False)] if on_slurm else None,
     )
     if entropy is not None and run.active:
         run.log_metrics({"train/unigram_entropy": entropy}, step=0)
@@ -395,7 +473,7 @@ def _fit_and_save(
 
     # the final state, consolidated into one weights file (DeepSpeed shards are merged by the strategy module)
     last = paths.checkpoints / "last.ckpt"
-    trainer.save_checkpoint(last)
+    checkpoint._save_checkpoint(trainer, str(last))  # atomic; the one before stays as previous.ckpt
     if not trainer.is_global_zero:
         return {}
     if cfg.trainer.strategy == "deepspeed":
@@ -409,13 +487,12 @@ def _fit_and_save(
         recompute(config, False)  # a training-time choice, not part of the released model
     family_model = models.build_model(family, config)
     family_model.load_state_dict(weights)
-    with atomic_output(paths.final) as tmp:
-        models.save_pretrained(family_model, family, tmp)
+    models.save_pretrained(family_model, family, pub.stage(paths.final))
 
     train_rows = [r for r in module.history if "train/loss" in r]
     val_rows = [r for r in module.history if "val/loss" in r]
-    _write_csv(paths.history("train"), TRAIN_COLUMNS, train_rows, "train/")
-    _write_csv(paths.history("val"), VAL_COLUMNS, val_rows, "val/")
+    _write_csv(pub.stage(paths.history("train")), TRAIN_COLUMNS, train_rows, "train/")
+    _write_csv(pub.stage(paths.history("val")), VAL_COLUMNS, val_rows, "val/")
     metrics: dict[str, Any] = {
         "steps": trainer.global_step,
         "tokens": module.tokens_seen,
@@ -428,7 +505,7 @@ def _fit_and_save(
     }
     if entropy is not None:
         metrics["unigram_entropy"] = entropy
-    write_json(paths.metrics, metrics)
+    pub.write_json(paths.metrics, metrics)
     return metrics
 
 
@@ -437,7 +514,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]], prefix: str) -> None:
-    with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
+    with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for r in rows:
@@ -454,6 +531,7 @@ def _write_timing(
     run: TrackedRun,
     uri: str,
     resume: Path | None,
+    pub: Publication,
 ) -> dict[str, Any]:
     timing = {
         "wall_time_s": elapsed,
@@ -463,7 +541,7 @@ def _write_timing(
         "mlflow_run_id": run.run_id,
         "mlflow_tracking_uri": uri,
     }
-    write_json(paths.final / "training.json", timing)
+    (pub.staged(paths.final) / "training.json").write_text(json.dumps(timing, indent=2, sort_keys=True) + "\n")
     return timing
 
 

@@ -1,0 +1,69 @@
+"""What a stage prints: its own log lines and progress bars, not the libraries' chatter.
+
+`quiet_libraries()` silences what a user can do nothing about: Lightning's litlogger tip, accelerator banners and
+`weights_only` note, the `srun` hint on machines that have SLURM installed, deprecation warnings raised inside
+libraries, MLflow's schema-migration lines and artifact download bars. Real warnings (a user warning from our
+code, a library error) still show. `ProgressBar` is Lightning's tqdm bar without the `v_num` column (the MLflow
+run id, meaningless next to a loss); `progress(...)` is the bar for the evaluation and benchmark loops, shown only
+on a terminal unless asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+T = TypeVar("T")
+
+# (logger, level): library loggers whose INFO lines are noise for a stage's user
+QUIET_LOGGERS = [
+    ("lightning.pytorch.utilities.rank_zero", logging.WARNING),  # "GPU available: ...", the litlogger tip
+    ("lightning.fabric.utilities.rank_zero", logging.WARNING),
+    ("lightning.pytorch.trainer.connectors.checkpoint_connector", logging.WARNING),  # "`weights_only` was not set"
+    ("lightning.pytorch.accelerators.cuda", logging.WARNING),
+    ("mlflow.store.db.utils", logging.WARNING),  # "Creating initial MLflow database tables..."
+    ("alembic.runtime.migration", logging.WARNING),
+]
+
+# warning messages (regular expressions) raised inside libraries that a user cannot act on
+QUIET_WARNINGS = [
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r"The `srun` command is available on your system but is not used.*",
+    r".*does not have many workers which may be a bottleneck.*",  # num_workers is a params choice, documented
+    r".*Any type hint is inferred as AnyType.*",
+]
+
+
+def quiet_libraries() -> None:
+    """Silence library chatter for this process (idempotent); our own `pipeline` logger is left as it is."""
+    for name, level in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(lightning|torch|mlflow|deepspeed|datasets)")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar without the `v_num` entry."""
+
+    def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        """The bar's metrics: Lightning's, minus the logger version."""
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None, enabled: bool | None = None) -> Iterator[T]:
+    """`iterable` with a tqdm bar on stderr (by default only when stderr is a terminal, so logs stay clean)."""
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if enabled is None else enabled
+    yield from tqdm(iterable, desc=desc, total=total, disable=not show, leave=False, dynamic_ncols=True)
