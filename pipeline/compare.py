@@ -1,56 +1,91 @@
-"""Stage `compare`: the answer in the forms people read, `reports/comparison.md` with its plots, and MLflow.
+"""Stage `compare`: the verdict with its error bars, `reports/comparison.md` with its plots, and MLflow.
 
     python -m pipeline.compare
 
 Reads what the other stages wrote for every variant V of `models:` and seed S of `seeds:` (nothing is
 recomputed, so the stage takes seconds; paths from `pipeline/paths.py`): `metrics/{prepare,tokenize}.json`,
 `metrics/{pretrain,finetune}/V-S.json` and their `-train.csv`/`-val.csv` loss histories,
-`artifacts/{pretrain,finetune}/V/S/final/training.json` (wall time, throughput), `metrics/evaluate/V-S.json` and
-`artifacts/eval/V/S/confusion_<task>.json`, `metrics/benchmark.json` and `artifacts/benchmark/results.json`.
-Each variant's figures are the mean over its seeds (loss curves: the mean at each step; confusion matrices: the
-counts summed).
+`artifacts/{pretrain,finetune}/V/S/final/training.json` (wall time), `metrics/evaluate/V-S.json`,
+`artifacts/eval/V/S/examples.json` (per-example predictions and scores, the tasks' trivial baselines),
+`artifacts/eval/V/S/confusion_<task>.json` and `samples.json`, `metrics/benchmark.json` and
+`artifacts/benchmark/results.json`.
 
-Writes `reports/comparison.md` (verdict, setup, side-by-side table, task metrics, speed and memory per length,
-caveats) and `reports/loss_curves.png`, `reports/speed_vs_length.png`, `reports/memory_vs_length.png`,
-`reports/memory_vs_depth.png`, `reports/confusion_matrices.png`; `metrics/compare.json` (the headline numbers,
-for `dvc metrics diff`); and one MLflow run `comparison` (tag stage=compare) in the pipeline's experiment whose
-description is the report and whose artifacts are the report and the plots.
+The statistics (`pipeline/stats.py`):
+- every metric of a run is summarised over the seeds: mean and 95% Student-t interval;
+- task metrics also vary with the finite test set: their interval is the union of the t-interval over the
+  seeds' scores and a two-level bootstrap (seeds, then test examples), the more cautious of the two;
+- every difference between two variants is paired: by seed (t over per-seed differences) and, for task metrics,
+  by test example (both variants answered the same examples);
+- a winner is named only where the interval of the difference excludes zero; with one seed no winner is named
+  and no interval shown (the report says so);
+- each task row shows its trivial baselines; a variant whose predictions are constant, or whose score is not
+  beyond the best baseline with its interval, is flagged collapsed (table, verdict, `metrics/compare.json`) and
+  loses every comparison; the test loss is held against the unigram entropy of the targets.
+
+Writes `reports/comparison.md` (rendered from `pipeline/templates/comparison.md.j2`) and its charts
+(`pipeline/charts.py`): `loss_curves.png`, `speed_vs_length.png`, `memory_vs_length.png`, `memory_vs_depth.png`,
+`confusion_matrices.png`; `metrics/compare.json` (means, intervals, baselines, collapse flags, verdicts, the
+crossovers); and one MLflow run `comparison` (tag stage=compare) whose description is the report and whose
+artifacts are the report and the charts.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import StageError, atomic_output, repo_root, run_stage, stage_parser, write_json
+import numpy as np
+
+from pipeline.common import atomic_output, publish, repo_root, run_stage, stage_parser
+from pipeline.common import read_json as load_json
 from pipeline.config import Config
 from pipeline.paths import RunPaths, stage_metrics
+from pipeline.stats import (
+    Collapse,
+    Interval,
+    Verdict,
+    bootstrap_difference,
+    bootstrap_interval,
+    check_collapse,
+    decide,
+    difference_interval,
+    t_interval,
+)
 
 log = logging.getLogger("pipeline.compare")
 
 REPORT_DIR = Path("reports")
-COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
-
-
-def color(data: dict[str, Any], variant: str) -> str:
-    """A variant's colour on every chart (by its position in `models:`)."""
-    return COLORS[list(data["variants"]).index(variant) % len(COLORS)]
+TEMPLATE = "comparison.md.j2"
+COLLAPSED = "**collapsed**"
+# Long Range Arena (Tay et al. 2021), table 1, ListOps test accuracy
+LRA_LISTOPS_PUBLISHED = {"Transformer": 0.3637, "Reformer": 0.3727}
+LAYOUTS = {
+    "encoder_decoder": "encoder-decoder",
+    "causal_lm": "causal LM (decoder-only)",
+    "prefix_lm": "prefix LM (decoder-only, bidirectional prefix)",
+}
 
 
 # -------------------------------------------------------------------------------------------- inputs
 
 
 def read_json(path: Path, stage: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise StageError(f"{path} not found: run `dvc repro {stage}` first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    """A JSON file another stage wrote; a `StageError` naming the stage to run when it is missing."""
+    return load_json(path, f"run `dvc repro {stage}` first")  # missing or corrupt: a message naming the file
+
+
+def _optional_json(path: Path) -> Any:
+    return load_json(path, "re-run the stage that wrote it, or delete it") if path.is_file() else {}
 
 
 def read_csv(path: Path) -> list[dict[str, float]]:
@@ -62,411 +97,640 @@ def read_csv(path: Path) -> list[dict[str, float]]:
 
 
 def gather_run(root: Path, variant: str, seed: int) -> dict[str, Any]:
-    """What one (variant, seed) run left behind: stage metrics, timings, loss curves, evaluation, confusions."""
+    """What one (variant, seed) run left behind: stage metrics, timings, loss curves, evaluation outputs."""
     run: dict[str, Any] = {}
     for stage in ("pretrain", "finetune"):
         paths = RunPaths(root, stage, variant, seed)
         run[stage] = read_json(paths.metrics, paths.dvc_stage())
-        timing = paths.final / "training.json"
-        run[f"{stage}_timing"] = json.loads(timing.read_text()) if timing.is_file() else {}
-        run[f"{stage}_train_curve"] = read_csv(paths.history("train"))
-        run[f"{stage}_val_curve"] = read_csv(paths.history("val"))
+        run[f"{stage}_timing"] = _optional_json(paths.final / "training.json")
+        run[f"{stage}_curves"] = {kind: read_csv(paths.history(kind)) for kind in ("train", "val")}
     ev = RunPaths(root, "evaluate", variant, seed)
     run["eval"] = read_json(ev.metrics, ev.dvc_stage())
-    run["confusion"] = {}
-    for path in sorted(ev.out.glob("confusion_*.json")):
-        run["confusion"][path.stem.removeprefix("confusion_")] = json.loads(path.read_text())
+    run["examples"] = _optional_json(ev.out / "examples.json")
+    run["samples"] = _optional_json(ev.out / "samples.json")
+    run["confusion"] = {
+        path.stem.removeprefix("confusion_"): json.loads(path.read_text())
+        for path in sorted(ev.out.glob("confusion_*.json"))
+    }
     return run
 
 
-def mean_over_seeds(runs: list[Any]) -> Any:
-    """Numbers averaged, mappings merged key by key, loss curves averaged step by step; other values: the first."""
-    first = runs[0]
-    if all(isinstance(r, int | float) and not isinstance(r, bool) for r in runs):
-        return sum(runs) / len(runs)
-    if all(isinstance(r, dict) for r in runs):
-        keys = [k for k in first if all(k in r for r in runs)]
-        return {k: mean_over_seeds([r[k] for r in runs]) for k in keys}
-    if all(isinstance(r, list) for r in runs) and first and all(isinstance(x, dict) and "step" in x for x in first):
-        by_step: dict[float, list[dict[str, float]]] = {}
-        for r in runs:
-            for row in r:
-                by_step.setdefault(row["step"], []).append(row)
-        return [mean_over_seeds(rows) for _, rows in sorted(by_step.items()) if len(rows) == len(runs)]
-    return first
-
-
-def sum_confusions(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Confusion matrices of the same task summed over seeds (labels merged, in first-seen order)."""
-    out: dict[str, Any] = {}
-    for task in dict.fromkeys(t for r in runs for t in r):
-        labels = list(dict.fromkeys(lab for r in runs if task in r for lab in r[task]["labels"]))
-        matrix = [[0] * len(labels) for _ in labels]
-        for r in runs:
-            if task not in r:
-                continue
-            idx = [labels.index(lab) for lab in r[task]["labels"]]
-            for i, row in enumerate(r[task]["matrix"]):
-                for j, count in enumerate(row):
-                    matrix[idx[i]][idx[j]] += count
-        out[task] = {"labels": labels, "matrix": matrix}
-    return out
-
-
 def gather(cfg: Config, root: Path) -> dict[str, Any]:
-    """Everything the report shows: per variant, the mean over `cfg.seeds` of each run's figures."""
-    data: dict[str, Any] = {"variants": {}, "seeds": list(cfg.seeds)}
+    """Every run of every variant and seed, the stage-level metrics and the benchmark's rows."""
+    data: dict[str, Any] = {"seeds": list(cfg.seeds)}
     for name in ("prepare", "tokenize"):
-        path = stage_metrics(root, name)
-        data[name] = json.loads(path.read_text()) if path.is_file() else {}
-    for variant in cfg.models:
-        runs = [gather_run(root, variant, seed) for seed in cfg.seeds]
-        merged = mean_over_seeds([{k: v for k, v in r.items() if k != "confusion"} for r in runs])
-        merged["confusion"] = sum_confusions([r["confusion"] for r in runs])
-        data["variants"][variant] = merged
+        data[name] = _optional_json(stage_metrics(root, name))
+    data["runs"] = {v: {s: gather_run(root, v, s) for s in cfg.seeds} for v in cfg.models}
     data["benchmark"] = read_json(stage_metrics(root, "benchmark"), "benchmark")
     data["benchmark_rows"] = read_json(root / "artifacts" / "benchmark" / "results.json", "benchmark")["rows"]
     return data
 
 
-# -------------------------------------------------------------------------------------------- figures
+def sum_confusions(matrices: list[dict[str, Any]]) -> dict[str, Any]:
+    """Confusion matrices of one task summed over seeds (labels merged in first-seen order)."""
+    labels = list(dict.fromkeys(lab for m in matrices for lab in m["labels"]))
+    total = [[0] * len(labels) for _ in labels]
+    for m in matrices:
+        idx = [labels.index(lab) for lab in m["labels"]]
+        for i, row in enumerate(m["matrix"]):
+            for j, count in enumerate(row):
+                total[idx[i]][idx[j]] += count
+    return {"labels": labels, "matrix": total}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+# ------------------------------------------------------------------------------------------- analysis
 
 
-def plot_loss_curves(data: dict[str, Any], path: Path) -> None:
-    """Pretraining and fine-tuning loss of every variant on shared axes (solid: train, dashed: validation)."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, stage in zip(axes, ("pretrain", "finetune"), strict=True):
-        for variant, fam in data["variants"].items():
-            for kind, style in (("train", "-"), ("val", "--")):
-                rows = [r for r in fam[f"{stage}_{kind}_curve"] if "step" in r and "loss" in r]
-                if rows:
-                    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
-                    marker = "o" if kind == "val" else None
-                    ax.plot(steps, losses, style, color=color(data, variant), marker=marker, label=f"{variant} {kind}")
-        ax.set_title(f"{stage} loss (nats per target token, mean over seeds)")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
+def _format(iv: Interval | None, digits: int, show_interval: bool) -> str:
+    if iv is None:
+        return "—"
+    if digits == 0:
+        if show_interval and iv.has_interval:
+            return f"{iv.mean:,.0f} [{iv.low:,.0f}, {iv.high:,.0f}]"
+        return f"{iv.mean:,.0f}"
+    return iv.format(digits) if show_interval else f"{iv.mean:.{digits}f}"
 
 
-BENCHMARK_CHARTS = {
-    "speed_vs_length.png": ("length", "seq_length", "tokens_per_s", "training tokens/s (higher is better)"),
-    "memory_vs_length.png": ("length", "seq_length", "step_mb", "memory of a training step, MiB"),
-    "memory_vs_depth.png": ("depth", "num_layers", "step_mb", "memory of a training step, MiB"),
-}
+@dataclass
+class Row:
+    """One line of a table: each variant's value, the trivial baseline, collapse flags and pairwise verdicts."""
+
+    key: str
+    label: str
+    direction: str  # "higher" or "lower" is better; "" for a descriptive row (no verdict)
+    values: dict[str, Interval]
+    show_interval: bool
+    digits: int = 3
+    baseline: float | None = None
+    baseline_label: str = ""
+    baselines: dict[str, float] = field(default_factory=dict)
+    collapse: dict[str, Collapse] = field(default_factory=dict)
+    verdicts: list[tuple[str, str, Verdict]] = field(default_factory=list)
+    task: str = ""
+    metric_label: str = ""
+
+    def collapsed(self, variant: str) -> bool:
+        return variant in self.collapse and self.collapse[variant].collapsed
+
+    def cell(self, variant: str) -> str:
+        text = _format(self.values.get(variant), self.digits, self.show_interval)
+        return f"{text} {COLLAPSED}" if self.collapsed(variant) else text
+
+    def baseline_cell(self) -> str:
+        if self.baseline is None:
+            return "—"
+        return f"{self.baseline:.{self.digits}f}" + (f" ({self.baseline_label})" if self.baseline_label else "")
+
+    def verdict_cell(self) -> str:
+        if not self.direction or not self.verdicts:
+            return "—"
+        return "; ".join(v.text for _, _, v in self.verdicts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "higher_is_better": None if not self.direction else self.direction == "higher",
+            "variants": {
+                v: {
+                    **iv.to_dict(),
+                    "collapsed": self.collapsed(v),
+                    "collapse_reason": self.collapse.get(v, Collapse(False)).reason,
+                }
+                for v, iv in self.values.items()
+            },
+            "baseline": self.baseline,
+            "baselines": self.baselines,
+            "verdicts": {f"{a} vs {b}": v.to_dict() for a, b, v in self.verdicts},
+        }
 
 
-def plot_benchmark(rows: list[dict[str, Any]], name: str, path: Path) -> None:
-    """One of `BENCHMARK_CHARTS`: every variant on one chart (log-log against length)."""
-    plt = _plt()
-    kind, axis, key, ylabel = BENCHMARK_CHARTS[name]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
-        pts = sorted((r[axis], r[key]) for r in rows if r["kind"] == kind and r["variant"] == variant and key in r)
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, marker="o", color=COLORS[i % len(COLORS)], label=variant)
-    if kind == "length":
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length (input tokens; targets L/4)")
-        ax.set_title(ylabel.split(",")[0].split(" (")[0] + " vs sequence length")
-    else:
-        length = next((r["seq_length"] for r in rows if r["kind"] == "depth"), "?")
-        ax.set_xlabel("layers per stack")
-        ax.set_title(f"memory vs depth (length {length})")
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
+def union(a: Interval, b: Interval) -> Interval:
+    """The interval covering both (same point estimate): the more cautious of two ways of measuring it."""
+    if not (a.has_interval and b.has_interval):
+        return a if a.has_interval else b
+    return Interval(a.mean, min(a.low, b.low), max(a.high, b.high), a.n, f"{a.method} and {b.method}")  # type: ignore[type-var]
 
 
-def plot_confusions(data: dict[str, Any], path: Path) -> None:
-    """Every classification task's confusion matrix (summed over seeds), one row per task, one column per variant."""
-    plt = _plt()
-    tasks = sorted({t for fam in data["variants"].values() for t in fam["confusion"]})
-    variants = list(data["variants"])
-    if not tasks:
-        fig, ax = plt.subplots(figsize=(5, 1.5))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no classification task in finetune.tasks", ha="center", va="center")
-    else:
-        fig, axes = plt.subplots(len(tasks), len(variants), figsize=(5.5 * len(variants), 4.8 * len(tasks)))
-        axes = [[axes]] if len(tasks) == 1 and len(variants) == 1 else axes
-        axes = [axes] if len(tasks) == 1 else axes
-        for i, task in enumerate(tasks):
-            for j, variant in enumerate(variants):
-                ax = axes[i][j]
-                cm = data["variants"][variant]["confusion"].get(task)
-                if not cm:
-                    ax.axis("off")
-                    continue
-                labels, matrix = cm["labels"], cm["matrix"]
-                ax.imshow(matrix, cmap="Blues")
-                ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
-                ax.set_yticks(range(len(labels)), labels, fontsize=8)
-                peak = max((max(r) for r in matrix), default=0)
-                for a, row in enumerate(matrix):
-                    for b, count in enumerate(row):
-                        if count:
-                            color = "white" if count > peak / 2 else "black"
-                            ax.text(b, a, str(count), ha="center", va="center", fontsize=7, color=color)
-                ax.set_title(f"{variant}: {task} (all seeds)")
-                ax.set_xlabel("predicted")
-                ax.set_ylabel("actual")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, format="png")
-    plt.close(fig)
+def no_interval(iv: Interval) -> Interval:
+    """The same estimate without its interval (one seed: the seed-to-seed variation is unknown)."""
+    return Interval(iv.mean, None, None, 1, "one seed: no interval")
+
+
+def seed_row(
+    key: str,
+    label: str,
+    per_variant: dict[str, dict[int, float]],
+    direction: str,
+    pairs: list[tuple[str, str]],
+    digits: int = 3,
+    baseline: float | None = None,
+    baseline_label: str = "",
+) -> Row:
+    """A metric measured once per run: t-interval over seeds, paired-by-seed differences."""
+    values = {v: t_interval(list(s.values())) for v, s in per_variant.items() if s}
+    multi = all(iv.n >= 2 for iv in values.values()) and bool(values)
+    collapse: dict[str, Collapse] = {}
+    if baseline is not None and direction:
+        collapse = {v: check_collapse(iv, baseline, direction == "higher") for v, iv in values.items()}
+    verdicts = []
+    if direction:
+        flags = {v: c.collapsed for v, c in collapse.items()}
+        for a, b in pairs:
+            if a in values and b in values:
+                diff = difference_interval(per_variant[a], per_variant[b])
+                verdicts.append((a, b, decide(a, b, diff, direction == "higher", flags, digits or 0)))
+    return Row(key, label, direction, values, multi, digits, baseline, baseline_label, {}, collapse, verdicts)
+
+
+def task_row(
+    task: str,
+    metric: str,
+    beam: int,
+    runs: dict[str, dict[int, dict[str, Any]]],
+    baselines: dict[str, float],
+    pairs: list[tuple[str, str]],
+) -> Row:
+    """A task metric at one beam size: `runs[variant][seed]` = {"scores": per-example, "predictions": ...}."""
+    values: dict[str, Interval] = {}
+    multi = bool(runs) and all(len(by_seed) >= 2 for by_seed in runs.values())
+    for v, by_seed in runs.items():
+        scores = [np.asarray(r["scores"], dtype=float) for r in by_seed.values()]
+        iv = bootstrap_interval(scores)
+        if len(scores) >= 2:
+            iv = union(iv, t_interval([s.mean() for s in scores]))
+        values[v] = iv
+    baseline = max(baselines.values()) if baselines else None
+    best = max(baselines, key=baselines.get) if baselines else ""  # type: ignore[arg-type]
+    collapse = {
+        v: check_collapse(values[v], baseline, True, [r["predictions"] for r in by_seed.values()])
+        for v, by_seed in runs.items()
+    }
+    flags = {v: c.collapsed for v, c in collapse.items()}
+    verdicts = []
+    for a, b in pairs:
+        if a not in runs or b not in runs:
+            continue
+        sa = {s: r["scores"] for s, r in runs[a].items()}
+        sb = {s: r["scores"] for s, r in runs[b].items()}
+        diff = bootstrap_difference(sa, sb)
+        if multi:
+            means = lambda d: {s: float(np.mean(x)) for s, x in d.items()}  # noqa: E731
+            diff = union(diff, difference_interval(means(sa), means(sb)))
+        else:
+            diff = no_interval(diff)
+        verdicts.append((a, b, decide(a, b, diff, True, flags)))
+    label = f"{metric.replace('_', ' ')}, " + ("greedy" if beam == 1 else f"beam {beam}")
+    return Row(
+        f"{task}/{metric}_beam{beam}", f"{task}: {label}", "higher", values, multi, 3, baseline, best.replace("_", " "),
+        baselines, collapse, verdicts, task, label,
+    )  # fmt: skip
+
+
+@dataclass
+class Analysis:
+    """Everything the report and `metrics/compare.json` say."""
+
+    variants: list[str]
+    seeds: list[int]
+    rows: list[Row]
+    task_rows: list[Row]
+    greedy_beam: int
+
+
+def _per_seed(data: dict[str, Any], getter: Callable[[dict[str, Any]], Any]) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    for variant, by_seed in data["runs"].items():
+        values = {}
+        for seed, run in by_seed.items():
+            try:
+                value = getter(run)
+            except (KeyError, TypeError, ZeroDivisionError):
+                continue
+            if isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value):
+                values[seed] = float(value)
+        out[variant] = values
+    return out
+
+
+def analyze(cfg: Config, data: dict[str, Any]) -> Analysis:
+    """The statistics of every row (see the module docstring)."""
+    variants = list(data["runs"])
+    pairs = list(itertools.combinations(variants, 2))
+    per = lambda getter: _per_seed(data, getter)  # noqa: E731
+    unigram = [r["eval"].get("unigram_loss") for v in data["runs"].values() for r in v.values()]
+    unigram = [u for u in unigram if isinstance(u, int | float)]
+    rows = [
+        seed_row("parameters", "parameters (total)", per(lambda r: r["pretrain"]["parameters"]), "", pairs, 0),
+        seed_row(
+            "non_embedding_parameters",
+            "parameters (non-embedding)",
+            per(lambda r: r["pretrain"]["non_embedding_parameters"]),
+            "",
+            pairs,
+            0,
+        ),  # fmt: skip
+        seed_row(
+            "pretrain_tokens", "pretraining tokens seen (targets)", per(lambda r: r["pretrain"]["tokens"]), "", pairs, 0
+        ),
+        seed_row(
+            "pretrain_wall_time_s",
+            "pretraining wall time (s)",
+            per(lambda r: r["pretrain_timing"]["wall_time_s"]),
+            "lower",
+            pairs,
+            1,
+        ),  # fmt: skip
+        seed_row(
+            "pretrain_tokens_per_s",
+            "pretraining throughput (tokens/s, whole run)",
+            per(lambda r: r["pretrain"]["tokens"] / r["pretrain_timing"]["wall_time_s"]),
+            "higher",
+            pairs,
+            0,
+        ),  # fmt: skip
+        seed_row(
+            "pretrain_val_loss",
+            "final pretraining validation loss",
+            per(lambda r: r["pretrain"]["val_loss"]),
+            "lower",
+            pairs,
+        ),
+        seed_row(
+            "test_loss",
+            "test loss (pretraining objective, nats/token)",
+            per(lambda r: r["eval"]["test_loss"]),
+            "lower",
+            pairs,
+            3,
+            float(np.mean(unigram)) if unigram else None,
+            "unigram entropy",
+        ),  # fmt: skip
+        seed_row(
+            "finetune_tokens", "fine-tuning tokens seen (targets)", per(lambda r: r["finetune"]["tokens"]), "", pairs, 0
+        ),
+        seed_row(
+            "finetune_wall_time_s",
+            "fine-tuning wall time (s)",
+            per(lambda r: r["finetune_timing"]["wall_time_s"]),
+            "lower",
+            pairs,
+            1,
+        ),  # fmt: skip
+        seed_row(
+            "finetune_val_loss",
+            "final fine-tuning validation loss",
+            per(lambda r: r["finetune"]["val_loss"]),
+            "lower",
+            pairs,
+        ),
+    ]
+    rows = [r for r in rows if r.values]
+    beams = sorted(cfg.evaluate.num_beams)
+    task_rows = []
+    tasks = list(dict.fromkeys(t for by_seed in data["runs"].values() for r in by_seed.values() for t in r["examples"]))
+    for task in tasks:
+        for beam in beams:
+            runs: dict[str, dict[int, dict[str, Any]]] = {}
+            baselines: dict[str, float] = {}
+            metric = ""
+            for variant, by_seed in data["runs"].items():
+                for seed, run in by_seed.items():
+                    entry = run["examples"].get(task)
+                    if not entry or str(beam) not in entry["beams"]:
+                        continue
+                    metric = entry["metric"]
+                    baselines = entry.get("baselines", baselines)
+                    runs.setdefault(variant, {})[seed] = entry["beams"][str(beam)]
+            if runs:
+                task_rows.append(task_row(task, metric, beam, runs, baselines, pairs))
+    return Analysis(variants, list(data["seeds"]), rows, task_rows, beams[0])
 
 
 # --------------------------------------------------------------------------------------------- report
 
 
-def _num(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, int) or (isinstance(x, float) and x.is_integer() and abs(x) >= 1000):
-        return f"{int(x):,}"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:,.0f}"
-    return str(x)
+def _vocab_size(cfg: Config, data: dict[str, Any]) -> int:
+    vocab = data["tokenize"].get("vocab_size", cfg.tokenizer.vocab_size)
+    return -(-int(vocab) // 128) * 128
 
 
-def _winner(values: dict[str, float | None], higher_is_better: bool) -> str:
-    known = {k: v for k, v in values.items() if v is not None}
-    if len(known) < 2:
-        return "—"
-    ranked = sorted(known.items(), key=lambda kv: kv[1], reverse=higher_is_better)
-    (best, b), (_, other) = ranked[0], ranked[1]
-    if b == other:
-        return "tie"
-    if other:
-        ratio = b / other if higher_is_better else other / b
-        if ratio and abs(ratio) != float("inf"):
-            return f"{best} (x{ratio:.2f})"
-    return best
+def layouts(cfg: Config, data: dict[str, Any]) -> dict[str, str]:
+    """Each variant's actual layout in words (from its resolved config, not assumed)."""
+    out = {}
+    for variant in cfg.models:
+        layout = getattr(cfg.model_config(variant, _vocab_size(cfg, data)), "layout", "encoder_decoder")
+        out[variant] = LAYOUTS.get(layout, layout)
+    return out
 
 
-def task_metric_rows(data: dict[str, Any], beams: list[int]) -> list[tuple[str, str, dict[str, float | None]]]:
-    """(task, metric key, {family: value}) for each task's headline metric and each beam size."""
-    from pipeline.tasks import get_task
+def efficiency(cfg: Config, data: dict[str, Any], analysis: Analysis) -> list[tuple[str, dict[str, str]]]:
+    """Parameters, FLOPs per token, measured tokens/s and peak memory per variant, side by side (Dehghani et
+    al. 2021: no single one of them is the cost)."""
+    from models import build_model
 
-    rows = []
-    tasks = sorted({t for f in data["variants"].values() for t, v in f["eval"].items() if isinstance(v, dict)})
-    for task in tasks:
-        try:
-            metric = get_task(task).metric
-        except KeyError:
-            first = next(f["eval"][task] for f in data["variants"].values() if task in f["eval"])
-            metric = next(k.rsplit("_beam", 1)[0] for k in first if "_beam" in k)
-        for b in beams:
-            key = f"{metric}_beam{b}"
-            rows.append((task, key, {v: fam["eval"].get(task, {}).get(key) for v, fam in data["variants"].items()}))
-    return rows
-
-
-def render_report(cfg: Config, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The Markdown report and the headline numbers (`metrics/compare.json`)."""
-    fams = data["variants"]
-    ref = next(iter(fams))
-    others = [v for v in fams if v != ref]
-    bench = data["benchmark"]
-    p, f = cfg.pretrain, cfg.finetune
-    headline: dict[str, Any] = {}
-
-    def each(getter) -> dict[str, Any]:
-        out = {}
-        for family, fam in fams.items():
-            try:
-                out[family] = getter(fam)
-            except (KeyError, TypeError):
-                out[family] = None
-        return out
-
-    params = each(lambda x: x["pretrain"]["parameters"])
-    non_emb = each(lambda x: x["pretrain"]["non_embedding_parameters"])
-    rows: list[tuple[str, dict[str, Any], str]] = [
-        ("family", {k: cfg.models[k].family for k in fams}, "—"),
-        ("preset", {k: cfg.models[k].preset for k in fams}, "—"),
-        ("parameters (total)", params, "—"),
-        ("parameters (non-embedding)", non_emb, "—"),
-        ("pretraining tokens seen (targets)", each(lambda x: x["pretrain"]["tokens"]), "—"),
-        ("pretraining wall time (s)", each(lambda x: x["pretrain_timing"]["wall_time_s"]), "lower"),
-        ("pretraining throughput (tokens/s)", each(lambda x: x["pretrain_timing"]["tokens_per_s"]), "higher"),
-        ("final pretraining train loss", each(lambda x: x["pretrain"]["train_loss"]), "lower"),
-        ("final pretraining validation loss", each(lambda x: x["pretrain"]["val_loss"]), "lower"),
-        ("test loss (pretraining objective)", each(lambda x: x["eval"]["test_loss"]), "lower"),
-        ("test perplexity", each(lambda x: x["eval"]["test_ppl"]), "lower"),
-        ("fine-tuning tokens seen (targets)", each(lambda x: x["finetune"]["tokens"]), "—"),
-        ("fine-tuning wall time (s)", each(lambda x: x["finetune_timing"]["wall_time_s"]), "lower"),
-        ("final fine-tuning validation loss", each(lambda x: x["finetune"]["val_loss"]), "lower"),
-    ]
-    for task, key, values in task_metric_rows(data, list(cfg.evaluate.num_beams)):
-        rows.append((f"{task}: {key.replace('_beam', ', beam ')}", values, "higher"))
-    for family in fams:
-        headline[f"{family}_test_loss"] = (fams[family]["eval"] or {}).get("test_loss")
-    table = ["| | " + " | ".join(fams) + " | better |", "| --- | " + " | ".join("---:" for _ in fams) + " | --- |"]
-    for name, values, direction in rows:
-        verdict = "—" if direction == "—" else _winner(values, direction == "higher")
-        table.append(f"| {name} | " + " | ".join(_num(values.get(k)) for k in fams) + f" | {verdict} |")
-
-    per_length = bench.get("per_length", {})
-    cols = [f"{v} tokens/s" for v in fams] + [f"{v}/{ref} speed" for v in others]
-    cols += [f"{v} step MiB" for v in fams] + [f"{v}/{ref} memory" for v in others]
-    bench_table = ["| length | " + " | ".join(cols) + " |", "| ---: |" + " ---: |" * len(cols)]
-    for n in sorted(per_length, key=int):
-        e = per_length[n]
-        cells = [_num(e.get(f"{v}_tokens_per_s"), 0) for v in fams]
-        cells += [_num(e.get(f"speed_ratio_{v}_over_{ref}"), 2) for v in others]
-        cells += [_num(e.get(f"{v}_step_mb"), 0) for v in fams]
-        cells += [_num(e.get(f"memory_ratio_{v}_over_{ref}"), 2) for v in others]
-        bench_table.append(f"| {n} | " + " | ".join(cells) + " |")
-    notes = sorted({f"{r['variant']} at {r['seq_length']}: {r.get('error') or r.get('skipped')}" for r in
-                    data["benchmark_rows"] if r["kind"] == "length" and ("error" in r or "skipped" in r)})  # fmt: skip
-    speed_x, memory_x = bench.get("speed_crossover_length") or {}, bench.get("memory_crossover_length") or {}
-    compared = bench.get("compared_lengths") or {}
-    for v in others:
-        headline[f"speed_crossover_length_{v}"] = speed_x.get(v)
-        headline[f"memory_crossover_length_{v}"] = memory_x.get(v)
-        headline[f"non_embedding_ratio_{v}_over_{ref}"] = (bench.get("non_embedding_ratio_over_reference") or {}).get(v)
-
-    def crossover_sentence(variant: str, value: int | None, what: str) -> str:
-        lengths = compared.get(variant) or []
-        if not lengths:
-            return f"`{variant}`: not measured (no length measured for both within the benchmark's time budget)"
-        scope = f"lengths measured for both: {', '.join(map(str, lengths))}"
-        if value is None:
-            return f"`{variant}` never {what} `{ref}` ({scope})"
-        if value == min(lengths):
-            return f"`{variant}` {what} `{ref}` at every length measured ({scope})"
-        return f"`{variant}` {what} `{ref}` from length **{value}** on ({scope})"
-
-    test_losses = {k: (v["eval"] or {}).get("test_loss") for k, v in fams.items()}
-    best_loss = _winner(test_losses, higher_is_better=False)
-    task_wins = {}
-    for task, _key, values in task_metric_rows(data, [min(cfg.evaluate.num_beams)]):
-        task_wins[task] = _winner(values, True)
-    tokens = p.max_steps * p.batch_size * p.input_length
-    prep, tok = data["prepare"], data["tokenize"]
-
-    lines = [
-        f"# Model variants compared: {', '.join(fams)}",
-        "",
-        "Generated by `dvc repro` (stage `compare`, `pipeline/compare.py`) from the metrics of the other stages; "
-        f"do not edit by hand. Every figure of a variant is the mean over seeds {data['seeds']}.",
-        "",
-        "## The answer in short",
-        "",
-        f"- **Quality at this budget** (test loss under the pretraining objective, lower is better): {best_loss}.",
-        "- **Fine-tuning tasks** (greedy decoding): " + "; ".join(f"`{t}`: {w}" for t, w in task_wins.items()) + ".",
-        *(f"- **Speed**: {crossover_sentence(v, speed_x.get(v), 'trains faster than')}." for v in others),
-        *(f"- **Memory**: {crossover_sentence(v, memory_x.get(v), 'needs less memory than')}." for v in others),
-        "- **Model sizes**, non-embedding parameters: "
-        + ", ".join(f"`{v}` {_num(non_emb.get(v))}" for v in fams)
-        + f" (the reference for ratios is `{ref}`, the first variant in params.yaml).",
-        "",
-        "## Setup",
-        "",
-        "- Models: "
-        + ", ".join(f"`models.{v}` ({cfg.models[v].family}, preset `{cfg.models[v].preset}`)" for v in fams)
-        + f"; the same SentencePiece vocabulary ({_num(tok.get('vocab_size', cfg.tokenizer.vocab_size))} pieces "
-        f"incl. {cfg.tokenizer.num_sentinels} sentinels); seeds {data['seeds']}.",
-        f"- Data: source `{cfg.data.source}`"
-        + (
-            f", {_num(prep.get('documents_kept'))} documents kept of {_num(prep.get('documents_read'))} read "
-            f"(train {_num(prep.get('train', {}).get('documents'))}, validation "
-            f"{_num(prep.get('validation', {}).get('documents'))}, test {_num(prep.get('test', {}).get('documents'))})"
-            if prep
-            else ""
+    p = cfg.pretrain
+    rows: dict[str, dict[str, str]] = {
+        "parameters (non-embedding)": {},
+        f"training FLOPs per input token (M), length {p.input_length}": {},
+    }
+    flops_key = list(rows)[1]
+    for variant in analysis.variants:
+        model = build_model(cfg.family(variant), cfg.model_config(variant, _vocab_size(cfg, data)))
+        targets = max(p.input_length // 4, 1) if model.config.layout == "encoder_decoder" else 0
+        rows["parameters (non-embedding)"][variant] = (
+            f"{model.num_parameters():,} ({model.num_parameters(non_embedding=True):,})"
         )
-        + "; split by document.",
-        f"- Pretraining: `{p.objective}` (noise {p.noise_density}, mean span {p.mean_noise_span_length}), "
-        f"{p.max_steps} steps x batch {p.batch_size} x {p.input_length} input tokens = {tokens:,} input tokens per "
-        f"run, {p.optimizer.name} lr {p.optimizer.lr} ({p.optimizer.schedule}), identical for every variant.",
-        f"- Fine-tuning: tasks {', '.join(f'`{t}`' for t in f.tasks)} mixed `{f.mixing}`, {f.max_steps} steps x "
-        f"batch {f.batch_size}, from each run's own pretrained weights (`finetune.init: {f.init}`).",
-        f"- Evaluation: `{cfg.evaluate.split}` split, at most {cfg.evaluate.max_examples_per_task} examples per task, "
-        f"beams {cfg.evaluate.num_beams}, up to {cfg.evaluate.max_new_tokens} new tokens.",
-        "",
-        "## Side by side",
-        "",
-        *table,
-        "",
-        "![loss curves](loss_curves.png)",
-        "",
-        "## Speed and memory versus sequence length",
-        "",
-        f"One training step (AdamW, batch {cfg.benchmark.batch_size}, L input tokens and L/4 target tokens, random "
-        "tokens), each measurement in its own process; memory is the step's own peak above the loaded model and "
-        f"optimizer. Ratios above 1 mean the variant is faster (speed) or uses more memory (memory) than `{ref}`.",
-        "",
-        *bench_table,
-        "",
-        *(["Not measured: " + "; ".join(notes) + ".", ""] if notes else []),
-        "Crossovers against `"
-        + ref
-        + "`: "
-        + "; ".join(f"`{v}` speed **{_num(speed_x.get(v))}**, memory **{_num(memory_x.get(v))}**" for v in others)
-        + " (the shortest length from which the variant wins at every longer measured length; — means it did not "
-        "happen in the measured range).",
-        "",
-        "![speed vs length](speed_vs_length.png) ![memory vs length](memory_vs_length.png)",
-        "",
-        "![memory vs depth](memory_vs_depth.png)",
-        "",
-        "## Confusion matrices (classification tasks, greedy decoding)",
-        "",
-        "![confusion matrices](confusion_matrices.png)",
-        "",
-        "Sample generations of each task: `artifacts/eval/<variant>/<seed>/samples.md`.",
-        "",
-        "## Caveats",
-        "",
-        f"- Tiny models and a tiny budget ({tokens:,} pretraining input tokens): the losses show which model "
-        "learns faster at the very start of training, not which is better at convergence or at scale.",
-        "- Pretraining and fine-tuning use short sequences (length "
-        f"{p.input_length}/{f.input_length}), where efficient attention (LSH, local) brings no saving; its "
-        "advantage can only show at the lengths of the benchmark, which measures speed and memory, not quality.",
-        "- Timings come from the machine that ran the pipeline (shared CPU cores are noisy); compare ratios, "
-        "not absolute numbers, and re-run `dvc repro benchmark` on the target hardware.",
-        f"- Means over {len(data['seeds'])} seed(s); LSH attention hashes with random rotations, so its runs vary "
-        "with the seed more than full attention's.",
-        "- Task metrics come from at most "
-        f"{cfg.evaluate.max_examples_per_task} test examples per task: differences of a few points are noise.",
-        "",
-        "## Reproduce and explore",
-        "",
-        "`dvc repro` rebuilds everything; `dvc metrics show`, `dvc plots show` (loss curves, speed and memory "
-        "versus length, confusion matrices), `dvc exp run -S models.<variant>.<field>=...` then `dvc exp show` / "
-        "`dvc metrics diff` compare variants; `mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db` shows the "
-        "runs (see `docs/results.md`).",
-        "",
+        rows[flops_key][variant] = f"{model.training_flops(1, p.input_length, targets) / p.input_length / 1e6:,.1f}"
+        del model
+    by_key = {r.key: r for r in analysis.rows}
+    if "pretrain_tokens_per_s" in by_key:
+        r = by_key["pretrain_tokens_per_s"]
+        rows["measured training tokens/s (pretraining, whole run)"] = {v: r.cell(v) for v in r.values}
+    measured = [x for x in data["benchmark_rows"] if x.get("kind") == "length" and x.get("peak_mb") is not None]
+    for variant in analysis.variants:
+        mine = sorted((x for x in measured if _row_variant(x) == variant), key=lambda x: x["seq_length"])
+        if mine:
+            ends = [mine[0]] if len(mine) == 1 else [mine[0], mine[-1]]
+            rows.setdefault("peak memory of a training step (benchmark, MiB)", {})[variant] = ", ".join(
+                f"{x['step_mb']:,.0f} at length {x['seq_length']}" for x in ends
+            )
+    return list(rows.items())
+
+
+def _row_variant(row: dict[str, Any]) -> str:
+    return str(row.get("variant") or row.get("family"))
+
+
+def crossover_text(summary: dict[str, Any]) -> list[str]:
+    """Sentences on each crossover with its uncertainty (from `metrics/benchmark.json`)."""
+    lines = []
+    for item in summary.get("crossovers", []):
+        lines.append(item["sentence"])
+    if not lines:
+        for what, key in (
+            ("trains faster than", "speed_crossover_length"),
+            ("needs less memory than", "memory_crossover_length"),
+        ):
+            value = summary.get(key)
+            lines.append(
+                f"Crossover ({what} the reference): "
+                + ("not reached in the measured range" if value is None else f"from length {value}")
+            )
+    return lines
+
+
+def benchmark_section(data: dict[str, Any], variants: list[str], cfg: Config) -> dict[str, Any]:
+    """The speed/memory table (median with the spread of the repeats), crossovers, what was dropped."""
+    rows = [r for r in data["benchmark_rows"] if r.get("kind") == "length"]
+    names = [v for v in variants if any((r.get("variant") or r.get("family")) == v for r in rows)]
+    lengths = sorted({r["seq_length"] for r in rows})
+
+    def figure(r: dict[str, Any] | None, key: str) -> str:
+        if not r or r.get(key) is None:
+            return "—"
+        lo, hi = r.get(f"{key}_low"), r.get(f"{key}_high")
+        return f"{r[key]:,.0f}" + (f" ({lo:,.0f}–{hi:,.0f})" if lo is not None and hi is not None else "")
+
+    table = []
+    for n in lengths:
+        at = {(r.get("variant") or r.get("family")): r for r in rows if r["seq_length"] == n}
+        cells = [figure(at.get(v), "tokens_per_s") for v in names] + [figure(at.get(v), "step_mb") for v in names]
+        table.append(f"| {n} | " + " | ".join(cells) + " |")
+    dropped = sorted(
+        {f"{r.get('variant') or r.get('family')} at {r['seq_length']} ({r.get('error') or r.get('skipped')})"
+         for r in data["benchmark_rows"] if "error" in r or "skipped" in r}
+    )  # fmt: skip
+    summary = data["benchmark"]
+    repeats = cfg.benchmark.repeats
+    intro = (
+        f"One training step (AdamW, batch {cfg.benchmark.batch_size}, L input and L/4 target tokens, random tokens), "
+        f"each measurement in its own process, {repeats} timed repeats after a warmup: the median, with the range of "
+        "the repeats in parentheses. Memory is the step's own peak above the loaded model and optimizer. Speed on "
+        f"random tokens says nothing about quality. Time budget of the stage: {cfg.benchmark.time_budget_s:.0f} s."
+    )
+    return {
+        "variants": names,
+        "table": table,
+        "dropped": "; ".join(dropped),
+        "sentences": crossover_text(summary),
+        "intro": intro,
+    }
+
+
+def lra_section(cfg: Config, analysis: Analysis) -> dict[str, Any]:
+    """Our LRA ListOps accuracy (when `lra_listops` ran) beside the published numbers."""
+    ours: dict[str, str] = {}
+    row = next(
+        (r for r in analysis.task_rows if r.task == "lra_listops" and r.key.endswith(f"_beam{analysis.greedy_beam}")),
+        None,
+    )
+    if row is not None:
+        ours = {
+            v: f"{100 * iv.mean:.2f}%"
+            + (f" [{100 * iv.low:.2f}, {100 * iv.high:.2f}]" if row.show_interval and iv.has_interval else "")
+            for v, iv in row.values.items()
+        }
+        sentence = (
+            "`lra_listops` ran in this pipeline (greedy decoding of the class digit). The published numbers come from "
+            "encoder-only classifiers trained much longer on sequences of up to 2K tokens: compare only at that budget "
+            "(`configs/lra_listops.yaml`)."
+        )
+    else:
+        sentence = (
+            "Not run at this budget: the default fine-tuning tasks are short. `configs/lra_listops.yaml` is the params "
+            "preset for a GPU cluster that fine-tunes and evaluates on the LRA ListOps task (96K/2K/2K examples of 500 "
+            "to 2000 tokens); its report prints its accuracy here, beside the published numbers."
+        )
+    return {"published": LRA_LISTOPS_PUBLISHED, "ours": ours, "sentence": sentence}
+
+
+def short_answer(analysis: Analysis, bench: dict[str, Any]) -> list[str]:
+    """The bullet points of "The answer in short"."""
+    lines = []
+    by_key = {r.key: r for r in analysis.rows}
+    if "test_loss" in by_key:
+        r = by_key["test_loss"]
+        lines.append("**Quality at this budget** (test loss under the pretraining objective): " + _verdicts(r))
+    for r in analysis.task_rows:
+        if r.key.endswith(f"_beam{analysis.greedy_beam}"):
+            lines.append(f"**{r.task}** ({r.metric_label}): " + _verdicts(r))
+    lines += bench["sentences"]
+    return lines
+
+
+def _verdicts(row: Row) -> str:
+    parts = [v.text for _, _, v in row.verdicts] or ["one variant only: nothing to compare"]
+    collapsed = [f"{v} collapsed ({row.collapse[v].reason})" for v in row.values if row.collapsed(v)]
+    above = [v for v in row.values if row.baseline is not None and not row.collapsed(v)]
+    tail = ""
+    if row.baseline is not None and above:
+        tail = f"; beyond the trivial baseline ({row.baseline:.3f}, {row.baseline_label}): {', '.join(above)}"
+    return "; ".join(parts) + (f" — {'; '.join(collapsed)}" if collapsed else "") + tail + "."
+
+
+def render_report(cfg: Config, data: dict[str, Any], analysis: Analysis) -> str:
+    """`reports/comparison.md` from the template."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,  # Markdown, not HTML
+    )
+    env.filters["md"] = _md
+    p, f, e = cfg.pretrain, cfg.finetune, cfg.evaluate
+    multi = len(analysis.seeds) >= 2
+    bench = benchmark_section(data, analysis.variants, cfg)
+    prep, tok = data["prepare"], data["tokenize"]
+    lay = layouts(cfg, data)
+    setup = [
+        "Models: "
+        + "; ".join(
+            f"`{v}` = family `{cfg.family(v)}`, preset `{cfg.models[v].preset}`, {lay[v]}" for v in analysis.variants
+        )
+        + f"; one SentencePiece vocabulary ({tok.get('vocab_size', cfg.tokenizer.vocab_size):,} pieces incl. "
+        f"{cfg.tokenizer.num_sentinels} sentinels).",
+        f"Seeds: {analysis.seeds} (each changes initialisation, data order and LSH rotations; the data split and the "
+        f"tokenizer use `seed: {cfg.seed}`).",
+        f"Data: source `{cfg.data.source}`"
+        + (", " + _documents(prep) if prep else "")
+        + "; split by document.",  # fmt: skip
+        f"Pretraining: `{p.objective}`, {p.max_steps} steps x batch {p.batch_size} x {p.input_length} input tokens, "
+        f"{p.optimizer.name} lr {p.optimizer.lr} ({p.optimizer.schedule}), the same for every variant.",
+        f"Fine-tuning: tasks {', '.join(f'`{t}`' for t in f.tasks)} mixed `{f.mixing}`, {f.max_steps} steps x batch "
+        f"{f.batch_size}, lr {f.optimizer.lr} ({f.optimizer.schedule}), from each run's own pretrained weights "
+        f"(`finetune.init: {f.init}`).",
+        f"Evaluation: `{e.split}` split, the same {e.max_examples_per_task} (at most) examples per task for every run, "
+        f"beams {list(e.num_beams)}, up to {e.max_new_tokens} new tokens.",
     ]
-    return "\n".join(lines), headline
+    seeds_sentence = (
+        f"{len(analysis.seeds)} seeds per variant: means with 95% intervals."
+        if multi
+        else f"**One seed** ({analysis.seeds}): no interval is shown and no winner is named, because the "
+        "seed-to-seed variation is unknown; collapse is still judged against the baselines on the test examples."
+    )
+    samples = _samples(data, analysis)
+    collapse_notes = [
+        f"`{v}` on {r.task} ({r.metric_label}): {r.collapse[v].reason}"
+        for r in analysis.task_rows for v in r.values if r.collapsed(v)
+    ]  # fmt: skip
+    collapse_notes += [
+        f"`{v}` {r.label}: {r.collapse[v].reason}" for r in analysis.rows for v in r.values if r.collapsed(v)
+    ]
+    caveats = [
+        "Tiny models and a tiny budget: the numbers show which variant learns faster at the very start of training, "
+        "not which is better at convergence or at scale.",
+        f"Training runs at length {p.input_length}/{f.input_length}, where the Reformer's LSH and local attention "
+        "save nothing; its advantage can only show at the benchmark's lengths, which measure cost, not quality.",
+        "Timings come from the machine that ran the pipeline; shared cores are noisy (hence the spread).",
+        "Intervals are 95% intervals; with few seeds they are wide, and a verdict of no significant difference is "
+        "not evidence that the variants are equal.",
+    ]
+    template = env.get_template(TEMPLATE)
+    return template.render(
+        title="Model variants compared: " + " versus ".join(analysis.variants),
+        seeds_sentence=seeds_sentence,
+        short=short_answer(analysis, bench),
+        setup=setup,
+        variants=analysis.variants,
+        multi_seed=multi,
+        interval_note="t over seeds; task metrics: also bootstrap over test examples, the wider of the two",
+        collapse_marker=COLLAPSED,
+        rows=analysis.rows,
+        task_rows=analysis.task_rows,
+        examples_note=f"at most {e.max_examples_per_task} per task, the same for every run",
+        baseline_legend="majority class and chance for classification, copy-the-input and most-frequent-output for "
+        "generation; the cell shows the best of them",
+        collapse_notes=collapse_notes,
+        samples=samples,
+        sample_seed=analysis.seeds[0],
+        lra=lra_section(cfg, analysis),
+        bench=bench,
+        efficiency=efficiency(cfg, data, analysis),
+        caveats=caveats,
+    )
+
+
+def _documents(prep: dict[str, Any]) -> str:
+    counts = {split: prep.get(split, {}).get("documents", 0) for split in ("train", "validation", "test")}
+    return f"{prep.get('documents_kept', 0):,} documents (" + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + ")"
+
+
+def _md(text: Any, limit: int = 200) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return (text[:limit] + " ...") if len(text) > limit else (text or "*(empty)*")
+
+
+def _samples(data: dict[str, Any], analysis: Analysis, per_task: int = 3) -> dict[str, list[dict[str, Any]]]:
+    """The first examples of each task with every variant's greedy answer (first seed)."""
+    seed = analysis.seeds[0]
+    key = f"beam{analysis.greedy_beam}"
+    out: dict[str, list[dict[str, Any]]] = {}
+    for variant in analysis.variants:
+        for task, items in data["runs"][variant][seed].get("samples", {}).items():
+            rows = out.setdefault(task, [])
+            for i, item in enumerate(items[:per_task]):
+                if i >= len(rows):
+                    rows.append({"input": item["input"], "reference": item["reference"], "predictions": {}})
+                rows[i]["predictions"][variant] = item.get(key, "")
+    return out
+
+
+def headline(analysis: Analysis, data: dict[str, Any]) -> dict[str, Any]:
+    """`metrics/compare.json`: every row's statistics, collapse flags and verdicts, and the crossovers."""
+    bench = data["benchmark"]
+    return {
+        "seeds": analysis.seeds,
+        "metrics": {r.key: r.to_dict() for r in [*analysis.rows, *analysis.task_rows]},
+        "collapsed": sorted(
+            {f"{v}: {r.key}" for r in [*analysis.rows, *analysis.task_rows] for v in r.values if r.collapsed(v)}
+        ),
+        "crossovers": bench.get("crossovers", []),
+    }
+
+
+# --------------------------------------------------------------------------------------------- charts
+
+
+def draw_charts(data: dict[str, Any], analysis: Analysis, out: Path) -> list[str]:
+    """Every chart of the report into `out` (atomically, one by one); returns the file names."""
+    from pipeline import charts
+
+    curves = {
+        stage: {
+            v: {kind: [[(r["step"], r["loss"]) for r in run[f"{stage}_curves"][kind] if "step" in r and "loss" in r]
+                       for run in data["runs"][v].values()] for kind in ("train", "val")}
+            for v in analysis.variants
+        }
+        for stage in ("pretrain", "finetune")
+    }  # fmt: skip
+    panels: dict[str, dict[str, Any]] = {}
+    for v in analysis.variants:
+        tasks = {t for run in data["runs"][v].values() for t in run["confusion"]}
+        for task in tasks:
+            mats = [run["confusion"][task] for run in data["runs"][v].values() if task in run["confusion"]]
+            panels.setdefault(task, {})[v] = sum_confusions(mats)
+    figures: dict[str, Callable[[Path], None]] = {
+        "loss_curves.png": lambda path: charts.loss_curves(curves, path),
+        **{
+            name: (lambda path, n=name: charts.benchmark_chart(data["benchmark_rows"], n, path))
+            for name in charts.BENCHMARK_CHARTS
+        },
+        "confusion_matrices.png": lambda path: charts.confusion_grid(panels, path),
+    }
+    for name, draw in figures.items():
+        with atomic_output(out / name) as tmp:
+            draw(tmp)
+    return list(figures)
 
 
 # ---------------------------------------------------------------------------------------------- stage
 
 
-def log_to_mlflow(cfg: Config, root: Path, report_dir: Path, headline: dict[str, Any], report: str) -> str | None:
+def log_to_mlflow(cfg: Config, root: Path, report_dir: Path, metrics: dict[str, Any], report: str) -> str | None:
     """The comparison run: description = the report, artifacts = report and plots, tags naming the runs compared."""
-    from pipeline.tracking import TrackedRun, check_tracking_uri, git_revision, tracking_uri
+    from pipeline.tracking import TrackedRun, check_tracking_uri, git_revision, tracked_run, tracking_uri
 
     uri = tracking_uri(cfg.mlflow.tracking_uri, root)
     check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)
@@ -483,47 +747,41 @@ def log_to_mlflow(cfg: Config, root: Path, report_dir: Path, headline: dict[str,
         for seed in cfg.seeds:
             for stage in ("pretrain", "finetune"):
                 paths = RunPaths(root, stage, variant, seed)
-                timing = paths.final / "training.json"
-                if timing.is_file():
-                    run_id = json.loads(timing.read_text()).get("mlflow_run_id")
-                    if run_id:
-                        tags[f"{stage}_{paths.label}_run_id"] = run_id
-    run_id = run.start("comparison", tags)
-    try:
-        run.log_metrics({f"compare/{k}": v for k, v in headline.items() if isinstance(v, int | float)})
+                run_id = _optional_json(paths.final / "training.json").get("mlflow_run_id")
+                if run_id:
+                    tags[f"{stage}_{paths.label}_run_id"] = run_id
+    flat = {}
+    for key, row in metrics["metrics"].items():
+        for v, stats in row["variants"].items():
+            flat[f"compare/{key}/{v}/mean"] = stats["mean"]
+            flat[f"compare/{key}/{v}/collapsed"] = float(stats["collapsed"])
+    with tracked_run(run, "comparison", tags):
+        run.log_metrics({k.replace("@", "_"): float(v) for k, v in flat.items() if isinstance(v, int | float)})
         run.log_artifacts(report_dir, "report")
-    except BaseException:
-        run.finish("FAILED")
-        raise
-    run.finish()
-    return run_id
+    return run.run_id
 
 
 def compare(cfg: Config, root: Path) -> dict[str, Any]:
+    """The whole stage: gather, analyse, render, draw, write, log."""
     from pipeline.tracking import check_tracking_uri, tracking_uri
 
     start = time.perf_counter()
     check_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri, root), cfg.mlflow.connect_timeout_s)  # fail fast
     data = gather(cfg, root)
-    report, headline = render_report(cfg, data)
+    analysis = analyze(cfg, data)
+    report = render_report(cfg, data, analysis)
+    metrics = headline(analysis, data)
     out = root / REPORT_DIR
-    figures: dict[str, Any] = {
-        "loss_curves.png": lambda path: plot_loss_curves(data, path),
-        **{name: (lambda path, n=name: plot_benchmark(data["benchmark_rows"], n, path)) for name in BENCHMARK_CHARTS},
-        "confusion_matrices.png": lambda path: plot_confusions(data, path),
-    }
-    for name, draw in figures.items():
-        with atomic_output(out / name) as tmp:
-            draw(tmp)
-    with atomic_output(out / "comparison.md") as tmp:
-        tmp.write_text(report, encoding="utf-8")
-    write_json(root / "metrics" / "compare.json", headline)
-    with tempfile.TemporaryDirectory() as staging:  # the MLflow run carries exactly the report and its plots
-        for name in [*figures, "comparison.md"]:
+    names = draw_charts(data, analysis, out)
+    with publish() as pub, tempfile.TemporaryDirectory() as staging:  # report, metrics, MLflow run: together
+        pub.write_text(out / "comparison.md", report)
+        pub.write_json(stage_metrics(root, "compare"), metrics)
+        for name in names:  # the MLflow run carries exactly the report and its plots
             shutil.copy2(out / name, Path(staging) / name)
-        run_id = log_to_mlflow(cfg, root, Path(staging), headline, report)
+        (Path(staging) / "comparison.md").write_text(report, encoding="utf-8")
+        run_id = log_to_mlflow(cfg, root, Path(staging), metrics, report)
     log.info("compare: reports/comparison.md written, MLflow run %s (%.1f s)", run_id, time.perf_counter() - start)
-    return headline
+    return metrics
 
 
 def body(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:

@@ -227,6 +227,7 @@ def _listops_tree(
     leaf_p: float,
     budget: list[int],
     in_tokens: bool = False,
+    operators: tuple[str, ...] | list[str] = LISTOPS_OPERATORS,
 ) -> tuple[str, int]:
     """(expression, value); the root is always an operator, deeper nodes are digits with probability leaf_p.
 
@@ -240,12 +241,12 @@ def _listops_tree(
             raise _TooLong
         digit = rng.randrange(10)
         return str(digit), digit
-    operator = rng.choice(LISTOPS_OPERATORS)
+    operator = rng.choice(operators)
     budget[0] -= 2 if in_tokens else len(operator) + 4  # "[OP " and "] "
     if budget[0] < 0:
         raise _TooLong
     args = [
-        _listops_tree(rng, depth + 1, max_depth, max_args, leaf_p, budget, in_tokens)
+        _listops_tree(rng, depth + 1, max_depth, max_args, leaf_p, budget, in_tokens, operators)
         for _ in range(rng.randint(2, max_args))
     ]
     text = f"[{operator} " + " ".join(a[0] for a in args) + " ]"
@@ -254,12 +255,16 @@ def _listops_tree(
 
 def _build_listops(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Example]:
     prefix = TASKS["listops"].prefix
+    operators = list(o["operators"])
+    unknown = sorted(set(operators) - set(LISTOPS_OPERATORS))
+    if not operators or unknown:
+        raise ValueError(f"task listops: operators must be a non-empty subset of {LISTOPS_OPERATORS}, got {operators}")
 
     def draw(rng: random.Random) -> Example | None:
         try:
             # the budget counts one trailing space too many, hence + 1
             text, value = _listops_tree(
-                rng, 1, o["max_depth"], o["max_args"], o["leaf_probability"], [o["max_chars"] + 1]
+                rng, 1, o["max_depth"], o["max_args"], o["leaf_probability"], [o["max_chars"] + 1], False, operators
             )
         except _TooLong:
             return None
@@ -418,6 +423,7 @@ TASKS: dict[str, Task] = {
                 "leaf_probability": Option(
                     0.6, (float, int), "chance that a nested argument is a digit (LRA: 0.75)", 0.0, maximum=1.0
                 ),
+                "operators": Option(list(LISTOPS_OPERATORS), (list,), "operators drawn (LRA: MAX, MIN, MED, SM)"),
             },
             classes=[str(d) for d in range(10)],
             description="generated LRA ListOps expression -> its value",

@@ -1,21 +1,154 @@
-"""Tests of the compare stage: the report reflects its inputs, plots exist, the MLflow comparison run."""
+"""Tests of the compare stage: statistics over seeds, baselines and collapse, the verdict, the report and MLflow."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from pipeline.compare import _winner, mean_over_seeds, read_csv, sum_confusions
+from pipeline.compare import analyze, headline, read_csv, render_report, sum_confusions
+from pipeline.config import load_config
 from tests.eval_project import make_eval_project, run_module, write_training_metrics
+from tests.train_project import ROOT
+
+N_EXAMPLES = 60
 
 
-def test_winner_names_the_better_family_and_the_factor():
-    assert _winner({"t5": 2.0, "reformer": 1.0}, higher_is_better=False) == "reformer (x2.00)"
-    assert _winner({"t5": 3.0, "reformer": 1.0}, higher_is_better=True) == "t5 (x3.00)"
-    assert _winner({"t5": 1.0, "reformer": 1.0}, higher_is_better=True) == "tie"
-    assert _winner({"t5": 1.0, "reformer": None}, higher_is_better=True) == "—"
+def _run(rng: np.random.Generator, accuracy: float, test_loss: float, constant: str | None = None) -> dict:
+    """One synthetic (variant, seed) run as `gather_run` returns it: listops answered with `accuracy`."""
+    refs = [str(d) for d in rng.integers(0, 10, N_EXAMPLES)]
+    if constant is not None:
+        preds = [constant] * N_EXAMPLES
+    else:
+        preds = [r if rng.random() < accuracy else str((int(r) + 1) % 10) for r in refs]
+    curve = [{"step": float(s), "loss": 5.0 - s / 10} for s in (10, 20, 30)]
+    stage = {"parameters": 1000, "non_embedding_parameters": 500, "tokens": 4096, "val_loss": test_loss}
+    return {
+        "pretrain": dict(stage),
+        "finetune": dict(stage),
+        "pretrain_timing": {"wall_time_s": 10.0 + rng.random()},
+        "finetune_timing": {"wall_time_s": 5.0 + rng.random()},
+        "pretrain_curves": {"train": curve, "val": curve[-1:]},
+        "finetune_curves": {"train": curve, "val": []},
+        "eval": {"test_loss": test_loss + 0.01 * rng.standard_normal(), "unigram_loss": 6.5},
+        "examples": {
+            "listops": {
+                "metric": "accuracy",
+                "references": refs,
+                "baselines": {"majority": 0.15, "chance": 0.1},
+                "beams": {
+                    "1": {"predictions": preds, "scores": [float(p == r) for p, r in zip(preds, refs, strict=True)]}
+                },
+            }
+        },
+        "samples": {"listops": [{"input": "listops: [MAX 1 7 ]", "reference": "7", "beam1": preds[0]}]},
+        "confusion": {"listops": {"labels": ["0", "1"], "matrix": [[1, 0], [0, 1]]}},
+    }
+
+
+def synthetic(seeds: list[int], quality: dict[str, tuple[float, float, str | None]]) -> dict:
+    """`quality[variant]` = (listops accuracy, test loss, constant prediction or None)."""
+    data = {"seeds": seeds, "prepare": {}, "tokenize": {"vocab_size": 8000}, "runs": {}}
+    for i, (variant, (acc, loss, constant)) in enumerate(quality.items()):
+        data["runs"][variant] = {s: _run(np.random.default_rng(100 * i + s), acc, loss, constant) for s in seeds}
+    data["benchmark"] = {"crossovers": [{"sentence": "speed: reformer never trains faster than t5 (lengths 64)"}]}
+    data["benchmark_rows"] = [
+        {"kind": "length", "variant": v, "seq_length": 64, "num_layers": None, "tokens_per_s": 100.0,
+         "tokens_per_s_low": 90.0, "tokens_per_s_high": 110.0, "step_mb": 12.0, "peak_mb": 400.0}
+        for v in quality
+    ]  # fmt: skip
+    skipped = {
+        "kind": "length",
+        "variant": "t5",
+        "seq_length": 128,
+        "num_layers": None,
+        "skipped": "time budget of 5 s used",
+    }
+    data["benchmark_rows"].append(skipped)
+    return data
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    config = load_config(ROOT / "params.yaml")
+    config.evaluate.num_beams = [1]
+    return config
+
+
+def _row(analysis, key):
+    return next(r for r in [*analysis.rows, *analysis.task_rows] if r.key == key)
+
+
+def test_a_clear_winner_is_named_with_its_interval(cfg):
+    cfg.seeds = [0, 1, 2]
+    data = synthetic([0, 1, 2], {"t5": (0.9, 3.0, None), "reformer": (0.45, 4.0, None)})
+    analysis = analyze(cfg, data)
+    task = _row(analysis, "listops/accuracy_beam1")
+    assert task.values["t5"].has_interval and task.values["t5"].low < task.values["t5"].mean < task.values["t5"].high
+    ((a, b, verdict),) = task.verdicts
+    assert (a, b, verdict.winner, verdict.kind) == ("t5", "reformer", "t5", "significant")
+    loss = _row(analysis, "test_loss")
+    assert loss.verdicts[0][2].winner == "t5" and loss.baseline == pytest.approx(6.5)
+    assert not any(loss.collapsed(v) for v in loss.values)
+    report = render_report(cfg, data, analysis)
+    assert "t5, higher by" in report and "3 seeds per variant" in report
+    assert not re.search(r"\(x\d", report)  # no ratio is ever printed as a win
+    assert "| 64 | 100 (90–110) | 100 (90–110) |" in report  # benchmark figures with the spread of the repeats
+    assert "t5 at 128 (time budget of 5 s used)" in report  # the dropped measurement is stated
+    assert "encoder-decoder" in report  # the setup names the actual layout
+    assert "36.37%" in report and "37.27%" in report  # the published LRA ListOps numbers
+
+
+def test_equal_variants_get_no_winner(cfg):
+    cfg.seeds = [0, 1, 2]
+    data = synthetic([0, 1, 2], {"t5": (0.6, 3.0, None), "reformer": (0.6, 3.0, None)})
+    analysis = analyze(cfg, data)
+    verdict = _row(analysis, "listops/accuracy_beam1").verdicts[0][2]
+    assert verdict.winner is None and verdict.kind == "not_significant"
+    assert "no significant difference at this budget" in render_report(cfg, data, analysis)
+
+
+def test_a_broken_variant_is_collapsed_and_loses_every_comparison(cfg):
+    # reformer "trained with learning rate 0": constant output, test loss no better than the unigram baseline
+    cfg.seeds = [0, 1, 2]
+    data = synthetic([0, 1, 2], {"t5": (0.5, 3.0, None), "reformer": (0.0, 6.6, "7")})
+    analysis = analyze(cfg, data)
+    for key in ("listops/accuracy_beam1", "test_loss"):
+        row = _row(analysis, key)
+        assert row.collapsed("reformer") and not row.collapsed("t5"), key
+        assert row.verdicts[0][2].winner == "t5" and row.verdicts[0][2].kind == "collapsed", key
+    metrics = headline(analysis, data)
+    assert metrics["metrics"]["listops/accuracy_beam1"]["variants"]["reformer"]["collapsed"] is True
+    assert (
+        "constant prediction '7'"
+        in metrics["metrics"]["listops/accuracy_beam1"]["variants"]["reformer"]["collapse_reason"]
+    )
+    assert "reformer: listops/accuracy_beam1" in metrics["collapsed"]
+    report = render_report(cfg, data, analysis)
+    assert "**collapsed**" in report and "t5 (reformer collapsed)" in report
+    assert "tie" not in report.lower()
+
+
+def test_a_model_at_the_majority_baseline_is_collapsed_even_without_constant_output(cfg):
+    cfg.seeds = [0, 1, 2]
+    data = synthetic([0, 1, 2], {"t5": (0.12, 3.0, None), "reformer": (0.8, 3.0, None)})
+    row = _row(analyze(cfg, data), "listops/accuracy_beam1")
+    assert row.collapsed("t5") and "trivial baseline 0.150" in row.collapse["t5"].reason
+    assert row.verdicts[0][2].winner == "reformer"
+
+
+def test_one_seed_shows_no_interval_and_names_no_winner(cfg):
+    cfg.seeds = [0]
+    data = synthetic([0], {"t5": (0.9, 3.0, None), "reformer": (0.4, 4.0, None)})
+    analysis = analyze(cfg, data)
+    task = _row(analysis, "listops/accuracy_beam1")
+    assert not task.show_interval and "[" not in task.cell("t5")
+    assert task.verdicts[0][2].winner is None and task.verdicts[0][2].kind == "no_interval"
+    report = render_report(cfg, data, analysis)
+    assert "**One seed**" in report and "no interval is shown" in report
 
 
 def test_read_csv_drops_empty_cells(tmp_path: Path):
@@ -25,28 +158,10 @@ def test_read_csv_drops_empty_cells(tmp_path: Path):
     assert read_csv(tmp_path / "missing.csv") == []
 
 
-def test_mean_over_seeds_averages_numbers_and_curves_step_by_step():
-    runs = [
-        {"eval": {"test_loss": 2.0, "listops": {"accuracy_beam1": 0.5}}, "curve": [{"step": 1, "loss": 4.0}]},
-        {"eval": {"test_loss": 4.0, "listops": {"accuracy_beam1": 0.7}}, "curve": [{"step": 1, "loss": 2.0}]},
-    ]
-    mean = mean_over_seeds(runs)
-    assert mean["eval"]["test_loss"] == pytest.approx(3.0)
-    assert mean["eval"]["listops"]["accuracy_beam1"] == pytest.approx(0.6)
-    assert mean["curve"] == [{"step": 1.0, "loss": 3.0}]
-    # a step logged by only one seed is left out; a value missing from a seed is dropped, not averaged as zero
-    runs[0]["curve"].append({"step": 2, "loss": 1.0})
-    del runs[1]["eval"]["listops"]
-    mean = mean_over_seeds(runs)
-    assert [r["step"] for r in mean["curve"]] == [1.0] and "listops" not in mean["eval"]
-
-
 def test_sum_confusions_adds_counts_over_seeds_with_merged_labels():
-    a = {"listops": {"labels": ["1", "2"], "matrix": [[3, 1], [0, 2]]}}
-    b = {"listops": {"labels": ["1", "2", "(other)"], "matrix": [[1, 0, 1], [0, 1, 0], [0, 0, 0]]}}
-    assert sum_confusions([a, b]) == {
-        "listops": {"labels": ["1", "2", "(other)"], "matrix": [[4, 1, 1], [0, 3, 0], [0, 0, 0]]}
-    }
+    a = {"labels": ["1", "2"], "matrix": [[3, 1], [0, 2]]}
+    b = {"labels": ["1", "2", "(other)"], "matrix": [[1, 0, 1], [0, 1, 0], [0, 0, 0]]}
+    assert sum_confusions([a, b]) == {"labels": ["1", "2", "(other)"], "matrix": [[4, 1, 1], [0, 3, 0], [0, 0, 0]]}
 
 
 @pytest.mark.slow
@@ -60,23 +175,24 @@ def test_compare_stage_report_plots_and_mlflow(tmp_path: Path):
         assert result.returncode == 0, (module, result.stdout[-3000:])
 
     report = (project / "reports" / "comparison.md").read_text()
-    bench = json.loads((project / "metrics" / "benchmark.json").read_text())
     for family in ("t5", "reformer"):
         ev = json.loads((project / "metrics" / "evaluate" / f"{family}-0.json").read_text())
         assert f"{ev['test_loss']:.3f}" in report
-        assert f"{training[f'pretrain-{family}']['non_embedding_parameters']:,}" in report
         assert f"{training[f'pretrain-{family}']['tokens']:,}" in report
-    for n, entry in bench["per_length"].items():
-        assert f"| {n} | {entry['t5_tokens_per_s']:,.0f} |" in report
-    for section in ("## The answer in short", "## Setup", "## Side by side", "## Caveats", "listops: accuracy"):
+        assert "baseline_majority" in ev["listops"] and "unigram_loss" in ev
+        examples = json.loads((project / "artifacts" / "eval" / family / "0" / "examples.json").read_text())
+        assert len(examples["listops"]["beams"]["1"]["scores"]) == ev["listops"]["examples"]
+    for section in ("## The answer in short", "## Setup", "## Side by side", "## Fine-tuning tasks", "## Caveats",
+                    "## Efficiency indicators", "## Long Range Arena ListOps", "**One seed**"):  # fmt: skip
         assert section in report
     names = ["loss_curves.png", "speed_vs_length.png", "memory_vs_length.png", "memory_vs_depth.png",
              "confusion_matrices.png"]  # fmt: skip
     for name in names:
         assert (project / "reports" / name).read_bytes()[:4] == b"\x89PNG"
         assert f"({name})" in report  # the report shows every plot
-    headline = json.loads((project / "metrics" / "compare.json").read_text())
-    assert headline["speed_crossover_length_reformer"] == bench["speed_crossover_length"]["reformer"]
+    metrics = json.loads((project / "metrics" / "compare.json").read_text())
+    # random-init models: every task collapses (constant or not above the baseline), which the report says
+    assert metrics["collapsed"] and "collapsed" in report
 
     from mlflow import MlflowClient
 
