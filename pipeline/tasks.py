@@ -9,7 +9,12 @@ Offline defaults:
 - `summarize`: a document of the prepared corpus (a docstring, a reference entry) without its first sentence
   -> that first sentence (ROUGE-L). Splits are the prepared corpus's own splits.
 - `listops`: ListOps from the Long Range Arena (Tay et al. 2021): a generated nested expression of MAX, MIN,
-  MED (median) and SM (sum modulo 10) over digits -> its value (accuracy, classes "0".."9").
+  MED (median) and SM (sum modulo 10) over digits -> its value (accuracy, classes "0".."9"); `operators`,
+  `max_depth` and `max_args` scale it down to what a tiny model learns in minutes.
+- `sort`: distinct digits in random order -> the same digits sorted (exact match): learnable by tiny models,
+  and copying the input (the trivial baseline) is rarely right.
+- `lra_listops`: ListOps exactly as the Long Range Arena generates it (500 to 2000 tokens, 96K/2K/2K), for
+  the cluster preset `configs/lra_listops.yaml`.
 - `duplication`: the Reformer paper's duplication task (Kitaev et al. 2020, section 2.1) in text-to-text form:
   a random sequence of symbols -> the same sequence (exact match).
 Generated tasks are seeded per split and every example is assigned to one split by a hash of its input, so
@@ -324,6 +329,22 @@ def _build_duplication(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[
     return _generated("duplication", split, ctx, _count(split, o), draw)
 
 
+# --------------------------------------------------------------------------------------------- sort
+
+
+def _build_sort(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Example]:
+    """Distinct digits in random order -> the same digits in increasing order (exact match)."""
+    prefix = TASKS["sort"].prefix
+    if o["min_length"] > o["max_length"]:
+        raise ValueError(f"task sort: min_length {o['min_length']} > max_length {o['max_length']}")
+
+    def draw(rng: random.Random) -> Example:
+        digits = rng.sample(range(10), rng.randint(o["min_length"], o["max_length"]))
+        return Example(prefix + " ".join(map(str, digits)), " ".join(map(str, sorted(digits))))
+
+    return _generated("sort", split, ctx, _count(split, o), draw)
+
+
 # ------------------------------------------------------------------------------------------ hub recipes
 
 
@@ -458,6 +479,20 @@ TASKS: dict[str, Task] = {
                 "vocab_size": Option(16, (int,), "distinct symbols (the paper: 127)", 2),
             },
             description="Reformer section 2.1: a random symbol sequence -> the same sequence",
+        ),
+        Task(
+            "sort",
+            "sort: ",
+            "exact_match",
+            _build_sort,
+            {
+                **_GENERATED_COUNTS,
+                "min_length": Option(3, (int,), "fewest digits per sequence", 2),
+                "max_length": Option(
+                    5, (int,), "most digits per sequence (distinct digits: at most 10)", 2, maximum=10
+                ),
+            },
+            description="distinct digits in random order -> sorted (a copy that needs comparisons)",
         ),
         Task(
             "sst2",

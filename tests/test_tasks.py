@@ -499,3 +499,23 @@ def test_baselines_of_classification_and_generation_tasks():
     dup = get_task("duplication")
     test = [Example("duplicate: a b", "a b"), Example("duplicate: c d", "c d")]
     assert baselines(dup, [Example("duplicate: x", "x")], test) == {"copy_input": 1.0, "most_frequent_output": 0.0}
+
+
+def test_sort_targets_are_the_sorted_distinct_digits():
+    examples = build_examples({"sort": {"min_length": 3, "max_length": 6, "num_eval_examples": 50}}, "test", 0)["sort"]
+    assert len(examples) == 50
+    for ex in examples:
+        digits = ex.inputs.removeprefix("sort: ").split()
+        assert 3 <= len(digits) <= 6 and len(set(digits)) == len(digits)
+        assert ex.targets == " ".join(sorted(digits))
+    with pytest.raises(ValueError, match="min_length"):
+        build_examples({"sort": {"min_length": 5, "max_length": 3}}, "train", 0)
+
+
+def test_listops_operators_option_restricts_the_operators():
+    options = {"max_depth": 2, "max_args": 4, "min_chars": 0, "operators": ["MAX", "MIN"], "num_eval_examples": 40}
+    examples = build_examples({"listops": options}, "test", 0)["listops"]
+    assert {re.match(r"\[(\w+)", ex.inputs.removeprefix("listops: ")).group(1) for ex in examples} == {"MAX", "MIN"}
+    assert all(ex.targets == str(evaluate_listops(ex.inputs.removeprefix("listops: "))) for ex in examples)
+    with pytest.raises(ValueError, match="operators"):
+        build_examples({"listops": {"operators": ["POW"]}}, "train", 0)
