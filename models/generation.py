@@ -167,6 +167,37 @@ def _beam_search(
     return done_seqs[:, 0, :out_len]
 
 
+class Uncached:
+    """Decoding without caches, for any model of the interface: every step re-runs `model.forward` over the whole
+    prefix (encoder included) and keeps the last position's logits. The reference the cached decoding of each
+    family is tested and benchmarked against: `generate(Uncached(model), ...)`."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.config = model, model.config
+
+    def init_decoding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, num_beams: int) -> dict:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        mask = attention_mask.bool().repeat_interleave(num_beams, dim=0)
+        ids = input_ids.repeat_interleave(num_beams, dim=0)
+        return {"input_ids": ids, "mask": mask, "prompt": ids.shape[1], "tokens": ids[:, :0]}
+
+    def decode_step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        seq = torch.cat([state["tokens"], tokens], dim=1)
+        state = {**state, "tokens": seq}
+        if self.config.layout == "encoder_decoder":
+            return self.model(state["input_ids"], state["mask"], decoder_input_ids=seq)[:, -1], state
+        grown = seq.shape[1] - state["mask"].shape[1]  # decoder-only: `seq` starts with the prompt
+        mask = torch.cat([state["mask"], state["mask"].new_ones(seq.shape[0], grown)], dim=1)
+        extra = {}
+        if self.config.layout == "prefix_lm":
+            extra["prefix_lengths"] = torch.full((seq.shape[0],), state["prompt"], device=seq.device)
+        return self.model(seq, mask, **extra)[:, -1], state
+
+    def reorder_state(self, state: dict, beam_idx: torch.Tensor) -> dict:
+        return {k: v.index_select(0, beam_idx) if torch.is_tensor(v) else v for k, v in state.items()}
+
+
 class GenerationMixin:
     """Gives a model family the interface's `generate` method on top of its three decoding methods."""
 

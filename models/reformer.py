@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import reformer_decoding
 from models.common import Dropout, dropout
 from models.generation import GenerationMixin
 from models.lsh_kernels import NormaliseKeys, PermuteRows, SharedQKScores, look_adjacent, mask_values
@@ -395,10 +396,15 @@ class ReformerCrossAttention(nn.Module):
         self.value = nn.Linear(2 * config.d_model, inner, bias=False)
         self.output = ReformerSelfOutput(config)
 
-    def forward(self, hidden: torch.Tensor, encoder_out: torch.Tensor, encoder_mask: torch.Tensor | None):
+    def project_kv(self, encoder_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (pre-scaled by 1/sqrt(d_kv)) and values of the encoder output (B, E, 2D) -> 2 x (B, H, E, K)."""
+        k = _split_heads(self.key(encoder_out), self.num_heads) / math.sqrt(self.d_kv)
+        return k, _split_heads(self.value(encoder_out), self.num_heads)
+
+    def forward(self, hidden, encoder_out, encoder_mask, kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """hidden (B, L, D) -> (B, L, D); `kv`: `project_kv(encoder_out)` kept from earlier (decoding)."""
         q = _split_heads(self.query(self.layer_norm(hidden)), self.num_heads)  # (B, H, L, K)
-        k = _split_heads(self.key(encoder_out), self.num_heads) / math.sqrt(self.d_kv)  # (B, H, E, K)
-        v = _split_heads(self.value(encoder_out), self.num_heads)
+        k, v = self.project_kv(encoder_out) if kv is None else kv  # (B, H, E, K)
         out = full_attention(q, k, v, encoder_mask, False, False, self.drop, self.training)
         return self.output(_merge_heads(out))
 
@@ -510,17 +516,18 @@ class ReformerEmbeddings(nn.Module):
         self.position_embeddings = AxialPositionEmbeddings(config) if axial else PositionEmbeddings(config)
         self.dropout = Dropout(config.dropout_rate)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) -> (B, L, D)"""
-        positions = self.position_embeddings(input_ids.shape[1])
+    def forward(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """(B, L) tokens at positions offset .. offset + L - 1 -> (B, L, D)"""
+        positions = self.position_embeddings(offset + input_ids.shape[1])[offset:]
         return self.dropout(self.word_embeddings(input_ids)) + self.dropout(positions)
 
 
 class ReformerModel(GenerationMixin, nn.Module):
     """Reformer with an LM head over both streams; `causal_lm` has one stack (`decoder`), `encoder_decoder` two.
 
-    `generate` (from `GenerationMixin`) re-runs the decoder on the prefix each step; with `hash_seed=None` the
-    LSH hashing is random at every step, so set a seed for reproducible decoding.
+    `generate` (from `GenerationMixin`) decodes incrementally with cached keys, values and LSH buckets
+    (`models/reformer_decoding.py`); with `hash_seed=None` the rotations are drawn afresh, so set a seed for
+    reproducible decoding.
     """
 
     def __init__(self, config: ReformerConfig):
@@ -594,34 +601,17 @@ class ReformerModel(GenerationMixin, nn.Module):
         encoder_out = self.encode(input_ids, attention_mask)
         return self.decode(decoder_input_ids, decoder_attention_mask, encoder_out, attention_mask)
 
-    # decoding protocol of models/generation.py: the decoder re-runs on the whole prefix every step (LSH buckets
-    # of a growing sequence change, so there is no cache to keep); the encoder runs once.
+    # decoding protocol of models/generation.py, with caches: models/reformer_decoding.py
     def init_decoding(self, input_ids, attention_mask=None, num_beams: int = 1) -> dict[str, Any]:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        mask = attention_mask.bool().repeat_interleave(num_beams, dim=0)
-        state: dict[str, Any] = {"tokens": input_ids.new_zeros(mask.shape[0], 0)}
-        if self.config.layout == "encoder_decoder":
-            state["encoder_out"] = self.encode(input_ids, attention_mask).repeat_interleave(num_beams, dim=0)
-            state["encoder_mask"] = mask
-            state["mask"] = mask.new_zeros(mask.shape[0], 0)
-        else:
-            state["mask"] = mask  # the prompt's mask; tokens appended later are real
-        return state
+        """Run the encoder once (its keys/values per decoder layer kept) and prepare empty per-layer caches."""
+        return reformer_decoding.init_state(self, input_ids, attention_mask, num_beams)
 
     def decode_step(self, tokens: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        state = dict(state)
-        state["tokens"] = torch.cat([state["tokens"], tokens], dim=1)
-        n, t = state["tokens"].shape
-        if state["mask"].shape[1] < t:
-            ones = state["mask"].new_ones(n, t - state["mask"].shape[1])
-            state["mask"] = torch.cat([state["mask"], ones], dim=1)
-        mask = None if bool(state["mask"].all()) else state["mask"]
-        logits = self.decode(state["tokens"], mask, state.get("encoder_out"), state.get("encoder_mask"))
-        return logits[:, -1], state
+        """tokens (N, t) new since the last call -> logits of the last position (N, V); caches grow by t."""
+        return reformer_decoding.decode_step(self, tokens, state)
 
     def reorder_state(self, state: dict[str, Any], beam_idx: torch.Tensor) -> dict[str, Any]:
-        return {k: v.index_select(0, beam_idx) for k, v in state.items()}
+        return reformer_decoding.reorder_state(state, beam_idx)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameter count; non-embedding excludes token and position embeddings and the output projection."""
