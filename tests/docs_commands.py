@@ -21,9 +21,10 @@ FENCE = re.compile(r"^```([\w-]*)[ \t]*\n(.*?)^```", re.M | re.S)
 
 # What a reader substitutes, and what the test substitutes for it.
 PLACEHOLDERS = {
+    "--model V --seed S": "--model ${item.model} --seed ${item.seed}",  # the stage table: dvc.yaml's own cmd
     "<name>": "$(dvc exp ls --name-only | tail -n 1)",
     "<variant>": "reformer",
-    "<field>=...": "n_hashes=4",
+    "<field>=...": "n_hashes=8",  # the report's example: the README's experiment, already run
 }
 
 # Commands the test does not run, with the reason and where they are covered instead.
@@ -32,6 +33,8 @@ NOT_RUN = {
     '".[test]"': "the setup command: .ci/run runs it in a fresh virtual environment",
     'python -m pytest -m "not gpu"': "the test command: it is what runs this test (.ci/run)",
     "python -m pipeline.duplication --preset cpu": "ten minutes on 2 cores: tests/test_duplication.py runs it small",
+    "python -m pytest": "the fast tests alone: CI runs them (and the slow ones) with the test command above",
+    "dvc queue start": "starts background workers; queued runs take the code path of `dvc exp run --temp`, run here",
     "python -m pipeline.duplication --preset paper": "GPU-sized: tests/test_duplication.py runs the cpu preset small",
 }
 
