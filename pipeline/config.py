@@ -182,7 +182,10 @@ class FinetuneConfig(TrainingLoopConfig):
     checkpoint_dir: str | None = None
     """For `init: checkpoint`: a local checkpoint directory in the family's original format."""
     tasks: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {"summarize": {}, "listops": {}, "duplication": {}}
+        default_factory=lambda: {
+            "listops": {"max_depth": 2, "max_args": 5, "min_chars": 0, "operators": ["MAX", "MIN"]},
+            "sort": {},
+        }
     )
     """Tasks to mix, by registry name, each with its options (see `pipeline/tasks.py`)."""
     mixing: Literal["examples_proportional", "temperature", "equal"] = "examples_proportional"
@@ -193,12 +196,12 @@ class FinetuneConfig(TrainingLoopConfig):
     """Examples-proportional mixing limit K: a task's size counts as at most K examples."""
     input_length: int = 128
     """Maximum input tokens (longer inputs are truncated)."""
-    target_length: int = 32
+    target_length: int = 16
     """Maximum target tokens (longer targets are truncated)."""
-    max_steps: int = 150
+    max_steps: int = 400
     """Optimizer steps."""
     optimizer: OptimizerConfig = field(
-        default_factory=lambda: OptimizerConfig(lr=1e-3, schedule="constant", warmup_steps=10)
+        default_factory=lambda: OptimizerConfig(lr=1e-3, schedule="constant", warmup_steps=20)
     )
     """Optimizer and schedule."""
 
@@ -207,15 +210,15 @@ class FinetuneConfig(TrainingLoopConfig):
 class EvaluateConfig:
     split: Literal["test", "validation"] = "test"
     """Split evaluated."""
-    batch_size: int = 32
+    batch_size: int = 64
     """Sequences per evaluation batch."""
     max_loss_batches: int = 20
     """Batches of the pretraining objective used for loss and perplexity (None-like 0 means all)."""
-    max_examples_per_task: int = 64
+    max_examples_per_task: int = 200
     """Examples per fine-tuning task scored by generation."""
-    num_beams: list[int] = field(default_factory=lambda: [1, 4])
+    num_beams: list[int] = field(default_factory=lambda: [1])
     """Beam sizes evaluated (1 is greedy)."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = 12
     """Generation length limit."""
     num_samples: int = 5
     """Examples per task written out with input, reference and generation."""
