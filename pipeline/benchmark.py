@@ -45,6 +45,7 @@ from typing import Any
 
 from pipeline.common import atomic_output, repo_root, run_stage, stage_parser, write_json
 from pipeline.config import Config
+from pipeline.console import progress_bar, quiet_libraries
 
 log = logging.getLogger("pipeline.benchmark")
 
@@ -261,6 +262,7 @@ def benchmark(cfg: Config, vocab_size: int, child=run_child) -> dict[str, Any]:
 
     lengths = sorted(set(b.seq_lengths))
     stopped: dict[str, str] = {}
+    bar = progress_bar((len(lengths) + len(set(b.depths))) * len(cfg.models), "benchmark")
     for length in lengths:
         for variant in cfg.models:
             row = {"kind": "length", "variant": variant, "seq_length": length, "num_layers": None}
@@ -278,6 +280,7 @@ def benchmark(cfg: Config, vocab_size: int, child=run_child) -> dict[str, Any]:
                 stopped.setdefault(variant, f"does not fit: stopped at {length}")
             log.info("benchmark %s", _describe(row))
             rows.append(row)
+            bar.update(1)
     for num_layers in sorted(set(b.depths)):
         for variant in cfg.models:
             row = {"kind": "depth", "variant": variant, "seq_length": b.depth_seq_length, "num_layers": num_layers}
@@ -287,6 +290,8 @@ def benchmark(cfg: Config, vocab_size: int, child=run_child) -> dict[str, Any]:
                 row.update(child(spec(variant, b.depth_seq_length, num_layers), max(budget_left() + 60, 30)))
             log.info("benchmark %s", _describe(row))
             rows.append(row)
+            bar.update(1)
+    bar.close()
     return {"rows": rows, "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -424,6 +429,7 @@ def write_plots(result: dict[str, Any], out: Path) -> None:
 
 
 def body(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    quiet_libraries()
     root = repo_root()
     vocab_size = -(-cfg.tokenizer.vocab_size // 128) * 128  # params only: the stage does not depend on data
     counts = parameter_counts(cfg, vocab_size)

@@ -61,6 +61,14 @@ class ProgressBar(TQDMProgressBar):
         return items
 
 
+def progress_bar(total: int, desc: str, enabled: bool | None = None) -> Any:
+    """A tqdm bar to `update()` by hand (by default shown only when stderr is a terminal); `close()` it."""
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+
+
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, enabled: bool | None = None) -> Iterator[T]:
     """`iterable` with a tqdm bar on stderr (by default only when stderr is a terminal, so logs stay clean)."""
     from tqdm.auto import tqdm
