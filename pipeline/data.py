@@ -18,18 +18,20 @@ train/validation/test is a seeded permutation of the kept documents.
 from __future__ import annotations
 
 import ast
+import codecs
 import glob
 import hashlib
-import json
 import logging
 import os
-import random
 import re
 import sysconfig
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipeline.common import StageError
 from pipeline.config import DataConfig, FilesSource, HubSource
@@ -37,7 +39,6 @@ from pipeline.config import DataConfig, FilesSource, HubSource
 log = logging.getLogger("pipeline.data")
 
 SPLITS = ("train", "validation", "test")
-FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 # Standard-library directories whose docstrings are not prose worth keeping (tests, vendored or
 # deprecated trees, demos) or that are not part of the library at all (installed packages).
@@ -73,8 +74,6 @@ class CorpusStats:
     """Exact duplicates dropped (after normalisation)."""
     skipped_files: int = 0
     """Files skipped because they are not valid UTF-8 (`on_invalid_utf8: skip`)."""
-    skipped_records: int = 0
-    """`.jsonl`/`.parquet` records skipped because they are not valid UTF-8 text."""
     skipped_paths: list[str] = field(default_factory=list)
     """The skipped files, for the log."""
 
@@ -95,13 +94,13 @@ def normalize_text(text: str) -> str:
     return _MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip()
 
 
-def clean_documents(documents: Iterable[str | None], cfg: DataConfig, stats: CorpusStats) -> list[str]:
-    """Normalise, filter by length, drop exact duplicates and cap, in source order; updates `stats`.
+def iter_clean_documents(documents: Iterable[str | None], cfg: DataConfig, stats: CorpusStats) -> Iterator[str]:
+    """Normalise, filter by length, drop exact duplicates and cap, lazily in source order; updates `stats`.
 
     Reading stops as soon as `cfg.max_documents` documents are kept, so a streamed source is read only as
-    far as needed.
+    far as needed. Memory: one 16-byte digest per kept document for the duplicate check, never the texts.
     """
-    kept: list[str] = []
+    kept, cap = 0, effective_cap(cfg)
     seen: set[bytes] = set()
     for doc in documents:
         stats.read += 1
@@ -117,44 +116,44 @@ def clean_documents(documents: Iterable[str | None], cfg: DataConfig, stats: Cor
                 stats.duplicates_removed += 1
                 continue
             seen.add(digest)
-        kept.append(text)
-        if cfg.max_documents is not None and len(kept) >= cfg.max_documents:
+        yield text
+        kept += 1
+        if cap is not None and kept >= cap:
             break
-    return kept
+
+
+def clean_documents(documents: Iterable[str | None], cfg: DataConfig, stats: CorpusStats) -> list[str]:
+    """`iter_clean_documents` as a list (small corpora, tests)."""
+    return list(iter_clean_documents(documents, cfg, stats))
+
+
+def split_indices(n: int, seed: int, validation_fraction: float, test_fraction: float) -> dict[str, np.ndarray]:
+    """Deterministic train/validation/test split of `n` documents: sorted index arrays from a permutation
+    seeded by `seed` (8 bytes per document, never the texts).
+
+    Validation and test get `round(n * fraction)` documents each, at least one; train gets the rest (at
+    least one).
+    """
+    if n < 3:
+        raise StageError(
+            f"the corpus has {n} document(s) after filtering; need at least 3 (one per split). "
+            "A single text file is one document with data.files.sample_by: document; use paragraph or line"
+        )
+    n_val = max(1, round(n * validation_fraction))
+    n_test = max(1, round(n * test_fraction))
+    if n - n_val - n_test < 1:
+        raise StageError(f"the corpus has {n} documents: too few for validation and test fractions and a train split")
+    order = np.random.default_rng(seed).permutation(n)
+    parts = {"validation": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+    return {name: np.sort(parts[name]) for name in SPLITS}
 
 
 def split_documents(
     documents: list[str], seed: int, validation_fraction: float, test_fraction: float
 ) -> dict[str, list[str]]:
-    """Deterministic train/validation/test split: a permutation seeded by `seed`.
-
-    Validation and test get `round(n * fraction)` documents each, at least one; train gets the rest (at
-    least one). Within each split documents keep their source order.
-    """
-    n = len(documents)
-    if n < 3:
-        raise StageError(f"the corpus has {n} document(s) after filtering; need at least 3 (one per split)")
-    n_val = max(1, round(n * validation_fraction))
-    n_test = max(1, round(n * test_fraction))
-    if n - n_val - n_test < 1:
-        raise StageError(f"the corpus has {n} documents: too few for validation and test fractions and a train split")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    parts = {
-        "validation": order[:n_val],
-        "test": order[n_val : n_val + n_test],
-        "train": order[n_val + n_test :],
-    }
-    return {name: [documents[i] for i in sorted(parts[name])] for name in SPLITS}
-
-
-def split_stats(texts: list[str]) -> dict[str, int]:
-    """Documents, characters and whitespace-separated words of one split."""
-    return {
-        "documents": len(texts),
-        "characters": sum(len(t) for t in texts),
-        "words": sum(len(t.split()) for t in texts),
-    }
+    """`split_indices` applied to a list of texts: within each split documents keep their source order."""
+    parts = split_indices(len(documents), seed, validation_fraction, test_fraction)
+    return {name: [documents[i] for i in parts[name]] for name in SPLITS}
 
 
 # ------------------------------------------------------------------------------------- builtin source
@@ -261,95 +260,207 @@ def hub_documents(hub: HubSource) -> Iterator[str | None]:
 
 # --------------------------------------------------------------------------------------- files source
 
+FILE_FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+"""File suffix -> the `datasets` builder that reads it (`data.files.format: auto`)."""
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+"""Compressed files (`c4-train.00000-of-01024.json.gz`) are read through `datasets`' own decompression."""
 
-def match_files(pattern: str, root: Path) -> list[Path]:
-    """Files matching a glob (relative to `root` unless absolute; `**` recurses), sorted."""
+
+def _opt(section: Any, name: str) -> Any:  # TEMPORARY until the config fields land
+    return getattr(
+        section, name, {"format": "auto", "sample_by": "paragraph", "preset": None, "preset_dir": None}[name]
+    )
+
+
+def file_format(path: Path) -> str | None:
+    """The builder for a file by its suffix (a compression suffix is looked through), or None."""
+    suffixes = path.suffixes
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return FILE_FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def match_files(pattern: str, root: Path, fmt: str = "auto") -> tuple[list[Path], str]:
+    """(files matching a glob, relative to `root` unless absolute, `**` recursing, sorted; their builder).
+
+    With `fmt` `auto` every file's suffix must name the same builder (`text`, `json`, `parquet`, `csv`).
+    """
     base = "" if os.path.isabs(pattern) else str(root)
     matches = glob.glob(os.path.join(base, pattern), recursive=True)
     files = sorted(Path(m) for m in matches if os.path.isfile(m))
     if not files:
         raise StageError(f"data.files.glob: {pattern!r} matched no files under {root}")
-    unsupported = [f for f in files if f.suffix not in FILE_SUFFIXES]
+    if fmt != "auto":
+        return files, fmt
+    formats = {f: file_format(f) for f in files}
+    unsupported = [f for f, kind in formats.items() if kind is None]
     if unsupported:
         raise StageError(
             f"data.files.glob: {pattern!r} matched {len(unsupported)} file(s) of unsupported type, e.g. "
-            f"{unsupported[0]}; supported: {', '.join(FILE_SUFFIXES)}"
+            f"{unsupported[0]}; supported: {', '.join(FILE_FORMATS)} (optionally {', '.join(COMPRESSIONS)}), "
+            "or set data.files.format"
         )
-    return files
+    kinds = sorted(set(formats.values()))
+    if len(kinds) > 1:
+        raise StageError(
+            f"data.files.glob: {pattern!r} mixes {' and '.join(kinds)} files; narrow the glob to one format"
+        )
+    return files, kinds[0]
 
 
-def _invalid_utf8(path: Path, what: str, exc: UnicodeDecodeError, on_invalid: str) -> None:
+def _invalid_utf8(path: Path, exc: UnicodeDecodeError, on_invalid: str) -> None:
     if on_invalid == "error":
         raise StageError(
-            f"{path}: {what} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
-            "set data.on_invalid_utf8: skip to skip such input"
+            f"{path}: the file is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+            "set data.on_invalid_utf8: skip to skip such files"
         )
-    log.warning("skipping %s: %s is not valid UTF-8", path, what)
+    log.warning("skipping %s: the file is not valid UTF-8", path)
 
 
-def _txt_documents(path: Path, on_invalid: str, stats: CorpusStats) -> Iterator[str]:
-    try:
-        yield path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        _invalid_utf8(path, "the file", exc, on_invalid)
-        stats.skipped_files += 1
-        stats.skipped_paths.append(str(path))
-
-
-def _jsonl_documents(path: Path, text_field: str, on_invalid: str, stats: CorpusStats) -> Iterator[str | None]:
+def check_utf8(path: Path) -> None:
+    """Raise `UnicodeDecodeError` unless the (uncompressed) file is valid UTF-8; reads it in 16 MB blocks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                _invalid_utf8(path, f"line {lineno}", exc, on_invalid)
-                stats.skipped_records += 1
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise StageError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                raise StageError(f"{path}:{lineno}: no field {text_field!r} (data.files.text_field); found: {fields}")
-            yield record[text_field]
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            decoder.decode(block)
+    decoder.decode(b"", final=True)
 
 
-def _parquet_documents(path: Path, text_field: str, on_invalid: str, stats: CorpusStats) -> Iterator[str | None]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _load_file(path: Path, fmt: str, files: FilesSource) -> Any:
+    import datasets
 
+    kwargs: dict[str, Any] = {}
+    if fmt == "text":  # one row per line, blank-line separated paragraph, or whole file
+        sample_by = _opt(files, "sample_by")
+        kwargs = {"sample_by": sample_by, "keep_linebreaks": sample_by != "line"}
+    return datasets.load_dataset(fmt, data_files=[str(path)], split="train", streaming=True, **kwargs)
+
+
+def _file_records(path: Path, fmt: str, files: FilesSource) -> Iterator[str | None]:
+    ds = _load_file(path, fmt, files)
+    field_name = "text" if fmt == "text" else files.text_field
     try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise StageError(f"{path}: not a readable parquet file ({exc})") from None
-    names = parquet.schema_arrow.names
-    if text_field not in names:
-        raise StageError(f"{path}: no column {text_field!r} (data.files.text_field); columns: {', '.join(names)}")
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
-        column = batch.column(0)
-        if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-            for i, value in enumerate(column.to_pylist()):
-                try:
-                    yield None if value is None else value.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    _invalid_utf8(path, f"record {i}", exc, on_invalid)
-                    stats.skipped_records += 1
-        else:  # arrow strings are UTF-8 by construction
-            yield from column.to_pylist()
+        for n, record in enumerate(ds):
+            if field_name not in record:
+                raise StageError(
+                    f"{path}: no field {field_name!r} (data.files.text_field) in record {n}; found: {', '.join(record)}"
+                )
+            yield record[field_name]
+    except StageError:
+        raise
+    except Exception as exc:  # the builders raise pyarrow, json, csv and OS errors alike: name the file
+        raise StageError(f"{path}: cannot read it as {fmt} ({type(exc).__name__}: {exc})") from None
 
 
 def file_documents(files: FilesSource, root: Path, on_invalid_utf8: str, stats: CorpusStats) -> Iterator[str | None]:
-    """Documents of the files matched by `files.glob`, file by file in sorted order."""
-    for path in match_files(files.glob, root):
-        if path.suffix == ".txt":
-            yield from _txt_documents(path, on_invalid_utf8, stats)
-        elif path.suffix == ".jsonl":
-            yield from _jsonl_documents(path, files.text_field, on_invalid_utf8, stats)
-        else:
-            yield from _parquet_documents(path, files.text_field, on_invalid_utf8, stats)
+    """Documents of the files matched by `files.glob`, file by file in sorted order, streamed through
+    `datasets`' own loaders (nothing is read into memory whole). Text files are cut by `files.sample_by`;
+    JSON (lines), parquet and CSV give one document per record, the `files.text_field` column.
+
+    Uncompressed text, JSON and CSV files are checked to be UTF-8 before reading (invalid ones are skipped
+    whole and counted, or are an error: `on_invalid_utf8`).
+    """
+    paths, fmt = match_files(files.glob, root, _opt(files, "format"))
+    for path in paths:
+        if fmt != "parquet" and path.suffix not in COMPRESSIONS:
+            try:
+                check_utf8(path)
+            except UnicodeDecodeError as exc:
+                _invalid_utf8(path, exc, on_invalid_utf8)
+                stats.skipped_files += 1
+                stats.skipped_paths.append(str(path))
+                continue
+        yield from _file_records(path, fmt, files)
+
+
+# --------------------------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class DataPreset:
+    """A named corpus for cluster runs: where it lives on the hub, what a document is, how much of it to use,
+    and the sizes and lengths the T5 paper trains with on it (`t5_params`, dotted params keys)."""
+
+    hub: str
+    """Dataset name on the hub; `data.preset_dir` may point at a local copy of the same layout instead."""
+    config: str
+    split: str
+    text_column: str
+    documents: str
+    """`rows` (one record, one document) or `wikitext_articles` (rows are lines; a ` = Title = ` line starts
+    the next article)."""
+    max_documents: int | None
+    """The preset's document cap, used when `data.max_documents` is null."""
+    t5_params: dict[str, Any]
+
+
+T5_PRETRAINING = {
+    # T5 paper (Raffel et al. 2020), section 3.1: SentencePiece vocabulary of 32,000 pieces (plus 100
+    # sentinels), inputs of 512 tokens (span corruption of 568 raw tokens gives 114 targets, section 3.1.4),
+    # batches of 128 sequences, 2^19 pretraining steps: 2^35 (~34B) tokens.
+    "tokenizer.vocab_size": 32_100,
+    "tokenizer.num_sentinels": 100,
+    "pretrain.input_length": 512,
+    "pretrain.batch_size": 128,
+    "pretrain.max_steps": 524_288,
+}
+
+DATA_PRESETS: dict[str, DataPreset] = {
+    # WikiText-103 (Merity et al. 2016): 28,475 train articles, ~103M words, ~540 MB of raw text.
+    "wikitext-103": DataPreset(
+        "Salesforce/wikitext", "wikitext-103-raw-v1", "train", "text", "wikitext_articles", None, T5_PRETRAINING
+    ),
+    # C4 English (allenai/c4, config `en`: 1024 gzipped JSON-lines train shards, ~365M documents, ~156B
+    # tokens). 80M documents (~427 tokens each) cover T5's 2^35-token budget without repeating any document,
+    # which the paper found to matter (section 3.4.2, table 9).
+    "c4-en": DataPreset("allenai/c4", "en", "train", "text", "rows", 80_000_000, T5_PRETRAINING),
+}
+
+
+_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = \s*$")
+
+
+def wikitext_articles(rows: Iterable[str | None]) -> Iterator[str]:
+    """WikiText rows (one line each, headings as ` = Title = `) regrouped into articles."""
+    article: list[str] = []
+    for row in rows:
+        if not row:
+            continue
+        if _WIKITEXT_TITLE.match(row) and article:
+            yield "".join(article)
+            article = []
+        article.append(row if row.endswith("\n") else row + "\n")
+    if article:
+        yield "".join(article)
+
+
+def preset_documents(cfg: DataConfig) -> Iterator[str | None]:
+    """Documents of the named preset, streamed from the hub or from `data.preset_dir` (same layout)."""
+    if _opt(cfg, "preset") not in DATA_PRESETS:
+        raise StageError(f"data.preset: {cfg.preset!r} is not a preset; choose one of {', '.join(DATA_PRESETS)}")
+    preset = DATA_PRESETS[_opt(cfg, "preset")]
+    name = preset.hub
+    if _opt(cfg, "preset_dir"):
+        name = str(Path(_opt(cfg, "preset_dir")).expanduser())
+        if not Path(name).is_dir():
+            raise StageError(f"data.preset_dir: {name} is not a directory (a local copy of {preset.hub})")
+    hub = HubSource(name=name, config=preset.config, split=preset.split, text_column=preset.text_column, streaming=True)
+    rows = hub_documents(hub)
+    return wikitext_articles(rows) if preset.documents == "wikitext_articles" else rows
+
+
+def preset_mismatches(preset: str, values: dict[str, Any]) -> list[str]:
+    """`key=value` of the preset's T5 sizes that differ from `values` (dotted params keys -> current values)."""
+    wanted = DATA_PRESETS[preset].t5_params
+    return [f"{key}={value}" for key, value in wanted.items() if values.get(key) != value]
 
 
 # ---------------------------------------------------------------------------------------------- corpus
@@ -363,36 +474,87 @@ def read_source(cfg: DataConfig, root: Path, stats: CorpusStats) -> Iterator[str
         return builtin_documents(cfg.builtin.topics, cfg.builtin.docstrings)
     if cfg.source == "hub":
         return hub_documents(cfg.hub)
+    if cfg.source == "preset":
+        return preset_documents(cfg)
     return file_documents(cfg.files, root, cfg.on_invalid_utf8, stats)
 
 
-def prepare_corpus(cfg: DataConfig, seed: int, root: Path) -> tuple[dict[str, list[str]], dict[str, Any]]:
-    """Read, clean and split the corpus; returns the splits and the stats written as metrics."""
+def effective_cap(cfg: DataConfig) -> int | None:
+    """`data.max_documents`, or the preset's cap when that is null."""
+    if cfg.max_documents is None and cfg.source == "preset" and _opt(cfg, "preset") in DATA_PRESETS:
+        return DATA_PRESETS[_opt(cfg, "preset")].max_documents
+    return cfg.max_documents
+
+
+ARROW_BATCH_DOCUMENTS = 4096
+ARROW_BATCH_BYTES = 32 << 20
+
+
+def _write_arrow(texts: Iterable[str], path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """Stream texts into an Arrow IPC file (column `text`) in bounded batches; returns per-document
+    (characters, words) as int64 arrays and a digest of the texts."""
+    import pyarrow as pa
+
+    schema = pa.schema([("text", pa.string())])
+    chars, words = array("q"), array("q")
+    digest = hashlib.blake2b(digest_size=16)
+    batch: list[str] = []
+    size = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for text in texts:
+            batch.append(text)
+            chars.append(len(text))
+            words.append(len(text.split()))
+            digest.update(len(text).to_bytes(8, "little"))
+            digest.update(text.encode("utf-8", "surrogatepass"))
+            size += len(text)
+            if len(batch) >= ARROW_BATCH_DOCUMENTS or size >= ARROW_BATCH_BYTES:
+                writer.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=schema))
+                batch, size = [], 0
+        if batch:
+            writer.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=schema))
+    return np.frombuffer(chars, dtype=np.int64), np.frombuffer(words, dtype=np.int64), digest.hexdigest()
+
+
+def write_prepared(cfg: DataConfig, seed: int, root: Path, out_dir: Path, scratch: Path) -> dict[str, Any]:
+    """Read, clean and split the corpus into a `datasets.DatasetDict` saved at `out_dir`; returns the metrics.
+
+    The cleaned documents stream into one Arrow file in `scratch` (a directory the caller removes), the
+    split is drawn over document indices, and each split is saved from memory-mapped Arrow: memory stays
+    bounded by a batch of documents plus a few bytes per document, whatever the corpus size.
+    """
+    import datasets
+
     stats = CorpusStats()
-    documents = clean_documents(read_source(cfg, root, stats), cfg, stats)
-    if not documents:
+    raw = scratch / "documents.arrow"
+    chars, words, digest = _write_arrow(iter_clean_documents(read_source(cfg, root, stats), cfg, stats), raw)
+    if len(chars) == 0:
         raise StageError(
             f"the corpus is empty: {stats.read} document(s) read from source {cfg.source!r}, "
             f"{stats.too_short} shorter than data.min_chars={cfg.min_chars}, {stats.skipped_files} file(s) skipped"
         )
-    splits = split_documents(documents, seed, cfg.validation_fraction, cfg.test_fraction)
-    metrics: dict[str, Any] = {name: split_stats(texts) for name, texts in splits.items()}
+    parts = split_indices(len(chars), seed, cfg.validation_fraction, cfg.test_fraction)
+    documents = datasets.Dataset.from_file(str(raw))
+    # fingerprints from the content and the split, not from the scratch path: the same corpus gives
+    # byte-identical outputs (DVC and the tokenize stage's resume key compare them)
+    split_key = hashlib.blake2b(f"{digest}/{seed}/{cfg.validation_fraction}/{cfg.test_fraction}".encode()).hexdigest()
+    splits = datasets.DatasetDict(
+        {name: documents.select(parts[name], new_fingerprint=f"{split_key[:32]}{i}") for i, name in enumerate(SPLITS)}
+    )
+    splits.save_to_disk(str(out_dir))
+    metrics: dict[str, Any] = {
+        name: {
+            "documents": len(parts[name]),
+            "characters": int(chars[parts[name]].sum()),
+            "words": int(words[parts[name]].sum()),
+        }
+        for name in SPLITS
+    }
     metrics.update(
         documents_read=stats.read,
-        documents_kept=len(documents),
+        documents_kept=len(chars),
         too_short=stats.too_short,
         duplicates_removed=stats.duplicates_removed,
         skipped_files=stats.skipped_files,
-        skipped_records=stats.skipped_records,
     )
-    return splits, metrics
-
-
-def to_dataset_dict(splits: dict[str, list[str]]) -> Any:
-    """The splits as a `datasets.DatasetDict` with one `text` column."""
-    import datasets
-
-    features = datasets.Features({"text": datasets.Value("string")})
-    return datasets.DatasetDict(
-        {name: datasets.Dataset.from_dict({"text": splits[name]}, features=features) for name in SPLITS}
-    )
+    return metrics

@@ -2,8 +2,9 @@
 
 Outputs: `data/prepared/` (a `datasets.DatasetDict` with `train`, `validation`, `test`, column `text`, plus
 `stats.json`) and `metrics/prepare.json` (documents, characters and words per split; documents dropped).
-Everything is read and checked before anything is written, and both outputs are replaced atomically, so a
-failed run leaves the previous outputs intact.
+Documents stream from the source through cleaning into Arrow files, so memory does not grow with the corpus.
+Everything is written into temporary siblings and swapped into place at the end, so a failed run leaves the
+previous outputs intact; temporaries left by a killed run are removed by the next one.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 
-from pipeline.common import atomic_output, repo_root, run_stage, stage_parser, write_json
+from pipeline.common import atomic_output, recover_output, repo_root, run_stage, stage_parser, write_json
 from pipeline.config import Config
-from pipeline.data import prepare_corpus, to_dataset_dict
+from pipeline.data import preset_mismatches, write_prepared
 
 log = logging.getLogger("pipeline.prepare")
 
@@ -27,10 +29,13 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
 
     datasets.disable_progress_bars()
     root = repo_root()
-    splits, metrics = prepare_corpus(cfg.data, cfg.seed, root)
-    dataset = to_dataset_dict(splits)
-    with atomic_output(root / PREPARED_DIR) as tmp:
-        dataset.save_to_disk(str(tmp))
+    target = root / PREPARED_DIR
+    recover_output(target)
+    with atomic_output(target) as tmp:
+        scratch = tmp / ".scratch"  # the cleaned documents' Arrow file, removed before the swap
+        scratch.mkdir(parents=True)
+        metrics = write_prepared(cfg.data, cfg.seed, root, tmp, scratch)
+        shutil.rmtree(scratch)
         stats = {"source": cfg.data.source, **metrics}
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     write_json(root / METRICS_FILE, metrics)
@@ -38,11 +43,25 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
         "prepared %d documents from %r: %s (%d too short, %d duplicates, %d files skipped)",
         metrics["documents_kept"],
         cfg.data.source,
-        ", ".join(f"{name} {metrics[name]['documents']}" for name in splits),
+        ", ".join(f"{name} {metrics[name]['documents']}" for name in ("train", "validation", "test")),
         metrics["too_short"],
         metrics["duplicates_removed"],
         metrics["skipped_files"],
     )
+    preset = getattr(cfg.data, "preset", None)
+    if cfg.data.source == "preset" and preset:
+        current = {
+            "tokenizer.vocab_size": cfg.tokenizer.vocab_size,
+            "tokenizer.num_sentinels": cfg.tokenizer.num_sentinels,
+            "pretrain.input_length": cfg.pretrain.input_length,
+            "pretrain.batch_size": cfg.pretrain.batch_size,
+            "pretrain.max_steps": cfg.pretrain.max_steps,
+        }
+        differ = preset_mismatches(preset, current)
+        if differ:
+            log.info(
+                "data preset %s: the T5 paper trains on it with %s (set in params.yaml)", preset, ", ".join(differ)
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,8 @@ Scale: memory is bounded by the tokenizer's training sample, not by the corpus.
   completes, under a key of everything that decides the outputs: a killed run continues from the finished
   shards; a run with other params or other prepared data starts over.
 - The outputs are assembled in temporary siblings and swapped into place at the end, so a failed run leaves
-  the previous outputs intact; temporary siblings left by a killed run are removed by the next one.
+  the previous outputs intact; temporary siblings left by a killed run are removed by the next one
+  (`common.recover_output`, which also rolls back a swap interrupted half-way).
 """
 
 from __future__ import annotations
@@ -36,7 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import StageError, atomic_output, repo_root, run_stage, stage_parser, write_json
+from pipeline.common import (
+    StageError,
+    atomic_output,
+    recover_output,
+    repo_root,
+    run_stage,
+    stage_parser,
+    write_json,
+)
 from pipeline.config import Config, TokenizerConfig
 from pipeline.tokenizer import MODEL_NAME, Tokenizer, train_sentencepiece
 from pipeline.tokenstore import SplitWriter, token_dtype, write_store_meta
@@ -69,21 +78,8 @@ def load_prepared(path: Path) -> Any:
     return prepared
 
 
-def remove_stale_temporaries(target: Path) -> None:
-    """Remove what a killed run left beside `target`: `.<name>.*.tmp` siblings (from `atomic_output`), and
-    `.<name>.old` when `target` itself exists (otherwise `.old` is the previous result and is put back)."""
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):
-        _remove(stale)
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        if target.exists():
-            _remove(old)
-        else:  # killed between the two renames of a swap: the previous output is still whole
-            os.replace(old, target)
-
-
 def _opt(tc: Any, name: str) -> float:  # TEMPORARY until the tokenizer config fields land
-    return getattr(tc, name, {"train_sample_mb": 100.0, "shard_mb": 8.0}[name])
+    return getattr(tc, name, {"train_sample_mb": 32.0, "shard_mb": 4.0}[name])
 
 
 def _remove(path: Path) -> None:
@@ -126,7 +122,21 @@ def training_texts(train: Any, cfg: TokenizerConfig, seed: int) -> tuple[list[st
         len(sizes),
         _opt(cfg, "train_sample_mb"),
     )
-    return train.select(keep).data.column("text").to_pylist(), int(sizes[keep].sum())
+    return sampled_texts(train, keep), int(sizes[keep].sum())
+
+
+def sampled_texts(split: Any, keep: np.ndarray) -> list[str]:
+    """The texts of documents `keep` (sorted indices), read chunk by chunk from the memory-mapped Arrow column:
+    only those rows are decoded (`select` would keep the whole table behind an index mapping, and a take on the
+    whole column may first concatenate its chunks)."""
+    texts: list[str] = []
+    start = 0
+    for chunk in split.data.table.column("text").chunks:
+        lo, hi = np.searchsorted(keep, [start, start + len(chunk)])
+        if hi > lo:
+            texts.extend(chunk.take(keep[lo:hi] - start).to_pylist())
+        start += len(chunk)
+    return texts
 
 
 def build_tokenizer(cfg: TokenizerConfig, seed: int, train: Any, root: Path, out_dir: Path) -> Tokenizer:
@@ -310,16 +320,22 @@ def open_work_dir(work: Path, key: str) -> Path:
     """The resumable work directory for `key`: kept when its key matches, otherwise emptied."""
     key_file = work / "job.json"
     if work.exists():
-        same = key_file.is_file() and json.loads(key_file.read_text(encoding="utf-8")).get("key") == key
+        try:
+            same = json.loads(key_file.read_text(encoding="utf-8")).get("key") == key
+        except (OSError, ValueError, AttributeError):  # missing or half-written by a killed run
+            same = False
         if same:
+            (work / "shards").mkdir(exist_ok=True)
             for stale in (work / "shards").glob(".*.tmp*"):  # partial shard files of the killed run
                 _remove(stale)
-            remove_stale_temporaries(work / "tokenizer")
+            recover_output(work / "tokenizer")
             return work
         log.info("%s belongs to other params or data: starting over", work)
         shutil.rmtree(work)
     (work / "shards").mkdir(parents=True)
-    key_file.write_text(json.dumps({"key": key}) + "\n", encoding="utf-8")
+    tmp = work / ".job.json.tmp"
+    tmp.write_text(json.dumps({"key": key}) + "\n", encoding="utf-8")
+    os.replace(tmp, key_file)
     return work
 
 
@@ -341,7 +357,7 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
     root = repo_root()
     tc = cfg.tokenizer
     for target in (root / TOKENIZER_DIR, root / TOKENIZED_DIR, root / WORK_DIR):
-        remove_stale_temporaries(target)
+        recover_output(target)
     prepared = load_prepared(root / PREPARED_DIR)
     work = open_work_dir(root / WORK_DIR, job_key(cfg, root / PREPARED_DIR))
     try:
