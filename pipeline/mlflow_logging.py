@@ -52,6 +52,7 @@ EXPERIMENT_DESCRIPTION = (
 )
 PYFUNC_FILE = Path(__file__).with_name("mlflow_pyfunc.py")
 MODELS_PACKAGE = Path(__file__).resolve().parent.parent / "models"
+PIPELINE_DVC_YAML = Path(__file__).resolve().parent.parent / "dvc.yaml"
 
 
 # ------------------------------------------------------------------------------------------------ store
@@ -238,17 +239,22 @@ def select_params(params: Mapping[str, Any], keys: Sequence[str], drop: Sequence
 def stage_params(
     params: Mapping[str, Any], stage: str, variant: str, seed: int | None, root: str | Path
 ) -> dict[str, Any]:
-    """The params sections `stage` reads (its `dvc.yaml` list), without the variant's raw model section.
+    """The params sections `stage` reads (its `dvc.yaml` list), without the raw `models` section.
 
-    The model is logged resolved instead (`model_params`), under keys every family shares. Falls back to all
-    params when the project has no `dvc.yaml` or the stage is not in it.
+    The model is logged resolved instead (`model_params`), under keys every family shares. The list comes from
+    the project's `dvc.yaml`, else from the one beside this code (a project run without DVC); all params but
+    `models` when neither lists the stage.
     """
-    dvc_yaml = Path(root) / "dvc.yaml"
     item = {"model": variant, "variant": variant, "family": variant, "seed": seed}
-    keys = dvc_stage_params(dvc_yaml, stage, item) if dvc_yaml.is_file() else []
+    keys: list[str] = []
+    for dvc_yaml in (Path(root) / "dvc.yaml", PIPELINE_DVC_YAML):
+        if dvc_yaml.is_file():
+            keys = dvc_stage_params(dvc_yaml, stage, item)
+            if keys:
+                break
     if not keys:
-        return dict(params)
-    return select_params(params, keys, drop=[f"models.{variant}", "models"])
+        return {k: v for k, v in params.items() if k != "models"}
+    return select_params(params, keys, drop=["models"])
 
 
 def model_params(model: Any, variant: str, family: str) -> dict[str, str]:

@@ -148,7 +148,10 @@ def test_stage_params_are_the_ones_dvc_yaml_lists_for_the_stage(tmp_path: Path):
         "trainer": {"precision": "32-true"},
         "data": {"source": "builtin"},
     }  # no finetune section, no unused trainer keys; the model is logged resolved (`model_params`)
-    assert ml.stage_params(params, "unknown", "t5", 0, tmp_path) == params
+    without_models = {k: v for k, v in params.items() if k != "models"}
+    assert ml.stage_params(params, "unknown", "t5", 0, tmp_path) == without_models
+    no_dvc = ml.stage_params(params, "pretrain", "t5", 0, tmp_path / "elsewhere")  # the pipeline's own dvc.yaml
+    assert "pretrain" in no_dvc and "finetune" not in no_dvc and "models" not in no_dvc
 
 
 def test_model_params_share_keys_across_families_and_show_what_differs():
