@@ -124,7 +124,7 @@ def test_docs_show_the_experiment_workflow_and_every_skip_is_still_documented():
     for needed in ("dvc repro", "dvc exp show", "dvc metrics diff", "dvc params diff", "dvc plots show"):
         assert any(s == needed or s.startswith(needed + " ") for s in shown), needed
     assert any(re.match(r"dvc exp run -S models\.\w+\.\w+=", s) for s in shown)  # a model key, as the issue asks
-    assert any("git commit" in s and "dvc.lock" in s for s in shown)  # the baseline that `dvc metrics diff` compares with
+    assert any("git commit" in s and "dvc.lock" in s for s in shown)  # the baseline `dvc metrics diff` compares with
     stale = set(NOT_RUN) - shown
     assert not stale, f"NOT_RUN lists commands the docs no longer show: {stale}"
 
@@ -215,6 +215,7 @@ def test_every_documented_command_works_in_a_fresh_clone(tmp_path: Path):
         key = command.runnable if command.kind == "python" else re.sub(r"\s+#\s.*$", "", command.runnable)
         if key in outputs or key in skipped:
             continue
+        print(f"[docs] {command.source}:{command.line}: {key[:100]}", flush=True)
         if command.bare in NOT_RUN:
             skipped[key] = NOT_RUN[command.bare]
         elif key in stage_cmds:  # a stage's own command (the README's stage table): `dvc repro` ran it
