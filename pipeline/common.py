@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import enum
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -296,6 +297,11 @@ class Publication:
         self._staged.append((target, tmp))
         return tmp
 
+    def staged(self, target: str | Path) -> Path:
+        """The temporary path already staged for `target` (to read back what will be published)."""
+        target = Path(target)
+        return next(tmp for t, tmp in self._staged if t == target)
+
     def write_text(self, target: str | Path, text: str) -> None:
         self.stage(target).write_text(text, encoding="utf-8")
 
@@ -364,6 +370,33 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Write `obj` as pretty JSON, atomically."""
     with publish() as pub:
         pub.write_json(path, obj)
+
+
+# ---------------------------------------------------------------------------------------------------- locks
+
+_held_locks: dict[Path, int] = {}
+
+
+def hold_lock(path: str | Path, what: str) -> None:
+    """Take an exclusive lock on `path` for the rest of this process (the kernel drops it when the process ends,
+    however it ends); `StageError` naming the holder when another process runs `what` already."""
+    path = Path(path)
+    if path in _held_locks:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StageError(
+            f"{what} is already running in another process (pid {holder}; lock {path}): wait for it to finish, "
+            "or stop it, before starting it again"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _held_locks[path] = fd
 
 
 # ------------------------------------------------------------------------------------------------- loaders

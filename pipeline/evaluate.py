@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from pipeline.common import StageError, atomic_output, repo_root, run_stage, stage_parser, write_json
+from pipeline.common import StageError, load_model_dir, publish, repo_root, run_stage, stage_parser
 from pipeline.config import Config
 from pipeline.paths import RunPaths
 
@@ -57,12 +57,10 @@ OTHER = "(other)"
 
 def load_model(paths: RunPaths, family: str) -> torch.nn.Module:
     """`models.load_pretrained(paths.final)`, checking it holds a `family` model."""
-    from models import load_pretrained
-
     directory = paths.final
     if not (directory / "config.json").is_file():
         raise StageError(f"{directory} has no model: run `dvc repro {paths.dvc_stage()}` first")
-    loaded_family, model = load_pretrained(directory)
+    loaded_family, model = load_model_dir(directory, f"re-run `dvc repro {paths.dvc_stage()}`")
     if loaded_family != family:
         raise StageError(f"{directory} holds a {loaded_family} model, expected {family} (models.{paths.variant})")
     return model
@@ -280,7 +278,8 @@ def evaluate(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]
     del pretrained
     finetuned = load_model(RunPaths(root, "finetune", variant, seed), family)
     out_dir = out.out
-    with atomic_output(out_dir) as tmp:
+    with publish() as pub:  # the output folder, the metrics and the MLflow run: all together or none
+        tmp = pub.stage(out_dir)
         tmp.mkdir(parents=True)
         task_metrics, samples = evaluate_tasks(finetuned, tokenizer, cfg, root / "data" / "prepared", tmp, out.label)
         metrics.update(task_metrics)
@@ -290,8 +289,8 @@ def evaluate(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]
         (tmp / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / "samples.md").write_text(samples_markdown(out.label, samples), encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    write_json(out.metrics, metrics)
-    log_to_mlflow(cfg, out, family, metrics, root)
+        pub.write_json(out.metrics, metrics)
+        log_to_mlflow(cfg, out, family, metrics, root, artifacts=tmp)
     log.info("%s evaluated in %.0f s", out.label, time.perf_counter() - start)
     return metrics
 
@@ -307,9 +306,12 @@ def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_to_mlflow(cfg: Config, paths: RunPaths, family: str, metrics: dict[str, Any], root: Path) -> None:
-    """One run `evaluate@<variant>-<seed>` in the pipeline's experiment with the metrics and the output folder."""
-    from pipeline.tracking import TrackedRun, check_tracking_uri, git_revision, tracking_uri
+def log_to_mlflow(
+    cfg: Config, paths: RunPaths, family: str, metrics: dict[str, Any], root: Path, artifacts: Path | None = None
+) -> None:
+    """One run `evaluate@<variant>-<seed>` in the pipeline's experiment with the metrics and the output folder
+    (`artifacts`: where it is staged before being published; default its final place)."""
+    from pipeline.tracking import TrackedRun, check_tracking_uri, git_revision, tracked_run, tracking_uri
 
     uri = tracking_uri(cfg.mlflow.tracking_uri, root)
     check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)
@@ -321,16 +323,11 @@ def log_to_mlflow(cfg: Config, paths: RunPaths, family: str, metrics: dict[str, 
         "stage": "evaluate",
         "git_revision": git_revision(root),
     }
-    run.start(paths.dvc_stage(), tags)
-    try:
+    with tracked_run(run, paths.dvc_stage(), tags):
         params = cfg.to_dict()
         run.log_params({"evaluate": params["evaluate"], "model": params["models"][paths.variant]})
         run.log_metrics(mlflow_metrics(metrics))
-        run.log_artifacts(paths.out, "eval")
-    except BaseException:
-        run.finish("FAILED")
-        raise
-    run.finish()
+        run.log_artifacts(artifacts or paths.out, "eval")
 
 
 def body(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from pipeline.common import (
     Publication,
     StageError,
     check_checkpoint,
+    hold_lock,
     load_model_dir,
     publish,
     read_json,
@@ -86,6 +87,7 @@ TOKENIZER_DIR = "data/tokenizer"
 TOKENIZED_DIR = "data/tokenized"
 TRAIN_COLUMNS = ["step", "tokens", "loss", "ppl", "z_loss", "lr", "grad_norm"]
 VAL_COLUMNS = ["step", "tokens", "loss", "ppl"]
+RUN_INDEPENDENT = ("progress_bar", "divergence", "on_corrupt_checkpoint")  # trainer keys outside the fingerprint
 
 
 StagePaths = RunPaths  # the name older callers use
@@ -205,7 +207,8 @@ def fingerprint(cfg: Config, stage: str, variant: str, seed: int, root: Path, in
             "seed": [d["seed"], seed],
             "model": d["models"][variant],
             "section": d[stage],
-            "trainer": d["trainer"],
+            # how a run is guarded and reported does not change what it computes
+            "trainer": {k: v for k, v in d["trainer"].items() if k not in RUN_INDEPENDENT},
             "deepspeed": d["deepspeed"] if cfg.trainer.strategy == "deepspeed" else None,
             "data": data_sig,
             "init": init,
@@ -310,6 +313,8 @@ def run_training(
 
     # --- checkpoints: resume the unfinished run of the same fingerprint, or start over
     current = fingerprint(cfg, stage, variant, seed, root, init_source)
+    if rank_zero:  # one training process per run at a time (DVC locks `dvc repro`; this covers direct runs)
+        hold_lock(paths.out / ".lock", paths.dvc_stage())
     resume = resume_point(paths, current, cfg.trainer.on_corrupt_checkpoint, act=rank_zero)
     previous_run_id = read_run_state(paths).get("mlflow_run_id")
     run_state = read_run_state(paths) if resume else {}
