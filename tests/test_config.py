@@ -36,25 +36,38 @@ def test_shipped_params_load():
 
 
 def test_every_field_is_documented():
-    """Each params field carries a docstring right below it (read from the source, as a user would)."""
-    import ast
-    import dataclasses
+    """Each params field carries a docstring right below it (pydantic keeps it as the field's description)."""
+    from pydantic import BaseModel
 
     import pipeline.config as config_module
 
-    tree = ast.parse(Path(config_module.__file__).read_text())
-    for node in tree.body:
-        if not isinstance(node, ast.ClassDef) or node.name in {"ConfigError", "ModelSection", "Config"}:
-            continue
-        cls = getattr(config_module, node.name)
-        if not dataclasses.is_dataclass(cls):
-            continue
-        body = node.body
-        for i, stmt in enumerate(body):
-            if isinstance(stmt, ast.AnnAssign):
-                nxt = body[i + 1] if i + 1 < len(body) else None
-                documented = isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
-                assert documented, f"{node.name}.{stmt.target.id} has no docstring"
+    sections = [c for c in vars(config_module).values() if isinstance(c, type) and issubclass(c, BaseModel)]
+    assert {"Params", "DataConfig", "TrainerConfig", "SlurmConfig", "ModelSection"} <= {c.__name__ for c in sections}
+    for cls in sections:
+        for name, info in cls.model_fields.items():
+            assert info.description, f"{cls.__name__}.{name} has no docstring"
+
+
+def test_yaml_1_1_float_text_is_a_float(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-4` as a string; a float field takes it as the number it spells."""
+    text = SHIPPED.read_text().replace("    lr: 0.005\n", "    lr: 1e-4\n")
+    assert "lr: 1e-4" in text and yaml.safe_load(text)["pretrain"]["optimizer"]["lr"] == "1e-4"
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_config(tmp_path / "params.yaml").pretrain.optimizer.lr == pytest.approx(1e-4)
+    raw = yaml.safe_load(text)
+    raw["pretrain"]["optimizer"]["lr"] = "fast"  # text that is not a number is still refused
+    with pytest.raises(ConfigError, match="pretrain.optimizer.lr: expected float, got 'fast'"):
+        config_from_dict(raw)
+
+
+def test_slurm_cpu_partition_takes_gpus_per_node_0(shipped):
+    raw = copy.deepcopy(shipped)
+    raw["launcher"].update(kind="slurm", nproc_per_node=4, slurm={**raw["launcher"]["slurm"], "gpus_per_node": 0})
+    raw["trainer"]["devices"] = 4
+    assert config_from_dict(raw).launcher.slurm.gpus_per_node == 0
+    raw["trainer"]["devices"] = 2  # the launcher starts 4 tasks per node (nproc_per_node): they must agree
+    with pytest.raises(ConfigError, match="trainer.devices: 2 but launcher.kind slurm starts 4 per node"):
+        config_from_dict(raw)
 
 
 def _set(d: dict, dotted: str, value) -> None:
@@ -82,8 +95,11 @@ BROKEN = [
     ({"models.reformer.family": "gpt"}, "models.reformer.family: expected one of 't5', 'reformer', got 'gpt'"),
     ({"models.t5-big": {"family": "t5"}}, "models.t5-big: variant names are letters, digits and '_'"),
     ({"models": {}}, "models: expected a mapping of variant names"),
-    ({"seeds": []}, "seeds: must be a non-empty list"),
+    ({"seeds": []}, "seeds: must have at least 1 item"),
     ({"seeds": [0, 0]}, "seeds: must be a non-empty list of distinct integers"),
+    ({"launcher.slurm.gpus_per_node": -1}, "launcher.slurm.gpus_per_node: must be >= 0, got -1"),
+    ({"models.reformer.d_model": 100}, "models.reformer: invalid ReformerConfig: axial_pos_dims [64, 64] must sum"),
+    ({"finetune.tasks": {"listopz": {}}}, "finetune.tasks.listopz: unknown task (did you mean 'listops'?"),
     ({"pretrain.objective": "causal_lm"}, "needs a decoder-only layout"),
     ({"mlflow.tracking_uri": "file:./mlruns"}, "mlflow.tracking_uri: MLflow 3 no longer accepts file stores"),
     ({"trainer.devices": 0}, "trainer.devices: must be >= 1"),
