@@ -144,6 +144,8 @@ def sum_confusions(matrices: list[dict[str, Any]]) -> dict[str, Any]:
 def _format(iv: Interval | None, digits: int, show_interval: bool) -> str:
     if iv is None:
         return "—"
+    if iv.low == iv.high == iv.mean:  # the same in every seed (parameter counts, tokens seen)
+        show_interval = False
     if digits == 0:
         if show_interval and iv.has_interval:
             return f"{iv.mean:,.0f} [{iv.low:,.0f}, {iv.high:,.0f}]"
