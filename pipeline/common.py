@@ -106,6 +106,7 @@ class StageResult:
 
 
 _received: list[int] = []  # signals received by this process since `install_signal_handlers`
+_raising = [False]  # whether a signal still interrupts the stage (not once its outcome is decided)
 
 
 def received_signal() -> int | None:
@@ -120,6 +121,8 @@ def note_signal(signum: int) -> None:
 
 def _on_signal(signum: int, frame: Any) -> None:
     _received.append(signum)
+    if not _raising[0]:
+        return  # the stage has ended already (e.g. SLURM's SIGTERM after a requeue): nothing to interrupt
     if signum == signal.SIGINT or signal.getsignal(signum) is _on_signal:
         # called directly, not composed into Lightning's handler (which stops at the next step by itself)
         raise StageInterrupted(signum)
@@ -128,6 +131,7 @@ def _on_signal(signum: int, frame: Any) -> None:
 def install_signal_handlers() -> None:
     """Remember SIGINT and SIGTERM (and raise `StageInterrupted` where no library handles them itself)."""
     _received.clear()
+    _raising[0] = True
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError):  # not the main thread
             signal.signal(signum, _on_signal)
@@ -223,6 +227,7 @@ def run_stage(
         cfg = load_config_or_exit(args.params)
         body(cfg, args)
     except BaseException as exc:  # noqa: BLE001 - every ending is classified, bugs keep their traceback
+        _raising[0] = False
         result = outcome_of(exc)
         if result.bug:
             traceback.print_exception(exc)
@@ -230,6 +235,7 @@ def run_stage(
             prefix = {Outcome.INTERRUPTED: "", Outcome.DIVERGED: "error: "}.get(result.outcome, "error: ")
             print(f"{prefix}{result.message}", file=sys.stderr, flush=True)
         return result.exit_code
+    _raising[0] = False
     result = outcome_of(None)
     if result.message:
         print(result.message, file=sys.stderr, flush=True)

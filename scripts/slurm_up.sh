@@ -69,6 +69,7 @@ conf=$(cat <<CONF
 ClusterName=ci
 SlurmctldHost=$host
 AuthType=auth/munge
+AuthInfo=cred_expire=30  # also how long a requeued job waits before it may start again (default 120 s)
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
