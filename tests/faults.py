@@ -642,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="run only the cases whose name contains one of these")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (logs of wrong cases)")
+    parser.add_argument("--jobs", type=int, default=1, help="cases run at the same time (default: %(default)s)")
     args = parser.parse_args(argv)
     work = args.keep or Path(tempfile.mkdtemp(prefix="faults-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -652,11 +653,15 @@ def main(argv: list[str] | None = None) -> int:
             prepare(base)
         print(f"base project ready in {time.monotonic() - t0:.0f} s", flush=True)
         selected = [c for c in cases(can_mount()) if not args.only or any(o in c.name for o in args.only)]
-        results = []
-        for case in selected:
-            results.append(run_case(case, base, work / "cases"))
-            r = results[-1]
-            print(f"  {case.name}: exit {r.code} ({'ok' if r.ok else 'WRONG'})", flush=True)
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(case: Case) -> Result:
+            r = run_case(case, base, work / "cases")
+            print(f"  {case.name}: exit {r.code} ({'ok' if r.ok else 'WRONG'}, {r.seconds:.0f} s)", flush=True)
+            return r
+
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            results = list(pool.map(one, selected))
         print(table(results))
         wrong = [r for r in results if not r.ok]
         tracebacks = sum(r.traceback for r in results)

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 def test_fault_suite(tmp_path, capsys):
     from tests import faults
 
-    code = faults.main(["--keep", str(tmp_path / "faults")])
+    code = faults.main(["--keep", str(tmp_path / "faults"), "--jobs", "2"])
     out = capsys.readouterr().out
     print(out)
     assert code == 0, out[-6000:]
