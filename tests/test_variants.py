@@ -99,14 +99,14 @@ def _copy_project(root: Path) -> Path:
     return root
 
 
-def _run(args: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
+def _run(args: list[str], cwd: Path, ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "DVC_NO_ANALYTICS": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     env.pop("PYTHONPATH", None)  # the copied project, not this checkout
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if ok:
         assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -228,3 +228,45 @@ def test_a_new_family_is_one_module_and_one_registry_line(tmp_path):
     _run([sys.executable, "-m", "pipeline.pretrain", "--model", "toy", "--seed", "0"], project)
     code = "import models; f, m = models.load_pretrained('artifacts/pretrain/toy/0/final'); print(f, type(m).__name__)"
     assert _run([sys.executable, "-c", code], project).stdout.split() == ["toy", "ToyModel"]
+
+
+@pytest.mark.slow
+def test_three_variants_end_to_end_through_dvc_repro(tmp_path):
+    """`dvc repro` of the whole pipeline with T5, Reformer and the Reformer network with full attention and no
+    reversible layers (the Reformer paper's baseline), one seed, tiny everything; a second run does nothing."""
+    from tests.eval_project import EVAL_OVERRIDES
+    from tests.train_project import FINETUNE_TASKS, MODELS, TRAIN
+
+    project = _copy_project(tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    full = {**MODELS["reformer"], "use_full_attention": True, "reversible": False}
+    params["models"] = {**MODELS, "reformer_full": full}
+    params["seeds"] = [0]
+    params["data"]["max_documents"] = 200
+    params["tokenizer"]["vocab_size"] = 1000
+    for stage in ("pretrain", "finetune"):
+        params[stage].update({**TRAIN, "max_steps": 4, "val_every_n_steps": 2, "checkpoint_every_n_steps": 2})
+        params[stage]["optimizer"]["warmup_steps"] = 1
+    params["finetune"].update(tasks=FINETUNE_TASKS, input_length=64, target_length=16)
+    params["trainer"].update(accelerator="cpu", progress_bar=False)
+    params["mlflow"]["system_metrics"] = False
+    for dotted, value in EVAL_OVERRIDES.items():
+        section, key = dotted.split(".")
+        params[section][key] = value
+    params["benchmark"].update(seq_lengths=[32], depths=[1], time_budget_s=60.0)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc = [sys.executable, "-m", "dvc"]
+    _run(["git", "init", "-q"], project)
+    _run([*dvc, "init", "-q"], project)
+
+    out = _run([*dvc, "repro"], project, timeout=1800).stdout  # 14 stage processes
+    for variant in ("t5", "reformer", "reformer_full"):
+        for stage in ("pretrain", "finetune", "evaluate"):
+            assert f"Running stage '{stage}@{variant}-0'" in out
+            assert RunPaths(project, stage, variant, 0).metrics.is_file()
+    report = (project / "reports" / "comparison.md").read_text()
+    assert all(f"`models.{v}`" in report for v in ("t5", "reformer", "reformer_full"))
+    config = yaml.safe_load((project / "artifacts/pretrain/reformer_full/0/final/config.json").read_text())
+    assert config["family"] == "reformer" and config["config"]["use_full_attention"] is True
+    assert config["config"]["reversible"] is False
+    assert "Data and pipelines are up to date" in _run([*dvc, "repro"], project).stdout
