@@ -144,7 +144,7 @@ def sum_confusions(matrices: list[dict[str, Any]]) -> dict[str, Any]:
 def _format(iv: Interval | None, digits: int, show_interval: bool) -> str:
     if iv is None:
         return "—"
-    if iv.low == iv.high == iv.mean:  # the same in every seed (parameter counts, tokens seen)
+    if iv.has_interval and abs(iv.high - iv.low) <= 1e-9 * max(1.0, abs(iv.mean)):  # the same in every seed
         show_interval = False
     if digits == 0:
         if show_interval and iv.has_interval:
@@ -260,6 +260,8 @@ def task_row(
         iv = bootstrap_interval(scores)
         if len(scores) >= 2:
             iv = union(iv, t_interval([s.mean() for s in scores]))
+        if iv.has_interval:  # scores live in [0, 1]: so does their interval
+            iv = Interval(iv.mean, max(iv.low, 0.0), min(iv.high, 1.0), iv.n, iv.method)  # type: ignore[type-var]
         values[v] = iv
     baseline = max(baselines.values()) if baselines else None
     best = max(baselines, key=baselines.get) if baselines else ""  # type: ignore[arg-type]
@@ -432,14 +434,14 @@ def efficiency(cfg: Config, data: dict[str, Any], analysis: Analysis) -> list[tu
 
     p = cfg.pretrain
     rows: dict[str, dict[str, str]] = {
-        "parameters (non-embedding)": {},
+        "parameters: total (non-embedding)": {},
         f"training FLOPs per input token (M), length {p.input_length}": {},
     }
     flops_key = list(rows)[1]
     for variant in analysis.variants:
         model = build_model(cfg.family(variant), cfg.model_config(variant, _vocab_size(cfg, data)))
         targets = max(p.input_length // 4, 1) if model.config.layout == "encoder_decoder" else 0
-        rows["parameters (non-embedding)"][variant] = (
+        rows["parameters: total (non-embedding)"][variant] = (
             f"{model.num_parameters():,} ({model.num_parameters(non_embedding=True):,})"
         )
         rows[flops_key][variant] = f"{model.training_flops(1, p.input_length, targets) / p.input_length / 1e6:,.1f}"
@@ -642,6 +644,7 @@ def render_report(cfg: Config, data: dict[str, Any], analysis: Analysis) -> str:
         rows=analysis.rows,
         task_rows=analysis.task_rows,
         examples_note=f"at most {e.max_examples_per_task} per task, the same for every run",
+        beams=", ".join(str(b) for b in sorted(e.num_beams)) + " (1: greedy)",
         baseline_legend="majority class and chance for classification, copy-the-input and most-frequent-output for "
         "generation; the cell shows the best of them",
         collapse_notes=collapse_notes,
@@ -745,6 +748,9 @@ def log_to_mlflow(cfg: Config, root: Path, report_dir: Path, metrics: dict[str, 
         "git_revision": git_revision(root),
         "mlflow.note.content": report,
     }
+    from pipeline.mlflow_logging import context_tags  # the DVC experiment, nested under the execution's parent
+
+    tags.update(context_tags(uri, cfg.mlflow.experiment, tags["git_revision"]))
     for variant in cfg.models:
         for seed in cfg.seeds:
             for stage in ("pretrain", "finetune"):

@@ -48,6 +48,7 @@ import torch
 
 from pipeline.common import StageError, load_model_dir, publish, repo_root, run_stage, stage_parser
 from pipeline.config import Config
+from pipeline.console import progress, quiet_libraries
 from pipeline.paths import RunPaths
 
 log = logging.getLogger("pipeline.evaluate")
@@ -101,7 +102,7 @@ def test_loss(
     collate = Collator(mc.layout, mc.pad_token_id, mc.decoder_start_token_id)
     total, count = 0.0, 0
     targets: list[torch.Tensor] = []
-    for start in range(0, len(items), e.batch_size):
+    for start in progress(range(0, len(items), e.batch_size), f"{e.split} loss"):
         batch = collate([items[i] for i in range(start, min(start + e.batch_size, len(items)))])
         labels = batch.pop("labels")
         targets.append(labels[labels >= 0])
@@ -135,7 +136,7 @@ def generate_texts(model: torch.nn.Module, tokenizer: Any, inputs: list[str], nu
     e, f = cfg.evaluate, cfg.finetune
     pad = model.config.pad_token_id
     out: list[str] = []
-    for start in range(0, len(inputs), e.batch_size):
+    for start in progress(range(0, len(inputs), e.batch_size), f"generate (beams {num_beams})"):
         ids = [row[: f.input_length] for row in tokenizer.encode(inputs[start : start + e.batch_size])]
         width = max(len(r) for r in ids)
         decoder_only = model.config.layout != "encoder_decoder"
@@ -311,6 +312,7 @@ def log_to_mlflow(
 ) -> None:
     """One run `evaluate@<variant>-<seed>` in the pipeline's experiment with the metrics and the output folder
     (`artifacts`: where it is staged before being published; default its final place)."""
+    from pipeline import mlflow_logging
     from pipeline.tracking import TrackedRun, check_tracking_uri, git_revision, tracked_run, tracking_uri
 
     uri = tracking_uri(cfg.mlflow.tracking_uri, root)
@@ -323,14 +325,18 @@ def log_to_mlflow(
         "stage": "evaluate",
         "git_revision": git_revision(root),
     }
+    tags.update(mlflow_logging.context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], paths.seed))
     with tracked_run(run, paths.dvc_stage(), tags):
-        params = cfg.to_dict()
-        run.log_params({"evaluate": params["evaluate"], "model": params["models"][paths.variant]})
+        # the params this stage reads (dvc.yaml) and the evaluated model's resolved config, as training logs them
+        run.log_params(mlflow_logging.stage_params(cfg.to_dict(), "evaluate", paths.variant, paths.seed, root))
+        final = RunPaths(root, "finetune", paths.variant, paths.seed).final
+        run.log_params(mlflow_logging.model_params_from_dir(final, paths.variant))
         run.log_metrics(mlflow_metrics(metrics))
         run.log_artifacts(artifacts or paths.out, "eval")
 
 
 def body(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    quiet_libraries()
     return evaluate(cfg, args.model, args.seed, repo_root())
 
 

@@ -269,6 +269,19 @@ def model_params(model: Any, variant: str, family: str) -> dict[str, str]:
     return out
 
 
+def model_params_from_dir(directory: str | Path, variant: str) -> dict[str, str]:
+    """`model_params` of a saved model from its `config.json` alone (no weights loaded; no parameter counts)."""
+    try:
+        saved = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"model.variant": variant}
+    out = {"model.variant": variant, "model.family": str(saved.get("family", ""))}
+    for key, value in sorted((saved.get("config") or {}).items()):
+        text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+        out[f"model.{key}"] = text[:MAX_PARAM_LENGTH]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ datasets
 
 

@@ -198,7 +198,8 @@ def _run(command: Command, clone: Path, env: dict[str, str]) -> str:
 def test_every_documented_command_works_in_a_fresh_clone(tmp_path: Path):
     env = _env(tmp_path)
     clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, env=env)
+    source = os.environ.get("DOCS_TEST_REPO", str(ROOT))  # another checkout to clone (e.g. a snapshot)
+    subprocess.run(["git", "clone", "--quiet", source, str(clone)], check=True, env=env)
     params = tiny_params(yaml.safe_load((clone / "params.yaml").read_text()))
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _git(clone, "commit", "-qam", "tiny params for the documentation test", env=env)
