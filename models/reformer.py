@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import reformer_decoding
-from models.common import Dropout, dropout
+from models.common import Dropout
 from models.generation import GenerationMixin
-from models.lsh_kernels import NormaliseKeys, PermuteRows, SharedQKScores, look_adjacent, mask_values
+from models.lsh_kernels import NormaliseKeys, PermuteRows, chunked_attention, full_attention
 from models.reversible import reversible_stack
 
 LAYOUTS = ("encoder_decoder", "causal_lm")
@@ -151,64 +151,6 @@ class ReformerConfig:
         if unknown:
             raise ValueError(f"unknown ReformerConfig keys: {', '.join(unknown)}")
         return cls(**d)
-
-
-def chunked_attention(q, k, v, pos, key_mask, chunk_length, before, after, causal, self_mask, drop, training):
-    """Attention within chunks of `chunk_length` and their neighbours; q, k, v (B, H, N, K).
-
-    `pos` (B, H, N), or (1, 1, N) when the same for every row, holds each vector's position in the sequence
-    (positions after sorting, for LSH); it drives the causal, padding (`key_mask` (B, L) bool) and self masks.
-    Returns the output (B, H, C, S, K) and, for `self_mask` (LSH), the log-sum-exp of the logits (B, H, C, S),
-    which weighs the hash rounds against each other (section 2.3).
-    """
-    B, H, N, K = q.shape
-    C, S = N // chunk_length, chunk_length
-    q = q.view(B, H, C, S, K)
-    k = look_adjacent(k.view(B, H, C, S, K), before, after)  # (B, H, C, W, K)
-    v = look_adjacent(v.view(B, H, C, S, K), before, after)
-    q_pos = pos.view(pos.shape[0], pos.shape[1], C, S)
-    k_pos = look_adjacent(q_pos, before, after)  # (B|1, H|1, C, W)
-    banned = None
-    with torch.no_grad():
-        if key_mask is not None:
-            if pos.shape[0] == 1 and pos.shape[1] == 1:  # shared positions: index once for all heads
-                banned = ~key_mask[:, k_pos.flatten()].view(B, 1, C, 1, -1)
-            else:
-                banned = ~key_mask.view(B, 1, -1).expand(B, H, -1).gather(2, k_pos.flatten(2)).view(B, H, C, 1, -1)
-        if causal:
-            future = q_pos.unsqueeze(-1) < k_pos.unsqueeze(-2)  # (B|1, H|1, C, S, W)
-            banned = future if banned is None else banned | future
-    if self_mask:  # shared-QK: a query's own key would dominate its dot products (section 2.2); penalised
-        probs, lse = SharedQKScores.apply(q, k, banned, q_pos.unsqueeze(-1) == k_pos.unsqueeze(-2))
-        return torch.matmul(dropout(probs, drop, training), v), lse
-    if key_mask is None and not (training and drop > 0):
-        # a fused kernel (flash attention on CPU) keeps no (S, W) probabilities; chunks as heads, (B, H) as batch.
-        # Without a key mask every query sees at least itself, so -inf (SDPA) and the mask value agree exactly.
-        mask = None if banned is None else ~banned.flatten(0, 1)  # (1, C, S, W): True = may attend
-        out = F.scaled_dot_product_attention(
-            q.reshape(B * H, C, S, K), k.flatten(0, 1), v.flatten(0, 1), attn_mask=mask, scale=1.0
-        )
-        return out.view(B, H, C, S, K), None
-    dots = torch.matmul(q, k.transpose(-1, -2))  # (B, H, C, S, W); fresh, so it may be masked in place
-    if banned is not None:
-        dots.masked_fill_(banned, mask_values(dots.dtype)[0])
-    probs = dropout(torch.softmax(dots, dim=-1), drop, training)
-    return torch.matmul(probs, v), None
-
-
-def full_attention(q, k, v, key_mask, causal, self_mask, drop, training):
-    """Ordinary attention over the whole sequence, q, k, v (B, H, L, K); stores only one (L, L) map per head."""
-    L = q.shape[2]
-    dots = torch.matmul(q, k.transpose(-1, -2))  # (B, H, L, L)
-    mask_value, self_value = mask_values(dots.dtype)
-    if key_mask is not None:
-        dots.masked_fill_(~key_mask[:, None, None, :], mask_value)
-    if causal:
-        dots.masked_fill_(torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1), mask_value)
-    if self_mask:
-        dots.diagonal(dim1=-2, dim2=-1).fill_(self_value)
-    probs = dropout(torch.softmax(dots, dim=-1), drop, training)
-    return torch.matmul(probs, v)
 
 
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -516,9 +458,9 @@ class ReformerEmbeddings(nn.Module):
         self.position_embeddings = AxialPositionEmbeddings(config) if axial else PositionEmbeddings(config)
         self.dropout = Dropout(config.dropout_rate)
 
-    def forward(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """(B, L) tokens at positions offset .. offset + L - 1 -> (B, L, D)"""
-        positions = self.position_embeddings(offset + input_ids.shape[1])[offset:]
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, L, D)"""
+        positions = self.position_embeddings(input_ids.shape[1])
         return self.dropout(self.word_embeddings(input_ids)) + self.dropout(positions)
 
 

@@ -57,6 +57,14 @@ class Growing:
         self.length = end
         return self.views()
 
+    def rows(self, index: int, positions: torch.Tensor) -> torch.Tensor:
+        """Tensor `index` at `positions` (N, H, M) of each row and head -> (N, H, M, ...), as one row gather."""
+        buffer = self.parts[index]
+        N, H, capacity = buffer.shape[:3]
+        base = torch.arange(N * H, device=positions.device).view(N, H, 1) * capacity
+        flat = buffer.view(N * H * capacity, -1).index_select(0, (positions + base).flatten())
+        return flat.view(*positions.shape, *buffer.shape[3:])
+
     def views(self) -> list[torch.Tensor]:
         return [buffer[:, :, : self.length] for buffer in self.parts]
 
@@ -73,16 +81,22 @@ def _is_lsh(attention: torch.nn.Module) -> bool:
     return hasattr(attention, "query_key")
 
 
-def _project(attention: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _weights(attention: torch.nn.Module) -> torch.Tensor:
+    """The layer's projections as one matrix: LSH [qk; v], local [q; k / sqrt(K); v] (as its forward scales k)."""
+    if _is_lsh(attention):
+        return torch.cat([attention.query_key.weight, attention.value.weight])
+    return torch.cat([attention.query.weight, attention.key.weight / math.sqrt(attention.d_kv), attention.value.weight])
+
+
+def _project(attention: torch.nn.Module, hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """hidden (N, t, D) -> per-head projections (N, H, t, K): LSH (qk, keys, v), local (q, k / sqrt(K), v)."""
     N, t, _ = hidden.shape
     H, K = attention.num_heads, attention.d_kv
+    parts = F.linear(hidden, weight).view(N, t, -1, H, K).permute(2, 0, 3, 1, 4).unbind(0)
     if _is_lsh(attention):
-        qk = F.linear(hidden, attention.query_key.weight).view(N, t, H, K).transpose(1, 2)
-        v = F.linear(hidden, attention.value.weight).view(N, t, H, K).transpose(1, 2)
+        qk, v = parts
         return qk, NormaliseKeys.apply(qk), v
-    weight = torch.cat([attention.query.weight, attention.key.weight / math.sqrt(K), attention.value.weight])
-    return F.linear(hidden, weight).view(N, t, 3, H, K).permute(2, 0, 3, 1, 4).unbind(0)
+    return parts
 
 
 def _raw_buckets(attention, qk: torch.Tensor, n_buckets, rotations: torch.Tensor) -> torch.Tensor:
@@ -108,8 +122,10 @@ def _local_step(attention, q, keys, values, key_mask, padded: int) -> torch.Tens
     return dots.softmax(-1) @ values[:, :, start:]
 
 
-def _lsh_step(attention, qk, keys, values, buckets, key_mask, padded: int) -> torch.Tensor:
-    """Shared-QK query (N, H, 1, K) at the last position t: the chunk it falls in after sorting, and neighbours."""
+def _lsh_step(attention, qk, store: Growing, buckets, key_mask, padded: int) -> torch.Tensor:
+    """Shared-QK query (N, H, 1, K) at the last position t: the chunk it falls in after sorting, and neighbours.
+    `store` holds the (qk, keys, values) of every position so far."""
+    _, keys, values = store.views()
     N, H, L, K = keys.shape
     t = L - 1
     mask_value, self_value = mask_values(keys.dtype)
@@ -130,11 +146,11 @@ def _lsh_step(attention, qk, keys, values, buckets, key_mask, padded: int) -> to
     positions = order.flatten(2).gather(2, slots.flatten(2)).view(N, H, R, -1)  # (N, H, R, W)
     real = F.pad(key_mask, (0, padded - L), value=False)  # (N, Lp)
     banned = (positions > t) | ~real.gather(1, positions.flatten(1)).view(positions.shape)
-    index = positions.clamp(max=t).flatten(2)[..., None].expand(-1, -1, -1, K)  # (N, H, R*W, K)
-    dots = (keys.gather(2, index).view(N, H, R, -1, K) @ qk.transpose(-1, -2)[:, :, None]).squeeze(-1)
+    index = positions.clamp(max=t).flatten(2)  # (N, H, R*W)
+    dots = (store.rows(1, index).view(N, H, R, -1, K) @ qk.transpose(-1, -2)[:, :, None]).squeeze(-1)
     dots.masked_fill_(banned, mask_value).masked_fill_(positions == t, self_value)  # (N, H, R, W)
     lse = dots.logsumexp(-1, keepdim=True)  # (N, H, R, 1)
-    out = (torch.exp(dots - lse)[..., None, :] @ values.gather(2, index).view(N, H, R, -1, K)).squeeze(-2)
+    out = (torch.exp(dots - lse)[..., None, :] @ store.rows(2, index).view(N, H, R, -1, K)).squeeze(-2)
     weights = torch.exp(lse - lse.logsumexp(2, keepdim=True))  # rounds weighed by their normalisers (2.3)
     return (out * weights).sum(2, keepdim=True)  # (N, H, 1, K)
 
@@ -157,15 +173,15 @@ def _hash_new(attention, cache: dict, qk_all: torch.Tensor, qk_new: torch.Tensor
 def _self_attention_step(attention, hidden, cache: dict, key_mask, padded: int) -> torch.Tensor:
     """One new position through a layer's self-attention (after its layer norm): (N, 1, D) -> (N, 1, H*K)."""
     if _is_lsh(attention):
-        qk, keys, v = _project(attention, hidden)
-        qk_all, keys_all, values = cache["kv"].append(qk, keys, v)
+        qk, keys, v = _project(attention, hidden, cache["weight"])
+        qk_all = cache["kv"].append(qk, keys, v)[0]
         if not (attention.config.use_full_attention or padded <= attention.chunk_length):
             buckets = _hash_new(attention, cache, qk_all, qk, padded)
         else:
             buckets = None
-        out = _lsh_step(attention, qk, keys_all, values, buckets, key_mask, padded)
+        out = _lsh_step(attention, qk, cache["kv"], buckets, key_mask, padded)
     else:
-        q, k, v = _project(attention, hidden)
+        q, k, v = _project(attention, hidden, cache["weight"])
         keys, values = cache["kv"].append(k, v)
         out = _local_step(attention, q, keys, values, key_mask, padded)
     return out.transpose(1, 2).flatten(2)
@@ -199,7 +215,8 @@ def _prefill(model, tokens: torch.Tensor, state: dict[str, Any]) -> torch.Tensor
     x1 = x2 = model.embeddings(ids)
     for i, (layer, cache) in enumerate(zip(stack.layers, state["layers"], strict=True)):
         attention = layer.attention.self_attention
-        projected = _project(attention, layer.attention.layer_norm(x2[:, :L]))
+        cache["weight"] = _weights(attention)
+        projected = _project(attention, layer.attention.layer_norm(x2[:, :L]), cache["weight"])
         cache["kv"].append(*(projected if _is_lsh(attention) else projected[1:]))  # LSH: qk, keys, v; local: k, v
         out = layer.attention(x2, mask)
         if layer.crossattention is not None:
@@ -210,12 +227,21 @@ def _prefill(model, tokens: torch.Tensor, state: dict[str, Any]) -> torch.Tensor
     return model.lm_head(hidden)
 
 
+def _position(model, state: dict[str, Any], t: int) -> torch.Tensor:
+    """Position embedding (1, D) of position t, from a table regrown (doubled) only when t passes its end."""
+    table = state.get("positions")
+    if table is None or t >= table.shape[0]:
+        length = min(2 * (t + 1), model.config.max_positions) if t < model.config.max_positions else t + 1
+        table = state["positions"] = model.embeddings.position_embeddings(length)  # raises past the table
+    return table[t : t + 1]
+
+
 def _step(model, token: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
     """One new token (N, 1) at position `state["length"]` through the cached stack -> logits (N, V)."""
     stack, t = model.decoder, state["length"]
     padded = _padded_length(t + 1, stack)
     key_mask, encoder_mask = state["key_mask"], state.get("encoder_mask")
-    x1 = x2 = model.embeddings(token, offset=t)  # (N, 1, D)
+    x1 = x2 = model.embeddings.word_embeddings(token) + _position(model, state, t)  # (N, 1, D)
     for i, (layer, cache) in enumerate(zip(stack.layers, state["layers"], strict=True)):
         attention = layer.attention
         out = _self_attention_step(attention.self_attention, attention.layer_norm(x2), cache, key_mask, padded)

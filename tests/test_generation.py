@@ -9,6 +9,16 @@ from models.generation import generate
 from models.t5 import T5Config, T5Model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Decoding tiny models is hundreds of small ops per token: with several threads on a busy machine every op
+    waits at an OpenMP barrier (10x slower measured at load 8), so these tests run on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def model_for(layout: str = "encoder_decoder", seed: int = 0, **kw) -> T5Model:
     torch.manual_seed(seed)
     base = dict(vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, dropout_rate=0.0)

@@ -7,6 +7,17 @@ import torch
 from models.generation import Uncached, generate
 from models.reformer import ReformerConfig, ReformerModel
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Decoding tiny models is hundreds of small ops per token: with several threads on a busy machine every op
+    waits at an OpenMP barrier (10x slower measured at load 8), so these tests run on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SMALL = dict(
     vocab_size=40,
     d_model=32,
