@@ -125,14 +125,23 @@ class HubSource(Section):
 
 class FilesSource(Section):
     glob: str = "corpus/**/*.txt"
-    """Glob (relative to the repo root, `**` allowed) of local `.txt`, `.jsonl` or `.parquet` files."""
+    """Glob (relative to the repo root, `**` allowed): one big file or a directory of shards, one format."""
+    format: Literal["auto", "text", "json", "parquet", "csv"] = "auto"
+    """`datasets` loader; `auto` picks it from the suffix (.txt/.md text, .json/.jsonl json, .parquet, .csv)."""
+    sample_by: Literal["line", "paragraph", "document"] = "paragraph"
+    """The document unit of text files: a line, a blank-line separated paragraph, or the whole file."""
     text_field: str = "text"
-    """Field holding the text in `.jsonl` and `.parquet` files (ignored for `.txt`: one document per file)."""
+    """Field holding the text in json, parquet and csv files (text files: the `text` of each `sample_by` unit)."""
 
 
 class DataConfig(Section):
-    source: Literal["builtin", "hub", "files"] = "builtin"
-    """Where documents come from: `builtin` (offline, the Python installation's own prose), `hub` or `files`."""
+    source: Literal["builtin", "hub", "files", "preset"] = "builtin"
+    """Where documents come from: `builtin` (offline, the Python installation's own prose), `hub`, `files`, or
+    the named corpus `preset`."""
+    preset: Literal["wikitext-103", "c4-en"] | None = None
+    """For `source: preset`: a named corpus with the T5 paper's sizes (docs/data.md)."""
+    preset_dir: str | None = None
+    """For `source: preset`: a local copy of the preset's dataset in the hub layout; None streams the hub."""
     builtin: BuiltinSource = Field(default_factory=BuiltinSource)
     """Options of the `builtin` source."""
     hub: HubSource = Field(default_factory=HubSource)
@@ -152,7 +161,13 @@ class DataConfig(Section):
     test_fraction: Annotated[Float, between(0, 0.5, "()")] = 0.05
     """Fraction of documents in the test split."""
     on_invalid_utf8: Literal["skip", "error"] = "skip"
-    """For `files`: skip (and count) files or records that are not valid UTF-8, or stop with an error."""
+    """For `files`: skip (and count) files that are not valid UTF-8, or stop with an error."""
+
+    @model_validator(mode="after")
+    def _preset_named(self) -> DataConfig:
+        if self.source == "preset" and self.preset is None:
+            raise Problems(["preset: `source: preset` needs a preset name (wikitext-103 or c4-en)"])
+        return self
 
 
 class TokenizerConfig(Section):
@@ -169,9 +184,13 @@ class TokenizerConfig(Section):
     input_sentence_size: PosInt = 2_000_000
     """Maximum number of sentences SentencePiece samples for training (deterministically)."""
     num_proc: PosInt = 2
-    """Worker processes for `datasets.map` tokenization."""
+    """Worker processes encoding shards in parallel (one SentencePiece thread each)."""
     batch_size: PosInt = 1000
-    """Documents per `datasets.map` batch."""
+    """Documents read and encoded per batch."""
+    train_sample_mb: PosFloat = 32.0
+    """Train SentencePiece on a seeded sample of train documents of at most this many MB of text."""
+    shard_mb: PosFloat = 4.0
+    """MB of text per tokenization shard: the unit of parallel work and of resuming a killed run."""
 
     @model_validator(mode="after")
     def _room_for_pieces(self) -> TokenizerConfig:

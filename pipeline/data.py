@@ -274,12 +274,6 @@ COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 """Compressed files (`c4-train.00000-of-01024.json.gz`) are read through `datasets`' own decompression."""
 
 
-def _opt(section: Any, name: str) -> Any:  # TEMPORARY until the config fields land
-    return getattr(
-        section, name, {"format": "auto", "sample_by": "paragraph", "preset": None, "preset_dir": None}[name]
-    )
-
-
 def file_format(path: Path) -> str | None:
     """The builder for a file by its suffix (a compression suffix is looked through), or None."""
     suffixes = path.suffixes
@@ -339,7 +333,7 @@ def _load_file(path: Path, fmt: str, files: FilesSource) -> Any:
 
     kwargs: dict[str, Any] = {}
     if fmt == "text":  # one row per line, blank-line separated paragraph, or whole file
-        sample_by = _opt(files, "sample_by")
+        sample_by = files.sample_by
         kwargs = {"sample_by": sample_by, "keep_linebreaks": sample_by != "line"}
     return datasets.load_dataset(fmt, data_files=[str(path)], split="train", streaming=True, **kwargs)
 
@@ -368,7 +362,7 @@ def file_documents(files: FilesSource, root: Path, on_invalid_utf8: str, stats: 
     Uncompressed text, JSON and CSV files are checked to be UTF-8 before reading (invalid ones are skipped
     whole and counted, or are an error: `on_invalid_utf8`).
     """
-    paths, fmt = match_files(files.glob, root, _opt(files, "format"))
+    paths, fmt = match_files(files.glob, root, files.format)
     for path in paths:
         if fmt != "parquet" and path.suffix not in COMPRESSIONS:
             try:
@@ -444,12 +438,12 @@ def wikitext_articles(rows: Iterable[str | None]) -> Iterator[str]:
 
 def preset_documents(cfg: DataConfig) -> Iterator[str | None]:
     """Documents of the named preset, streamed from the hub or from `data.preset_dir` (same layout)."""
-    if _opt(cfg, "preset") not in DATA_PRESETS:
+    if cfg.preset not in DATA_PRESETS:
         raise StageError(f"data.preset: {cfg.preset!r} is not a preset; choose one of {', '.join(DATA_PRESETS)}")
-    preset = DATA_PRESETS[_opt(cfg, "preset")]
+    preset = DATA_PRESETS[cfg.preset]
     name = preset.hub
-    if _opt(cfg, "preset_dir"):
-        name = str(Path(_opt(cfg, "preset_dir")).expanduser())
+    if cfg.preset_dir:
+        name = str(Path(cfg.preset_dir).expanduser())
         if not Path(name).is_dir():
             raise StageError(f"data.preset_dir: {name} is not a directory (a local copy of {preset.hub})")
     hub = HubSource(name=name, config=preset.config, split=preset.split, text_column=preset.text_column, streaming=True)
@@ -481,8 +475,8 @@ def read_source(cfg: DataConfig, root: Path, stats: CorpusStats) -> Iterator[str
 
 def effective_cap(cfg: DataConfig) -> int | None:
     """`data.max_documents`, or the preset's cap when that is null."""
-    if cfg.max_documents is None and cfg.source == "preset" and _opt(cfg, "preset") in DATA_PRESETS:
-        return DATA_PRESETS[_opt(cfg, "preset")].max_documents
+    if cfg.max_documents is None and cfg.source == "preset" and cfg.preset in DATA_PRESETS:
+        return DATA_PRESETS[cfg.preset].max_documents
     return cfg.max_documents
 
 

@@ -78,10 +78,6 @@ def load_prepared(path: Path) -> Any:
     return prepared
 
 
-def _opt(tc: Any, name: str) -> float:  # TEMPORARY until the tokenizer config fields land
-    return getattr(tc, name, {"train_sample_mb": 32.0, "shard_mb": 4.0}[name])
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -113,14 +109,14 @@ def sample_documents(sizes: np.ndarray, budget_bytes: int, seed: int) -> np.ndar
 def training_texts(train: Any, cfg: TokenizerConfig, seed: int) -> tuple[list[str], int]:
     """(texts the tokenizer is trained on, their bytes): the train split, or a sample of `train_sample_mb` MB."""
     sizes = document_bytes(train)
-    keep = sample_documents(sizes, int(_opt(cfg, "train_sample_mb") * 1e6), seed)
+    keep = sample_documents(sizes, int(cfg.train_sample_mb * 1e6), seed)
     if keep is None:
         return train.data.column("text").to_pylist(), int(sizes.sum())
     log.info(
         "training the tokenizer on %d of %d train documents (%.0f MB)",
         len(keep),
         len(sizes),
-        _opt(cfg, "train_sample_mb"),
+        cfg.train_sample_mb,
     )
     return sampled_texts(train, keep), int(sizes[keep].sum())
 
@@ -309,8 +305,8 @@ def job_key(cfg: Config, prepared_dir: Path) -> str:
         "model_type": tc.model_type,
         "character_coverage": tc.character_coverage,
         "input_sentence_size": tc.input_sentence_size,
-        "train_sample_mb": _opt(tc, "train_sample_mb"),
-        "shard_mb": _opt(tc, "shard_mb"),
+        "train_sample_mb": tc.train_sample_mb,
+        "shard_mb": tc.shard_mb,
         "prepared": prepared,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -365,9 +361,7 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
     except StageError:
         shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming
         raise
-    shards = {
-        name: plan_shards(name, document_bytes(prepared[name]), int(_opt(tc, "shard_mb") * 1e6)) for name in SPLITS
-    }
+    shards = {name: plan_shards(name, document_bytes(prepared[name]), int(tc.shard_mb * 1e6)) for name in SPLITS}
     todo = [s for split in shards.values() for s in split if not shard_done(work / "shards", s)]
     total_shards = sum(map(len, shards.values()))
     if len(todo) < total_shards:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -172,12 +173,30 @@ def _files(tmp_path: Path) -> Path:
     return corpus
 
 
-def test_files_source_reads_txt_jsonl_parquet(tmp_path):
-    _files(tmp_path)
-    stats = CorpusStats()
-    docs = list(file_documents(FilesSource(glob="corpus/**/*.*", text_field="body"), tmp_path, "skip", stats))
-    assert docs == [_doc(1), _doc(3), _doc(4), _doc(5), _doc(6), _doc(2)]  # sorted paths: a, c, d, sub/b
-    assert stats.skipped_files == 0
+def _read(glob: str, root: Path, stats: CorpusStats | None = None, on_invalid: str = "skip", **files) -> list:
+    return list(file_documents(FilesSource(glob=glob, **files), root, on_invalid, stats or CorpusStats()))
+
+
+def test_files_source_reads_text_json_parquet_and_csv_through_datasets(tmp_path):
+    corpus = _files(tmp_path)
+    assert _read("corpus/**/*.txt", tmp_path, sample_by="document") == [_doc(1), _doc(2)]  # sorted: a, sub/b
+    assert _read("corpus/*.jsonl", tmp_path, text_field="body") == [_doc(3), _doc(4)]
+    assert _read("corpus/*.parquet", tmp_path, text_field="body") == [_doc(5), _doc(6)]
+    (corpus / "e.csv").write_text("body,n\n" + "".join(f'"{_doc(i)}",{i}\n' for i in (7, 8)))
+    assert _read("corpus/*.csv", tmp_path, text_field="body") == [_doc(7), _doc(8)]
+    with gzip.open(corpus / "f.json.gz", "wt") as fh:
+        fh.write(json.dumps({"body": _doc(9)}) + "\n")
+    assert _read("corpus/f.json.gz", tmp_path, text_field="body") == [_doc(9)]
+
+
+def test_one_text_file_is_cut_into_documents_by_sample_by(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("Chapter one.\nIt was a dark night.\n\nChapter two.\n\n\nThe end.\n")
+    assert _read("book.txt", tmp_path, sample_by="document") == [book.read_text()]
+    paragraphs = _read("book.txt", tmp_path, sample_by="paragraph")
+    assert [p.strip() for p in paragraphs] == ["Chapter one.\nIt was a dark night.", "Chapter two.", "The end."]
+    lines = _read("book.txt", tmp_path, sample_by="line")
+    assert [x for x in lines if x] == ["Chapter one.", "It was a dark night.", "Chapter two.", "The end."]
 
 
 def test_invalid_utf8_is_skipped_and_counted_or_an_error(tmp_path):
@@ -186,27 +205,29 @@ def test_invalid_utf8_is_skipped_and_counted_or_an_error(tmp_path):
     with (corpus / "c.jsonl").open("ab") as fh:
         fh.write(b'{"body": "bad \xff record"}\n')
     stats = CorpusStats()
-    docs = list(file_documents(FilesSource(glob="corpus/**/*.*", text_field="body"), tmp_path, "skip", stats))
-    assert len(docs) == 6
-    assert (stats.skipped_files, stats.skipped_records) == (1, 1)
+    assert _read("corpus/**/*.txt", tmp_path, stats, sample_by="document") == [_doc(1), _doc(2)]
+    assert _read("corpus/*.jsonl", tmp_path, stats, text_field="body") == []  # a file is skipped whole
+    assert stats.skipped_files == 2 and stats.skipped_paths == [str(corpus / "bad.txt"), str(corpus / "c.jsonl")]
     with pytest.raises(StageError, match="bad.txt.*not valid UTF-8"):
-        list(file_documents(FilesSource(glob="corpus/*.txt"), tmp_path, "error", CorpusStats()))
+        _read("corpus/*.txt", tmp_path, on_invalid="error")
 
 
 def test_files_errors_are_clear(tmp_path):
     corpus = _files(tmp_path)
     with pytest.raises(StageError, match="matched no files"):
         list(file_documents(FilesSource(glob="nothing/*.txt"), tmp_path, "skip", CorpusStats()))
-    with pytest.raises(StageError, match="no field 'text'.*body, id"):
-        list(file_documents(FilesSource(glob="corpus/*.jsonl", text_field="text"), tmp_path, "skip", CorpusStats()))
-    with pytest.raises(StageError, match="no column 'text'.*body, n"):
-        list(file_documents(FilesSource(glob="corpus/*.parquet", text_field="text"), tmp_path, "skip", CorpusStats()))
-    (corpus / "notes.md").write_text("# notes")
-    with pytest.raises(StageError, match="unsupported type"):
-        list(file_documents(FilesSource(glob="corpus/*"), tmp_path, "skip", CorpusStats()))
+    with pytest.raises(StageError, match="c.jsonl: no field 'text'.*body, id"):
+        _read("corpus/*.jsonl", tmp_path)
+    with pytest.raises(StageError, match="d.parquet: no field 'text'.*body, n"):
+        _read("corpus/*.parquet", tmp_path)
+    with pytest.raises(StageError, match="mixes json and parquet"):
+        _read("corpus/*.*", tmp_path)
+    (corpus / "notes.bin").write_text("# notes")
+    with pytest.raises(StageError, match="unsupported type.*data.files.format"):
+        _read("corpus/*", tmp_path)
     (corpus / "e.jsonl").write_text("{not json\n")
-    with pytest.raises(StageError, match="e.jsonl:1: not valid JSON"):
-        list(file_documents(FilesSource(glob="corpus/e.jsonl"), tmp_path, "skip", CorpusStats()))
+    with pytest.raises(StageError, match="e.jsonl: cannot read it as json"):
+        _read("corpus/e.jsonl", tmp_path)
 
 
 # -------------------------------------------------------------------------------------------- hub
@@ -277,7 +298,7 @@ def test_prepare_stage_outputs_and_failures_keep_them(tmp_path, monkeypatch):
     (corpus / "dup.txt").write_text(_doc(3))
     (corpus / "short.txt").write_text("too short")
     (corpus / "latin1.txt").write_bytes(b"d\xe9j\xe0 vu " * 20)
-    root = _project(tmp_path, source="files", files={"glob": "corpus/*.txt", "text_field": "text"})
+    root = _project(tmp_path, source="files", files={"glob": "corpus/*.txt", "sample_by": "document"})
     monkeypatch.chdir(root)
     assert prepare_main([]) == 0
 
@@ -302,10 +323,10 @@ def test_prepare_stage_outputs_and_failures_keep_them(tmp_path, monkeypatch):
     _set_data_params(root, on_invalid_utf8="error")
     assert prepare_main([]) == 1
     assert _snapshot(root) == before
-    _set_data_params(root, on_invalid_utf8="skip", files={"glob": "elsewhere/*.txt", "text_field": "text"})
+    _set_data_params(root, on_invalid_utf8="skip", files={"glob": "elsewhere/*.txt"})
     assert prepare_main([]) == 1
     assert _snapshot(root) == before
-    _set_data_params(root, files={"glob": "corpus/*.txt", "text_field": "text"}, min_chars=100_000)
+    _set_data_params(root, files={"glob": "corpus/*.txt"}, min_chars=100_000)
     assert prepare_main([]) == 1
     assert _snapshot(root) == before
     assert not [p for p in (root / "data").iterdir() if p.name.startswith(".")]  # no temporary leftovers
