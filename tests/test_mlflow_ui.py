@@ -158,8 +158,10 @@ def test_compare_page_renders_both_runs_and_their_differences_in_chromium(traine
         assert param in text
     assert (tmp / "compare.png").stat().st_size > 20_000
 
-    models_page = visible_text(render(f"{uri}/#/experiments/{experiment_id}/models", screenshot=tmp / "models.png"))
+    training_view = f"{uri}/#/experiments/{experiment_id}/models?workflowType=machine_learning"  # as the docs link
+    models_page = visible_text(render(training_view, screenshot=tmp / "models.png"))
     assert "finetune-reformer-0" in models_page and "pretrain-t5-0" in models_page
+    assert "Model registry" in models_page and "Traces" in models_page
 
 
 def test_both_families_log_the_same_metric_names_and_the_report_is_stored_by_the_server(trained):
