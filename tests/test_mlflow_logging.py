@@ -99,6 +99,10 @@ def test_store_root_is_the_users_repository_under_dvc_exp_run(tmp_path: Path, mo
     assert ml.store_root(temp_copy) == temp_copy.resolve()
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # what `dvc exp run --temp/--queue` exports
     assert ml.store_root(temp_copy) == tmp_path.resolve()
+    from pipeline.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(None, temp_copy) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"  # not the copy's
 
 
 def test_runs_nest_under_one_parent_per_dvc_experiment(store: str, monkeypatch):
