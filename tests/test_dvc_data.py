@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from pipeline.tokenizer import Tokenizer
+from pipeline.tokenstore import TokenStore
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("pipeline", "models", "params.yaml", "dvc.yaml", ".dvcignore", ".gitignore")
@@ -63,8 +65,9 @@ def test_dvc_repro_tokenize(project):
     tok = Tokenizer.load(project / "data" / "tokenizer")
     assert (tok.pad_id, tok.eos_id, tok.unk_id) == (0, 1, 2)
     assert tok.vocab_size == 1000 and tok.sentinel_id(0) == 999 and tok.sentinel_id(99) == 900
-    for stage_dir in ("data/prepared", "data/tokenized"):
-        assert (project / stage_dir / "dataset_dict.json").is_file()
+    assert (project / "data" / "prepared" / "dataset_dict.json").is_file()
+    store = TokenStore(project / "data" / "tokenized")
+    assert store["train"].tokens.dtype == np.uint16 and store["train"][0][-1] == tok.eos_id
     prepare_metrics = json.loads((project / "metrics" / "prepare.json").read_text())
     assert prepare_metrics["documents_kept"] == 200
     assert json.loads((project / "metrics" / "tokenize.json").read_text())["vocab_size"] == 1000
@@ -81,5 +84,5 @@ def test_dvc_repro_tokenize(project):
     assert Tokenizer.load(project / "data" / "tokenizer").vocab_size == 1100
     assert yaml.safe_load((project / "dvc.lock").read_text())["stages"]["prepare"] == prepared_lock
 
-    _set_params(project, "tokenizer", num_proc=1)  # speed only: not a dependency of the outputs
+    _set_params(project, "tokenizer", num_proc=1, shard_mb=0.05)  # speed only: not a dependency of the outputs
     assert "Data and pipelines are up to date" in _run([*dvc, "repro", "tokenize"], project)
