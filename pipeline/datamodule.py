@@ -43,7 +43,14 @@ def load_tokenized(path: str | Path) -> TokenStore:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist; run the tokenize stage first (`dvc repro tokenize`)")
-    return TokenStore(path)
+    try:
+        return TokenStore(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged meta.json, offsets or token file
+        from pipeline.common import CorruptFileError
+
+        raise CorruptFileError(path, f"{type(exc).__name__}: {exc}", "re-run `dvc repro tokenize --force`") from None
 
 
 def document_arrays(split: Any) -> Sequence[np.ndarray]:

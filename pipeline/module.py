@@ -452,8 +452,15 @@ class StepCheckpoint(ModelCheckpoint):
             self._previous_handler = signal.signal(signal.SIGUSR1, self._on_sigusr1)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
+
+    def _restore_handler(self) -> None:
         if self.requeue_on_signal and self._previous_handler is not None:
             signal.signal(signal.SIGUSR1, self._previous_handler)
+            self._previous_handler = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         if getattr(pl_module, "divergence_streak", 0) > 0:

@@ -263,7 +263,13 @@ def cases(mount_ok: bool) -> list[Case]:
         # --- data and tokenizer
         Case("tokenized data missing", "data", 1, PRETRAIN, remove("data/tokenized")),
         Case("tokenized data corrupt", "data", 1, PRETRAIN, lambda p: _corrupt_token_store(p)),
-        Case("sequence longer than the data", "data", 1, PRETRAIN, params(**{"pretrain.input_length": 1 << 20})),
+        Case(
+            "sequence longer than the data",
+            "data",
+            1,
+            PRETRAIN,
+            params(**{"pretrain.input_length": 1 << 14, "pretrain.noise_density": 0.0005}),
+        ),  # fmt: skip
         Case("tokenizer.json missing", "tokenizer", 1, PRETRAIN, remove("data/tokenizer/tokenizer.json")),
         Case("tokenizer.json corrupt", "tokenizer", 1, PRETRAIN, write("data/tokenizer/tokenizer.json", b"{vocab")),
         Case("spm.model corrupt (finetune)", "tokenizer", 1, FINETUNE, write("data/tokenizer/spm.model", b"junk")),
