@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def test_round_trip_documents_offsets_counts_and_size(tmp_path):
     assert train[-1].tolist() == docs[-1]
     with pytest.raises(IndexError):
         train[4]
-    assert isinstance(train.tokens, np.memmap) and train.tokens.dtype == np.uint16
+    assert isinstance(train.tokens.base.obj, mmap.mmap) and train.tokens.dtype == np.uint16  # mapped, not read
     assert (tmp_path / "train" / "tokens.bin").stat().st_size == 2 * 11  # 2 bytes per token
     assert train.counts.tolist() == np.bincount(sum(docs, []), minlength=12).tolist()
     assert len(store["test"]) == 0 and store["test"].num_tokens == 0
