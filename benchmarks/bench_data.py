@@ -253,7 +253,10 @@ def main() -> None:
     if "--pretrain-child" in sys.argv:
         pretrain_child([a for a in sys.argv[1:] if a != "--pretrain-child"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", nargs="+", default=["10M", "100M"], help="corpus sizes (default 10M 100M)")
+    parser.add_argument("--tokens", nargs="*", default=["10M", "100M"], help="corpus sizes (default 10M 100M)")
+    parser.add_argument("--num-procs", nargs="+", type=int, default=[1, 2], help="tokenize runs (default 1 2)")
+    parser.add_argument("--no-direct", action="store_true", help="skip the direct SentencePiece/map comparison")
+    parser.add_argument("--tokenizer-from", default=None, help="project whose data/tokenizer the store run uses")
     parser.add_argument("--store-tokens", default=None, help="also train on a random store of this size (e.g. 1B)")
     parser.add_argument("--steps", type=int, default=50, help="pretrain steps (default 50)")
     parser.add_argument("--workdir", default="/tmp/bench_data", help="scratch directory (default /tmp/bench_data)")
@@ -272,7 +275,7 @@ def main() -> None:
         prep = stage(project, "prepare")
         rows.append(fmt_row(label, f"prepare ({chars / 1e6:.0f} MB)", prep))
         tok_runs = {}
-        for num_proc in (1, 2):
+        for num_proc in args.num_procs:
             for d in ("data/tokenized", "data/tokenizer", "data/tokenized.partial"):
                 shutil.rmtree(project / d, ignore_errors=True)
             set_params(project, **{"tokenizer.num_proc": num_proc})
@@ -289,8 +292,8 @@ def main() -> None:
                     m["tokens_total"],
                 )
             )
-        direct, mapped, sample_tokens = direct_rates(project)
-        stage_rate = tok_runs[1]["metrics"]["tokens_per_second"]
+        direct, mapped, sample_tokens = direct_rates(project) if not args.no_direct else (float("nan"),) * 3
+        stage_rate = tok_runs[args.num_procs[0]]["metrics"]["tokens_per_second"]
         rows.append(
             f"{label:<6} same slice ({sample_tokens / 1e6:.1f}M tokens): SentencePiece direct {direct:,.0f} tok/s, "
             f"datasets.map {mapped:,.0f} tok/s; stage (1 proc) / direct = {stage_rate / direct:.2f}, "
@@ -301,19 +304,23 @@ def main() -> None:
             fmt_row(label, f"pretrain {args.steps} steps", pre, extra=f"first step {pre['first_step_s']:.1f} s")
         )
         summary[label] = {
-            "tokens": tok_runs[1]["metrics"]["tokens_total"],
+            "tokens": tok_runs[args.num_procs[0]]["metrics"]["tokens_total"],
             "prepare": {k: prep[k] for k in ("seconds", "peak_rss_gb", "tree_rss_gb")},
             "tokenize": {
                 p: {**{k: r[k] for k in ("seconds", "peak_rss_gb", "tree_rss_gb")}, **r["metrics"]}
                 for p, r in tok_runs.items()
             },
-            "speedup_2_vs_1": tok_runs[2]["metrics"]["tokens_per_second"] / stage_rate,
+            "speedup_last_vs_first": tok_runs[args.num_procs[-1]]["metrics"]["tokens_per_second"] / stage_rate,
             "direct_tokens_per_s": direct,
             "map_tokens_per_s": mapped,
             "pretrain": {k: pre[k] for k in ("seconds", "peak_rss_gb", "tree_rss_gb", "first_step_s")},
         }
-        rows.append(f"{label:<6} tokenize speedup num_proc 2 / 1 = {summary[label]['speedup_2_vs_1']:.2f}")
+        speedup = summary[label]["speedup_last_vs_first"]
+        rows.append(
+            f"{label:<6} tokenize encode speedup num_proc {args.num_procs[-1]} / {args.num_procs[0]} = {speedup:.2f}"
+        )
         print("\n".join(rows[-6:]), flush=True)
+    first_project = Path(args.tokenizer_from) if args.tokenizer_from else first_project
     if args.store_tokens and first_project is not None:
         label = args.store_tokens
         project = make_project(workdir, f"store-{label}", args.steps)
