@@ -34,9 +34,6 @@ NOT_RUN = {
     'python -m pytest -m "not gpu"': "the test command: it is what runs this test (.ci/run)",
     "python -m pipeline.duplication --preset cpu": "ten minutes on 2 cores: tests/test_duplication.py runs it small",
     "python -m pytest": "the fast tests alone: CI runs them (and the slow ones) with the test command above",
-    "python -m pipeline.overlay configs/lra_listops.yaml": (
-        "writes the GPU-sized LRA preset into params.yaml (a cluster run): tests/test_overlay.py applies it"
-    ),
     "dvc queue start": "starts background workers; queued runs take the code path of `dvc exp run --temp`, run here",
     "python -m pipeline.duplication --preset paper": "GPU-sized: tests/test_duplication.py runs the cpu preset small",
 }
