@@ -312,8 +312,16 @@ class T5LayerCrossAttention(nn.Module):
 
     def forward(self, h, memory_kv, bias, hidden):
         attn = self.EncDecAttention
-        q = attn._heads(linear(self.layer_norm(h), attn.q.weight), 1)[0]
-        return h + dropout(self.EncDecAttention.attend(q, *memory_kv, bias, hidden), self.dropout, self.training)
+        q = attn._heads(linear(self.layer_norm(h), attn.q.weight), 1)[0]  # (N, H, Lq, Dk)
+        N, H, Lq, Dk = q.shape
+        B = memory_kv[0].shape[0]
+        if B == N:
+            return h + dropout(attn.attend(q, *memory_kv, bias, hidden), self.dropout, self.training)
+        # beam search: the K = N / B beams of an input share its encoder keys/values (kept once per input, not per
+        # beam), so their queries are rows of one attention: (N, H, Lq, Dk) -> (B, H, K * Lq, Dk)
+        q = q.view(B, N // B, H, Lq, Dk).transpose(1, 2).reshape(B, H, N // B * Lq, Dk)
+        out = attn.attend(q, *memory_kv, bias, hidden).view(N, Lq, -1)  # rows back in (beam, position) order
+        return h + dropout(out, self.dropout, self.training)
 
 
 class T5LayerFF(nn.Module):
@@ -500,7 +508,8 @@ class T5Model(generation.GenerationMixin, nn.Module):
     # ---- incremental decoding (protocol of models/generation.py) ----
 
     def init_decoding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, num_beams: int) -> dict:
-        """Run the encoder once and precompute every layer's cross-attention keys/values, expanded per beam."""
+        """Run the encoder once and precompute every layer's cross-attention keys/values, once per input: the
+        beams of an input attend to them together (`T5LayerCrossAttention`)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool().repeat_interleave(num_beams, dim=0)  # (N, S)
@@ -509,10 +518,10 @@ class T5Model(generation.GenerationMixin, nn.Module):
             state["key_mask"] = attention_mask  # grows by one column per decoded token
             state["prefix"] = input_ids.shape[1] if self.config.layout == "prefix_lm" else None
             return state
-        memory = self.encode(input_ids, attention_mask[::num_beams]).repeat_interleave(num_beams, dim=0)
+        memory = self.encode(input_ids, attention_mask[::num_beams])  # (B, S, D): once per input, not per beam
         kvs = [b.layer[1].EncDecAttention.project_kv(memory) for b in self.decoder.block]
         state["memory_kv"] = [(k.contiguous(), v.contiguous()) for k, v in kvs]  # read at every step
-        state["cross_hidden"] = self._padding(attention_mask)
+        state["cross_hidden"] = self._padding(attention_mask[::num_beams])
         return state
 
     def decode_step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
