@@ -34,6 +34,10 @@ NOT_RUN = {
     'python -m pytest -m "not gpu"': "the test command: it is what runs this test (.ci/run)",
     "python -m pipeline.duplication --preset cpu": "ten minutes on 2 cores: tests/test_duplication.py runs it small",
     "python -m pytest": "the fast tests alone: CI runs them (and the slow ones) with the test command above",
+    "python -m pipeline.<stage> --model <variant> --seed <seed>": (
+        "the pattern of the matrix stages' command: the README's stage table shows (and dvc repro runs) each"
+    ),
+    "python -m tests.faults": "the fault suite (many stage runs): tests/test_faults_suite.py runs it",
     "dvc queue start": "starts background workers; queued runs take the code path of `dvc exp run --temp`, run here",
     "python -m pipeline.duplication --preset paper": "GPU-sized: tests/test_duplication.py runs the cpu preset small",
 }
