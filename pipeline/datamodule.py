@@ -91,7 +91,9 @@ class ResumableSampler(Sampler[Item]):
     def __iter__(self) -> Iterator[Item]:
         epoch, offset = divmod(self.start, self.per_rank)
         while True:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+            # the same order as `permutation(num_items)` in half the memory (int32: 4 bytes per chunk)
+            order = np.arange(self.num_items, dtype=np.int32 if self.num_items < 2**31 else np.int64)
+            np.random.default_rng([self.seed, epoch]).shuffle(order)
             mine = order[self.rank :: self.world_size][: self.per_rank]
             for index in mine[offset:]:
                 yield epoch, int(index)
@@ -133,7 +135,12 @@ class PretrainDataset(Dataset):
 
     def __getitem__(self, item: Item) -> dict[str, np.ndarray | int]:
         epoch, index = item
-        tokens = np.asarray(self.chunks[index], dtype=np.int64)  # (raw_length,), read from the file here
+        if isinstance(self.docs, TokenSplit):  # one positional read of this chunk: (raw_length,)
+            if not 0 <= index < len(self.chunks):
+                raise IndexError(f"chunk {index} out of range [0, {len(self.chunks)})")
+            tokens = self.docs.read(index * self.raw_length, self.raw_length).astype(np.int64)
+        else:
+            tokens = np.asarray(self.chunks[index], dtype=np.int64)  # (raw_length,)
         if self.objective == "span_corruption":
             inputs, targets = self.corrupt(tokens, example_rng(self.seed, epoch, index))
             return {"inputs": inputs, "targets": targets}

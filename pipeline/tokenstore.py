@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -74,6 +75,21 @@ class TokenSplit(Sequence[np.ndarray]):
         self.offsets = np.load(self.path / OFFSETS_NAME, mmap_mode="r")  # (D + 1,) int64
         if len(self.tokens) != int(self.offsets[-1]) or len(self.offsets) != self.meta["documents"] + 1:
             raise ValueError(f"{self.path}: token file and offsets disagree; re-run the tokenize stage")
+        self._fd: int | None = None
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Tokens `[start, start + count)` of the flat stream, read with one positional read (a fresh array).
+
+        Training fetches its examples this way rather than through the mapping: a fault on a mapped file maps a
+        whole page-cache folio (often hundreds of KB on current kernels) into the resident set for every
+        ~1 KB example; a read leaves the pages in the shared page cache only.
+        """
+        if start < 0 or count < 0 or start + count > self.num_tokens:
+            raise IndexError(f"tokens [{start}, {start + count}) out of range [0, {self.num_tokens})")
+        if self._fd is None:
+            self._fd = os.open(self.path / TOKENS_NAME, os.O_RDONLY)
+        data = os.pread(self._fd, count * self.dtype.itemsize, start * self.dtype.itemsize)
+        return np.frombuffer(data, dtype=self.dtype)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": str(self.path)}

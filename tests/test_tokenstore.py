@@ -65,3 +65,11 @@ def test_a_store_that_disagrees_with_its_offsets_is_refused(tmp_path):
         TokenStore(tmp_path)
     with pytest.raises(FileNotFoundError, match="tokenize"):
         TokenStore(tmp_path / "missing")
+
+
+def test_positional_reads_match_the_mapping(tmp_path):
+    train = write_store(tmp_path, {"train": [[5, 6, 1], [7, 1], [9, 9, 1]]}, vocab_size=12)["train"]
+    np.testing.assert_array_equal(train.read(2, 4), train.tokens[2:6])
+    assert train.read(0, 0).shape == (0,)
+    with pytest.raises(IndexError):
+        train.read(5, 4)
