@@ -26,7 +26,8 @@ VOCAB = 256
 
 def tiny(family: str, **extra) -> torch.nn.Module:
     torch.manual_seed(0)
-    overrides = {k: v for k, v in MODELS[family].items() if k != "preset"} | {"vocab_size": VOCAB} | extra
+    fields = {k: v for k, v in MODELS[family].items() if k not in ("preset", "family")}
+    overrides = fields | {"vocab_size": VOCAB} | extra
     return build_model(family, config_class(family).from_preset("tiny", **overrides))
 
 
