@@ -1,7 +1,7 @@
 """A real `mlflow server` on 127.0.0.1 for the tests (its own sqlite store and artifact directory), and its REST API.
 
-`serve(directory)` starts the server on a free port, waits for `/health` and stops it on exit; `rest(uri, path,
-body)` calls the REST API the web UI itself uses (GET without a body, POST with one).
+`serve(directory)` starts the server on a free port, waits for `/health` and stops it on exit; `rest(uri,
+endpoint, body)` calls the REST API the web UI itself uses (GET without a body, POST with one).
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ def serve(directory: Path, startup_s: float = 180) -> Iterator[str]:
                 proc.wait()
 
 
-def rest(uri: str, path: str, body: dict[str, Any] | None = None, **query: Any) -> dict[str, Any]:
-    """Call `<uri>/api/2.0/mlflow/<path>`: POST `body` as JSON, or GET with `query` parameters."""
-    url = f"{uri}/api/2.0/mlflow/{path}"
+def rest(uri: str, endpoint: str, body: dict[str, Any] | None = None, **query: Any) -> dict[str, Any]:
+    """Call `<uri>/api/2.0/mlflow/<endpoint>`: POST `body` as JSON, or GET with `query` parameters."""
+    url = f"{uri}/api/2.0/mlflow/{endpoint}"
     if body is None:
         request = urllib.request.Request(f"{url}?{urllib.parse.urlencode(query)}" if query else url)
     else:
