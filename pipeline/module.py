@@ -446,8 +446,9 @@ class StepCheckpoint(ModelCheckpoint):
     def _on_sigusr1(self, signum: int, frame: Any) -> None:
         self._signalled = True
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning's signal connector saved the handlers it restores at teardown, so ours is not among them
+        super().on_train_start(trainer, pl_module)
         if self.requeue_on_signal:
             self._previous_handler = signal.signal(signal.SIGUSR1, self._on_sigusr1)
 
