@@ -626,7 +626,8 @@ def render_report(cfg: Config, data: dict[str, Any], analysis: Analysis) -> str:
         "Tiny models and a tiny budget: the numbers show which variant learns faster at the very start of training, "
         "not which is better at convergence or at scale.",
         f"Training runs at length {p.input_length}/{f.input_length}, where the Reformer's LSH and local attention "
-        "save nothing; its advantage can only show at the benchmark's lengths, which measure cost, not quality.",
+        "save nothing; its advantage can only show at the benchmark's lengths, which measure cost, not quality. "
+        "Quality versus length at matched compute is not measured by this pipeline yet.",
         "Timings come from the machine that ran the pipeline; shared cores are noisy (hence the spread).",
         "Intervals are 95% intervals; with few seeds they are wide, and a verdict of no significant difference is "
         "not evidence that the variants are equal.",
