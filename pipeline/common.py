@@ -211,6 +211,26 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def thread_count(threads: int | None, devices: int | str = 1) -> int:
+    """Intra-op threads for this process: `threads` when set, else the cores this process may use divided by the
+    processes on this node (`LOCAL_WORLD_SIZE` under torchrun/SLURM, else `trainer.devices`), at least one."""
+    if threads:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = os.environ.get("LOCAL_WORLD_SIZE") or (devices if isinstance(devices, int) else 1)
+    return max(1, cores // max(1, int(local)))
+
+
+def apply_threads(threads: int | None, devices: int | str = 1) -> int:
+    """Set the intra-op thread count of torch and OpenMP for this process and the processes it starts."""
+    n = thread_count(threads, devices)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)  # read by torch when imported later, and inherited by child processes
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    return n
+
+
 def run_stage(
     body: Callable[[Config, argparse.Namespace], Any],
     parser: argparse.ArgumentParser,
@@ -225,6 +245,7 @@ def run_stage(
     install_signal_handlers()
     try:
         cfg = load_config_or_exit(args.params)
+        apply_threads(cfg.trainer.threads, cfg.trainer.devices)
         body(cfg, args)
     except BaseException as exc:  # noqa: BLE001 - every ending is classified, bugs keep their traceback
         _raising[0] = False

@@ -372,6 +372,10 @@ class TrainerConfig(Section):
     """Recompute activations in the backward pass (T5; the Reformer's reversible layers already do)."""
     progress_bar: bool = True
     """Show a progress bar with loss and tokens/s."""
+    threads: PosInt | None = None
+    """Intra-op threads of each process (torch, OpenMP), set by every stage before it works; None: the cores this
+    process may use divided by the processes on this node (two busy processes on two cores with the default
+    thread count ran a training stage about 5x slower than with one thread each)."""
     divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
     """When a run counts as diverged besides non-finite values."""
     on_corrupt_checkpoint: Literal["stop", "previous", "scratch"] = "stop"

@@ -331,6 +331,7 @@ def log_to_mlflow(
         run.log_params(mlflow_logging.stage_params(cfg.to_dict(), "evaluate", paths.variant, paths.seed, root))
         final = RunPaths(root, "finetune", paths.variant, paths.seed).final
         run.log_params(mlflow_logging.model_params_from_dir(final, paths.variant))
+        run.log_params({"trainer.threads_used": torch.get_num_threads()})  # resolved from trainer.threads
         run.log_metrics(mlflow_metrics(metrics))
         run.log_artifacts(artifacts or paths.out, "eval")
 

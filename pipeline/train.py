@@ -87,7 +87,7 @@ TOKENIZER_DIR = "data/tokenizer"
 TOKENIZED_DIR = "data/tokenized"
 TRAIN_COLUMNS = ["step", "tokens", "loss", "ppl", "z_loss", "lr", "grad_norm"]
 VAL_COLUMNS = ["step", "tokens", "loss", "ppl"]
-RUN_INDEPENDENT = ("progress_bar", "divergence", "on_corrupt_checkpoint")  # trainer keys outside the fingerprint
+RUN_INDEPENDENT = ("progress_bar", "threads", "divergence", "on_corrupt_checkpoint")  # trainer keys outside the fingerprint
 
 
 StagePaths = RunPaths  # the name older callers use
@@ -380,6 +380,7 @@ def _train_and_publish(
         run.log_params(mlflow_logging.stage_params(cfg.to_dict(), stage, variant, seed, root))
         model_params = mlflow_logging.model_params(model, variant, family)
         run.log_params(model_params)
+        run.log_params({"trainer.threads_used": torch.get_num_threads()})  # resolved from trainer.threads
         sizes = {"train": len(train), "validation": len(val)}
         inputs = mlflow_logging.training_inputs(stage, root, sizes, cfg.to_dict()[stage])
         datasets = mlflow_logging.log_token_splits(inputs, origin=cfg.data.source, stage=stage)

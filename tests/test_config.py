@@ -81,7 +81,7 @@ def _set(d: dict, dotted: str, value) -> None:
 BROKEN = [
     ({"tokeniser": {"vocab_size": 100}}, "tokeniser: unknown key (did you mean 'tokenizer'?)"),
     ({"tokenizer.vocab_size": "big"}, "tokenizer.vocab_size: expected int, got 'big'"),
-    ({"data.source": "web"}, "data.source: expected one of 'builtin', 'hub', 'files', got 'web'"),
+    ({"data.source": "web"}, "data.source: expected one of 'builtin', 'hub', 'files', 'preset', got 'web'"),
     ({"pretrain.optimizer.learning_rate": 0.1}, "pretrain.optimizer.learning_rate: unknown key"),
     ({"data.validation_fraction": 0.7}, "data.validation_fraction: must be in (0, 0.5)"),
     ({"tokenizer.num_sentinels": 7990}, "tokenizer.vocab_size: 8000 leaves 10 SentencePiece pieces"),
