@@ -87,7 +87,8 @@ TOKENIZER_DIR = "data/tokenizer"
 TOKENIZED_DIR = "data/tokenized"
 TRAIN_COLUMNS = ["step", "tokens", "loss", "ppl", "z_loss", "lr", "grad_norm"]
 VAL_COLUMNS = ["step", "tokens", "loss", "ppl"]
-RUN_INDEPENDENT = ("progress_bar", "threads", "divergence", "on_corrupt_checkpoint")  # trainer keys outside the fingerprint
+# trainer keys outside the resume fingerprint: how a run is guarded, shown or threaded, not what it computes
+RUN_INDEPENDENT = ("progress_bar", "threads", "divergence", "on_corrupt_checkpoint")
 
 
 StagePaths = RunPaths  # the name older callers use
