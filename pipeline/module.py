@@ -472,6 +472,12 @@ class StepCheckpoint(ModelCheckpoint):
         signalled = trainer.strategy.reduce_boolean_decision(self._signalled, all=False)
         if not signalled:
             return
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            # a validation follows this step; a checkpoint saved before it would resume past it (the row lost),
+            # so the requeue waits for the next step boundary
+            self._signalled = True
+            return
         if self._last_global_step_saved != trainer.global_step:
             self._save_checkpoint(trainer, str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}.ckpt"))
         if trainer.is_global_zero:
