@@ -4,7 +4,8 @@
 - `benchmark_chart`: speed or memory versus sequence length, or memory versus depth, with the spread of the
   repeated measurements as error bars (`BENCHMARK_CHARTS` names them);
 - `confusion_matrix` / `confusion_grid`: one confusion heat map, or one per (task, variant);
-- `quality_vs_length`: a task metric per variant at each trained length, with its interval.
+- `quality_vs_length`: a task metric per variant at each trained length, with its interval;
+- `scaling_curves`: final loss against training FLOPs, one curve per model family through its sizes.
 
 matplotlib runs headless (Agg); every function writes one PNG to `path`.
 """
@@ -219,4 +220,38 @@ def quality_vs_length(points: Mapping[str, Sequence[Mapping[str, float]]], ylabe
         ax.legend()
     else:
         _no_data(ax, "nothing measured")
+    _save(fig, path)
+
+
+def scaling_curves(points: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> None:
+    """`points[family]` = [{"variant", "flops", "mean", "low", "high"}...]: final validation loss against training
+    FLOPs (log scale), one line per family through its sizes, the interval over seeds as error bars and each
+    point labelled with its variant. A family with one size is a lone point; no family: a chart that says so."""
+    import numpy as np
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    palette = colors(list(points))
+    for family, rows in points.items():
+        rows = sorted(rows, key=lambda r: r["flops"])
+        if not rows:
+            continue
+        xs = np.array([r["flops"] for r in rows], dtype=float)
+        ys = np.array([r["mean"] for r in rows], dtype=float)
+        lo = np.array([r["mean"] if r.get("low") is None else r["low"] for r in rows], dtype=float)
+        hi = np.array([r["mean"] if r.get("high") is None else r["high"] for r in rows], dtype=float)
+        yerr = np.vstack([np.clip(ys - lo, 0, None), np.clip(hi - ys, 0, None)])
+        label = family + ("" if len(rows) > 1 else " (one size)")
+        ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, color=palette[family], label=label)
+        for x, y, r in zip(xs, ys, rows, strict=True):
+            ax.annotate(str(r["variant"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute (FLOPs)")
+    ax.set_ylabel("final validation loss (nats per target token)")
+    ax.set_title("Pretraining loss vs compute, per family")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    else:
+        _no_data(ax, "no pretraining run with a loss and a compute figure")
     _save(fig, path)

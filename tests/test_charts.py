@@ -13,6 +13,7 @@ from pipeline.charts import (
     confusion_matrix,
     loss_curves,
     quality_vs_length,
+    scaling_curves,
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -66,3 +67,15 @@ def test_quality_vs_length(tmp_path):
     }
     quality_vs_length(points, "accuracy", "listops accuracy vs length", tmp_path / "q.png")
     assert is_png(tmp_path / "q.png")
+
+
+def test_scaling_curves_with_intervals_a_lone_size_and_no_data(tmp_path):
+    points = {
+        "t5": [{"variant": "t5_small", "flops": 6e13, "mean": 3.0, "low": 2.9, "high": 3.1},
+               {"variant": "t5", "flops": 2e12, "mean": 4.0, "low": 3.9, "high": 4.1}],
+        "reformer": [{"variant": "reformer", "flops": 3e12, "mean": 4.1, "low": None, "high": None}],
+    }  # fmt: skip
+    scaling_curves(points, tmp_path / "s.png")
+    scaling_curves({}, tmp_path / "none.png")
+    assert is_png(tmp_path / "s.png") and is_png(tmp_path / "none.png")
+    assert (tmp_path / "s.png").read_bytes() != (tmp_path / "none.png").read_bytes()

@@ -210,3 +210,110 @@ def test_compare_names_the_missing_stage(tmp_path: Path):
     assert result.returncode == 1
     assert "error:" in result.stdout and "evaluate@t5-0" in result.stdout
     assert not (project / "reports" / "comparison.md").exists()
+
+
+# ------------------------------------------------------------------------------------------- scaling curves
+
+
+def _scaling_project(root: Path, losses: dict[str, list[float]], saved_flops: dict[str, float] | None = None) -> None:
+    """Fake stage outputs under `root`: `losses[variant]` = final pretraining validation loss per seed (0, 1, ...);
+    every run saw the same target tokens; `saved_flops[variant]`, where given, is written as the run's own figure."""
+    from pipeline.paths import RunPaths, stage_metrics
+
+    for variant, per_seed in losses.items():
+        for seed, loss in enumerate(per_seed):
+            pretrain = {"steps": 200, "tokens": 200 * 16 * 26, "val_loss": loss, "parameters": 1}
+            if saved_flops and variant in saved_flops:
+                pretrain["flops"] = saved_flops[variant]
+            payloads = {
+                "pretrain": pretrain,
+                "finetune": {"tokens": 1000, "val_loss": 2.0},
+                "evaluate": {"test_loss": loss + 0.1, "unigram_loss": 6.5},
+            }
+            for stage, payload in payloads.items():
+                path = RunPaths(root, stage, variant, seed).metrics
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(payload))
+    stage_metrics(root, "tokenize").write_text(json.dumps({"vocab_size": 8000}))
+    stage_metrics(root, "benchmark").write_text(json.dumps({"crossovers": []}))
+    (root / "artifacts" / "benchmark").mkdir(parents=True, exist_ok=True)
+    (root / "artifacts" / "benchmark" / "results.json").write_text(json.dumps({"rows": []}))
+
+
+def _sized_config(sizes: dict[str, tuple[str, str]], seeds: list[int]):
+    """The default params with `models:` replaced by `sizes[variant]` = (family, preset)."""
+    from pipeline.config import ModelSection
+
+    config = load_config(ROOT / "params.yaml")
+    config.evaluate.num_beams = [1]
+    config.seeds = seeds
+    config.models = {v: ModelSection(family=f, preset=p) for v, (f, p) in sizes.items()}
+    return config
+
+
+FOUR = {"t5": ("t5", "tiny"), "t5_small": ("t5", "small"), "reformer": ("reformer", "tiny"),
+        "reformer_small": ("reformer", "small")}  # fmt: skip
+
+
+def test_scaling_curves_name_the_family_ahead_only_where_the_intervals_separate(tmp_path: Path):
+    from pipeline.compare import draw_charts, flops_per_target_token, gather
+
+    cfg = _sized_config(FOUR, [0, 1])
+    # tiny: the two families overlap; small: t5 is clearly lower (2 seeds: t half-width 12.7 * 0.01 = 0.127)
+    losses = {"t5": [4.00, 4.02], "t5_small": [3.00, 3.02], "reformer": [4.01, 4.03], "reformer_small": [3.50, 3.51]}
+    _scaling_project(tmp_path, losses)
+    data = gather(cfg, tmp_path)
+    analysis = analyze(cfg, data)
+    scaling = headline(analysis, data)["scaling"]
+
+    assert scaling["curves"] == ["reformer", "t5"]
+    t5 = {p["variant"]: p for p in scaling["families"]["t5"]}
+    tokens = 200 * 16 * 26
+    assert t5["t5_small"]["flops"] == pytest.approx(tokens * flops_per_target_token(cfg, "t5_small", 8064))
+    assert t5["t5"]["flops"] < t5["t5_small"]["flops"]  # the larger size costs more compute
+    assert t5["t5_small"]["val_loss"]["mean"] == pytest.approx(3.01)
+    tiny, small = scaling["levels"]  # ordered by compute: each size is matched with the other family's same size
+    assert tiny["variants"] == {"reformer": "reformer", "t5": "t5"} and tiny["ahead"] is None
+    assert "no significant difference" in tiny["text"]
+    assert small["variants"] == {"reformer": "reformer_small", "t5": "t5_small"} and small["ahead"] == "t5"
+
+    report = render_report(cfg, data, analysis)
+    section = report.split("## Scaling: loss versus training compute")[1].split("## Caveats")[0]
+    assert small["text"] in section and "t5 ahead, loss 3.010 [2.883, 3.137] (t5_small) against 3.505" in section
+    assert tiny["text"] in section and "![scaling curves](scaling_curves.png)" in section
+    assert "| t5 | t5_small |" in section and "need two or more sizes" not in section
+
+    names = draw_charts(data, analysis, tmp_path / "reports")
+    assert "scaling_curves.png" in names
+    chart = tmp_path / "reports" / "scaling_curves.png"
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 1000
+
+
+def test_scaling_uses_a_flops_figure_the_run_saved_and_names_no_winner_with_one_seed(tmp_path: Path):
+    from pipeline.compare import gather
+
+    cfg = _sized_config(FOUR, [0])
+    saved = {"t5": 1e12, "t5_small": 1e13, "reformer": 1.5e12, "reformer_small": 4e13}
+    _scaling_project(tmp_path, {"t5": [4.0], "t5_small": [3.0], "reformer": [4.5], "reformer_small": [3.5]}, saved)
+    data = gather(cfg, tmp_path)
+    scaling = headline(analyze(cfg, data), data)["scaling"]
+    flops = {p["variant"]: p["flops"] for pts in scaling["families"].values() for p in pts}
+    assert flops == saved and all(
+        p["flops_source"] == "saved by the run" for pts in scaling["families"].values() for p in pts
+    )
+    # t5_small (1e13) and reformer_small (4e13) are more than a factor 2 apart: no level; the tiny sizes are one
+    (level,) = scaling["levels"]
+    assert level["variants"] == {"reformer": "reformer", "t5": "t5"}
+    assert level["ahead"] is None and "one seed gives no interval" in level["text"]
+
+
+def test_one_size_per_family_says_how_to_add_sizes(cfg):
+    cfg.seeds = [0, 1]
+    data = synthetic([0, 1], {"t5": (0.6, 3.0, None), "reformer": (0.6, 3.2, None)})
+    analysis = analyze(cfg, data)
+    assert analysis.scaling["curves"] == {} and headline(analysis, data)["scaling"]["levels"] == []
+    report = render_report(cfg, data, analysis)
+    section = report.split("## Scaling: loss versus training compute")[1].split("## Caveats")[0]
+    assert "need two or more sizes per family" in section
+    assert "t5_small:" in section and "preset: small" in section and "```yaml" in section
+    assert "scaling_curves.png" not in section
