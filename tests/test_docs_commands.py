@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.docs_commands import NOT_RUN, REPORT, Command, documented_commands, extract
+from tests.train_project import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,18 +35,7 @@ TINY = {
     "tokenizer.vocab_size": 600,
     "tokenizer.num_sentinels": 20,
     "tokenizer.input_sentence_size": 20000,
-    "models.t5": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4},
-    "models.reformer": {
-        "d_model": 32,
-        "d_kv": 8,
-        "d_ff": 64,
-        "num_heads": 4,
-        "attn_layers": ["local", "lsh"],
-        "axial_pos_shape": [8, 8],
-        "axial_pos_dims": [16, 16],
-        "lsh_chunk_length": 8,
-        "local_chunk_length": 8,
-    },
+    **{f"models.{name}": model for name, model in MODELS.items()},
     "pretrain": {
         "input_length": 32,
         "batch_size": 4,

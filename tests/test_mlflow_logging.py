@@ -10,21 +10,12 @@ import pytest
 
 import models
 from pipeline import mlflow_logging as ml
+from tests.train_project import MODELS
 
+# the tiny shapes of the test projects, at a fixed vocabulary
 SMALL = {
-    "t5": {"vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4},
-    "reformer": {
-        "vocab_size": 128,
-        "d_model": 32,
-        "d_kv": 8,
-        "d_ff": 64,
-        "num_heads": 4,
-        "attn_layers": ["local", "lsh"],
-        "axial_pos_shape": [8, 8],
-        "axial_pos_dims": [16, 16],
-        "lsh_chunk_length": 8,
-        "local_chunk_length": 8,
-    },
+    name: {**{k: v for k, v in m.items() if k not in ("family", "preset")}, "vocab_size": 128}
+    for name, m in MODELS.items()
 }
 
 
