@@ -42,7 +42,8 @@ def mlflow_runs(project: Path) -> list:
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     experiment = client.get_experiment_by_name("t5-vs-reformer")
-    return client.search_runs([experiment.experiment_id]) if experiment else []
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return [r for r in runs if r.data.tags.get("stage") != "pipeline"]  # stage runs, not the execution's parent
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -92,6 +93,7 @@ def test_kill_and_rerun_resumes_to_the_same_weights_metrics_and_mlflow_run(tmp_p
     runs = mlflow_runs(killed)
     assert len(runs) == 1 and runs[0].info.run_id == state["mlflow_run_id"]
     assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags.get("mlflow.parentRunId"), "the stage run is not nested under the execution's parent"
     from mlflow.tracking import MlflowClient
 
     history = MlflowClient(f"sqlite:///{killed}/mlflow.db").get_metric_history(state["mlflow_run_id"], "train/loss")
