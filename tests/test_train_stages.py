@@ -133,8 +133,13 @@ def test_pretrain_then_finetune_t5_outputs_metrics_and_mlflow(tmp_path):
     assert {"train/loss", "val/loss", "val/ppl", "train/lr", "train/tokens_per_s"} <= set(run.data.metrics)
     from mlflow.tracking import MlflowClient
 
-    artifacts = {a.path for a in MlflowClient(f"sqlite:///{project}/mlflow.db").list_artifacts(run.info.run_id)}
-    assert {"model", "tokenizer", "params.json"} <= artifacts
+    # the trained model is a LoggedModel of the run (safetensors + config + tokenizer), not loose run artifacts
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    (logged,) = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+    )
+    assert logged.model_type == "t5" and logged.params["model.num_layers"] == str(model.config.num_layers)
+    assert {m.key for m in logged.metrics} >= {"val_loss", "steps"}
 
 
 def test_unreachable_tracking_server_fails_before_training(tmp_path):
