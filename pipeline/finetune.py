@@ -1,7 +1,8 @@
 """Fine-tuning stage: `python -m pipeline.finetune --model <variant> --seed <seed>` (outputs: `pipeline/train.py`).
 
 Starts from the variant's pretrain output of the same seed (or from scratch, or from an original checkpoint of
-the family: `finetune.init`) and trains on the text-to-text task mixture of `finetune.tasks` with `finetune.mixing` rates.
+the family: `finetune.init`) and trains on the text-to-text task mixture of `finetune.tasks` with
+`finetune.mixing` rates.
 """
 
 from __future__ import annotations
