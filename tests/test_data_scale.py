@@ -201,11 +201,14 @@ def test_a_killed_tokenize_resumes_from_its_finished_shards(tmp_path):
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = root / "data" / "tokenized.partial" / "shards"
     deadline = time.monotonic() + 120
-    while len(list(shards.glob("*.npz"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+    def done() -> int:  # finished shards only: not the `.<name>.<pid>.tmp.npz` a kill can leave behind
+        return len([f for f in shards.glob("*.npz") if not f.name.startswith(".")])
+
+    while done() < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = len(list(shards.glob("*.npz")))
+    finished = done()
     assert finished >= 3 and not (root / "data" / "tokenized").exists()
 
     out = subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, text=True)

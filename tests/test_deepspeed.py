@@ -293,18 +293,20 @@ def test_pretrain_stage_two_processes_zero3_one_mlflow_run(tmp_path):
     make_project(tmp_path, overrides)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "pipeline.pretrain", "--family", "t5"]
+    cmd = [sys.executable, "-m", "pipeline.pretrain", "--model", "t5", "--seed", "0"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    stage_runs = [r for r in runs if r.data.tags.get("stage") != "pipeline"]  # not the execution's parent run
+    assert len(stage_runs) == 1 and stage_runs[0].info.status == "FINISHED"
+    assert all(r.info.status == "FINISHED" for r in runs)
 
-    ckpt = tmp_path / "artifacts/pretrain/t5/checkpoints/last.ckpt"
+    ckpt = tmp_path / "artifacts/pretrain/t5/0/checkpoints/last.ckpt"
     shards = sorted(p.name for p in ckpt.glob("*/zero_pp_rank_*_model_states.pt"))
     assert shards == [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)]
-    _, model = load_pretrained(tmp_path / "artifacts/pretrain/t5/final")
+    _, model = load_pretrained(tmp_path / "artifacts/pretrain/t5/0/final")
     state = consolidate_checkpoint(ckpt)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, state[f"model.{name}"], rtol=0, atol=0)
