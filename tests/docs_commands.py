@@ -31,7 +31,7 @@ PLACEHOLDERS = {
 NOT_RUN = {
     'python -m pip install --upgrade pip && python -m pip install "torch==2.13.0" && python -m pip install -e '
     '".[test]"': "the setup command: .ci/run runs it in a fresh virtual environment",
-    'python -m pytest -m "not gpu"': "the test command: it is what runs this test (.ci/run)",
+    'python -m pytest -m "not gpu" -n auto --dist loadfile': "the test command: it is what runs this test (.ci/run)",
     "python -m pipeline.duplication --preset cpu": "ten minutes on 2 cores: tests/test_duplication.py runs it small",
     "python -m pytest": "the fast tests alone: CI runs them (and the slow ones) with the test command above",
     "python -m pipeline.<stage> --model <variant> --seed <seed>": (
