@@ -8,7 +8,8 @@ recomputed, so the stage takes seconds; paths from `pipeline/paths.py`): `metric
 `artifacts/{pretrain,finetune}/V/S/final/training.json` (wall time), `metrics/evaluate/V-S.json`,
 `artifacts/eval/V/S/examples.json` (per-example predictions and scores, the tasks' trivial baselines),
 `artifacts/eval/V/S/confusion_<task>.json` and `samples.json`, `metrics/benchmark.json` and
-`artifacts/benchmark/results.json`.
+`artifacts/benchmark/results.json`, and `metrics/lengths/V-S.json` with `artifacts/lengths/V/S/examples.json`
+(runs of the `lengths` stage that are missing are named in the report, not an error).
 
 The statistics (`pipeline/stats.py`):
 - every metric of a run is summarised over the seeds: mean and 95% Student-t interval;
@@ -23,15 +24,20 @@ The statistics (`pipeline/stats.py`):
   its target tokens times the model's `training_flops` per token, through the models registry), and two families
   are compared at each compute level where both have a size within a factor 2 of FLOPs: one is ahead only where
   the two intervals do not overlap;
+- quality versus length at matched compute: at each length of `lengths.seq_lengths` the task's accuracy gets the
+  same statistics as a task row (bootstrap over seeds and test examples, paired differences, baselines, collapse),
+  beside the efficiency indicators of each variant over the seeds (parameters, FLOPs per token, steps and FLOPs
+  in the budget, training seconds, measured tokens/s, peak memory);
 - each task row shows its trivial baselines; a variant whose predictions are constant, or whose score is not
   beyond the best baseline with its interval, is flagged collapsed (table, verdict, `metrics/compare.json`) and
   loses every comparison; the test loss is held against the unigram entropy of the targets.
 
 Writes `reports/comparison.md` (rendered from `pipeline/templates/comparison.md.j2`) and its charts
 (`pipeline/charts.py`): `loss_curves.png`, `speed_vs_length.png`, `memory_vs_length.png`, `memory_vs_depth.png`,
-`confusion_matrices.png`, `scaling_curves.png`; `metrics/compare.json` (means, intervals, baselines, collapse
-flags, verdicts, the crossovers, the scaling curves); and one MLflow run `comparison` (tag stage=compare) whose
-description is the report and whose artifacts are the report and the charts.
+`confusion_matrices.png`, `scaling_curves.png`, `quality_vs_length.png`; `metrics/compare.json` (means,
+intervals, baselines, collapse flags, verdicts, the crossovers, the scaling curves, quality versus length); and one
+MLflow run `comparison` (tag stage=compare) whose description is the report and whose artifacts are the report and
+the charts.
 """
 
 from __future__ import annotations
@@ -135,7 +141,23 @@ def gather(cfg: Config, root: Path) -> dict[str, Any]:
     data["runs"] = {v: {s: gather_run(root, v, s) for s in cfg.seeds} for v in cfg.models}
     data["benchmark"] = read_json(stage_metrics(root, "benchmark"), "benchmark")
     data["benchmark_rows"] = read_json(root / "artifacts" / "benchmark" / "results.json", "benchmark")["rows"]
+    data["lengths"] = gather_lengths(root, list(cfg.models), list(cfg.seeds))
     return data
+
+
+def gather_lengths(root: Path, variants: list[str], seeds: list[int]) -> dict[str, dict[int, dict[str, Any]]]:
+    """What each `lengths@V-S` run wrote (`metrics/lengths/V-S.json` and its per-example `examples.json`);
+    runs that did not run are absent (the report names them)."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for variant in variants:
+        for seed in seeds:
+            paths = RunPaths(root, "lengths", variant, seed)
+            if not paths.metrics.is_file():
+                continue
+            run = read_json(paths.metrics, paths.dvc_stage())
+            run["examples"] = read_json(paths.out / "examples.json", paths.dvc_stage())
+            out.setdefault(variant, {})[seed] = run
+    return out
 
 
 def sum_confusions(matrices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -313,6 +335,8 @@ class Analysis:
     greedy_beam: int
     scaling: dict[str, Any] = field(default_factory=dict)
     """Loss against training compute per family (`scaling`); empty until `analyze` fills it."""
+    lengths: dict[str, Any] = field(default_factory=dict)
+    """Quality versus length at matched compute (`quality_vs_length`); empty until `analyze` fills it."""
 
 
 def _per_seed(data: dict[str, Any], getter: Callable[[dict[str, Any]], Any]) -> dict[str, dict[int, float]]:
@@ -423,6 +447,7 @@ def analyze(cfg: Config, data: dict[str, Any]) -> Analysis:
                 task_rows.append(task_row(task, metric, beam, runs, baselines, pairs))
     analysis = Analysis(variants, list(data["seeds"]), rows, task_rows, beams[0])
     analysis.scaling = scaling(cfg, data, analysis)
+    analysis.lengths = quality_vs_length(cfg, data.get("lengths", {}), variants)
     return analysis
 
 
@@ -586,6 +611,120 @@ def scaling_metrics(section: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------ quality versus length
+
+# the efficiency indicators recorded per length (Dehghani et al. 2021): metrics key -> (label, format)
+LENGTH_FIGURES: dict[str, tuple[str, str]] = {
+    "parameters": ("parameters", "{:,.0f}"),
+    "flops_per_token": ("training FLOPs per input token", "{:.3g}"),
+    "steps": ("optimizer steps in the budget", "{:,.0f}"),
+    "flops": ("training FLOPs spent", "{:.3g}"),
+    "train_seconds": ("training wall time (s)", "{:,.1f}"),
+    "tokens_per_s": ("measured training tokens/s", "{:,.0f}"),
+    "peak_memory_mb": ("peak memory (MiB)", "{:,.0f}"),
+}
+
+
+def quality_vs_length(cfg: Config, runs: dict[str, dict[int, dict[str, Any]]], variants: list[str]) -> dict[str, Any]:
+    """The task metric at each trained length under the same budget for every variant, with the efficiency
+    indicators side by side: per length one task row (bootstrap over test examples and seeds, paired
+    differences, baselines, collapse: `task_row`) and each figure of `LENGTH_FIGURES` over the seeds."""
+    s = cfg.lengths
+    pairs = list(itertools.combinations(variants, 2))
+    missing = [f"lengths@{v}-{seed}" for v in variants for seed in cfg.seeds if seed not in runs.get(v, {})]
+    kinds = {run.get("budget_kind") for by_seed in runs.values() for run in by_seed.values()}
+    kind = kinds.pop() if len(kinds) == 1 else s.budget.kind
+    levels = []
+    for length in s.seq_lengths:
+        key = str(length)
+        per: dict[str, dict[int, dict[str, Any]]] = {}
+        figures: dict[str, dict[str, dict[int, float]]] = {}
+        baselines: dict[str, float] = {}
+        metric, budgets, dropped = "", set(), {}
+        for variant in variants:
+            for seed, run in runs.get(variant, {}).items():
+                entry, m = run.get("examples", {}).get(key), run.get("lengths", {}).get(key)
+                if not entry or not m:
+                    continue
+                metric = entry["metric"]
+                baselines = entry.get("baselines") or baselines
+                per.setdefault(variant, {})[seed] = {"scores": entry["scores"], "predictions": entry["predictions"]}
+                budgets.add(m.get("budget"))
+                dropped = m.get("dropped_too_long", dropped)
+                for fig in LENGTH_FIGURES:
+                    if isinstance(m.get(fig), int | float):
+                        figures.setdefault(variant, {}).setdefault(fig, {})[seed] = float(m[fig])
+        if not per:
+            continue
+        row = task_row(s.task, metric, 1, per, baselines, pairs)
+        summary = {v: {f: t_interval(list(x.values())) for f, x in figs.items()} for v, figs in figures.items()}
+        levels.append(
+            {
+                "length": length,
+                "budget": budgets.pop() if len(budgets) == 1 else None,
+                "row": row,
+                "figures": summary,
+                "dropped": dropped,
+                "text": f"length {length}: " + _verdicts(row),
+            }
+        )
+    unit = "FLOPs (each variant's own accounting)" if kind == "flops" else "seconds of training wall-clock"
+    return {"task": s.task, "budget_kind": kind, "unit": unit, "levels": levels, "missing": missing}
+
+
+def lengths_cells(section: dict[str, Any], variants: list[str]) -> list[dict[str, Any]]:
+    """Rows of the efficiency table: one per length and variant, a formatted cell per figure of `LENGTH_FIGURES`
+    (mean over seeds, with its interval where the seeds differ)."""
+    out = []
+    for level in section["levels"]:
+        for v in variants:
+            figures = level["figures"].get(v)
+            if not figures:
+                continue
+            cells = {}
+            for fig, (_, fmt) in LENGTH_FIGURES.items():
+                iv = figures.get(fig)
+                if iv is None:
+                    continue
+                spread = iv.has_interval and abs(iv.high - iv.low) > 1e-9 * max(1.0, abs(iv.mean))
+                cells[fig] = fmt.format(iv.mean) + (f" [{fmt.format(iv.low)}, {fmt.format(iv.high)}]" if spread else "")
+            out.append({"length": level["length"], "variant": v, "cells": cells})
+    return out
+
+
+def lengths_metrics(section: dict[str, Any]) -> dict[str, Any]:
+    """The section as plain data for `metrics/compare.json`."""
+    return {
+        "task": section["task"],
+        "budget_kind": section["budget_kind"],
+        "missing": section["missing"],
+        "levels": [
+            {
+                "length": lv["length"],
+                "budget": lv["budget"],
+                "quality": lv["row"].to_dict(),
+                "figures": {v: {f: iv.to_dict() for f, iv in figs.items()} for v, figs in lv["figures"].items()},
+                "dropped_too_long": lv["dropped"],
+            }
+            for lv in section["levels"]
+        ],
+    }
+
+
+def lengths_chart_points(section: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """`charts.quality_vs_length` points: each variant's metric per length (interval only with several seeds)."""
+    points: dict[str, list[dict[str, Any]]] = {}
+    for level in section["levels"]:
+        row = level["row"]
+        for v, iv in row.values.items():
+            show = row.show_interval and iv.has_interval
+            points.setdefault(v, []).append(
+                {"length": level["length"], "mean": iv.mean, "low": iv.low if show else None,
+                 "high": iv.high if show else None, "baseline": row.baseline}
+            )  # fmt: skip
+    return points
+
+
 # --------------------------------------------------------------------------------------------- report
 
 
@@ -734,6 +873,12 @@ def short_answer(analysis: Analysis, bench: dict[str, Any]) -> list[str]:
     for r in analysis.task_rows:
         if r.key.endswith(f"_beam{analysis.greedy_beam}"):
             lines.append(f"**{r.task}** ({r.metric_label}): " + _verdicts(r))
+    if analysis.lengths.get("levels"):
+        section = analysis.lengths
+        lines.append(
+            f"**Quality versus length at matched compute** (`{section['task']}`, the same budget in "
+            f"{section['unit']} for every variant): " + " ".join(lv["text"] for lv in section["levels"])
+        )
     lines += bench["sentences"]
     return lines
 
@@ -802,8 +947,7 @@ def render_report(cfg: Config, data: dict[str, Any], analysis: Analysis) -> str:
         "Tiny models and a tiny budget: the numbers show which variant learns faster at the very start of training, "
         "not which is better at convergence or at scale.",
         f"Training runs at length {p.input_length}/{f.input_length}, where the Reformer's LSH and local attention "
-        "save nothing; its advantage can only show at the benchmark's lengths, which measure cost, not quality. "
-        "Quality versus length at matched compute is not measured by this pipeline yet.",
+        "save nothing; the benchmark's lengths measure cost, not quality. " + lengths_caveat(cfg, analysis.lengths),
         "Timings come from the machine that ran the pipeline; shared cores are noisy (hence the spread).",
         "Intervals are 95% intervals; with few seeds they are wide, and a verdict of no significant difference is "
         "not evidence that the variants are equal.",
@@ -831,8 +975,59 @@ def render_report(cfg: Config, data: dict[str, Any], analysis: Analysis) -> str:
         bench=bench,
         efficiency=efficiency(cfg, data, analysis),
         scaling=analysis.scaling,
+        lengths=lengths_report(cfg, analysis),
         caveats=caveats,
     )
+
+
+def lengths_report(cfg: Config, analysis: Analysis) -> dict[str, Any]:
+    """What the report's "Quality versus length at matched compute" section shows."""
+    s, section = cfg.lengths, analysis.lengths
+    value = s.budget.value
+    budget = ", ".join(f"{v:.3g}" for v in value) if isinstance(value, list) else f"{value:.3g}"
+    intro = (
+        f"Task `{s.task}` with its expressions scaled to each length ({s.fill[0]:g} to {s.fill[1]:g} of it in the "
+        f"task's unit; longer ones dropped, never truncated), fine-tuned at every length from each run's "
+        f"{'pretrained weights' if s.init == 'pretrained' else 'fresh initialisation'} (`lengths.init`) with batch "
+        f"{s.batch_size}, lr {s.optimizer.lr} ({s.optimizer.schedule}), under **the same budget for every variant: "
+        f"{budget} {section.get('unit', '')} per run and length** (`lengths.budget`); then at most {s.eval_examples} "
+        "test examples per length, the same for every run, decoded greedily."
+    )
+    if section.get("budget_kind") == "flops":
+        intro += (
+            " A variant whose step costs fewer FLOPs at a length takes more steps: the quality difference is the "
+            "difference at equal compute."
+        )
+    else:
+        intro += " A wall-clock budget depends on the machine and its load; the FLOPs each run reached are shown."
+    variants = analysis.variants
+    collapsed_everywhere = bool(section.get("levels")) and all(
+        lv["row"].collapsed(v) for lv in section["levels"] for v in lv["row"].values
+    )
+    return {
+        "ran": bool(section.get("levels")),
+        "intro": intro,
+        "levels": section.get("levels", []),
+        "cells": lengths_cells(section, variants) if section.get("levels") else [],
+        "figures": list(LENGTH_FIGURES),
+        "figure_labels": [label for label, _ in LENGTH_FIGURES.values()],
+        "missing": section.get("missing", []),
+        "collapsed_everywhere": collapsed_everywhere,
+    }
+
+
+def lengths_caveat(cfg: Config, section: dict[str, Any]) -> str:
+    """The caveat on what the quality-versus-length measurement can and cannot say at this budget."""
+    if not section.get("levels"):
+        return "Quality versus length at matched compute was not measured in this run (no `lengths` results)."
+    lengths = ", ".join(str(lv["length"]) for lv in section["levels"])
+    text = f"Quality versus length at matched compute is measured on `{section['task']}` at lengths {lengths}"
+    if all(lv["row"].collapsed(v) for lv in section["levels"] for v in lv["row"].values):
+        return text + (
+            ", but every variant collapsed at every length: the budget is too small to learn the task, so the "
+            "section shows cost, not quality (raise `lengths.budget.value`, or run `configs/lra_listops.yaml`)."
+        )
+    return text + "; a verdict there holds at that budget only."
 
 
 def _documents(prep: dict[str, Any]) -> str:
@@ -871,6 +1066,7 @@ def headline(analysis: Analysis, data: dict[str, Any]) -> dict[str, Any]:
         ),
         "crossovers": bench.get("crossovers", []),
         "scaling": scaling_metrics(analysis.scaling),
+        "lengths": lengths_metrics(analysis.lengths),
     }
 
 
@@ -903,6 +1099,12 @@ def draw_charts(data: dict[str, Any], analysis: Analysis, out: Path) -> list[str
         },
         "confusion_matrices.png": lambda path: charts.confusion_grid(panels, path),
         "scaling_curves.png": lambda path: charts.scaling_curves(analysis.scaling.get("families", {}), path),
+        "quality_vs_length.png": lambda path: charts.quality_vs_length(
+            lengths_chart_points(analysis.lengths),
+            "accuracy (greedy)",
+            f"{analysis.lengths.get('task', '')}: quality vs length, same budget per length",
+            path,
+        ),
     }
     for name, draw in figures.items():
         with atomic_output(out / name) as tmp:

@@ -340,6 +340,95 @@ class BenchmarkConfig(Section):
     """Stop measuring longer lengths once the stage has used this much time."""
 
 
+LENGTH_TASKS = {"listops": ("min_chars", "max_chars"), "lra_listops": ("min_tokens", "max_tokens")}
+"""Tasks the `lengths` stage scales to each length: name -> its (shortest, longest) expression options."""
+
+
+class LengthsBudgetConfig(Section):
+    kind: Literal["flops", "seconds"] = "flops"
+    """`flops`: every variant trains until it has spent `value` training FLOPs at a length, by its own FLOPs
+    accounting (`training_flops`), so the step count differs between variants; `seconds`: until `value` seconds
+    of training wall-clock (machine-dependent, not reproducible)."""
+    value: Annotated[PosFloat | Annotated[list[PosFloat], Field(min_length=1)], BeforeValidator(_yaml_float)] = 1.2e10
+    """The budget per run and length: one number for every length, or a list, one per `seq_lengths` entry."""
+
+
+class LengthsConfig(Section):
+    task: Literal["listops", "lra_listops"] = "listops"
+    """A long-range task of `pipeline/tasks.py` whose expressions are scaled to fill each length."""
+    task_options: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "operators": ["MAX", "MIN", "MED", "SM"],
+            "max_depth": 6,
+            "max_args": 6,
+            "leaf_probability": 0.5,
+            "num_examples": 200,
+            "num_eval_examples": 60,
+        }
+    )
+    """The task's options (`pipeline/tasks.py`), except the expression-length ones, which `fill` sets per length."""
+    seq_lengths: Annotated[list[Annotated[int, Field(ge=16)]], Field(min_length=1)] = Field(
+        default_factory=lambda: [128, 512]
+    )
+    """Input lengths (tokens), increasing; each length fine-tunes a fresh copy of the starting model."""
+    fill: Annotated[list[Annotated[Float, Field(gt=0)]], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [0.5, 1.8]
+    )
+    """Shortest and longest expression as fractions of the length, in the task's own unit (listops: characters,
+    lra_listops: LRA tokens); examples that tokenize longer than the length are dropped and counted."""
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    """Start each length from the variant's pretrained weights (same seed), or from a fresh initialisation."""
+    budget: LengthsBudgetConfig = Field(default_factory=LengthsBudgetConfig)
+    """The compute every variant gets at each length."""
+    batch_size: PosInt = 4
+    """Sequences per optimizer step."""
+    target_length: PosInt = 4
+    """Target tokens (the answer and its end-of-sequence token)."""
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(lr=1e-3, schedule="constant", warmup_steps=0)
+    )
+    """Optimizer and schedule; `cosine`/`linear` decay over the budget's step count (FLOPs budgets only)."""
+    log_every_n_steps: PosInt = 5
+    """Training loss logged every this many steps (MLflow, `artifacts/lengths/`)."""
+    eval_examples: PosInt = 60
+    """Test examples scored per length (the same for every run; at most the task's `num_eval_examples`)."""
+    eval_batch_size: PosInt = 32
+    """Sequences per generation batch."""
+    max_new_tokens: PosInt = 3
+    """Generation length limit (the answer is one class and its end-of-sequence token)."""
+
+    @field_validator("seq_lengths")
+    @classmethod
+    def _increasing(cls, lengths: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(lengths, lengths[1:], strict=False)):
+            raise ValueError(f"must be strictly increasing, got {lengths}")
+        return lengths
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LengthsConfig:
+        from pipeline.tasks import validate_tasks
+
+        problems = []
+        if self.fill[0] >= self.fill[1]:
+            problems.append(f"fill: the shortest fraction must be below the longest, got {self.fill}")
+        set_per_length = [k for k in LENGTH_TASKS[self.task] if k in self.task_options]
+        problems += [f"task_options.{k}: set per length from lengths.fill; remove it" for k in set_per_length]
+        options = {k: v for k, v in self.task_options.items() if k not in set_per_length}
+        problems += [
+            p.replace(f"task_options.{self.task}", "task_options", 1)
+            for p in validate_tasks({self.task: options}, path="task_options")
+        ]
+        if isinstance(self.budget.value, list) and len(self.budget.value) != len(self.seq_lengths):
+            problems.append(f"budget.value: {len(self.budget.value)} values for {len(self.seq_lengths)} seq_lengths; "
+                            "give one number, or one per length")  # fmt: skip
+        if self.budget.kind == "seconds" and self.optimizer.schedule in ("cosine", "linear"):
+            problems.append(f"optimizer.schedule: {self.optimizer.schedule!r} decays over a known step count, which "
+                            "a seconds budget does not have; use constant or inverse_sqrt")  # fmt: skip
+        if problems:
+            raise Problems(problems)
+        return self
+
+
 class DivergenceConfig(Section):
     patience_steps: NonNegInt = 50
     """Stop a run as diverged after this many optimizer steps in a row with the loss at the uniform-prediction
@@ -594,6 +683,8 @@ class Params(Section):
     """The evaluation stage."""
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     """The speed and memory benchmark."""
+    lengths: LengthsConfig = Field(default_factory=LengthsConfig)
+    """Quality versus sequence length at matched compute (the `lengths` stage)."""
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     """Devices, distribution and precision of the training stages."""
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
@@ -702,6 +793,7 @@ class Config:
     finetune: FinetuneConfig
     evaluate: EvaluateConfig
     benchmark: BenchmarkConfig
+    lengths: LengthsConfig
     trainer: TrainerConfig
     deepspeed: DeepSpeedConfig
     mlflow: MlflowConfig

@@ -3,10 +3,10 @@
     python -m pipeline.overlay configs/lra_listops.yaml [--params params.yaml] [--dry-run]
 
 A preset is an overlay: its mappings merge into the params key by key (a value replaces the one at the same
-YAML path), except the mappings named in `REPLACED` (`finetune.tasks`), which a preset replaces whole: a
-preset's task list is the whole task list. The merged params are validated with `pipeline.config` (every
-problem listed, exit status 2) and only then written, atomically; YAML comments of the params file are not
-kept. `--dry-run` prints the merged params instead of writing them.
+YAML path), except the mappings named in `REPLACED` (`finetune.tasks`, `lengths.task_options`), which a preset
+replaces whole: a preset's task list is the whole task list, and its task options are those of its task. The
+merged params are validated with `pipeline.config` (every problem listed, exit status 2) and only then written,
+atomically; YAML comments of the params file are not kept. `--dry-run` prints the merged params instead of writing them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import yaml
 
 from pipeline.config import DEFAULT_PARAMS, ConfigError, config_from_dict
 
-REPLACED = {("finetune", "tasks")}
+REPLACED = {("finetune", "tasks"), ("lengths", "task_options")}
 
 
 def merge(base: dict[str, Any], overlay: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:

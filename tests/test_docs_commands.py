@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.docs_commands import NOT_RUN, REPORT, Command, documented_commands, extract
-from tests.train_project import MODELS
+from tests.train_project import LENGTHS, MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,7 @@ TINY = {
     },
     "finetune.optimizer.warmup_steps": 1,
     "evaluate": {"batch_size": 8, "max_loss_batches": 2, "max_examples_per_task": 8, "num_beams": [1, 2]},
+    "lengths": LENGTHS,
     "evaluate.max_new_tokens": 8,
     "evaluate.num_samples": 2,
     "benchmark": {"seq_lengths": [64, 128], "depths": [1, 2], "depth_seq_length": 64, "repeats": 1},

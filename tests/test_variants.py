@@ -72,6 +72,9 @@ def test_run_paths_match_the_dvc_yaml_outputs():
     ev = RunPaths(Path("."), "evaluate", "rf", 2)
     assert outputs("evaluate") == {ev.out.as_posix(), ev.metrics.as_posix()}
     assert ev.dvc_stage() == "evaluate@rf-2"
+    ln = RunPaths(Path("."), "lengths", "rf", 2)
+    assert outputs("lengths") == {ln.out.as_posix(), ln.metrics.as_posix()}
+    assert stages["lengths"]["matrix"] == {"model": "${models}", "seed": "${seeds}"}
 
 
 def test_the_run_seed_changes_training_noise_not_validation(tmp_path):
@@ -124,7 +127,7 @@ def test_a_variant_in_params_adds_its_matrix_stages_and_every_field_takes_dash_S
     _run([*dvc, "init", "-q"], project)
 
     listed = {line.split()[0] for line in _run([*dvc, "stage", "list"], project).stdout.splitlines() if line}
-    for stage in ("pretrain", "finetune", "evaluate"):
+    for stage in ("pretrain", "finetune", "evaluate", "lengths"):
         expected = {f"{stage}@{v}-{s}" for v in ("t5", "reformer", "reformer_full") for s in (0, 1, 2)}
         assert {n for n in listed if n.startswith(stage + "@")} == expected
 
@@ -236,7 +239,7 @@ def test_three_variants_end_to_end_through_dvc_repro(tmp_path):
     """`dvc repro` of the whole pipeline with T5, Reformer and the Reformer network with full attention and no
     reversible layers (the Reformer paper's baseline), one seed, tiny everything; a second run does nothing."""
     from tests.eval_project import EVAL_OVERRIDES
-    from tests.train_project import FINETUNE_TASKS, MODELS, TRAIN
+    from tests.train_project import FINETUNE_TASKS, LENGTHS, MODELS, TRAIN
 
     project = _copy_project(tmp_path / "project")
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -255,14 +258,15 @@ def test_three_variants_end_to_end_through_dvc_repro(tmp_path):
         section, key = dotted.split(".")
         params[section][key] = value
     params["benchmark"].update(seq_lengths=[32], depths=[1], time_budget_s=60.0)
+    params["lengths"] = LENGTHS
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc = [sys.executable, "-m", "dvc"]
     _run(["git", "init", "-q"], project)
     _run([*dvc, "init", "-q"], project)
 
-    out = _run([*dvc, "repro"], project, timeout=1800).stdout  # 14 stage processes
+    out = _run([*dvc, "repro"], project, timeout=1800).stdout  # 17 stage processes
     for variant in ("t5", "reformer", "reformer_full"):
-        for stage in ("pretrain", "finetune", "evaluate"):
+        for stage in ("pretrain", "finetune", "evaluate", "lengths"):
             assert f"Running stage '{stage}@{variant}-0'" in out
             assert RunPaths(project, stage, variant, 0).metrics.is_file()
     report = (project / "reports" / "comparison.md").read_text()

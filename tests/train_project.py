@@ -67,6 +67,19 @@ FINETUNE_TASKS = {
 }
 
 
+# the `lengths` stage at tiny lengths (the tiny Reformer holds 64 positions): a few steps per length
+LENGTHS = {
+    "task": "listops",
+    "task_options": {"num_examples": 32, "num_eval_examples": 12, "max_depth": 3, "max_args": 4},
+    "seq_lengths": [32, 64],
+    "fill": [0.3, 1.2],
+    "budget": {"kind": "flops", "value": 1.0e8},
+    "batch_size": 4,
+    "eval_examples": 12,
+    "eval_batch_size": 12,
+}
+
+
 def write_tokenizer(directory: Path) -> None:
     """A real SentencePiece tokenizer of TOK_VOCAB ids, trained on the fine-tuning tasks' own texts."""
     from pipeline.tasks import build_examples
@@ -100,6 +113,7 @@ def make_project(
     params["pretrain"]["optimizer"]["lr"] = 3e-3
     params["finetune"]["tasks"] = copy.deepcopy(FINETUNE_TASKS)
     params["finetune"].update({"input_length": 64, "target_length": 16})
+    params["lengths"] = copy.deepcopy(LENGTHS)
     params["trainer"].update({"accelerator": "cpu", "progress_bar": False})
     params["mlflow"]["system_metrics"] = False
     for dotted, value in (overrides or {}).items():

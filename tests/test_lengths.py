@@ -1,0 +1,263 @@
+"""Quality versus length at matched compute: the budget accounting, the `lengths` params, the compare aggregation,
+and (slow) the `lengths@<variant>-<seed>` stage run for real on the tiny project."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+
+import models
+from pipeline.compare import gather_lengths, lengths_cells, lengths_chart_points, lengths_metrics, quality_vs_length
+from pipeline.config import ConfigError, config_from_dict
+from pipeline.lengths import Budget, budget_at, budget_steps, length_config, step_flops, task_options
+from tests.train_project import LENGTHS, MODELS, ROOT
+
+
+def tiny_cfg(**lengths):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["models"] = copy.deepcopy(MODELS)
+    raw["pretrain"]["input_length"], raw["finetune"]["input_length"] = 32, 64
+    raw["lengths"] = {**copy.deepcopy(LENGTHS), **lengths}
+    return config_from_dict(raw)
+
+
+# ------------------------------------------------------------------------------------------ the budget
+
+
+def test_the_same_flops_budget_gives_each_variant_the_steps_its_own_accounting_allows():
+    cfg = tiny_cfg()
+    budget = 1.0e8
+    steps = {}
+    for variant in cfg.models:
+        model = models.build_model(cfg.family(variant), cfg.model_config(variant, 256))
+        for length in (32, 64):
+            per_step = step_flops(model, 4, length, 4)
+            assert per_step == model.training_flops(4, length, 4)  # encoder-decoder: the padded shapes
+            n = budget_steps(budget, per_step)
+            assert n * per_step <= budget < (n + 1) * per_step  # spent within the budget, one more step beyond it
+            steps[variant, length] = n
+    # the tiny Reformer costs more per step than the tiny T5 here, so it gets fewer steps for the same compute
+    assert steps["reformer", 32] < steps["t5", 32] and steps["reformer", 64] < steps["t5", 64]
+    assert steps["t5", 64] < steps["t5", 32]  # longer sequences: fewer steps in the same budget
+
+
+def test_budget_steps_is_exact_at_the_boundary_and_rejects_a_free_step():
+    assert budget_steps(3e9, 1e9) == 3
+    assert budget_steps(2.9e9, 1e9) == 2
+    assert budget_steps(0.5e9, 1e9) == 0
+    with pytest.raises(ValueError):
+        budget_steps(1e9, 0)
+
+
+def test_decoder_only_steps_are_counted_over_inputs_and_targets():
+    model = SimpleNamespace(
+        config=SimpleNamespace(layout="causal_lm"), training_flops=lambda b, length, targets: b * length * 1000.0
+    )
+    assert step_flops(model, 2, 100, 4) == 2 * 104 * 1000.0
+
+
+def test_length_options_budgets_and_the_derived_config():
+    cfg = tiny_cfg(budget={"kind": "flops", "value": [1e8, 3e8]})
+    assert task_options(cfg.lengths, 64) == {**LENGTHS["task_options"], "min_chars": 19, "max_chars": 77}
+    assert [budget_at(cfg.lengths, i) for i in range(2)] == [1e8, 3e8]
+    derived = length_config(cfg, 64)
+    assert derived.finetune.input_length == 64 and derived.finetune.tasks == {"listops": task_options(cfg.lengths, 64)}
+    assert derived.finetune.init == cfg.lengths.init and derived.evaluate.num_beams == [1]
+    assert cfg.finetune.input_length == 64 and "sort" not in derived.finetune.tasks  # the original is untouched
+
+
+def test_a_seconds_budget_stops_training_once_spent_and_a_flops_budget_never_does():
+    trainer = SimpleNamespace(should_stop=False)
+    unlimited = Budget(None)
+    unlimited.on_train_start(trainer, None)
+    unlimited.on_train_batch_end(trainer, None)
+    assert trainer.should_stop is False
+    spent = Budget(0.0)  # zero seconds: spent after the first step
+    spent.on_train_start(trainer, None)
+    spent.on_train_batch_end(trainer, None)
+    assert trainer.should_stop is True and spent.elapsed >= 0.0
+
+
+def test_lengths_params_are_checked_with_their_yaml_paths():
+    with pytest.raises(ConfigError) as err:
+        tiny_cfg(
+            fill=[0.9, 0.5],
+            seq_lengths=[64, 32],
+            task_options={"max_chars": 40, "max_dept": 3},
+            budget={"kind": "seconds", "value": [1.0]},
+            optimizer={"schedule": "cosine"},
+        )
+    text = str(err.value)
+    assert "lengths.seq_lengths: must be strictly increasing" in text
+    with pytest.raises(ConfigError) as err:
+        tiny_cfg(
+            fill=[0.9, 0.5],
+            task_options={"max_chars": 40, "max_dept": 3},
+            budget={"kind": "seconds", "value": [1.0]},
+            optimizer={"schedule": "cosine"},
+        )
+    text = str(err.value)
+    for expected in (
+        "lengths.fill: the shortest fraction must be below the longest",
+        "lengths.task_options.max_chars: set per length from lengths.fill",
+        "lengths.task_options.max_dept: unknown option (did you mean 'max_depth'?",
+        "lengths.budget.value: 1 values for 2 seq_lengths",
+        "lengths.optimizer.schedule: 'cosine' decays over a known step count",
+    ):
+        assert expected in text
+    with pytest.raises(ConfigError, match="lengths.task: "):
+        tiny_cfg(task="sort")
+
+
+# ---------------------------------------------------------------------------------------- aggregation
+
+
+def _lengths_run(rng: np.random.Generator, accuracy: dict[int, float], steps: dict[int, int]) -> dict:
+    """One synthetic `lengths@V-S` result as `gather_lengths` returns it (60 test examples per length)."""
+    out = {"task": "listops", "metric": "accuracy", "budget_kind": "flops", "lengths": {}, "examples": {}}
+    for length, acc in accuracy.items():
+        refs = [str(d) for d in rng.integers(0, 10, 60)]
+        preds = [r if rng.random() < acc else str((int(r) + 1) % 10) for r in refs] if acc else ["0"] * 60
+        scores = [float(p == r) for p, r in zip(preds, refs, strict=True)]
+        out["examples"][str(length)] = {
+            "metric": "accuracy",
+            "references": refs,
+            "baselines": {"majority": 0.15, "chance": 0.1},
+            "predictions": preds,
+            "scores": scores,
+        }
+        out["lengths"][str(length)] = {
+            "accuracy": float(np.mean(scores)),
+            "budget": 1e8,
+            "steps": steps[length],
+            "flops": steps[length] * 1e7,
+            "flops_per_token": 1e7 / (4 * length),
+            "parameters": 1000,
+            "tokens_per_s": 500.0 + rng.random(),
+            "peak_memory_mb": 300.0,
+            "train_seconds": 2.0,
+            "dropped_too_long": {"train": 0, "test": 1},
+        }
+    return out
+
+
+def test_compare_names_the_winner_per_length_only_where_the_interval_excludes_zero():
+    cfg = tiny_cfg()
+    cfg.seeds = [0, 1, 2]
+    runs = {
+        "t5": {s: _lengths_run(np.random.default_rng(s), {32: 0.9, 64: 0.5}, {32: 8, 64: 4}) for s in (0, 1, 2)},
+        "reformer": {
+            s: _lengths_run(np.random.default_rng(9 + s), {32: 0.4, 64: 0.5}, {32: 3, 64: 2}) for s in (0, 1, 2)
+        },
+    }
+    section = quality_vs_length(cfg, runs, ["t5", "reformer"])
+    assert section["missing"] == [] and section["budget_kind"] == "flops"
+    short, long = section["levels"]
+    assert (short["length"], long["length"]) == (32, 64) and short["budget"] == 1e8
+    ((_, _, verdict),) = short["row"].verdicts
+    assert verdict.winner == "t5" and verdict.kind == "significant"
+    ((_, _, verdict),) = long["row"].verdicts
+    assert verdict.winner is None and verdict.kind == "not_significant"
+    assert short["row"].values["t5"].has_interval and short["row"].baseline == 0.15
+    # efficiency indicators over seeds: the same step count in every seed shows no spread
+    assert short["figures"]["t5"]["steps"].mean == 8 and short["figures"]["reformer"]["steps"].mean == 3
+    cells = {(c["length"], c["variant"]): c["cells"] for c in lengths_cells(section, ["t5", "reformer"])}
+    assert (cells[32, "t5"]["steps"], cells[32, "reformer"]["steps"]) == ("8", "3")
+    assert "[" in cells[32, "t5"]["tokens_per_s"]  # differs between seeds: its interval
+    assert json.loads(json.dumps(lengths_metrics(section)))["levels"][0]["quality"]["verdicts"]
+    points = lengths_chart_points(section)
+    assert [p["length"] for p in points["t5"]] == [32, 64] and points["t5"][0]["low"] is not None
+
+
+def test_a_constant_answer_is_collapsed_at_its_length_and_loses():
+    cfg = tiny_cfg()
+    cfg.seeds = [0, 1, 2]
+    runs = {
+        "t5": {s: _lengths_run(np.random.default_rng(s), {32: 0.8, 64: 0.0}, {32: 8, 64: 4}) for s in (0, 1, 2)},
+        "reformer": {
+            s: _lengths_run(np.random.default_rng(5 + s), {32: 0.0, 64: 0.0}, {32: 3, 64: 2}) for s in (0, 1, 2)
+        },
+    }
+    short, long = quality_vs_length(cfg, runs, ["t5", "reformer"])["levels"]
+    assert short["row"].collapsed("reformer") and not short["row"].collapsed("t5")
+    assert short["row"].verdicts[0][2].winner == "t5" and short["row"].verdicts[0][2].kind == "collapsed"
+    assert long["row"].verdicts[0][2].kind == "both_collapsed"
+    assert "collapsed" in long["text"]
+
+
+def test_one_seed_names_no_winner_and_no_run_gives_an_empty_section():
+    cfg = tiny_cfg()
+    cfg.seeds = [0]
+    runs = {
+        "t5": {0: _lengths_run(np.random.default_rng(0), {32: 0.9, 64: 0.9}, {32: 8, 64: 4})},
+        "reformer": {0: _lengths_run(np.random.default_rng(1), {32: 0.3, 64: 0.3}, {32: 3, 64: 2})},
+    }
+    (level, _) = quality_vs_length(cfg, runs, ["t5", "reformer"])["levels"]
+    assert level["row"].verdicts[0][2].kind == "no_interval"
+    assert lengths_chart_points({"levels": [level]})["t5"][0]["low"] is None
+    del runs["reformer"]
+    partial = quality_vs_length(cfg, runs, ["t5", "reformer"])
+    assert partial["missing"] == ["lengths@reformer-0"] and not partial["levels"][0]["row"].verdicts
+    empty = quality_vs_length(cfg, {}, ["t5", "reformer"])
+    assert empty["levels"] == [] and empty["missing"] == ["lengths@t5-0", "lengths@reformer-0"]
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+@pytest.mark.slow
+def test_lengths_stage_trains_each_length_under_the_budget_and_compare_reads_it(tmp_path: Path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    from pipeline.config import load_config
+    from pipeline.lengths import main as lengths_main
+    from tests.eval_project import make_eval_project, run_module
+
+    project = make_eval_project(tmp_path)  # random "pretrained" weights of t5 and reformer, seed 0
+    for variant in ("t5", "reformer"):
+        result = run_module("pipeline.lengths", project, "--model", variant, "--seed", "0")
+        assert result.returncode == 0, result.stdout[-3000:]
+    cfg = load_config(project / "params.yaml")
+    runs = gather_lengths(project, ["t5", "reformer"], [0])
+    for variant, by_seed in runs.items():
+        result = by_seed[0]
+        assert result["budget_kind"] == "flops" and set(result["lengths"]) == {"32", "64"}
+        model = models.load_pretrained(project / "artifacts" / "pretrain" / variant / "0" / "final")[1]
+        for length, m in result["lengths"].items():
+            per_step = model.training_flops(4, int(length), 4)
+            assert m["steps"] == int(1.0e8 // per_step) >= 1 and m["flops"] <= 1.0e8
+            assert m["flops_per_step"] == pytest.approx(per_step) and m["init"].endswith(f"{variant}/0/final")
+            assert m["test_examples"] == len(result["examples"][length]["scores"]) > 0
+            assert 0.0 <= m["accuracy"] <= 1.0 and "baseline_majority" in m and m["baseline_chance"] == 0.1
+            assert m["tokens_per_s"] > 0
+            assert m["peak_memory_mb"] > 0 and m["parameters"] == model.num_parameters()
+    section = quality_vs_length(cfg, runs, ["t5", "reformer"])
+    assert [lv["length"] for lv in section["levels"]] == [32, 64] and not section["missing"]
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("t5-vs-reformer")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'lengths' and tags.variant = 't5'")
+    assert run.info.status == "FINISHED" and "lengths/L64/accuracy" in run.data.metrics
+    assert run.data.params["lengths.budget.kind"] == "flops"
+
+    monkeypatch.chdir(project)  # a seed never pretrained: a message naming the stage to run, no traceback
+    assert lengths_main(["--model", "t5", "--seed", "7"]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "dvc repro pretrain@t5-7" in err and "Traceback" not in err
+
+
+def test_the_cluster_preset_runs_lra_listops_from_1k_to_beyond_4k():
+    from pipeline.overlay import apply_overlay
+
+    merged = apply_overlay(ROOT / "params.yaml", ROOT / "configs" / "lra_listops.yaml")
+    lengths = config_from_dict(merged).lengths
+    assert lengths.task == "lra_listops" and "operators" not in lengths.task_options  # replaced whole
+    assert lengths.seq_lengths[0] <= 1024 and lengths.seq_lengths[-1] > 4096 and lengths.budget.kind == "flops"
+    at_4k = task_options(lengths, 4096)
+    assert at_4k["min_tokens"] <= 500 and at_4k["max_tokens"] <= 2048  # LRA's 500-2000 tokens fit in 4K pieces
