@@ -86,6 +86,13 @@ LAYOUTS = {
     "prefix_lm": "prefix LM (decoder-only, bidirectional prefix)",
 }
 
+# how the fine-tuning runs start, for the report's setup line
+FINETUNE_INIT = {
+    "pretrained": "from each run's own pretrained weights",
+    "scratch": "from a fresh initialisation (the same for every family)",
+    "checkpoint": "from an original checkpoint",
+}
+
 
 # -------------------------------------------------------------------------------------------- inputs
 
@@ -917,8 +924,8 @@ def render_report(cfg: Config, data: dict[str, Any], analysis: Analysis) -> str:
         f"Pretraining: `{p.objective}`, {p.max_steps} steps x batch {p.batch_size} x {p.input_length} input tokens, "
         f"{p.optimizer.name} lr {p.optimizer.lr} ({p.optimizer.schedule}), the same for every variant.",
         f"Fine-tuning: tasks {', '.join(f'`{t}`' for t in f.tasks)} mixed `{f.mixing}`, {f.max_steps} steps x batch "
-        f"{f.batch_size}, lr {f.optimizer.lr} ({f.optimizer.schedule}), from each run's own pretrained weights "
-        f"(`finetune.init: {f.init}`).",
+        f"{f.batch_size}, lr {f.optimizer.lr} ({f.optimizer.schedule}), "
+        f"{FINETUNE_INIT.get(f.init, 'from')} (`finetune.init: {f.init}`).",
         f"Evaluation: `{e.split}` split, the same {e.max_examples_per_task} (at most) examples per task for every run, "
         f"beams {list(e.num_beams)}, up to {e.max_new_tokens} new tokens.",
     ]
