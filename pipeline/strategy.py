@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +47,8 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from pipeline.config import Config
+
+log = logging.getLogger(__name__)
 
 # Dynamic loss scaling for `16-mixed` under DeepSpeed (`loss_scale: 0` means dynamic): start at 2**16, halve on
 # overflow, double after this many overflow-free steps. Same defaults as torch's GradScaler uses for DDP.
@@ -280,6 +284,40 @@ def _ensure_deepspeed_accelerator(accelerator: str) -> None:
         )
 
 
+# A DeepSpeed op (on CPU: `deepspeed_shm_comm`) is compiled on first use under a `lock` file that torch's
+# FileBaton creates and deletes; a process killed mid-compile leaves it, and every later start waits on it forever
+# (no message). A compile takes about a minute: a lock older than this is a dead build's.
+STALE_BUILD_LOCK_S = 600.0
+
+
+def clear_stale_build_locks(now: float | None = None) -> list[Path]:
+    """Remove DeepSpeed op build locks older than `STALE_BUILD_LOCK_S` (each named in a warning); returns them."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        locks = Path(root).glob("deepspeed_*/lock")
+    else:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        locks = Path(get_default_build_root()).glob("*/deepspeed_*/lock")
+    now = time.time() if now is None else now
+    removed = []
+    for lock in locks:
+        try:
+            age = now - lock.stat().st_mtime
+            if age > STALE_BUILD_LOCK_S:
+                lock.unlink()
+                removed.append(lock)
+                log.warning(
+                    "removed %s: left %.0f minutes ago by a DeepSpeed op build that was killed (it would make "
+                    "this run wait forever)",
+                    lock,
+                    age / 60,
+                )
+        except FileNotFoundError:  # the build finished meanwhile
+            continue
+    return removed
+
+
 def build_strategy(cfg: Config, accelerator: str | None = None) -> Any:
     """The `strategy` argument of `lightning.Trainer`: a name, or a configured DeepSpeed strategy object."""
     accelerator = accelerator or resolve_accelerator(cfg)
@@ -289,6 +327,7 @@ def build_strategy(cfg: Config, accelerator: str | None = None) -> Any:
     if kind == "ddp":
         return LoopbackDDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo")
     _ensure_deepspeed_accelerator(accelerator)
+    clear_stale_build_locks()
     cls = LoopbackDeepSpeedStrategy if accelerator == "gpu" else CPUDeepSpeedStrategy
     return cls(config=deepspeed_config(cfg, accelerator))
 

@@ -172,3 +172,25 @@ def test_consolidate_a_plain_lightning_checkpoint(tmp_path):
         consolidate_checkpoint(tmp_path / "missing.ckpt")
     with pytest.raises(FileNotFoundError, match="not a DeepSpeed checkpoint"):
         consolidate_checkpoint(tmp_path)
+
+
+def test_a_dead_builds_lock_is_removed_and_named_a_live_one_kept(tmp_path, monkeypatch, caplog):
+    """A DeepSpeed op compile killed mid-way leaves torch's build `lock`; later starts would wait on it forever."""
+    import logging
+    import os
+    import time
+
+    from pipeline.strategy import STALE_BUILD_LOCK_S, clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    dead, live, other = (tmp_path / n / "lock" for n in ("deepspeed_shm_comm", "deepspeed_cpu_adam", "my_op"))
+    for lock in (dead, live, other):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(dead, (old, old))
+    os.utime(other, (old, old))  # not DeepSpeed's: left alone
+    with caplog.at_level(logging.WARNING, logger="pipeline.strategy"):
+        assert clear_stale_build_locks() == [dead]
+    assert not dead.exists() and live.exists() and other.exists()
+    assert str(dead) in caplog.text and "killed" in caplog.text
