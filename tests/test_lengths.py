@@ -261,3 +261,31 @@ def test_the_cluster_preset_runs_lra_listops_from_1k_to_beyond_4k():
     assert lengths.seq_lengths[0] <= 1024 and lengths.seq_lengths[-1] > 4096 and lengths.budget.kind == "flops"
     at_4k = task_options(lengths, 4096)
     assert at_4k["min_tokens"] <= 500 and at_4k["max_tokens"] <= 2048  # LRA's 500-2000 tokens fit in 4K pieces
+
+
+def test_the_report_shows_quality_and_efficiency_per_length_and_compare_json_keeps_them():
+    from pipeline.compare import analyze, headline, render_report
+    from tests.test_compare import synthetic
+
+    cfg = tiny_cfg()
+    cfg.seeds = [0, 1, 2]
+    cfg.evaluate.num_beams = [1]
+    data = synthetic([0, 1, 2], {"t5": (0.9, 3.0, None), "reformer": (0.45, 4.0, None)})
+    data["lengths"] = {
+        "t5": {s: _lengths_run(np.random.default_rng(s), {32: 0.9, 64: 0.0}, {32: 8, 64: 4}) for s in (0, 1, 2)},
+        "reformer": {
+            s: _lengths_run(np.random.default_rng(9 + s), {32: 0.4, 64: 0.0}, {32: 3, 64: 2}) for s in (0, 1, 2)
+        },
+    }
+    analysis = analyze(cfg, data)
+    report = render_report(cfg, data, analysis)
+    section = report[report.index("## Quality versus length at matched compute") : report.index("## Speed and memory")]
+    assert "the same budget for every variant" in section and "FLOPs (each variant's own accounting)" in section
+    assert "| 32 | 1e+08 |" in section and "t5, higher by" in section and "both collapsed" in section
+    assert "| length | variant | parameters | training FLOPs per input token |" in section
+    assert "| 32 | reformer | 1,000 |" in section and "(quality_vs_length.png)" in section
+    assert "**Quality versus length at matched compute**" in report  # in the answer in short
+    assert "is measured on `listops` at lengths 32, 64" in report  # the caveat
+    saved = json.loads(json.dumps(headline(analysis, data)))["lengths"]
+    assert [lv["length"] for lv in saved["levels"]] == [32, 64] and saved["budget_kind"] == "flops"
+    assert saved["levels"][1]["quality"]["variants"]["t5"]["collapsed"] is True
