@@ -22,7 +22,8 @@ training seconds, measured tokens/s (input positions per second of training, pad
 (GPU: the peak allocated during that length; CPU: the process's peak resident size so far, `ru_maxrss`, which
 grows with the length because lengths run shortest first), parameters and the training loss. Examples whose
 input tokenizes longer than L are dropped (never truncated: the answer depends on the whole expression) and
-counted. The run uses one device (`trainer.accelerator`); there are no checkpoints: a killed run starts over.
+counted. The run uses one device (`trainer.accelerator`) in the process DVC starts (`launcher` is not used: on a
+cluster, run it on a GPU node); there are no checkpoints: a killed run starts over.
 
 Outputs (paths from `pipeline/paths.py`): `metrics/lengths/V-S.json` (DVC metrics, one entry per length),
 `artifacts/lengths/V/S/` (`examples.json`: every prediction with its score and the baselines, per length;
@@ -349,6 +350,13 @@ def run(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
     quiet_libraries()
     start = time.perf_counter()
     paths = RunPaths(root, STAGE, variant, seed)
+    if cfg.launcher.kind != "local":
+        log.warning(
+            "%s: runs here, in the process DVC started, on one device; launcher.kind %s is not used by this stage "
+            "(run `dvc repro` for it on a GPU node)",
+            paths.dvc_stage(),
+            cfg.launcher.kind,
+        )
     check_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri, root), cfg.mlflow.connect_timeout_s)  # fail fast
     tokenizer = Tokenizer.load(root / TOKENIZER_DIR)
     s = cfg.lengths
