@@ -252,14 +252,17 @@ class PretrainConfig(TrainingLoopConfig):
     """Span corruption: mean length of a masked span."""
     input_length: Annotated[int, Field(ge=8)] = 128
     """Tokens per packed input sequence (span corruption fills it exactly; targets are derived)."""
+    max_steps: PosInt = 100
+    """Optimizer steps; with batch size and length this fixes the token budget shared by both families."""
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=5e-3))
     """Optimizer and schedule."""
 
 
 class FinetuneConfig(TrainingLoopConfig):
-    init: Literal["pretrained", "scratch", "checkpoint"] = "pretrained"
+    init: Literal["pretrained", "scratch", "checkpoint"] = "scratch"
     """Start from the variant's pretrain output, from scratch, or from an original checkpoint of the family
-    (`checkpoint_dir`; only families whose spec can load one, e.g. a `transformers` T5 directory)."""
+    (`checkpoint_dir`; only families whose spec can load one, e.g. a `transformers` T5 directory). The tiny CPU
+    default trains from scratch: its 100 pretraining steps teach nothing the digit tasks use (README, results)."""
     checkpoint_dir: str | None = None
     """For `init: checkpoint`: a local checkpoint directory in the family's original format."""
     tasks: dict[str, Any] = Field(
