@@ -133,10 +133,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class KVCache:
     """One layer's self-attention keys/values during decoding, in (N, H, capacity, Dk) buffers that double when full,
-    so a step writes its keys in place instead of concatenating a new tensor."""
+    so a step writes its keys in place instead of concatenating a new tensor. Beam search's reorder selects rows into
+    a second pair of buffers of the same size and swaps the two (allocated on the first reorder), rather than
+    selecting into a temporary and copying back."""
 
     def __init__(self):
         self.k = self.v = None
+        self.spare = None  # (k, v) buffers shaped like (self.k, self.v), for `reorder`
         self.length = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +149,7 @@ class KVCache:
             capacity = max(64, 2 * end)
             old = (self.k, self.v)
             self.k, self.v = (k.new_empty(*k.shape[:2], capacity, k.shape[3]) for _ in range(2))
+            self.spare = None
             if old[0] is not None:
                 self.k[:, :, :start], self.v[:, :, :start] = old[0][:, :, :start], old[1][:, :, :start]
         self.k[:, :, start:end], self.v[:, :, start:end] = k, v
@@ -153,7 +157,12 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (N,) of the filled part only, in place (the spare capacity is not copied)."""
+        """Keep rows `index` (N,) of the filled part only (the unfilled capacity is not copied): one pass that writes
+        them into the spare buffers, which then become the cache."""
         n = self.length
-        self.k[:, :, :n] = self.k[:, :, :n].index_select(0, index)
-        self.v[:, :, :n] = self.v[:, :, :n].index_select(0, index)
+        if self.spare is None or self.spare[0].shape != self.k.shape:
+            self.spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+        k, v = self.spare
+        torch.index_select(self.k[:, :, :n], 0, index, out=k[:, :, :n])
+        torch.index_select(self.v[:, :, :n], 0, index, out=v[:, :, :n])
+        self.spare, self.k, self.v = (self.k, self.v), k, v

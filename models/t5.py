@@ -191,6 +191,18 @@ class T5Attention(nn.Module):
         self.o = nn.Linear(inner, config.d_model, bias=False)
         if has_relative_attention_bias:  # only in the first layer of a stack; the others reuse its bias
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+        self._qkv: tuple[tuple, torch.Tensor] | None = None  # inference's stacked q, k, v weights (`_stacked_qkv`)
+
+    def _stacked_qkv(self) -> torch.Tensor:
+        """q, k and v weights stacked (3 * I, D), for inference: one matmul per layer and step instead of three (each
+        a pass over the threads, which waits for every thread at its end). Built on first use and rebuilt when any
+        of the three changed (an in-place update bumps its version; a move or reload gives it new storage); it is a
+        plain attribute, not a parameter or buffer, so checkpoints and optimizers never see it."""
+        weights = (self.q.weight, self.k.weight, self.v.weight)
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        if self._qkv is None or self._qkv[0] != key:
+            self._qkv = (key, torch.cat(weights).detach())
+        return self._qkv[1]
 
     def _heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
         # (B, L, n * I) -> n tensors (B, H, L, Dk)
@@ -201,8 +213,10 @@ class T5Attention(nn.Module):
         """Self-attention projections (B, L, D) -> 3 x (B, H, L, Dk)."""
         if self.training:  # training: one fused matmul beats three on the big activation
             return self._heads(F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight])), 3)
-        # decoding: few tokens, the matmuls are bound by reading the weights; concatenating them would copy
-        q, k, v = (self._heads(linear(x, w.weight), 1)[0] for w in (self.q, self.k, self.v))
+        if not torch.is_grad_enabled():  # inference: the stacked weights, kept between calls
+            return self._heads(_rows(x, self._stacked_qkv()), 3)
+        # eval with autograd (gradients wrt inputs or weights): three matmuls, so gradients reach the weights
+        q, k, v = (self._heads(_rows(x, w.weight), 1)[0] for w in (self.q, self.k, self.v))
         return q, k, v
 
     def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,6 +237,13 @@ class T5Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1.0)
         B, H, Lq, Dk = out.shape
         return linear(out.transpose(1, 2).reshape(B, Lq, H * Dk), self.o.weight)
+
+
+def _rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`linear` with its result in row-major order: its weight-left form returns a transposed view, and SDPA's fused
+    CPU kernel needs a unit stride in the last dimension of q, k and v; without it SDPA falls back to its unfused math
+    (two batched matmuls, a softmax, a scale: four multi-threaded ops per attention instead of one)."""
+    return linear(x, weight).contiguous()
 
 
 def _flex_attention(q, k, v, mask):
@@ -312,7 +333,7 @@ class T5LayerCrossAttention(nn.Module):
 
     def forward(self, h, memory_kv, bias, hidden):
         attn = self.EncDecAttention
-        q = attn._heads(linear(self.layer_norm(h), attn.q.weight), 1)[0]  # (N, H, Lq, Dk)
+        q = attn._heads(_rows(self.layer_norm(h), attn.q.weight), 1)[0]  # (N, H, Lq, Dk)
         N, H, Lq, Dk = q.shape
         B = memory_kv[0].shape[0]
         if B == N:
@@ -377,15 +398,35 @@ class T5Stack(nn.Module):
         )
         return table(buckets).permute(2, 0, 1).unsqueeze(0).contiguous()  # contiguous: read once per layer
 
-    def self_mask(self, q_len, k_len, offset=0, key_mask=None, causal=False, prefix=None):
+    def position_bias_row(self, offset: int, k_len: int, rows: dict) -> torch.Tensor:
+        """`position_bias(1, k_len, offset)`, the bias of one query over keys 0 .. k_len - 1, for decoding: a slice of
+        a table of every relative position in (-capacity, capacity) that `rows` (the decoding state's) keeps, built
+        once and rebuilt twice as wide when outgrown, so a decoding step does no bucketing or lookup."""
+        capacity = rows.get("capacity", 0)
+        if max(offset + 1, k_len) > capacity:
+            capacity = max(64, 2 * max(offset + 1, k_len))
+            table = self.block[0].layer[0].SelfAttention.relative_attention_bias
+            relative = torch.arange(1 - capacity, capacity, device=table.weight.device)  # key - query
+            c = self.config
+            buckets = relative_position_bucket(
+                relative, self.bidirectional, c.relative_attention_num_buckets, c.relative_attention_max_distance
+            )
+            rows["capacity"], rows["table"] = capacity, table(buckets).T.contiguous()  # (H, 2 * capacity - 1)
+        start = capacity - 1 - offset  # the column of key 0 (relative position -offset)
+        return rows["table"][None, :, None, start : start + k_len].contiguous()  # (1, H, 1, Lk)
+
+    def self_mask(self, q_len, k_len, offset=0, key_mask=None, causal=False, prefix=None, rows=None):
         """(bias, hidden): the position bias (1, H, Lq, Lk), with keys after the query at -inf (dtype min) when
         `causal`, and the keys each query may not see, bool (B or 1, 1, Lq or 1, Lk), or None when there are none.
 
         `key_mask` (B, Lk) marks real keys; `prefix` (B,) lengths of the bidirectional prefix (prefix LM): then the
         causal pattern depends on the row and goes into `hidden`. Batch-free masks stay in the (1, H, Lq, Lk) bias so
-        no (B, H, Lq, Lk) tensor is built per stack.
+        no (B, H, Lq, Lk) tensor is built per stack. `rows`: a decoding state's table for `position_bias_row`.
         """
-        bias = self.position_bias(q_len, k_len, offset)  # (1, H, Lq, Lk)
+        if rows is not None and q_len == 1:  # one query (a decoding step): slice the table of this decoding
+            bias = self.position_bias_row(offset, k_len, rows)
+        else:
+            bias = self.position_bias(q_len, k_len, offset)  # (1, H, Lq, Lk)
         hidden = None
         if causal and (q_len > 1 or prefix is not None):
             device = bias.device
@@ -401,13 +442,18 @@ class T5Stack(nn.Module):
             hidden = padding if hidden is None else hidden | padding
         return bias, hidden
 
-    def forward(self, h, bias, hidden, memory=None, cross_hidden=None, memory_kvs=None, caches=None):
-        """h (B, L, D) embeddings -> (B, L, D) hidden states; `caches` (one `KVCache` per layer) when decoding."""
+    def forward(self, h, bias, hidden, memory=None, cross_hidden=None, memory_kvs=None, caches=None, cross_bias=None):
+        """h (B, L, D) embeddings -> (B, L, D) hidden states; `caches` (one `KVCache` per layer) when decoding.
+
+        `cross_bias`: `cross_hidden` already merged into an additive mask (decoding merges it once per input)."""
         h = dropout(h, self.dropout, self.training)
-        cross_bias = None
         if not _use_math(self.config.attention_backend, h):  # SDPA / FlexAttention take one mask: merge once here
             bias, hidden = _merge(bias, hidden, h.dtype), None
-            cross_bias, cross_hidden = _merge(None, cross_hidden, h.dtype), None
+            if cross_bias is None or cross_bias.dtype != h.dtype:
+                cross_bias = _merge(None, cross_hidden, h.dtype)
+            cross_hidden = None
+        else:
+            cross_bias = None
         for i, block in enumerate(self.block):
             args = (h, bias, hidden, memory, None if memory_kvs is None else memory_kvs[i], cross_bias, cross_hidden)
             cache = None if caches is None else caches[i]
@@ -522,12 +568,14 @@ class T5Model(generation.GenerationMixin, nn.Module):
         kvs = [b.layer[1].EncDecAttention.project_kv(memory) for b in self.decoder.block]
         state["memory_kv"] = [(k.contiguous(), v.contiguous()) for k, v in kvs]  # read at every step
         state["cross_hidden"] = self._padding(attention_mask[::num_beams])
+        state["cross_bias"] = _merge(None, state["cross_hidden"], memory.dtype)  # for SDPA, merged once
         return state
 
     def decode_step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """tokens (N, t) new since the last call -> logits of the last position (N, V), updated state.
 
-        The position bias is computed for the t new query rows only; keys/values go into each layer's `KVCache`.
+        The position bias is computed for the t new query rows only (one row: a slice of a table kept in the state,
+        `T5Stack.position_bias_row`); keys/values go into each layer's `KVCache`.
         """
         offset, t = state["length"], tokens.shape[1]
         key_mask, prefix = None, None
@@ -539,7 +587,8 @@ class T5Model(generation.GenerationMixin, nn.Module):
             state["key_mask"] = key_mask
             if state["prefix"] is not None:
                 prefix = torch.full((tokens.shape[0],), state["prefix"], device=tokens.device)
-        bias, hidden = self.decoder.self_mask(t, offset + t, offset, key_mask=key_mask, causal=True, prefix=prefix)
+        rows = state.setdefault("bias_rows", {})  # the position bias by relative position, kept for the decoding
+        bias, hidden = self.decoder.self_mask(t, offset + t, offset, key_mask, True, prefix, rows)
         h = self.decoder(
             self.shared(tokens),
             bias,
@@ -547,6 +596,7 @@ class T5Model(generation.GenerationMixin, nn.Module):
             cross_hidden=state.get("cross_hidden"),
             memory_kvs=state.get("memory_kv"),
             caches=state["caches"],
+            cross_bias=state.get("cross_bias"),
         )
         state["length"] = offset + t
         return self.logits(h[:, -1]), state

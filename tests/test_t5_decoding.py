@@ -1,0 +1,107 @@
+"""The T5 decode step's shortcuts give what the general code gives: the position-bias row table, the stacked q/k/v
+weights of inference, the cross-attention mask merged once per input, and q in row-major order for SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.generation import Uncached, generate
+from models.t5 import T5Attention, T5Config, T5Model, _rows
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_for(layout: str = "encoder_decoder", **kw) -> T5Model:
+    torch.manual_seed(0)
+    base = dict(vocab_size=60, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, dropout_rate=0.0)
+    return T5Model(T5Config(**{**base, "layout": layout, **kw})).eval()
+
+
+@pytest.mark.parametrize("layout", ["encoder_decoder", "prefix_lm"])  # unidirectional and bidirectional buckets
+def test_position_bias_row_equals_the_computed_bias_across_table_growth(layout):
+    stack = model_for(layout, relative_attention_max_distance=20).decoder
+    rows: dict = {}
+    for offset in [0, 1, 5, 63, 64, 100, 130, 300]:  # the table starts at 64 positions and doubles when outgrown
+        for k_len in sorted({offset + 1, max(1, offset - 3)}):
+            got = stack.position_bias_row(offset, k_len, rows)
+            want = stack.position_bias(1, k_len, offset)
+            assert got.shape == want.shape == (1, 4, 1, k_len)
+            assert torch.equal(got, want), (offset, k_len)
+    assert rows["capacity"] >= 301
+
+
+def test_decode_step_uses_the_row_table_and_matches_the_full_forward():
+    model = model_for()
+    x = torch.randint(2, 60, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0  # padded keys: the cross mask merged once in init_decoding must still hide them
+    with torch.no_grad():
+        state = model.init_decoding(x, mask, 1)
+        assert state["cross_bias"] is not None and state["cross_bias"].dtype == torch.float32
+        seq = torch.zeros(3, 1, dtype=torch.long)
+        for step in range(70):  # past the table's first capacity (64)
+            logits, state = model.decode_step(seq[:, -1:], state)
+            if step in (0, 1, 63, 64, 69):
+                full = model(x, mask, decoder_input_ids=seq)[:, -1]
+                torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    assert state["bias_rows"]["capacity"] >= 70
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_cached_generation_equals_uncached_with_padding(beams):
+    model = model_for()
+    x = torch.randint(2, 60, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, 6:] = 0
+    got = model.generate(x, mask, max_new_tokens=12, num_beams=beams, eos_token_id=-1)
+    want = generate(Uncached(model), x, mask, max_new_tokens=12, num_beams=beams, eos_token_id=-1)
+    assert torch.equal(got, want)
+
+
+def test_stacked_qkv_follows_weight_updates_and_is_not_a_parameter():
+    attn = T5Attention(T5Config(vocab_size=10, d_model=16, d_kv=4, num_heads=2, d_ff=8, num_layers=1)).eval()
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        q, k, v = attn.project_qkv(x)
+        torch.testing.assert_close(q, attn._heads(attn.q(x), 1)[0])
+        torch.testing.assert_close(v, attn._heads(attn.v(x), 1)[0])
+        attn.k.weight.mul_(2.0)  # an in-place update: the stacked copy must be rebuilt
+        _, k2, _ = attn.project_qkv(x)
+    torch.testing.assert_close(k2, 2 * k)
+    assert not any("qkv" in name for name, _ in attn.named_parameters())
+    assert not any("qkv" in name for name in attn.state_dict())
+    x.requires_grad_(True)  # with autograd, gradients reach the weights through the three projections
+    q, k, v = attn.project_qkv(x)
+    (q.sum() + k.sum() + v.sum()).backward()
+    assert all(w.weight.grad is not None for w in (attn.q, attn.k, attn.v))
+
+
+def test_projections_are_row_major_for_sdpa():
+    x, w = torch.randn(4, 1, 32), torch.randn(24, 32)
+    out = _rows(x, w)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_reorders_through_its_spare_buffers_and_keeps_appending():
+    from models.common import KVCache
+
+    cache, want = KVCache(), torch.zeros(4, 2, 0, 5)
+    indices = [[1, 1, 3, 0], [2, 0, 0, 1], [3, 2, 1, 0], [0, 0, 2, 2], [1, 3, 3, 2]]
+    for t, index in zip((3, 1, 1, 70, 1), indices, strict=True):  # the fourth append grows the buffers
+        k = torch.randn(4, 2, t, 5)
+        cache.append(k, -k)
+        before = cache.k
+        cache.reorder(torch.tensor(index))
+        assert cache.k is not before and cache.k.shape == before.shape  # swapped with the spare, not copied back
+        want = torch.cat([want, k], dim=2)[index]  # what concatenating and selecting rows would keep
+        assert torch.equal(cache.k[:, :, : cache.length], want)
+        assert torch.equal(cache.v[:, :, : cache.length], -want)
