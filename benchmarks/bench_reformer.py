@@ -1,15 +1,19 @@
 """Training-step time and peak memory of our Reformer against full attention, our T5 and `transformers`' Reformer.
 
 Tables (batch 1, one training step = forward + cross-entropy + backward + AdamW step):
-  1. time and peak memory versus sequence length (default 1K, 4K, 16K; `--full-sweep` 1K..64K) for
+  1. time and peak memory versus sequence length (default 1K, 4K; `--full-sweep` 1K..64K) for
      - `reformer`: ours, preset (default `tiny`), causal_lm, reversible, LSH/local as in the preset;
      - `full`: the same model and weights shape with full attention everywhere and an ordinary residual stack
        (an equal-size full-attention Transformer);
      - `t5`: our T5 of the same preset name, causal_lm (if `models.t5` is importable);
      - `hf`: `transformers.ReformerModelWithLMHead` built from the identical config (`config_to_hf`);
-  2. peak memory versus depth at one length (default 4K): reversible Reformer against the same layers as an
+  2. peak memory versus depth at one length (default 2K): reversible Reformer against the same layers as an
      ordinary residual stack;
-  3. ours / transformers ratios (time and memory) at the lengths both ran.
+  3. ours / transformers ratios (time and memory) at the lengths both ran;
+  4. ours and transformers' Reformer in one child process, steps alternated (`benchmarks/timing.py`): each side's
+     median [min-max] and the per-round ratio's (default 4K).
+
+Times are median [min-max] over the timed steps; the load average is printed at the start and the end.
 
 Every (model, length) runs in a fresh child process (glibc's mmap threshold fixed, so freed blocks go back to the
 system at once); its peak memory is the growth of the child's peak RSS
@@ -17,7 +21,9 @@ system at once); its peak memory is the growth of the child's peak RSS
 interpreter, torch and the weights are excluded. Runs whose attention would not fit in the memory available now are
 skipped with "n/a (needs ~X GiB)". On CUDA (`--device cuda`) peak memory is `torch.cuda.max_memory_allocated`.
 
-    python benchmarks/bench_reformer.py                       # the default tables (~4 minutes on 2 idle CPU cores)
+    python benchmarks/bench_reformer.py                       # the default tables (under 5 minutes on 2 busy cores)
+    python benchmarks/bench_reformer.py --lengths 1024 4096 16384 --depth-length 4096 --paired-lengths 4096 16384 \
+        --paired-repeats 10                                   # the earlier default, 16K included (~4 min idle)
     python benchmarks/bench_reformer.py --full-sweep          # 1K..64K, depths 2..12, paired up to 64K (~15-20 min)
     python benchmarks/bench_reformer.py --lengths 4096 --models reformer hf --depths --paired-lengths 4096 16384
 
@@ -33,11 +39,14 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import alternate, load_average, median, ratio_spread, spread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -139,26 +148,18 @@ def child(spec: dict) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-    return {"time_s": statistics.median(times), "peak_gib": peak / GIB}
+    return {"time_s": median(times), "times": times, "peak_gib": peak / GIB}
 
 
 def paired_child(spec: dict) -> dict:
-    """Ours and transformers' Reformer built side by side, steps alternated (one warm-up each), median and fastest
-    of each kept: a time ratio that survives a busy machine (both see the same load)."""
+    """Ours and transformers' Reformer built side by side, steps alternated after one warm-up each
+    (`benchmarks/timing.py`): every step time of each, for a per-round ratio that survives a busy machine."""
     import torch
 
     torch.manual_seed(0)
     steps = {name: build({**spec, "model": name})[1] for name in ("reformer", "hf")}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(1 + spec["repeats"]):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if i > 0:
-                times[name].append(time.perf_counter() - start)
-    result = {f"{name}_s": statistics.median(t) for name, t in times.items()}
-    result.update({f"{name}_min_s": min(t) for name, t in times.items()})
-    return result
+    times = alternate(steps, spec["repeats"], warmup=1)
+    return {f"{name}_times": t for name, t in times.items()}
 
 
 def estimate_gib(spec: dict, heads: int, layers: int) -> float:
@@ -218,6 +219,8 @@ def omp_env(args) -> dict[str, str]:
 def fmt(result, key: str, unit: str) -> str:
     if isinstance(result, str):
         return result
+    if key == "time_s" and len(result.get("times", [])) > 1:
+        return f"{spread(result['times'], 2)} {unit}"
     return f"{result[key]:.2f} {unit}"
 
 
@@ -234,15 +237,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--vocab", type=int, default=256, help="byte-level, as the paper's enwik8 runs")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096], help="none: skip the length tables")
     parser.add_argument("--models", nargs="+", default=["reformer", "full", "t5", "hf"])
     parser.add_argument("--max-quadratic-length", type=int, default=4096, help="longest length for full and t5")
     parser.add_argument("--depths", type=int, nargs="*", default=[2, 12], help="none: skip the depth table")
-    parser.add_argument("--depth-length", type=int, default=4096)
+    parser.add_argument("--depth-length", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per row (after one warm-up step)")
     parser.add_argument("--long", type=int, default=16384, help="from this length on: 1 timed step, no warm-up")
-    parser.add_argument("--paired-lengths", type=int, nargs="*", default=[4096, 16384], help="alternated ours/hf")
-    parser.add_argument("--paired-repeats", type=int, default=10, help="alternated steps each (3 from --long on)")
+    parser.add_argument("--paired-lengths", type=int, nargs="*", default=[4096], help="alternated ours/hf")
+    parser.add_argument("--paired-repeats", type=int, default=5, help="alternated steps each (3 from --long on)")
     parser.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "default"])
     parser.add_argument(
         "--full-sweep",
@@ -262,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     models = [m for m in args.models if m != "t5" or _importable("models.t5")]
+    print(f"start: {load_average()}", flush=True)
     started = time.perf_counter()
     results: dict[tuple[str, int], dict | str] = {}
     for length in args.lengths:
@@ -284,7 +288,11 @@ def main(argv: list[str] | None = None) -> None:
         ok = isinstance(ref, dict) and isinstance(full, dict)
         row.append(f"{ref['peak_gib'] / full['peak_gib']:.3f}" if ok else "n/a")
         rows.append(row)
-    out = [table(f"Training step vs length (batch 1, preset {args.preset}, vocab {args.vocab})", header, rows)]
+    out = (
+        [table(f"Training step vs length (batch 1, preset {args.preset}, vocab {args.vocab})", header, rows)]
+        if rows
+        else []
+    )
 
     depth_rows, first = [], {}
     for depth in args.depths:
@@ -321,17 +329,17 @@ def main(argv: list[str] | None = None) -> None:
             result = measure({**spec, "repeats": repeats}, args)
             print(f"  paired L={length}: {result}", file=sys.stderr, flush=True)
             if isinstance(result, dict):
-                t_ours, t_hf = result["reformer_s"], result["hf_s"]
-                fastest = result["reformer_min_s"] / result["hf_min_s"]
-                row = [str(length), str(repeats), f"{t_ours:.2f} s", f"{t_hf:.2f} s", f"{t_ours / t_hf:.2f}"]
-                paired_rows.append(row + [f"{fastest:.2f}"])
+                t_ours, t_hf = result["reformer_times"], result["hf_times"]
+                row = [str(length), str(repeats), f"{spread(t_ours, 2)} s", f"{spread(t_hf, 2)} s"]
+                paired_rows.append(row + [ratio_spread(t_ours, t_hf, 2)])
         if paired_rows:
-            title = "Step time, ours vs transformers' Reformer in one process, alternated (medians)"
-            header = ["length", "steps", "ours", "transformers", "ratio", "ratio of fastest"]
+            title = "Step time, ours vs transformers' Reformer in one process, alternated (median [min-max])"
+            header = ["length", "steps", "ours", "transformers", "ours/transformers per round"]
             out.append(table(title, header, paired_rows))
     print("\n".join(out))
     policy = f"OMP_WAIT_POLICY={args.omp_wait_policy}"
     print(f"\n(total {time.perf_counter() - started:.0f} s, device {args.device}, default torch threads, {policy})")
+    print(f"end: {load_average()}")
 
 
 def _importable(module: str) -> bool:

@@ -6,14 +6,16 @@ Prints a table of times, peak memory and the ratios ours / reference for
 - our cached vs uncached greedy decoding (the decoder re-run over the whole prefix at each step).
 
 Times: both models live in this process and their steps alternate (ours, reference, ours, ...), so load
-from other processes hits both alike; the median over `--steps` timed steps after `--warmup` is reported.
+from other processes hits both alike (`benchmarks/timing.py`); each row prints the median [min-max] of each side
+over `--steps` timed steps after `--warmup`, and of the per-round ratio ours / reference. The load average is
+printed at the start and the end.
 Peak memory of a training step: each model runs its steps in a fresh subprocess that builds the model and
 optimizer, resets the kernel's resident-set high-water mark (`/proc/self/clear_refs` = 5), runs the steps and
 reads `VmHWM` from `/proc/self/status`: the reported figure is that peak minus the resident set just before
 the first step (activations, gradients, optimizer state, temporaries), plus the absolute peak.
 
     python benchmarks/bench_t5.py                       # small preset, batch 8, 512 / 114, fp32, CPU
-    python benchmarks/bench_t5.py --preset tiny --steps 2 --warmup 1
+    python benchmarks/bench_t5.py --preset tiny --steps 1 --gen-repeats 1    # seconds: a smoke run
 
 Decoding is hundreds of small ops per token: on a machine shared with other work, every OpenMP barrier of a
 multi-threaded op waits for a descheduled thread, and generation times say more about the load than the models.
@@ -27,16 +29,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import alternate, load_average, ratio_spread, spread, table  # noqa: E402
 
 from models.t5 import T5Config, T5Model  # noqa: E402
 
@@ -84,23 +87,6 @@ def make_step(model, is_ref: bool, data):
         opt.zero_grad(set_to_none=True)
 
     return step
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def alternate(fns: dict, steps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved."""
-    times = {name: [] for name in fns}
-    for i in range(warmup + steps):
-        for name, fn in fns.items():
-            t = timed(fn)
-            if i >= warmup:
-                times[name].append(t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _rss_kib(field: str) -> int:
@@ -179,22 +165,24 @@ def main() -> None:
 
     import transformers
 
+    print(f"start: {load_average()}")
     ours, ref = build(args.preset, args.vocab_size, args.seed)
     c = ours.config
     print(f"T5 preset {args.preset}: {ours.num_parameters() / 1e6:.1f}M parameters")
     print(f"transformers {transformers.__version__}, attention {ref.config._attn_implementation}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU\n")
-    rows = []
+    rows = []  # (label, ours, reference, ratio): timings as median [min-max] strings
     if "train" not in args.skip:
         data = batch(c, *args.shape)
         t = alternate(
             {"ours": make_step(ours, False, data), "ref": make_step(ref, True, data)}, args.steps, args.warmup
         )
-        rows.append((f"train step b{args.batch} {args.input_len}/{args.target_len} (s)", t["ours"], t["ref"]))
+        rows.append((f"train step b{args.batch} {args.input_len}/{args.target_len} (s)", *_timed_row(t)))
     if "memory" not in args.skip:
         mo, mr = memory(args, "ours"), memory(args, "ref")
-        rows.append(("train step peak memory, increment (MiB)", mo["step_peak_mib"], mr["step_peak_mib"]))
-        rows.append(("train step peak memory, process (MiB)", mo["peak_mib"], mr["peak_mib"]))
+        for key, label in (("step_peak_mib", "increment"), ("peak_mib", "process")):
+            ratio = f"{mo[key] / mr[key]:.3f}"
+            rows.append((f"train step peak memory, {label} (MiB)", f"{mo[key]:.1f}", f"{mr[key]:.1f}", ratio))
     if "generate" not in args.skip:
         ours.eval(), ref.eval()
         x, am, _, _ = batch(c, args.gen_batch, args.gen_input_len, 2, seed=1)
@@ -210,25 +198,30 @@ def main() -> None:
 
         t = alternate({"ours": run_ours, "ref": run_ref}, args.gen_repeats, 1)
         same = torch.equal(outs["ours"], outs["ref"])
-        rows.append(
-            (
-                f"greedy generate {n} tokens b{args.gen_batch} (s){'' if same else ' OUTPUT DIFFERS'}",
-                t["ours"],
-                t["ref"],
-            )
-        )
+        label = f"greedy generate {n} tokens b{args.gen_batch} (s){'' if same else ' OUTPUT DIFFERS'}"
+        rows.append((label, *_timed_row(t)))
         if args.uncached_tokens:
             m = args.uncached_tokens
-            cached = timed(lambda: outs.__setitem__("c", ours.generate(x, am, max_new_tokens=m, eos_token_id=-1)))
-            uncached = timed(lambda: outs.__setitem__("u", uncached_greedy(ours, x, am, m)))
+            t = alternate(
+                {
+                    "ours": lambda: outs.__setitem__("c", ours.generate(x, am, max_new_tokens=m, eos_token_id=-1)),
+                    "ref": lambda: outs.__setitem__("u", uncached_greedy(ours, x, am, m)),
+                },
+                1,
+                warmup=0,
+            )
             same = torch.equal(outs["c"], outs["u"])
             label = f"ours greedy {m} tokens: cached vs uncached (s){'' if same else ' OUTPUT DIFFERS'}"
-            rows.append((label, cached, uncached))
+            rows.append((label, *_timed_row(t)))
 
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  {'ours':>10}  {'reference':>10}  {'ours/ref':>8}")
-    for label, a, b in rows:
-        print(f"{label:<{width}}  {a:>10.3f}  {b:>10.3f}  {a / b:>8.3f}")
+    header = ("measure", "ours median [min-max]", "reference", "ours/ref per round")
+    print(table(header, rows))
+    print(f"end: {load_average()}")
+
+
+def _timed_row(times: dict[str, list[float]]) -> tuple[str, str, str]:
+    """The table cells of one alternated measurement: each side's spread and the per-round ratio's."""
+    return spread(times["ours"]), spread(times["ref"]), ratio_spread(times["ours"], times["ref"])
 
 
 if __name__ == "__main__":

@@ -2,27 +2,36 @@
 
 All run on the same text in the same process, one SentencePiece thread each: the prepared train split (or,
 without `data/prepared`, the builtin corpus), repeated `--repeat` times so that fixed costs are measured at a
-realistic scale. Each variant runs `--runs` times; the best time counts. The ratios `stage / direct` and
-`map / direct` are the figures the stage must keep at or above 0.7; the stage with `--num-proc` processes is
-shown against one process (`benchmarks/bench_data.py` measures whole stages on generated corpora).
+realistic scale. The variants run in turn (`benchmarks/timing.py`: one warm-up round, then `--runs` rounds), so
+all see the same load; each prints its median [min-max] seconds and the per-round throughput ratio against the
+direct call of the same round (direct seconds / variant seconds, median [min-max]). The ratios `stage / direct`
+and `map / direct` are the figures the stage must keep at or above 0.7; the stage with `--num-proc` processes is
+shown against one process (`benchmarks/bench_data.py` measures whole stages on generated corpora). The load
+average is printed at the start and the end.
 
     python benchmarks/bench_tokenize.py [--repeat 8] [--num-proc 2] [--batch-size 1000] [--runs 3]
+    python benchmarks/bench_tokenize.py --repeat 1 --runs 1 --warmup 0     # seconds: a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import datasets
 
-from pipeline.config import DataConfig
-from pipeline.data import CorpusStats, builtin_documents, clean_documents
-from pipeline.tokenize import document_bytes, encode_shards, plan_shards
-from pipeline.tokenizer import Tokenizer, train_sentencepiece
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import alternate, load_average, median, ratio_spread, spread, table  # noqa: E402
+
+from pipeline.config import DataConfig  # noqa: E402
+from pipeline.data import CorpusStats, builtin_documents, clean_documents  # noqa: E402
+from pipeline.tokenize import document_bytes, encode_shards, plan_shards  # noqa: E402
+from pipeline.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,22 +51,15 @@ def tokenizer(texts: list[str], tmp: Path) -> Tokenizer:
     return Tokenizer(tmp / "spm.model", 100)
 
 
-def best_of(runs: int, fn) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(runs):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=8, help="copies of the corpus tokenized (default 8)")
     parser.add_argument("--num-proc", type=int, default=2, help="stage worker processes (default 2)")
     parser.add_argument("--batch-size", type=int, default=1000, help="documents per batch (default 1000)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per variant, best counts (default 3)")
+    parser.add_argument("--runs", type=int, default=3, help="timed alternated rounds of every variant (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     args = parser.parse_args()
+    print(f"start: {load_average()}")
     datasets.disable_caching()
     datasets.disable_progress_bars()
 
@@ -84,30 +86,40 @@ def main() -> None:
                 remove_columns=["text"],
             )
 
-        t_direct, ids = best_of(args.runs, lambda: tok.encode(texts, num_threads=1))
-        tokens = sum(map(len, ids))
-        t_raw, _ = best_of(args.runs, lambda: tok.sp.encode(texts, num_threads=1))
-        t_map, result = best_of(args.runs, mapped)
-        assert sum(result["n"]) == tokens, "datasets.map and the direct call disagree"
-        t_stage, n = best_of(args.runs, lambda: stage(1))
-        assert n == tokens, "the stage's encoder and the direct call disagree"
-        t_par, _ = best_of(args.runs, lambda: stage(args.num_proc))
+        out = {}
+        variants = {
+            "SentencePiece encode (ids only)": lambda: tok.sp.encode(texts, num_threads=1),
+            "Tokenizer.encode (direct, eos appended)": lambda: out.__setitem__(
+                "direct", tok.encode(texts, num_threads=1)
+            ),
+            f"datasets.map (1 proc, batch {args.batch_size})": lambda: out.__setitem__("map", mapped()),
+            "stage shard encoder (1 proc)": lambda: out.__setitem__("stage", stage(1)),
+        }
+        if args.num_proc > 1:
+            variants[f"stage shard encoder ({args.num_proc} proc)"] = lambda: stage(args.num_proc)
+        times = alternate(variants, args.runs, warmup=args.warmup)
+        tokens = sum(map(len, out["direct"]))
+        assert sum(out["map"]["n"]) == tokens, "datasets.map and the direct call disagree"
+        assert out["stage"] == tokens, "the stage's encoder and the direct call disagree"
 
     print(
         f"{len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} M characters, {tokens} tokens, {len(shards)} shards"
     )
-    print(f"{'variant':<48} {'seconds':>8} {'tokens/s':>12} {'vs direct':>10}")
+    direct = times["Tokenizer.encode (direct, eos appended)"]
     rows = [
-        ("SentencePiece encode (ids only)", t_raw),
-        ("Tokenizer.encode (direct, eos appended)", t_direct),
-        (f"datasets.map (1 proc, batch {args.batch_size})", t_map),
-        ("stage shard encoder (1 proc)", t_stage),
-        (f"stage shard encoder ({args.num_proc} proc)", t_par),
+        (name, spread(t), f"{tokens / median(t):,.0f}", ratio_spread(direct, t, digits=2)) for name, t in times.items()
     ]
-    for name, seconds in rows:
-        print(f"{name:<48} {seconds:>8.3f} {tokens / seconds:>12,.0f} {t_direct / seconds:>10.2f}")
-    print(f"stage / direct = {t_direct / t_stage:.2f}, datasets.map / direct = {t_direct / t_map:.2f} (target >= 0.70)")
-    print(f"stage {args.num_proc} proc / 1 proc = {t_stage / t_par:.2f}")
+    print(table(("variant", "seconds median [min-max]", "tokens/s", "direct/variant per round"), rows))
+    stage_1 = times["stage shard encoder (1 proc)"]
+    map_t = times[f"datasets.map (1 proc, batch {args.batch_size})"]
+    print(
+        f"stage / direct = {ratio_spread(direct, stage_1, 2)}, datasets.map / direct = {ratio_spread(direct, map_t, 2)}"
+        " (target >= 0.70)"
+    )
+    if args.num_proc > 1:
+        stage_n = times[f"stage shard encoder ({args.num_proc} proc)"]
+        print(f"stage {args.num_proc} proc / 1 proc = {ratio_spread(stage_1, stage_n, 2)}")
+    print(f"end: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -3,28 +3,38 @@
 Both loops do the same work per step: forward, cross-entropy (padding ignored), backward, gradient clipping,
 AdamW step, learning-rate schedule step. The Lightning side is `pipeline.module.Seq2SeqLM` under a
 `lightning.Trainer` with the stage's logging (every `--log-every` steps) but no checkpointing, progress bar or
-external logger, so the ratio measures the loop's own overhead. Runs alternate (bare, lightning, bare, ...)
-and the best of `--rounds` counts, which keeps other load on the machine from favouring one side. Both wall-clock
-and process CPU time are reported: on a shared machine CPU seconds are the steadier measure of the work done.
+external logger, so the ratio measures the loop's own overhead. Runs alternate (bare, lightning, bare, ...;
+`benchmarks/timing.py`) after a 2-step warm-up of each, so both see the same load; each side's median [min-max]
+over `--rounds` and the per-round ratio lightning / bare (median [min-max]) are printed, for wall-clock and for
+process CPU time (on a shared machine CPU seconds are the steadier measure of the work done), with the load average
+at the start and the end.
 
     python benchmarks/bench_train_loop.py [--family t5|reformer|both] [--steps 20] [--rounds 3]
+    python benchmarks/bench_train_loop.py --family t5 --steps 2 --rounds 1     # seconds: a smoke run
 
-Prints one row per family: tokens per wall second and per CPU second of each loop, and the ratios
-lightning / bare (1.0 = no overhead).
+Prints one row per family and measure (wall, cpu): seconds of each loop, the ratio lightning / bare (1.0 = no
+overhead) and tokens per second of each loop at its median.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 
-from models import build_model, config_class
-from pipeline.datamodule import Collator, PretrainDataset
-from pipeline.module import OptimSettings, Seq2SeqLM, build_optimizer, lr_factor, token_losses
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import alternate_results, load_average, median, ratio_spread, spread, table  # noqa: E402
+
+from models import build_model, config_class  # noqa: E402
+from pipeline.datamodule import Collator, PretrainDataset  # noqa: E402
+from pipeline.module import OptimSettings, Seq2SeqLM, build_optimizer, lr_factor, token_losses  # noqa: E402
 
 VOCAB = 8192
 
@@ -118,27 +128,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", default="both", choices=["t5", "reformer", "both"])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="alternated timed rounds of each loop")
+    parser.add_argument("--warmup", type=int, default=0, help="full alternated rounds before the timed ones")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--input-length", type=int, default=64)
     parser.add_argument("--log-every", type=int, default=10)
     args = parser.parse_args()
     families = ["t5", "reformer"] if args.family == "both" else [args.family]
     settings = OptimSettings(lr=1e-3, warmup_steps=2, max_steps=args.steps, log_every_n_steps=args.log_every)
+    print(f"start: {load_average()}")
     print(f"threads {torch.get_num_threads()}, {args.steps} steps x batch {args.batch_size} x {args.input_length}")
-    print(f"{'family':<10}{'bare tok/s':>12}{'lightning tok/s':>17}{'ratio':>7}{'bare tok/cpu-s':>16}", end="")
-    print(f"{'lightning tok/cpu-s':>21}{'ratio':>7}")
+    rows = []
     for family in families:
         batches = make_batches(family, args.steps, args.batch_size, args.input_length)
         n_tokens = tokens(batches)
-        bare, light = [], []
-        bare_loop(family, batches[:2], settings)  # warm up allocator and kernels
-        for _ in range(args.rounds):
-            bare.append(bare_loop(family, batches, settings))
-            light.append(lightning_loop(family, batches, settings))
-        b, lt = n_tokens / min(w for w, _ in bare), n_tokens / min(w for w, _ in light)
-        bc, lc = n_tokens / min(c for _, c in bare), n_tokens / min(c for _, c in light)
-        print(f"{family:<10}{b:>12,.0f}{lt:>17,.0f}{lt / b:>7.3f}{bc:>16,.0f}{lc:>21,.0f}{lc / bc:>7.3f}")
+        bare_loop(family, batches[:2], settings)  # warm up allocator and kernels, and Lightning's first-run costs
+        lightning_loop(family, batches[:2], settings)
+        runs = alternate_results(
+            {
+                "bare": lambda family=family, batches=batches: bare_loop(family, batches, settings),
+                "lightning": lambda family=family, batches=batches: lightning_loop(family, batches, settings),
+            },
+            args.rounds,
+            warmup=args.warmup,
+        )
+        for k, measure in enumerate(("wall", "cpu")):
+            bare, light = [r[k] for r in runs["bare"]], [r[k] for r in runs["lightning"]]
+            rate = f"{n_tokens / median(bare):,.0f} / {n_tokens / median(light):,.0f}"
+            rows.append((f"{family} {measure} s", spread(bare), spread(light), ratio_spread(light, bare), rate))
+    header = ("family, measure", "bare median [min-max]", "lightning", "lightning/bare per round", "tok/s bare / light")
+    print(table(header, rows))
+    print(f"end: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def t5_step(args) -> list[tuple[str, str, str]]:
     import torch
     import torch.nn.functional as F
     from bench_t5 import batch, build
-    from timing import alternate, median, spread
+    from timing import alternate, median, ratio_spread, spread
 
     device = torch.device(args.device)
     preset, (b, s, t) = ("tiny", (2, 64, 16)) if args.dry_run else ("base", (args.t5_batch, 512, 114))
@@ -98,7 +98,7 @@ def t5_step(args) -> list[tuple[str, str, str]]:
     rows = [
         (f"T5 {preset} train step bf16", f"b{b} {s}/{t}, ours s", spread(times["ours"])),
         (f"T5 {preset} train step bf16", "transformers s", spread(times["ref"])),
-        (f"T5 {preset} train step bf16", "ours / transformers", f"{median(times['ours']) / median(times['ref']):.3f}"),
+        (f"T5 {preset} train step bf16", "ours / transformers", ratio_spread(times["ours"], times["ref"])),
     ]
     peak = args.peak_tflops
     if peak is None and device.type == "cuda":

@@ -1,7 +1,12 @@
-"""Timing helpers shared by the benchmark scripts: alternated calls, median and spread, the load average.
+"""Timing helpers shared by the benchmark scripts: alternated calls, median and spread, per-round ratios, the load.
 
 On a shared machine the load changes during a run; calling ours and the reference in turn (ours, reference,
-ours, ...) exposes both to the same load, and the median with its spread says how much to trust a ratio.
+ours, ...) exposes both to the same load, and the median with its spread says how much to trust a ratio. The ratio
+is taken round by round (ours / reference of the same round, both under the same load) and summarised by its
+median and range, which is steadier than a ratio of two medians taken from different rounds.
+
+Every script prints `load_average()` when it starts and when it ends, so each figure carries the load it was
+measured under.
 """
 
 from __future__ import annotations
@@ -12,28 +17,67 @@ import time
 from collections.abc import Callable
 
 
-def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of each call of each function, the functions called in turn; `warmup` rounds are not kept."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
+def alternate_results(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list]:
+    """What each function returns, call by call, the functions called in turn; `warmup` rounds are not kept.
+
+    For functions that time themselves (a training loop that leaves out its setup, a child process)."""
+    results: dict[str, list] = {name: [] for name in fns}
     for i in range(warmup + repeats):
         for name, fn in fns.items():
+            value = fn()
+            if i >= warmup:
+                results[name].append(value)
+    return results
+
+
+def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call of each function, the functions called in turn; `warmup` rounds are not kept."""
+
+    def timed(fn: Callable[[], object]) -> Callable[[], float]:
+        def run() -> float:
             start = time.perf_counter()
             fn()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
+            return time.perf_counter() - start
+
+        return run
+
+    return alternate_results({name: timed(fn) for name, fn in fns.items()}, repeats, warmup)
 
 
 def median(times: list[float]) -> float:
     return statistics.median(times)
 
 
-def spread(times: list[float]) -> str:
-    """'median [min-max]' in seconds."""
-    return f"{statistics.median(times):.3f} [{min(times):.3f}-{max(times):.3f}]"
+def spread(times: list[float], digits: int = 3) -> str:
+    """'median [min-max]' (seconds, or whatever the values are)."""
+    return f"{statistics.median(times):.{digits}f} [{min(times):.{digits}f}-{max(times):.{digits}f}]"
+
+
+def ratios(ours: list[float], ref: list[float]) -> list[float]:
+    """Round-by-round ours / reference: each pair was measured back to back, under the same load."""
+    if len(ours) != len(ref):
+        raise ValueError(f"ratios need paired rounds, got {len(ours)} and {len(ref)}")
+    return [a / b for a, b in zip(ours, ref, strict=True)]
+
+
+def ratio_spread(ours: list[float], ref: list[float], digits: int = 3) -> str:
+    """'median [min-max]' of the per-round ratios ours / reference."""
+    return spread(ratios(ours, ref), digits)
 
 
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages and the core count, for the record beside every figure."""
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
+def table(header: tuple[str, ...] | list[str], rows: list[tuple[str, ...]] | list[list[str]]) -> str:
+    """Aligned plain-text columns: the first left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+    def line(cells) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join(line(r) for r in [header, *rows])
