@@ -186,6 +186,7 @@ def _run(command: Command, clone: Path, env: dict[str, str]) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # about thirty stage runs and four servers: 25 minutes on one busy core (1500 s default)
 def test_every_documented_command_works_in_a_fresh_clone(tmp_path: Path):
     env = _env(tmp_path)
     clone = tmp_path / "clone"
