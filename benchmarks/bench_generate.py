@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--beams", type=int, nargs="+", default=[1, 4])
     p.add_argument("--threads", type=int, nargs="+", default=[1])
     p.add_argument("--repeats", type=int, default=2, help="alternated timed rounds after one warm-up")
-    p.add_argument("--uncached-tokens", type=int, default=64, help="T5 cached vs uncached (0 skips)")
+    p.add_argument("--uncached-tokens", type=int, default=32, help="T5 cached vs uncached (0 skips)")
     p.add_argument("--reformer-prompt", type=int, default=128)
     p.add_argument("--reformer-tokens", type=int, default=128, help="Reformer cached vs uncached")
     p.add_argument("--reformer-hf-prompt", type=int, default=512)

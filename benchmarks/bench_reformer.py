@@ -22,12 +22,12 @@ interpreter, torch and the weights are excluded. Runs whose attention would not 
 skipped with "n/a (needs ~X GiB)". On CUDA (`--device cuda`) peak memory is `torch.cuda.max_memory_allocated`.
 
     python benchmarks/bench_reformer.py                       # the default tables (under 5 minutes on 2 busy cores)
-    python benchmarks/bench_reformer.py --lengths 1024 4096 16384 --depth-length 4096 --paired-lengths 4096 16384 \
-        --paired-repeats 10                                   # the earlier default, 16K included (~4 min idle)
+    python benchmarks/bench_reformer.py --lengths 1024 4096 16384 --max-quadratic-length 4096 --depth-length 4096 \
+        --paired-lengths 4096 16384 --paired-repeats 10       # the earlier default, 16K included (~4 min idle)
     python benchmarks/bench_reformer.py --full-sweep          # 1K..64K, depths 2..12, paired up to 64K (~15-20 min)
     python benchmarks/bench_reformer.py --lengths 4096 --models reformer hf --depths --paired-lengths 4096 16384
 
-The default keeps the slow quadratic references (`full`, `t5`) to lengths <= --max-quadratic-length (4K) and times
+The default keeps the slow quadratic references (`full`, `t5`) to lengths <= --max-quadratic-length (1K) and times
 lengths >= --long (16K) with one step and no warm-up. Children run with OMP_WAIT_POLICY=passive (--omp-wait-policy):
 on a machine shared with other jobs, OpenMP threads that spin at every barrier while their partner is descheduled
 made step times swing 2-3x; sleeping threads make the alternated ratio stable.
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=256, help="byte-level, as the paper's enwik8 runs")
     parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096], help="none: skip the length tables")
     parser.add_argument("--models", nargs="+", default=["reformer", "full", "t5", "hf"])
-    parser.add_argument("--max-quadratic-length", type=int, default=4096, help="longest length for full and t5")
+    parser.add_argument("--max-quadratic-length", type=int, default=1024, help="longest length for full and t5")
     parser.add_argument("--depths", type=int, nargs="*", default=[2, 12], help="none: skip the depth table")
     parser.add_argument("--depth-length", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per row (after one warm-up step)")

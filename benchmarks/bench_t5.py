@@ -14,7 +14,9 @@ optimizer, resets the kernel's resident-set high-water mark (`/proc/self/clear_r
 reads `VmHWM` from `/proc/self/status`: the reported figure is that peak minus the resident set just before
 the first step (activations, gradients, optimizer state, temporaries), plus the absolute peak.
 
-    python benchmarks/bench_t5.py                       # small preset, batch 8, 512 / 114, fp32, CPU
+    python benchmarks/bench_t5.py                       # small preset, batch 2, 256 / 64, fp32, CPU (< 5 min busy)
+    python benchmarks/bench_t5.py --batch 8 --input-len 512 --target-len 114 --steps 3 --mem-steps 2 \
+        --gen-tokens 64 --gen-repeats 3 --uncached-tokens 128   # the issues' shapes (over 8 minutes on 2 busy cores)
     python benchmarks/bench_t5.py --preset tiny --steps 1 --gen-repeats 1    # seconds: a smoke run
 
 Decoding is hundreds of small ops per token: on a machine shared with other work, every OpenMP barrier of a
@@ -142,17 +144,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
     p.add_argument("--vocab-size", type=int, default=None, help="default: the preset's (32128 for small)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--input-len", type=int, default=512)
-    p.add_argument("--target-len", type=int, default=114)
-    p.add_argument("--steps", type=int, default=3, help="timed training steps per model")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--target-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2, help="timed training steps per model")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--mem-steps", type=int, default=2, help="training steps in each memory subprocess")
+    p.add_argument("--mem-steps", type=int, default=1, help="training steps in each memory subprocess")
     p.add_argument("--gen-batch", type=int, default=4)
     p.add_argument("--gen-input-len", type=int, default=128)
-    p.add_argument("--gen-tokens", type=int, default=64)
-    p.add_argument("--gen-repeats", type=int, default=3)
-    p.add_argument("--uncached-tokens", type=int, default=128, help="0 skips cached vs uncached")
+    p.add_argument("--gen-tokens", type=int, default=16)
+    p.add_argument("--gen-repeats", type=int, default=2)
+    p.add_argument("--uncached-tokens", type=int, default=32, help="0 skips cached vs uncached")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "memory", "generate"])
@@ -178,12 +180,16 @@ def main() -> None:
             {"ours": make_step(ours, False, data), "ref": make_step(ref, True, data)}, args.steps, args.warmup
         )
         rows.append((f"train step b{args.batch} {args.input_len}/{args.target_len} (s)", *_timed_row(t)))
+        _progress(rows)
     if "memory" not in args.skip:
         mo, mr = memory(args, "ours"), memory(args, "ref")
         for key, label in (("step_peak_mib", "increment"), ("peak_mib", "process")):
             ratio = f"{mo[key] / mr[key]:.3f}"
             rows.append((f"train step peak memory, {label} (MiB)", f"{mo[key]:.1f}", f"{mr[key]:.1f}", ratio))
+        _progress(rows)
     if "generate" not in args.skip:
+        if "train" not in args.skip:  # the training steps moved the two models' weights apart (own dropout draws)
+            ours, ref = build(args.preset, args.vocab_size, args.seed)
         ours.eval(), ref.eval()
         x, am, _, _ = batch(c, args.gen_batch, args.gen_input_len, 2, seed=1)
         ref.generation_config.eos_token_id = None  # exactly gen_tokens tokens from both
@@ -200,6 +206,7 @@ def main() -> None:
         same = torch.equal(outs["ours"], outs["ref"])
         label = f"greedy generate {n} tokens b{args.gen_batch} (s){'' if same else ' OUTPUT DIFFERS'}"
         rows.append((label, *_timed_row(t)))
+        _progress(rows)
         if args.uncached_tokens:
             m = args.uncached_tokens
             t = alternate(
@@ -217,6 +224,10 @@ def main() -> None:
     header = ("measure", "ours median [min-max]", "reference", "ours/ref per round")
     print(table(header, rows))
     print(f"end: {load_average()}")
+
+
+def _progress(rows: list[tuple[str, ...]]) -> None:
+    print(f"  done: {' | '.join(rows[-1])}", file=sys.stderr, flush=True)
 
 
 def _timed_row(times: dict[str, list[float]]) -> tuple[str, str, str]:

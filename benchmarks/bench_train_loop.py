@@ -12,8 +12,8 @@ at the start and the end.
     python benchmarks/bench_train_loop.py [--family t5|reformer|both] [--steps 20] [--rounds 3]
     python benchmarks/bench_train_loop.py --family t5 --steps 2 --rounds 1     # seconds: a smoke run
 
-Prints one row per family and measure (wall, cpu): seconds of each loop, the ratio lightning / bare (1.0 = no
-overhead) and tokens per second of each loop at its median.
+Prints one row per family and measure (wall, cpu): seconds of each loop, the time ratio lightning / bare (1.0 = no
+overhead, above 1.0 = Lightning's overhead) and tokens per second of each loop at its median.
 """
 
 from __future__ import annotations
