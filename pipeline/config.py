@@ -379,7 +379,7 @@ class LengthsConfig(Section):
     )
     """Shortest and longest expression as fractions of the length, in the task's own unit (listops: characters,
     lra_listops: LRA tokens); examples that tokenize longer than the length are dropped and counted."""
-    init: Literal["pretrained", "scratch"] = "pretrained"
+    init: Literal["pretrained", "scratch"] = "scratch"
     """Start each length from the variant's pretrained weights (same seed), or from a fresh initialisation."""
     budget: LengthsBudgetConfig = Field(default_factory=LengthsBudgetConfig)
     """The compute every variant gets at each length."""
