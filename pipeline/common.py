@@ -204,10 +204,14 @@ def repo_root(start: str | Path | None = None) -> Path:
     return here
 
 
-def stage_parser(description: str) -> argparse.ArgumentParser:
-    """Argument parser with the `--params` option every stage takes."""
+def stage_parser(description: str, per_run: bool = False) -> argparse.ArgumentParser:
+    """Argument parser with the `--params` option every stage takes; `per_run`: also `--model` and `--seed`, the
+    matrix stages' variant and seed (DVC's `${item.model}`/`${item.seed}`)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: %(default)s)")
+    if per_run:
+        parser.add_argument("--model", required=True, help="model variant: a key of `models:` in the params")
+        parser.add_argument("--seed", required=True, type=int, help="run seed (one of `seeds:` in the params)")
     return parser
 
 

@@ -342,9 +342,9 @@ def body(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("Evaluate one variant and seed: test loss/perplexity, task metrics, confusion, samples.")
-    parser.add_argument("--model", required=True, help="model variant: a key of `models:` in the params")
-    parser.add_argument("--seed", required=True, type=int, help="run seed (one of `seeds:` in the params)")
+    parser = stage_parser(
+        "Evaluate one variant and seed: test loss/perplexity, task metrics, confusion, samples.", per_run=True
+    )
     return run_stage(body, parser, argv)
 
 

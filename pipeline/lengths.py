@@ -482,9 +482,7 @@ def body(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("Quality versus sequence length at matched compute, one variant and seed.")
-    parser.add_argument("--model", required=True, help="model variant: a key of `models:` in the params")
-    parser.add_argument("--seed", required=True, type=int, help="run seed (one of `seeds:` in the params)")
+    parser = stage_parser("Quality versus sequence length at matched compute, one variant and seed.", per_run=True)
     return run_stage(body, parser, argv)
 
 

@@ -578,9 +578,9 @@ def stage_main(stage: str, argv: list[str] | None = None) -> int:
     """Entry point of `python -m pipeline.<stage> --model V --seed S`."""
     from pipeline.common import run_stage, stage_parser
 
-    parser = stage_parser(f"{stage.capitalize()} one model variant with one seed (outputs: pipeline/train.py).")
-    parser.add_argument("--model", required=True, help="model variant: a key of `models:` in the params")
-    parser.add_argument("--seed", required=True, type=int, help="run seed (one of `seeds:` in the params)")
+    parser = stage_parser(
+        f"{stage.capitalize()} one model variant with one seed (outputs: pipeline/train.py).", per_run=True
+    )
 
     def body(cfg: Config, args: argparse.Namespace) -> None:
         run_training(cfg, stage, args.model, args.seed, argv)
