@@ -74,6 +74,7 @@ LENGTHS = {
     "seq_lengths": [32, 64],
     "fill": [0.3, 1.2],
     "budget": {"kind": "flops", "value": 1.0e8},
+    "init": "pretrained",  # the path the default (scratch) does not take: from the run's pretrained weights
     "batch_size": 4,
     "eval_examples": 12,
     "eval_batch_size": 12,
