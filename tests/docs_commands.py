@@ -97,7 +97,8 @@ def extract(text: str, source: str) -> list[Command]:
         if any(a <= match.start() < b for a, b in fenced_spans):
             continue
         line = text.count("\n", 0, match.start()) + 1
-        found.append((match.start(), Command(source, line, match.group(1).strip())))
+        span = " ".join(match.group(1).split())  # a code span wrapped over lines renders (and runs) as one line
+        found.append((match.start(), Command(source, line, span)))
     return [c for _, c in sorted(found, key=lambda pair: pair[0])]
 
 

@@ -265,3 +265,9 @@ def test_every_documented_command_works_in_a_fresh_clone(tmp_path: Path):
     }
     print(json.dumps(summary, indent=2))
     (Path(os.environ.get("DOCS_TEST_SUMMARY", tmp_path / "summary.json"))).write_text(json.dumps(summary, indent=2))
+
+
+def test_an_inline_command_wrapped_over_two_lines_is_one_command():
+    """Markdown renders a line break in a code span as a space (run as shown, the option lost its value)."""
+    (command,) = extract("Open `mlflow ui --backend-store-uri\nsqlite:///$PWD/mlflow.db` to see the runs.\n", "R.md")
+    assert command.runnable == "mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db" and command.line == 1
