@@ -2,24 +2,25 @@
 
 The training stream is infinite (epoch after epoch, each a fresh permutation drawn from `(seed, epoch)`), so the
 number of optimizer steps alone decides how long a run is. The stream position is the number of micro-batches
-this process has consumed; `TrainDataModule.state_dict` puts it in every Lightning checkpoint and a resumed run
-starts its sampler there. Every example is a pure function of `(seed, epoch, index)` (`objectives.example_rng`),
-so an interrupted run that resumes sees exactly the batches an uninterrupted run would have seen.
+this process has consumed; `TrainDataModule.state_dict` (`pipeline/module.py`) puts it in every Lightning
+checkpoint and a resumed run starts its sampler there. Every example is a pure function of
+`(seed, epoch, index)` (`objectives.example_rng`), so an interrupted run that resumes sees exactly the batches
+an uninterrupted run would have seen.
 
-Batches (dicts of tensors) follow the contract documented in `pipeline/module.py`.
+Batches (dicts of tensors) follow the contract documented in `pipeline/module.py`, which also holds the
+Lightning side (`TrainDataModule`, `SamplerPosition`): this file imports no Lightning, so evaluation starts fast.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from pipeline.objectives import (
     IGNORE_INDEX,
@@ -288,74 +289,6 @@ class Collator:
         labels = np.full(len(sequence) - 1, IGNORE_INDEX, dtype=np.int64)
         labels[len(inputs) - 1 :] = targets  # position t predicts token t + 1
         return {"inputs": sequence[:-1], "labels": labels, "prefix_length": len(inputs)}
-
-
-# ------------------------------------------------------------------------------------------ datamodule
-
-
-class TrainDataModule(L.LightningDataModule):
-    """Training and validation loaders over datasets taking `(epoch, index)` items.
-
-    `batches_consumed` (micro-batches this process has trained on) is advanced by `SamplerPosition` and saved
-    in every checkpoint; the next `train_dataloader()` resumes the stream right after it.
-    """
-
-    def __init__(
-        self,
-        train: Dataset,
-        val: Dataset | None,
-        collate_fn: Callable[[list[Any]], dict[str, torch.Tensor]],
-        batch_size: int,
-        seed: int,
-        num_workers: int = 0,
-    ):
-        super().__init__()
-        self.train, self.val, self.collate_fn = train, val, collate_fn
-        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
-        self.batches_consumed = 0
-
-    def _ranks(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
-    def train_dataloader(self) -> DataLoader:
-        rank, world = self._ranks()
-        sampler = ResumableSampler(len(self.train), self.seed, self.batches_consumed * self.batch_size, rank, world)
-        return DataLoader(
-            self.train,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            collate_fn=self.collate_fn,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val is None or len(self.val) == 0:
-            return []
-        rank, world = self._ranks()
-        indices = list(range(rank, len(self.val) - len(self.val) % world if world > 1 else len(self.val), world))
-        return DataLoader(
-            torch.utils.data.Subset(self.val, indices),
-            batch_size=self.batch_size,
-            collate_fn=self.collate_fn,
-            num_workers=self.num_workers,
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batches_consumed": self.batches_consumed, "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("batch_size", self.batch_size) != self.batch_size:
-            raise ValueError("the checkpoint was written with another batch size; cannot resume its data stream")
-        self.batches_consumed = int(state["batches_consumed"])
-
-
-class SamplerPosition(L.Callback):
-    """Counts consumed micro-batches into the datamodule (Lightning runs checkpoint callbacks after this one)."""
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        trainer.datamodule.batches_consumed += 1
 
 
 def val_items(dataset: Dataset, batches: int, batch_size: int, world_size: int = 1) -> Dataset:

@@ -199,9 +199,15 @@ def train_at_length(
 ) -> tuple[torch.nn.Module, dict[str, Any], list[dict[str, float]]]:
     """Fine-tune a fresh copy of the starting model at `length` under the budget; (model, figures, loss history)."""
     from pipeline import strategy
-    from pipeline.console import ProgressBar
-    from pipeline.datamodule import Collator, SamplerPosition, TextToTextDataset, TrainDataModule
-    from pipeline.module import OptimSettings, Seq2SeqLM, peak_flops_per_device
+    from pipeline.datamodule import Collator, TextToTextDataset
+    from pipeline.module import (
+        OptimSettings,
+        ProgressBar,
+        SamplerPosition,
+        Seq2SeqLM,
+        TrainDataModule,
+        peak_flops_per_device,
+    )
     from pipeline.tasks import Mixture
     from pipeline.train import initial_model, padded_vocab_size
 

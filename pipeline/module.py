@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,14 +42,26 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline.common import DivergedError, StageInterrupted, note_signal
+from pipeline.datamodule import ResumableSampler
 
 IGNORE_INDEX = -100
 
 # Dense peak FLOP/s per device for MFU, looked up by CUDA device name (bf16/fp16 tensor cores).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12}
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar without the `v_num` column (the MLflow run id, meaningless next to a loss)."""
+
+    def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        """The bar's metrics: Lightning's, minus the logger version."""
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
 
 
 class NonFiniteLossError(DivergedError):
@@ -150,7 +163,10 @@ def build_optimizer(model: torch.nn.Module, s: OptimSettings) -> torch.optim.Opt
     groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if s.name == "adamw":
-        return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps)
+        # the fused kernel updates each tensor in one pass instead of about ten elementwise ops: on CPU 3.5 ms
+        # against 12-18 ms per step for the tiny T5 (1 thread), the bulk of a step's optimizer time
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, fused=fused or None)
     if s.name == "adafactor":
         return torch.optim.Adafactor(groups, lr=s.lr)
     raise ValueError(f"unknown optimizer {s.name!r}")
@@ -518,3 +534,71 @@ def _remove_path(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+# ------------------------------------------------------------------------------------------ data module
+
+
+class TrainDataModule(L.LightningDataModule):
+    """Training and validation loaders over datasets taking `(epoch, index)` items.
+
+    `batches_consumed` (micro-batches this process has trained on) is advanced by `SamplerPosition` and saved
+    in every checkpoint; the next `train_dataloader()` resumes the stream right after it.
+    """
+
+    def __init__(
+        self,
+        train: Dataset,
+        val: Dataset | None,
+        collate_fn: Callable[[list[Any]], dict[str, torch.Tensor]],
+        batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.train, self.val, self.collate_fn = train, val, collate_fn
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.batches_consumed = 0
+
+    def _ranks(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._ranks()
+        sampler = ResumableSampler(len(self.train), self.seed, self.batches_consumed * self.batch_size, rank, world)
+        return DataLoader(
+            self.train,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val is None or len(self.val) == 0:
+            return []
+        rank, world = self._ranks()
+        indices = list(range(rank, len(self.val) - len(self.val) % world if world > 1 else len(self.val), world))
+        return DataLoader(
+            torch.utils.data.Subset(self.val, indices),
+            batch_size=self.batch_size,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_consumed": self.batches_consumed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("batch_size", self.batch_size) != self.batch_size:
+            raise ValueError("the checkpoint was written with another batch size; cannot resume its data stream")
+        self.batches_consumed = int(state["batches_consumed"])
+
+
+class SamplerPosition(L.Callback):
+    """Counts consumed micro-batches into the datamodule (Lightning runs checkpoint callbacks after this one)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        trainer.datamodule.batches_consumed += 1

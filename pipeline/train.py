@@ -57,19 +57,26 @@ from pipeline.common import (
     write_json,
 )
 from pipeline.config import Config
-from pipeline.console import ProgressBar, quiet_libraries
+from pipeline.console import quiet_libraries
 from pipeline.datamodule import (
     Collator,
     PretrainDataset,
-    SamplerPosition,
-    TrainDataModule,
     document_arrays,
     load_tokenized,
     mixture_datasets,
     unigram_entropy,
     val_items,
 )
-from pipeline.module import PREVIOUS_NAME, OptimSettings, Seq2SeqLM, StepCheckpoint, peak_flops_per_device
+from pipeline.module import (
+    PREVIOUS_NAME,
+    OptimSettings,
+    ProgressBar,
+    SamplerPosition,
+    Seq2SeqLM,
+    StepCheckpoint,
+    TrainDataModule,
+    peak_flops_per_device,
+)
 from pipeline.paths import RunPaths
 from pipeline.tracking import (
     MlflowMetrics,

@@ -13,10 +13,10 @@ from pipeline.datamodule import (
     Collator,
     PretrainDataset,
     ResumableSampler,
-    TrainDataModule,
     unigram_entropy,
     val_items,
 )
+from pipeline.module import TrainDataModule
 from pipeline.objectives import IGNORE_INDEX
 from tests.train_project import markov_docs
 
