@@ -31,6 +31,7 @@ import contextlib
 import enum
 import errno
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -243,7 +244,22 @@ def run_stage(
     """Parse arguments, load the validated config (exit 2 on config errors), run `body`; return the exit code.
 
     The exit code and the message come from `outcome_of`: 0 only when `body` returned without a signal arriving.
+    Run as a command (`argv` None), the stage freezes the garbage collector's heap when it is done: the
+    interpreter's teardown then skips the cyclic collection over everything the run built, which took 4 to 5 s of
+    every stage's exit on 2 busy cores (0.5 s frozen); called in-process (tests) the heap is left alone.
     """
+    try:
+        return _run_stage(body, parser, argv)
+    finally:
+        if argv is None:
+            gc.freeze()
+
+
+def _run_stage(
+    body: Callable[[Config, argparse.Namespace], Any],
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+) -> int:
     logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"), format="%(message)s")
     args = parser.parse_args(argv)
     install_signal_handlers()
