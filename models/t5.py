@@ -21,7 +21,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models import generation
-from models.common import BiasedAttention, KVCache, drop_mask, dropout, linear, neg_inf
+from models.common import (
+    BiasedAttention,
+    KVCache,
+    decode_attention,
+    decoding,
+    drop_mask,
+    dropout,
+    in_decoding,
+    linear,
+    neg_inf,
+)
 
 LAYOUTS = ("encoder_decoder", "causal_lm", "prefix_lm")
 FEED_FORWARD = ("relu", "gated-gelu")
@@ -214,9 +224,9 @@ class T5Attention(nn.Module):
         if self.training:  # training: one fused matmul beats three on the big activation
             return self._heads(F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight])), 3)
         if not torch.is_grad_enabled():  # inference: the stacked weights, kept between calls
-            return self._heads(_rows(x, self._stacked_qkv()), 3)
+            return self._heads(linear(x, self._stacked_qkv()), 3)
         # eval with autograd (gradients wrt inputs or weights): three matmuls, so gradients reach the weights
-        q, k, v = (self._heads(_rows(x, w.weight), 1)[0] for w in (self.q, self.k, self.v))
+        q, k, v = (self._heads(linear(x, w.weight), 1)[0] for w in (self.q, self.k, self.v))
         return q, k, v
 
     def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,6 +242,8 @@ class T5Attention(nn.Module):
             out = BiasedAttention.apply(q, k, v, bias, hidden, p)
         elif self.backend == "flex" and q.is_cuda:
             out = _flex_attention(q, k, v, _merge(bias, hidden, q.dtype))
+        elif _decoding(q, p):  # a few query rows: SDPA or plain ops, whichever measures faster for the shape
+            out = decode_attention(q, k, v, _merge(bias, hidden, q.dtype))
         else:
             mask = _merge(bias, hidden, q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1.0)
@@ -239,11 +251,16 @@ class T5Attention(nn.Module):
         return linear(out.transpose(1, 2).reshape(B, Lq, H * Dk), self.o.weight)
 
 
-def _rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`linear` with its result in row-major order: its weight-left form returns a transposed view, and SDPA's fused
-    CPU kernel needs a unit stride in the last dimension of q, k and v; without it SDPA falls back to its unfused math
-    (two batched matmuls, a softmax, a scale: four multi-threaded ops per attention instead of one)."""
-    return linear(x, weight).contiguous()
+def _decoding(q: torch.Tensor, p: float) -> bool:
+    """An attention of a decoding step on CPU: at most 64 query rows per item, no dropout, no autograd, not compiled."""
+    return (
+        in_decoding()
+        and q.shape[2] <= 64
+        and p == 0.0
+        and q.device.type == "cpu"
+        and not (torch.is_grad_enabled() and q.requires_grad)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _flex_attention(q, k, v, mask):
@@ -272,7 +289,7 @@ class T5DenseActDense(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = linear(x, self.wi.weight)  # (B, L, F); in-place ops below are safe: the matmul does not keep its output
         if not self.training or self.dropout == 0.0:
-            return self.wo(h.relu_())
+            return linear(h.relu_(), self.wo.weight)
         # dropout before relu (they commute): one (B, L, F) tensor kept for relu and wo; 1 / (1 - p) on (B, L, D)
         drop, scale = drop_mask(h, self.dropout)
         return self.wo(h.masked_fill_(drop, 0.0).relu_()).mul_(scale)
@@ -304,7 +321,7 @@ class T5DenseGatedActDense(nn.Module):
             gate, up = linear(x, self.wi_0.weight), linear(x, self.wi_1.weight)
         h = _gelu_new(gate, self.training) * up  # (B, L, F)
         if not self.training or self.dropout == 0.0:
-            return self.wo(h)
+            return linear(h, self.wo.weight)
         drop, scale = drop_mask(h, self.dropout)
         return self.wo(h.masked_fill_(drop, 0.0)).mul_(scale)
 
@@ -333,7 +350,7 @@ class T5LayerCrossAttention(nn.Module):
 
     def forward(self, h, memory_kv, bias, hidden):
         attn = self.EncDecAttention
-        q = attn._heads(_rows(self.layer_norm(h), attn.q.weight), 1)[0]  # (N, H, Lq, Dk)
+        q = attn._heads(linear(self.layer_norm(h), attn.q.weight), 1)[0]  # (N, H, Lq, Dk)
         N, H, Lq, Dk = q.shape
         B = memory_kv[0].shape[0]
         if B == N:
@@ -589,17 +606,19 @@ class T5Model(generation.GenerationMixin, nn.Module):
                 prefix = torch.full((tokens.shape[0],), state["prefix"], device=tokens.device)
         rows = state.setdefault("bias_rows", {})  # the position bias by relative position, kept for the decoding
         bias, hidden = self.decoder.self_mask(t, offset + t, offset, key_mask, True, prefix, rows)
-        h = self.decoder(
-            self.shared(tokens),
-            bias,
-            hidden,
-            cross_hidden=state.get("cross_hidden"),
-            memory_kvs=state.get("memory_kv"),
-            caches=state["caches"],
-            cross_bias=state.get("cross_bias"),
-        )
+        with decoding():  # products and attentions in the form measured fastest for their shapes (models.common)
+            h = self.decoder(
+                self.shared(tokens),
+                bias,
+                hidden,
+                cross_hidden=state.get("cross_hidden"),
+                memory_kvs=state.get("memory_kv"),
+                caches=state["caches"],
+                cross_bias=state.get("cross_bias"),
+            )
+            logits = self.logits(h[:, -1])
         state["length"] = offset + t
-        return self.logits(h[:, -1]), state
+        return logits, state
 
     def reorder_state(self, state: dict, beam_idx: torch.Tensor) -> dict:
         """Keep the cache rows of the surviving beams (beam_idx indexes the N rows)."""

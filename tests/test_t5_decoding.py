@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models import common
+from models.common import linear
 from models.generation import Uncached, generate
-from models.t5 import T5Attention, T5Config, T5Model, _rows
+from models.t5 import T5Attention, T5Config, T5Model
 
 
 @pytest.fixture(autouse=True)
@@ -84,11 +86,61 @@ def test_stacked_qkv_follows_weight_updates_and_is_not_a_parameter():
     assert all(w.weight.grad is not None for w in (attn.q, attn.k, attn.v))
 
 
-def test_projections_are_row_major_for_sdpa():
+@pytest.mark.parametrize("form", common.FORMS)
+def test_every_form_of_linear_is_row_major_and_equals_f_linear(form):
+    if form == "packed" and not common._packing_available():
+        pytest.skip("this torch has no oneDNN weight packing")
     x, w = torch.randn(4, 1, 32), torch.randn(24, 32)
-    out = _rows(x, w)
-    assert out.is_contiguous()
+    out = common._compute(form, x.reshape(4, 32), w).view(4, 1, 24)
+    assert out.is_contiguous()  # SDPA's fused CPU kernel needs q, k, v row-major
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_tries_each_form_on_real_calls_then_keeps_one(monkeypatch):
+    monkeypatch.setattr(common, "_CHOICES", {})
+    monkeypatch.setattr(common, "_COPIES", {})
+    x, w = torch.randn(3, 16), torch.randn(40, 16)
+    calls = len(common.FORMS) * (common.EXPLORE_ROUNDS + 1)  # one untimed round, then the timed ones
+    assert not common.in_decoding()
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w), rtol=0, atol=0)  # outside: F.linear
+        assert not common._CHOICES
+    with torch.no_grad(), common.decoding():
+        for i in range(calls + 5):
+            torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+            choice = common._CHOICES[(3, 40, 16, torch.float32, 1)]
+            assert (choice.form is None) == (i < calls - 1)
+    assert all(len(t) == common.EXPLORE_ROUNDS for t in choice.times.values())
+    assert choice.form in common.FORMS
+    # a weight's copy in another layout is kept only while some shape of it may still read it
+    kept = {key[1] for key in common._COPIES if key[0] == id(w)}
+    assert kept == {"right": {"T"}, "packed": {("packed", 3)}}.get(choice.form, set())
+
+
+def test_linear_rotates_the_forms_so_no_caller_always_gets_the_same_one():
+    choice, seen = common._Choice(), {}
+    callers = 2 * len(common.FORMS)  # callers taking turns at one shape, a multiple of the forms' count per round
+    for i in range(4 * callers):
+        seen.setdefault(i % callers, set()).add(choice.next_form())
+        choice.calls += 1
+    assert all(len(forms) > 1 for forms in seen.values())
+
+
+def test_linear_keeps_f_linear_unless_another_form_wins_by_the_margin():
+    assert common.decide({"linear": 1.0, "left": 0.95, "right": 0.97}) == "linear"  # within the margin: the default
+    assert common.decide({"linear": 1.0, "left": 0.5, "right": 0.7}) == "left"
+    assert common.decide({"linear": 1.0, "left": 0.8, "right": 0.6}) == "right"
+    assert common.decide({"linear": 0.5, "left": 0.8, "right": 0.9}) == "linear"
+
+
+def test_transposed_copy_follows_weight_updates():
+    w = torch.randn(8, 4)
+    with torch.no_grad():
+        first = common._transposed(w)
+        assert torch.equal(first, w.T) and first.is_contiguous()
+        assert common._transposed(w) is first  # kept between calls
+        w.mul_(2.0)  # an in-place update bumps the version: rebuilt
+        assert torch.equal(common._transposed(w), w.T)
 
 
 def test_kv_cache_reorders_through_its_spare_buffers_and_keeps_appending():
