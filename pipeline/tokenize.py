@@ -10,7 +10,9 @@ Scale: memory is bounded by the tokenizer's training sample, not by the corpus.
   text (the whole train split when it is smaller), then at most `input_sentence_size` of its lines.
 - Each split is cut into shards of about `tokenizer.shard_mb` MB of text; `tokenizer.num_proc` worker
   processes encode shards in parallel (one SentencePiece thread each), reading the prepared Arrow files
-  through their memory map, a `batch_size`-document slice at a time.
+  through their memory map, a `batch_size`-document slice at a time. The pages read are dropped from the
+  process after each slice (`SplitTexts`): they stay in the shared page cache, but a worker's resident set
+  does not grow with the text it has read.
 - Finished shards (and the trained tokenizer) are kept in `data/tokenized.partial/` until the stage
   completes, under a key of everything that decides the outputs: a killed run continues from the finished
   shards; a run with other params or other prepared data starts over.
@@ -27,6 +29,7 @@ import itertools
 import json
 import logging
 import math
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -60,6 +63,8 @@ METRICS_FILE = "metrics/tokenize.json"
 SPLITS = ("train", "validation", "test")
 MIN_PARALLEL_BYTES = 4 << 20
 """Below this much text left to encode, worker processes cost more than they save: encode in-process."""
+RELEASE_MARGIN = 1 << 20
+"""Bytes before a batch's Arrow buffers that `SplitTexts.release` drops too (see there)."""
 
 
 def load_prepared(path: Path) -> Any:
@@ -88,12 +93,86 @@ def _remove(path: Path) -> None:
 # ------------------------------------------------------------------------------------------- sampling
 
 
+class SplitTexts:
+    """The `text` column of one prepared split, read through this process's own read-only memory maps of the
+    split's Arrow files (`datasets.save_to_disk` layout: `state.json` lists them in row order).
+
+    Pages of a memory map that have been read count in the process's resident set for as long as the mapping
+    lives (and a forked worker inherits them), so reading a whole corpus through `datasets`' own mapping makes
+    RSS grow with the corpus. `release(arrays)` drops the pages under those arrays from this process with
+    `madvise(MADV_DONTNEED)` (the data stays in the shared page cache; a later read maps it again), which is
+    safe only on a read-only file mapping: hence our own maps instead of the ones behind `datasets`' tables.
+    """
+
+    def __init__(self, split_dir: str | Path):
+        import pyarrow as pa
+
+        split_dir = Path(split_dir)
+        state = json.loads((split_dir / "state.json").read_text(encoding="utf-8"))
+        chunks: list[Any] = []
+        self._maps: list[tuple[int, mmap.mmap]] = []
+        for entry in state["_data_files"]:
+            with (split_dir / entry["filename"]).open("rb") as fh:
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            buffer = pa.py_buffer(mapped)
+            self._maps.append((buffer.address, mapped))
+            chunks.extend(pa.ipc.open_stream(buffer).read_all().column("text").chunks)
+        self.column = pa.chunked_array(chunks, type=pa.string()) if chunks else pa.chunked_array([], pa.string())
+        self.release_all()  # the record batch headers read just now: a page or more per 1000 documents
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def slice(self, start: int, count: int) -> list[str]:
+        """The texts of documents `[start, start + count)`; their pages are released after decoding."""
+        part = self.column.slice(start, count)
+        texts = part.to_pylist()
+        self.release(part.chunks)
+        return texts
+
+    def release(self, arrays: Any) -> None:
+        """Drop the pages under these arrays' buffers (whole Arrow record batches) from this process, and up to
+        `RELEASE_MARGIN` bytes before them: a page fault maps the pages around it too (the kernel's fault-around,
+        64 KB by default), which reach back into what an earlier call released."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for array in arrays:
+            for buf in array.buffers():
+                if buf is not None and buf.size:
+                    self._drop(buf.address - RELEASE_MARGIN, buf.size + RELEASE_MARGIN)
+
+    def release_all(self) -> None:
+        """Drop every page of the split's maps from this process."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            for _, mapped in self._maps:
+                if len(mapped):
+                    mapped.madvise(mmap.MADV_DONTNEED)
+
+    def _drop(self, address: int, size: int) -> None:
+        """`MADV_DONTNEED` on the pages of [address, address + size) that lie in one of our maps."""
+        for base, mapped in self._maps:
+            start, end = max(address - base, 0), min(address - base + size, len(mapped))
+            if start < end:
+                start = start // mmap.PAGESIZE * mmap.PAGESIZE
+                mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def text_column(split: Any) -> Any:
+    """The `text` column (a pyarrow ChunkedArray) of a `datasets` split or of a `SplitTexts`."""
+    return split.column if isinstance(split, SplitTexts) else split.data.column("text")
+
+
 def document_bytes(split: Any) -> np.ndarray:
-    """UTF-8 bytes of each document of a prepared split, from the Arrow offsets (no text is decoded)."""
+    """UTF-8 bytes of each document of a prepared split (a `datasets` split or a `SplitTexts`), from the Arrow
+    offsets (no text is decoded)."""
     import pyarrow.compute as pc
 
-    lengths = pc.fill_null(pc.binary_length(split.data.column("text")), 0)
-    return np.asarray(lengths.to_numpy(), dtype=np.int64)
+    column = text_column(split)
+    lengths = pc.fill_null(pc.binary_length(column), 0)
+    sizes = np.asarray(lengths.to_numpy(), dtype=np.int64)
+    if isinstance(split, SplitTexts):
+        split.release(column.chunks)
+    return sizes
 
 
 def sample_documents(sizes: np.ndarray, budget_bytes: int, seed: int) -> np.ndarray | None:
@@ -111,7 +190,10 @@ def training_texts(train: Any, cfg: TokenizerConfig, seed: int) -> tuple[list[st
     sizes = document_bytes(train)
     keep = sample_documents(sizes, int(cfg.train_sample_mb * 1e6), seed)
     if keep is None:
-        return train.data.column("text").to_pylist(), int(sizes.sum())
+        texts = text_column(train).to_pylist()
+        if isinstance(train, SplitTexts):
+            train.release_all()
+        return texts, int(sizes.sum())
     log.info(
         "training the tokenizer on %d of %d train documents (%.0f MB)",
         len(keep),
@@ -127,10 +209,13 @@ def sampled_texts(split: Any, keep: np.ndarray) -> list[str]:
     whole column may first concatenate its chunks)."""
     texts: list[str] = []
     start = 0
-    for chunk in split.data.table.column("text").chunks:
+    chunks = split.column.chunks if isinstance(split, SplitTexts) else split.data.table.column("text").chunks
+    for chunk in chunks:
         lo, hi = np.searchsorted(keep, [start, start + len(chunk)])
         if hi > lo:
             texts.extend(chunk.take(keep[lo:hi] - start).to_pylist())
+            if isinstance(split, SplitTexts):
+                split.release([chunk])
         start += len(chunk)
     return texts
 
@@ -219,11 +304,16 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(prepared_dir: str, tokenizer: Tokenizer, out_dir: str, batch_size: int) -> None:
-    import datasets
+    _WORKER.clear()
+    _WORKER.update(prepared=Path(prepared_dir), splits={}, tokenizer=tokenizer, out=Path(out_dir), batch=batch_size)
 
-    _WORKER.update(
-        prepared=datasets.load_from_disk(prepared_dir), tokenizer=tokenizer, out=Path(out_dir), batch=batch_size
-    )
+
+def _worker_split(name: str) -> SplitTexts:
+    """The worker's own maps of a split's Arrow files, opened on first use."""
+    splits: dict[str, SplitTexts] = _WORKER["splits"]
+    if name not in splits:
+        splits[name] = SplitTexts(_WORKER["prepared"] / name)
+    return splits[name]
 
 
 def encode_shard(shard: Shard) -> tuple[Shard, int, float]:
@@ -235,20 +325,21 @@ def encode_shard(shard: Shard) -> tuple[Shard, int, float]:
     start_time = time.perf_counter()
     tok: Tokenizer = _WORKER["tokenizer"]
     out: Path = _WORKER["out"]
-    table = _WORKER["prepared"][shard.split].data
+    texts_of = _worker_split(shard.split)
     dtype = token_dtype(tok.vocab_size)
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
     lengths: list[np.ndarray] = []
     tmp_bin = out / f".{shard.name}.bin.{os.getpid()}.tmp"
     with tmp_bin.open("wb") as fh:
         for s in range(shard.start, shard.stop, _WORKER["batch"]):
-            texts = table.slice(s, min(_WORKER["batch"], shard.stop - s)).column("text").to_pylist()
+            texts = texts_of.slice(s, min(_WORKER["batch"], shard.stop - s))
             ids = tok.encode(texts, add_eos=True, num_threads=1)
             batch_lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
             flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(batch_lengths.sum()))
             fh.write(flat.tobytes())
             counts += np.bincount(flat, minlength=tok.vocab_size)
             lengths.append(batch_lengths)
+    texts_of.release_all()  # what fault-around mapped beyond the released batches
     all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     tmp_npz = out / f".{shard.name}.{os.getpid()}.tmp.npz"
     np.savez(tmp_npz, lengths=all_lengths, counts=counts)
@@ -355,13 +446,20 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
     for target in (root / TOKENIZER_DIR, root / TOKENIZED_DIR, root / WORK_DIR):
         recover_output(target)
     prepared = load_prepared(root / PREPARED_DIR)
+    # the splits' texts through maps whose pages are released after reading (RSS flat in the corpus size)
+    texts = {name: SplitTexts(root / PREPARED_DIR / name) for name in SPLITS}
+    for name in SPLITS:
+        if len(texts[name]) != len(prepared[name]):
+            raise StageError(f"{root / PREPARED_DIR / name}: unexpected Arrow layout; re-run prepare")
+    del prepared
     work = open_work_dir(root / WORK_DIR, job_key(cfg, root / PREPARED_DIR))
     try:
-        tokenizer = work_tokenizer(cfg, prepared, root, work)
+        tokenizer = work_tokenizer(cfg, texts, root, work)
     except StageError:
         shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming
         raise
-    shards = {name: plan_shards(name, document_bytes(prepared[name]), int(tc.shard_mb * 1e6)) for name in SPLITS}
+    shards = {name: plan_shards(name, document_bytes(texts[name]), int(tc.shard_mb * 1e6)) for name in SPLITS}
+    del texts
     todo = [s for split in shards.values() for s in split if not shard_done(work / "shards", s)]
     total_shards = sum(map(len, shards.values()))
     if len(todo) < total_shards:

@@ -219,3 +219,39 @@ def test_a_killed_tokenize_resumes_from_its_finished_shards(tmp_path):
         clean / "data" / "tokenizer" / "spm.model"
     ).read_bytes()
     assert not [p for p in (root / "data").iterdir() if p.name.startswith(".") or p.name.endswith(".partial")]
+
+
+def _mapped_rss_kb(path: Path) -> int:
+    """Resident KB of this process's mappings of `path` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = len(fields) >= 6 and fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads /proc/self/smaps (Linux)")
+def test_split_texts_reads_every_arrow_file_in_order_and_releases_the_pages_it_read(tmp_path):
+    texts = [f"{p} {'x' * (i % 50)}" for i, p in enumerate(_paragraphs(20_000))]  # ~1.6 MB in 2+ Arrow files
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})}).save_to_disk(
+        str(tmp_path), max_shard_size="600KB"
+    )
+    files = sorted((tmp_path / "train").glob("*.arrow"))
+    assert len(files) >= 2
+    split = tokenize_stage.SplitTexts(tmp_path / "train")
+    assert len(split) == len(texts)
+    assert list(tokenize_stage.document_bytes(split)) == [len(t.encode()) for t in texts]
+    assert tokenize_stage.sampled_texts(split, np.array([0, 7, 19_999])) == [texts[0], texts[7], texts[19_999]]
+
+    read = [t for s in range(0, len(texts), 1000) for t in split.slice(s, 1000)]
+    assert read == texts
+    assert sum(_mapped_rss_kb(f) for f in files) <= 64  # a few pages at the edges at most, not the files
+
+    # the same reads without releasing keep the text resident: what the release saves
+    kept = [t for s in range(0, len(texts), 1000) for t in split.column.slice(s, 1000).to_pylist()]
+    assert kept == texts and sum(_mapped_rss_kb(f) for f in files) > 1000
+    split.release_all()
+    assert sum(_mapped_rss_kb(f) for f in files) <= 4 * 8
