@@ -1,23 +1,31 @@
 """Data at corpus scale: prepare + tokenize and the first training steps on generated `files` corpora.
 
-For each size (`--tokens 10M 100M`) the script writes a synthetic corpus of plain-text shards (Zipf-distributed
+For each size (`--tokens 1M 4M`) the script writes a synthetic corpus of plain-text shards (Zipf-distributed
 pseudo-words, sentences, blank-line paragraphs: `data.files.sample_by: paragraph`) into a scratch project and
 runs the real stages there, each in its own process:
 
-- `prepare`, then `tokenize` with `tokenizer.num_proc` 1 and again from scratch with 2;
-- SentencePiece called directly (one thread) and `datasets.map` (one process) on the same slice of the
-  prepared train split, right after, under the same load: the stage's throughput as a fraction of those;
+- `prepare`, then `tokenize` from scratch with each `--num-procs` value (default 1 and 2), the values in turn
+  `--repeats` times (`benchmarks/timing.py` alternation: each value sees the same load);
+- on a slice of the prepared train split, in this process and in turn `--rounds` times: SentencePiece called
+  directly (one thread), `datasets.map` (one process, batches of 1000, the ids returned) and the stage's shard
+  encoder (one process): their throughput as median [min-max] and the per-round ratios to the direct call;
 - `pretrain` of the `t5` variant for `--steps` steps (no validation, no checkpoint inside the window).
 
-Per run: wall time, tokens/s, peak RSS (the largest process, and the sum over the process tree sampled every
-0.1 s), and for pretrain the time from process start to the end of the first training step. The tokenized
-store's bytes per token come from the tokenize metrics.
+Per stage run: wall seconds, CPU seconds of the process and its workers (CPU / wall = cores it got), tokens/s,
+peak RSS (the largest process; the sum over the process tree sampled every 0.1 s, which counts the pages forked
+workers share with their parent once per process; and the tree's PSS, which counts them once), for pretrain the time
+from process start to the end of the first training step; each as median [min-max] over the repeats. The
+tokenized store's bytes per token come from the tokenize metrics. The load average is printed at the start
+and the end.
 
-`--store-tokens 1000M` additionally writes a token store of that many random tokens straight to disk (no
+`--store-tokens 1B` additionally writes a token store of that many random tokens straight to disk (no
 prepare or tokenize: generating and tokenizing 1B tokens takes hours on 2 cores) next to the first corpus's
 tokenizer and runs the same pretrain on it: the training figures at that scale.
 
-    python benchmarks/bench_data.py [--tokens 10M 100M] [--store-tokens 1000M] [--steps 50] [--workdir DIR]
+    python benchmarks/bench_data.py [--tokens 1M 4M] [--repeats 1] [--rounds 3] [--steps 10] [--store-tokens 1B]
+    python benchmarks/bench_data.py --tokens 10M 100M --steps 50          # the issue's sizes (an hour or more)
+
+The default run takes about 4 minutes on 2 busy cores (issue 13: every benchmark's default under 5 minutes).
 """
 
 from __future__ import annotations
@@ -37,6 +45,11 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from timing import alternate, alternate_results, load_average, median, ratio_spread, spread  # noqa: E402
+
 CHARS_PER_TOKEN = 5.3  # measured on this generator with the default 8000-piece unigram vocabulary
 SHARD_CHARS = 64_000_000
 FIRST_STEP_ENV = "BENCH_DATA_FIRST_STEP_FILE"
@@ -127,16 +140,18 @@ def run(args: list[str], cwd: Path, env: dict | None = None) -> dict:
     proc = subprocess.Popen(
         args, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    tree_peak = 0
+    tree_peak, pss_peak = 0, 0
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal tree_peak
+        nonlocal tree_peak, pss_peak
         root = psutil.Process(proc.pid)
         while not stop.is_set():
             try:
-                procs = [root, *root.children(recursive=True)]
-                tree_peak = max(tree_peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+                procs = [p for p in (root, *root.children(recursive=True)) if p.is_running()]
+                tree_peak = max(tree_peak, sum(p.memory_info().rss for p in procs))
+                # PSS: each shared page (forked workers share the parent's) counted once over the sharers
+                pss_peak = max(pss_peak, sum(getattr(p.memory_full_info(), "pss", 0) for p in procs))
             except psutil.Error:
                 pass
             stop.wait(0.1)
@@ -151,7 +166,14 @@ def run(args: list[str], cwd: Path, env: dict | None = None) -> dict:
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{output[-3000:]}")
-    return {"seconds": seconds, "peak_rss_gb": usage.ru_maxrss / 2**20, "tree_rss_gb": tree_peak / 2**30, "out": output}
+    return {
+        "seconds": seconds,
+        "cpu_s": usage.ru_utime + usage.ru_stime,  # the process and the workers it waited for
+        "peak_rss_gb": usage.ru_maxrss / 2**20,
+        "tree_rss_gb": tree_peak / 2**30,
+        "tree_pss_gb": pss_peak / 2**30,
+        "out": output,
+    }
 
 
 def stage(project: Path, name: str, *extra: str, env: dict | None = None) -> dict:
@@ -160,16 +182,16 @@ def stage(project: Path, name: str, *extra: str, env: dict | None = None) -> dic
 
 def pretrain_child(argv: list[str]) -> None:
     """In the child: record the end of the first training step, then run the real pretrain stage."""
-    from pipeline import datamodule, pretrain
+    from pipeline import module, pretrain
 
-    marker, original = Path(os.environ[FIRST_STEP_ENV]), datamodule.SamplerPosition.on_train_batch_end
+    marker, original = Path(os.environ[FIRST_STEP_ENV]), module.SamplerPosition.on_train_batch_end
 
     def first_step(self, trainer, *args):
         if not marker.exists():
             marker.write_text(repr(time.time()))
         return original(self, trainer, *args)
 
-    datamodule.SamplerPosition.on_train_batch_end = first_step
+    module.SamplerPosition.on_train_batch_end = first_step
     raise SystemExit(pretrain.main(argv))
 
 
@@ -188,36 +210,50 @@ def run_pretrain(project: Path) -> dict:
     return result
 
 
-def direct_rates(project: Path, max_chars: int = 20_000_000) -> tuple[float, float, int]:
-    """(SentencePiece direct tokens/s, datasets.map tokens/s) on one thread/process over the same train slice."""
+def slice_rates(project: Path, rounds: int, max_chars: int = 20_000_000) -> dict:
+    """SentencePiece direct, `datasets.map` and the stage's shard encoder on one slice of the prepared train split
+    (one thread/process each), called in turn `rounds` times after a warm-up round: seconds per round."""
     import datasets
+    import pyarrow.compute as pc
 
+    from pipeline.tokenize import Shard, encode_shards
     from pipeline.tokenizer import Tokenizer
 
     datasets.disable_caching()
     datasets.disable_progress_bars()
     tok = Tokenizer.load(project / "data" / "tokenizer")
     train = datasets.load_from_disk(str(project / "data" / "prepared"))["train"]
-    n, size = 0, 0
-    for n, text in enumerate(train.data.column("text").to_pylist(), 1):  # noqa: B007
-        size += len(text)
-        if size >= max_chars:
-            break
+    sizes = np.cumsum(np.asarray(pc.binary_length(train.data.column("text")).to_numpy(), dtype=np.int64))
+    n = int(min(len(train), np.searchsorted(sizes, max_chars) + 1))
     subset = train.select(range(n))
     texts = subset.data.column("text").to_pylist()
-    start = time.perf_counter()
-    ids = tok.encode(texts, num_threads=1)
-    direct = time.perf_counter() - start
-    tokens = sum(map(len, ids))
+    scratch = project / "slice"
+    datasets.DatasetDict({"train": subset}).save_to_disk(str(scratch / "prepared"))
+    shard = Shard("train", 0, 0, n, int(sizes[n - 1]))
+    out: dict = {}
 
-    def encode(batch):
-        return {"n": [len(x) for x in tok.encode(batch["text"], num_threads=1)]}
+    def encode(batch):  # what a datasets-based tokenize would keep: the ids
+        return {"input_ids": tok.encode(batch["text"], num_threads=1)}
 
-    start = time.perf_counter()
-    mapped = subset.map(encode, batched=True, batch_size=1000, remove_columns=["text"])
-    mapped_s = time.perf_counter() - start
-    assert sum(mapped["n"]) == tokens
-    return tokens / direct, tokens / mapped_s, tokens
+    def stage_encoder():
+        shutil.rmtree(scratch / "shards", ignore_errors=True)
+        (scratch / "shards").mkdir()
+        out["stage"] = encode_shards([shard], scratch / "prepared", tok, scratch / "shards", 1000, 1)[0]
+
+    variants = {
+        "direct": lambda: out.__setitem__("direct", sum(map(len, tok.encode(texts, num_threads=1)))),
+        "map": lambda: out.__setitem__(
+            "map", subset.map(encode, batched=True, batch_size=1000, remove_columns=["text"])
+        ),
+        "stage": stage_encoder,
+    }
+    times = alternate(variants, rounds, warmup=1)
+    tokens = out["direct"]
+    mapped = pc.sum(pc.list_value_length(out["map"].data.column("input_ids"))).as_py()
+    assert mapped == tokens, "datasets.map and the direct call disagree"
+    assert out["stage"] == tokens, "the stage's encoder and the direct call disagree"
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {"tokens": tokens, "documents": n, **times}
 
 
 def make_project(workdir: Path, label: str, steps: int) -> Path:
@@ -242,107 +278,158 @@ def make_project(workdir: Path, label: str, steps: int) -> Path:
     return project
 
 
-def fmt_row(label: str, what: str, r: dict, extra: str = "", tokens: float | None = None) -> str:
-    rate = f"{tokens / r['seconds']:>12,.0f}" if tokens else f"{'':>12}"
-    return (
-        f"{label:<6} {what:<22} {r['seconds']:>8.1f} {rate} {r['peak_rss_gb']:>8.2f} {r['tree_rss_gb']:>8.2f} {extra}"
+def gb(values: list[float]) -> str:
+    return spread(values, 2)
+
+
+def stage_row(label: str, what: str, runs: list[dict], tokens: float | None = None, extra: str = "") -> str:
+    """One stage's runs: wall s, CPU s, K tokens/s, peak RSS GB (largest process, tree), tree PSS GB, each median
+    [min-max]."""
+    rate = spread([tokens / r["seconds"] / 1e3 for r in runs], 1) if tokens else "-"
+    return " | ".join(
+        (
+            label,
+            what,
+            spread([r["seconds"] for r in runs], 1),
+            spread([r["cpu_s"] for r in runs], 1),
+            rate,
+            gb([r["peak_rss_gb"] for r in runs]),
+            gb([r["tree_rss_gb"] for r in runs]),
+            gb([r["tree_pss_gb"] for r in runs]),
+            extra,
+        )
     )
+
+
+HEADER = "size | run | wall s | CPU s | K tokens/s | peak RSS GB | tree RSS GB | tree PSS GB | notes"
+
+
+def summarise(runs: list[dict], *keys: str) -> dict:
+    return {k: {"median": median([r[k] for r in runs]), "min": min(r[k] for r in runs), "max": max(r[k] for r in runs)}
+            for k in keys}  # fmt: skip
 
 
 def main() -> None:
     if "--pretrain-child" in sys.argv:
         pretrain_child([a for a in sys.argv[1:] if a != "--pretrain-child"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", nargs="*", default=["10M", "100M"], help="corpus sizes (default 10M 100M)")
+    parser.add_argument("--tokens", nargs="*", default=["1M", "4M"], help="corpus sizes (default 1M 4M)")
     parser.add_argument("--num-procs", nargs="+", type=int, default=[1, 2], help="tokenize runs (default 1 2)")
+    parser.add_argument("--repeats", type=int, default=1, help="alternated runs of each tokenize (default 1)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds of the slice comparison (default 3)")
     parser.add_argument("--no-direct", action="store_true", help="skip the direct SentencePiece/map comparison")
+    parser.add_argument("--vocab-size", type=int, default=None, help="tokenizer.vocab_size (default: params.yaml)")
     parser.add_argument("--tokenizer-from", default=None, help="project whose data/tokenizer the store run uses")
     parser.add_argument("--store-tokens", default=None, help="also train on a random store of this size (e.g. 1B)")
-    parser.add_argument("--steps", type=int, default=50, help="pretrain steps (default 50)")
+    parser.add_argument("--steps", type=int, default=10, help="pretrain steps; 0 skips pretrain (default 10)")
     parser.add_argument("--workdir", default="/tmp/bench_data", help="scratch directory (default /tmp/bench_data)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch projects")
     args = parser.parse_args()
     workdir = Path(args.workdir)
-    print(f"load average at start: {os.getloadavg()}")
-    header = f"{'size':<6} {'run':<22} {'seconds':>8} {'tokens/s':>12} {'rss GB':>8} {'tree GB':>8}"
-    rows, summary = [header], {}
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"start: {load_average()}", flush=True)
+    rows, summary = [], {}
     first_project = None
     for label in args.tokens:
         n_tokens = parse_count(label)
-        project = make_project(workdir, label, args.steps)
+        project = make_project(workdir, label, max(args.steps, 1))
+        if args.vocab_size:
+            set_params(project, **{"tokenizer.vocab_size": args.vocab_size})
         first_project = first_project or project
         chars = write_corpus(project / "corpus", n_tokens)
         prep = stage(project, "prepare")
-        rows.append(fmt_row(label, f"prepare ({chars / 1e6:.0f} MB)", prep))
-        tok_runs = {}
-        for num_proc in args.num_procs:
+        rows.append(stage_row(label, f"prepare ({chars / 1e6:.0f} MB)", [prep]))
+
+        def tokenize_run(num_proc: int, project: Path = project) -> dict:
             for d in ("data/tokenized", "data/tokenizer", "data/tokenized.partial"):
                 shutil.rmtree(project / d, ignore_errors=True)
             set_params(project, **{"tokenizer.num_proc": num_proc})
             r = stage(project, "tokenize")
             r["metrics"] = json.loads((project / "metrics" / "tokenize.json").read_text())
-            tok_runs[num_proc] = r
-            m = r["metrics"]
+            r["encode_tps"] = r["metrics"]["tokens_per_second"]
+            return r
+
+        tok_runs = alternate_results(
+            {p: (lambda p=p: tokenize_run(p)) for p in args.num_procs}, args.repeats, warmup=0
+        )  # the last run's outputs stay for the slice comparison and pretrain
+        first = args.num_procs[0]
+        total = tok_runs[first][0]["metrics"]["tokens_total"]
+        for p, runs in tok_runs.items():
+            m = runs[-1]["metrics"]
+            encode = spread([r["encode_tps"] / 1e3 for r in runs], 1)
             rows.append(
-                fmt_row(
+                stage_row(
                     label,
-                    f"tokenize num_proc={num_proc}",
-                    r,
-                    f"encode {m['tokens_per_second']:,.0f} tok/s, {m['bytes_per_token']:.3f} B/token",
-                    m["tokens_total"],
+                    f"tokenize num_proc={p}",
+                    runs,
+                    total,
+                    f"encode {encode} K tokens/s, {m['bytes_per_token']:.3f} B/token",
                 )
             )
-        direct, mapped, sample_tokens = direct_rates(project) if not args.no_direct else (float("nan"),) * 3
-        stage_rate = tok_runs[args.num_procs[0]]["metrics"]["tokens_per_second"]
-        rows.append(
-            f"{label:<6} same slice ({sample_tokens / 1e6:.1f}M tokens): SentencePiece direct {direct:,.0f} tok/s, "
-            f"datasets.map {mapped:,.0f} tok/s; stage (1 proc) / direct = {stage_rate / direct:.2f}, "
-            f"map / direct = {mapped / direct:.2f}"
-        )
-        pre = run_pretrain(project)
-        rows.append(
-            fmt_row(label, f"pretrain {args.steps} steps", pre, extra=f"first step {pre['first_step_s']:.1f} s")
-        )
-        summary[label] = {
-            "tokens": tok_runs[args.num_procs[0]]["metrics"]["tokens_total"],
-            "prepare": {k: prep[k] for k in ("seconds", "peak_rss_gb", "tree_rss_gb")},
+        if len(args.num_procs) > 1:
+            last = args.num_procs[-1]
+            enc = {p: [1 / r["encode_tps"] for r in runs] for p, runs in tok_runs.items()}
+            rows.append(
+                f"{label} | tokenize encode speedup num_proc {last} / {first} per run: "
+                f"{ratio_spread(enc[first], enc[last], 2)}; stage wall: "
+                f"{ratio_spread([r['seconds'] for r in tok_runs[first]], [r['seconds'] for r in tok_runs[last]], 2)}"
+            )
+        entry = {
+            "tokens": total,
+            "prepare": summarise([prep], "seconds", "cpu_s", "peak_rss_gb", "tree_rss_gb", "tree_pss_gb"),
             "tokenize": {
-                p: {**{k: r[k] for k in ("seconds", "peak_rss_gb", "tree_rss_gb")}, **r["metrics"]}
-                for p, r in tok_runs.items()
+                p: summarise(runs, "seconds", "cpu_s", "peak_rss_gb", "tree_rss_gb", "tree_pss_gb", "encode_tps")
+                for p, runs in tok_runs.items()
             },
-            "speedup_last_vs_first": tok_runs[args.num_procs[-1]]["metrics"]["tokens_per_second"] / stage_rate,
-            "direct_tokens_per_s": direct,
-            "map_tokens_per_s": mapped,
-            "pretrain": {k: pre[k] for k in ("seconds", "peak_rss_gb", "tree_rss_gb", "first_step_s")},
         }
-        speedup = summary[label]["speedup_last_vs_first"]
-        rows.append(
-            f"{label:<6} tokenize encode speedup num_proc {args.num_procs[-1]} / {args.num_procs[0]} = {speedup:.2f}"
-        )
-        print("\n".join(rows[-6:]), flush=True)
+        if not args.no_direct:
+            sl = slice_rates(project, args.rounds)
+            t = sl["tokens"]
+            rows.append(
+                f"{label} | same slice ({t / 1e6:.2f}M tokens, {args.rounds} alternated rounds), K tokens/s: "
+                f"SentencePiece direct {spread([t / x / 1e3 for x in sl['direct']], 1)}, "
+                f"datasets.map {spread([t / x / 1e3 for x in sl['map']], 1)}, "
+                f"stage encoder (1 proc) {spread([t / x / 1e3 for x in sl['stage']], 1)}; per round "
+                f"map / direct = {ratio_spread(sl['direct'], sl['map'], 2)}, "
+                f"stage / direct = {ratio_spread(sl['direct'], sl['stage'], 2)}"
+            )
+            entry["slice"] = sl
+        if args.steps > 0:
+            pre = run_pretrain(project)
+            rows.append(
+                stage_row(label, f"pretrain {args.steps} steps", [pre], extra=f"first step {pre['first_step_s']:.1f} s")
+            )
+            entry["pretrain"] = summarise(
+                [pre], "seconds", "cpu_s", "peak_rss_gb", "tree_rss_gb", "tree_pss_gb", "first_step_s"
+            )
+        summary[label] = entry
+        print("\n".join(r for r in rows if r.startswith(f"{label} |")), flush=True)
     first_project = Path(args.tokenizer_from) if args.tokenizer_from else first_project
     if args.store_tokens and first_project is not None:
         label = args.store_tokens
-        project = make_project(workdir, f"store-{label}", args.steps)
+        project = make_project(workdir, f"store-{label}", max(args.steps, 1))
         shutil.copytree(first_project / "data" / "tokenizer", project / "data" / "tokenizer")
         vocab = json.loads((project / "data" / "tokenizer" / "tokenizer.json").read_text())["vocab_size"]
         start = time.perf_counter()
         write_random_store(project / "data" / "tokenized", parse_count(label), vocab)
-        rows.append(f"{label:<6} random store written in {time.perf_counter() - start:.0f} s")
+        rows.append(f"{label} | random store written in {time.perf_counter() - start:.0f} s")
         pre = run_pretrain(project)
         rows.append(
-            fmt_row(label, f"pretrain {args.steps} steps", pre, extra=f"first step {pre['first_step_s']:.1f} s")
+            stage_row(label, f"pretrain {args.steps} steps", [pre], extra=f"first step {pre['first_step_s']:.1f} s")
         )
         summary[f"store-{label}"] = {
-            "pretrain": {k: pre[k] for k in ("seconds", "peak_rss_gb", "tree_rss_gb", "first_step_s")}
+            "pretrain": summarise(
+                [pre], "seconds", "cpu_s", "peak_rss_gb", "tree_rss_gb", "tree_pss_gb", "first_step_s"
+            )
         }
-    print()
-    print("\n".join(rows))
-    print(f"load average at end: {os.getloadavg()}")
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if not args.keep:
         for label in [*args.tokens, *([f"store-{args.store_tokens}"] if args.store_tokens else [])]:
             shutil.rmtree(workdir / label, ignore_errors=True)
+    print()
+    print(f"runs: each value median [min-max] over {args.repeats} repeat(s) (tokenize) or one run (prepare, pretrain)")
+    print("\n".join([HEADER, *rows]))
+    print(f"end: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ realistic scale. The variants run in turn (`benchmarks/timing.py`: one warm-up r
 all see the same load; each prints its median [min-max] seconds and the per-round throughput ratio against the
 direct call of the same round (direct seconds / variant seconds, median [min-max]). The ratios `stage / direct`
 and `map / direct` are the figures the stage must keep at or above 0.7; the stage with `--num-proc` processes is
-shown against one process (`benchmarks/bench_data.py` measures whole stages on generated corpora). The load
-average is printed at the start and the end.
+shown against one process (`benchmarks/bench_data.py` measures whole stages on generated corpora). Each variant
+also reports its CPU seconds (this process and the workers it waited for) and CPU / wall, the cores it got: on a
+machine whose cores are busy with other work, the parallel speedup is bounded by the cores left, not by the code.
+The load average is printed at the start and the end.
 
     python benchmarks/bench_tokenize.py [--repeat 8] [--num-proc 2] [--batch-size 1000] [--runs 3]
     python benchmarks/bench_tokenize.py --repeat 1 --runs 1 --warmup 0     # seconds: a smoke run
@@ -16,9 +18,11 @@ average is printed at the start and the end.
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import datasets
@@ -26,7 +30,7 @@ import datasets
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import alternate, load_average, median, ratio_spread, spread, table  # noqa: E402
+from timing import alternate_results, load_average, median, ratio_spread, spread, table  # noqa: E402
 
 from pipeline.config import DataConfig  # noqa: E402
 from pipeline.data import CorpusStats, builtin_documents, clean_documents  # noqa: E402
@@ -49,6 +53,23 @@ def tokenizer(texts: list[str], tmp: Path) -> Tokenizer:
         return Tokenizer.load(saved)
     train_sentencepiece(texts, tmp / "spm.model", num_pieces=7900)
     return Tokenizer(tmp / "spm.model", 100)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of the children it has waited for (pool workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(fn):
+    """`fn` as a call returning (wall seconds, CPU seconds)."""
+
+    def run() -> tuple[float, float]:
+        cpu, start = cpu_seconds(), time.perf_counter()
+        fn()
+        return time.perf_counter() - start, cpu_seconds() - cpu
+
+    return run
 
 
 def main() -> None:
@@ -97,7 +118,9 @@ def main() -> None:
         }
         if args.num_proc > 1:
             variants[f"stage shard encoder ({args.num_proc} proc)"] = lambda: stage(args.num_proc)
-        times = alternate(variants, args.runs, warmup=args.warmup)
+        measured = alternate_results({name: timed(fn) for name, fn in variants.items()}, args.runs, args.warmup)
+        times = {name: [wall for wall, _ in runs] for name, runs in measured.items()}
+        cpu = {name: [c for _, c in runs] for name, runs in measured.items()}
         tokens = sum(map(len, out["direct"]))
         assert sum(out["map"]["n"]) == tokens, "datasets.map and the direct call disagree"
         assert out["stage"] == tokens, "the stage's encoder and the direct call disagree"
@@ -107,9 +130,18 @@ def main() -> None:
     )
     direct = times["Tokenizer.encode (direct, eos appended)"]
     rows = [
-        (name, spread(t), f"{tokens / median(t):,.0f}", ratio_spread(direct, t, digits=2)) for name, t in times.items()
+        (
+            name,
+            spread(t),
+            f"{tokens / median(t):,.0f}",
+            ratio_spread(direct, t, digits=2),
+            spread(cpu[name]),
+            spread([c / w for c, w in zip(cpu[name], t, strict=True)], 2),
+        )
+        for name, t in times.items()
     ]
-    print(table(("variant", "seconds median [min-max]", "tokens/s", "direct/variant per round"), rows))
+    header = ("variant", "seconds median [min-max]", "tokens/s", "direct/variant per round", "CPU s", "cores used")
+    print(table(header, rows))
     stage_1 = times["stage shard encoder (1 proc)"]
     map_t = times[f"datasets.map (1 proc, batch {args.batch_size})"]
     print(
@@ -118,7 +150,11 @@ def main() -> None:
     )
     if args.num_proc > 1:
         stage_n = times[f"stage shard encoder ({args.num_proc} proc)"]
-        print(f"stage {args.num_proc} proc / 1 proc = {ratio_spread(stage_1, stage_n, 2)}")
+        cpu_1, cpu_n = cpu["stage shard encoder (1 proc)"], cpu[f"stage shard encoder ({args.num_proc} proc)"]
+        print(
+            f"stage {args.num_proc} proc / 1 proc = {ratio_spread(stage_1, stage_n, 2)} (wall, per round); "
+            f"CPU seconds {args.num_proc} proc / 1 proc = {ratio_spread(cpu_n, cpu_1, 2)} (the work parallelism adds)"
+        )
     print(f"end: {load_average()}")
 
 

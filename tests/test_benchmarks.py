@@ -6,6 +6,7 @@ per-round ratio, the load average at start and end), never how fast anything was
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -140,3 +141,21 @@ def test_bench_tokenize_smallest_run_prints_spreads_ratios_and_load():
     for label in ("Tokenizer.encode (direct", "datasets.map (1 proc", "stage shard encoder (1 proc)"):
         assert_timed(rows_with(out, label)[0], spreads=2)
     assert re.search(r"stage / direct = \d+\.\d\d \[", out), out
+
+
+def test_bench_data_smallest_run_prints_spreads_ratios_and_load(tmp_path):
+    out = run_script(
+        "bench_data.py",
+        *("--tokens", "20K", "--steps", "0", "--vocab-size", "500", "--rounds", "1", "--workdir", str(tmp_path)),
+        timeout=600,
+    )  # prepare, tokenize with 1 and 2 processes, the alternated slice comparison; no pretrain
+    table = out.split("size | run | wall s")[1]
+    for label in ("20K | prepare", "20K | tokenize num_proc=1", "20K | tokenize num_proc=2"):
+        assert_timed(rows_with(table, label)[0], spreads=4)  # wall, CPU, peak RSS, tree RSS
+    assert_timed(rows_with(table, "tokenize encode speedup num_proc 2 / 1")[0], spreads=2)
+    slice_row = rows_with(table, "20K | same slice")[0]
+    assert_timed(slice_row, spreads=5)  # three throughputs, two per-round ratios
+    assert re.search(r"map / direct = \d+\.\d\d \[", slice_row) and "stage / direct" in slice_row
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["20K"]["tokenize"]) == {"1", "2"} and summary["20K"]["tokens"] > 10_000
+    assert not (tmp_path / "20K").exists()  # scratch project removed
