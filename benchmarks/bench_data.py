@@ -20,9 +20,12 @@ and the end.
 
 `--store-tokens 1B` additionally writes a token store of that many random tokens straight to disk (no
 prepare or tokenize: generating and tokenizing 1B tokens takes hours on 2 cores) next to the first corpus's
-tokenizer and runs the same pretrain on it: the training figures at that scale.
+tokenizer and runs the same pretrain on it: the training figures at that scale. `--copies K` additionally
+tokenizes each size's prepared splits repeated K times (no prepare: tokenize's figures at K times the size).
 
     python benchmarks/bench_data.py [--tokens 1M 4M] [--repeats 1] [--rounds 3] [--steps 10] [--store-tokens 1B]
+    python benchmarks/bench_data.py --tokens 7.5M 75M --copies 10 --num-procs 2 --no-direct --steps 0
+        # tokenize's memory at 40 MB, 400 MB and 4 GB of text (the 4 GB: the 400 MB prepared splits 10 times)
     python benchmarks/bench_data.py --tokens 10M 100M --steps 50          # the issue's sizes (an hour or more)
 
 The default run takes about 4 minutes on 2 busy cores (issue 13: every benchmark's default under 5 minutes).
@@ -256,6 +259,28 @@ def slice_rates(project: Path, rounds: int, max_chars: int = 20_000_000) -> dict
     return {"tokens": tokens, "documents": n, **times}
 
 
+def tokenize_run(project: Path, num_proc: int) -> dict:
+    """The tokenize stage from scratch with `num_proc` processes: `run`'s figures plus its metrics."""
+    for d in ("data/tokenized", "data/tokenizer", "data/tokenized.partial"):
+        shutil.rmtree(project / d, ignore_errors=True)
+    set_params(project, **{"tokenizer.num_proc": num_proc})
+    r = stage(project, "tokenize")
+    r["metrics"] = json.loads((project / "metrics" / "tokenize.json").read_text())
+    r["encode_tps"] = r["metrics"]["tokens_per_second"]
+    return r
+
+
+def write_copies(src: Path, dst: Path, copies: int) -> None:
+    """The prepared DatasetDict at `src`, each split repeated `copies` times, saved at `dst` (a corpus that size
+    without running `prepare` on it: prepare reads ~0.1 GB of text a minute on 2 busy cores)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    prepared = datasets.load_from_disk(str(src))
+    copied = {name: datasets.concatenate_datasets([split] * copies) for name, split in prepared.items()}
+    datasets.DatasetDict(copied).save_to_disk(str(dst))
+
+
 def make_project(workdir: Path, label: str, steps: int) -> Path:
     project = workdir / label
     shutil.rmtree(project, ignore_errors=True)
@@ -321,6 +346,9 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=None, help="tokenizer.vocab_size (default: params.yaml)")
     parser.add_argument("--tokenizer-from", default=None, help="project whose data/tokenizer the store run uses")
     parser.add_argument("--store-tokens", default=None, help="also train on a random store of this size (e.g. 1B)")
+    parser.add_argument(
+        "--copies", type=int, default=1, help="also tokenize each size's prepared splits repeated this many times"
+    )
     parser.add_argument("--steps", type=int, default=10, help="pretrain steps; 0 skips pretrain (default 10)")
     parser.add_argument("--workdir", default="/tmp/bench_data", help="scratch directory (default /tmp/bench_data)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch projects")
@@ -340,17 +368,10 @@ def main() -> None:
         prep = stage(project, "prepare")
         rows.append(stage_row(label, f"prepare ({chars / 1e6:.0f} MB)", [prep]))
 
-        def tokenize_run(num_proc: int, project: Path = project) -> dict:
-            for d in ("data/tokenized", "data/tokenizer", "data/tokenized.partial"):
-                shutil.rmtree(project / d, ignore_errors=True)
-            set_params(project, **{"tokenizer.num_proc": num_proc})
-            r = stage(project, "tokenize")
-            r["metrics"] = json.loads((project / "metrics" / "tokenize.json").read_text())
-            r["encode_tps"] = r["metrics"]["tokens_per_second"]
-            return r
-
         tok_runs = alternate_results(
-            {p: (lambda p=p: tokenize_run(p)) for p in args.num_procs}, args.repeats, warmup=0
+            {p: (lambda p=p, project=project: tokenize_run(project, p)) for p in args.num_procs},
+            args.repeats,
+            warmup=0,
         )  # the last run's outputs stay for the slice comparison and pretrain
         first = args.num_procs[0]
         total = tok_runs[first][0]["metrics"]["tokens_total"]
@@ -404,6 +425,34 @@ def main() -> None:
             )
         summary[label] = entry
         print("\n".join(r for r in rows if r.startswith(f"{label} |")), flush=True)
+        if args.copies > 1:  # the same prepared splits `copies` times over: tokenize at that scale, no prepare
+            big_label = f"{label}x{args.copies}"
+            big = make_project(workdir, big_label, max(args.steps, 1))
+            if args.vocab_size:
+                set_params(big, **{"tokenizer.vocab_size": args.vocab_size})
+            write_copies(project / "data" / "prepared", big / "data" / "prepared", args.copies)
+            runs = {p: tokenize_run(big, p) for p in args.num_procs}
+            for p, r in runs.items():
+                m = r["metrics"]
+                rows.append(
+                    stage_row(
+                        big_label,
+                        f"tokenize num_proc={p}",
+                        [r],
+                        m["tokens_total"],
+                        f"encode {m['tokens_per_second'] / 1e3:.1f} K tokens/s, {m['bytes_per_token']:.3f} B/token",
+                    )
+                )
+            summary[big_label] = {
+                "tokens": runs[first]["metrics"]["tokens_total"],
+                "tokenize": {
+                    p: summarise([r], "seconds", "cpu_s", "peak_rss_gb", "tree_rss_gb", "tree_pss_gb", "encode_tps")
+                    for p, r in runs.items()
+                },
+            }
+            print("\n".join(r for r in rows if r.startswith(f"{big_label} |")), flush=True)
+            if not args.keep:
+                shutil.rmtree(big, ignore_errors=True)
     first_project = Path(args.tokenizer_from) if args.tokenizer_from else first_project
     if args.store_tokens and first_project is not None:
         label = args.store_tokens
