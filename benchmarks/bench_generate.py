@@ -28,10 +28,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import sys
 from pathlib import Path
 
-import torch
+# Before torch loads OpenMP: threads waiting at a barrier sleep instead of spinning (as bench_t5 and bench_reformer's
+# children), so a multi-threaded row on a busy machine does not burn a core while its partner thread is descheduled.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -165,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     import transformers
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, CPU fp32; {load_average()}")
+    policy = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, CPU fp32, {policy}; {load_average()}")
     print(f"{'row':<44} {'ours median [min-max] s':>24} {'reference':>24} {'ours/ref per round':>24}  same")
     if "t5" not in args.skip:
         t5_rows(args)

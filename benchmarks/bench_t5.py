@@ -1,7 +1,7 @@
 """Our T5 (`models.t5`) against `transformers`' `T5ForConditionalGeneration`: same config, same weights.
 
 Prints a table of times, peak memory and the ratios ours / reference for
-- a training step (train mode with dropout, forward + cross-entropy + backward + AdamW step),
+- a training step (train mode with dropout, forward + cross-entropy + backward + fused AdamW step, the pipeline's),
 - cached greedy generation of `--gen-tokens` tokens (EOS disabled so both produce exactly that many),
 - our cached vs uncached greedy decoding (the decoder re-run over the whole prefix at each step).
 
@@ -31,11 +31,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
+# Before torch loads OpenMP: threads that wait at a barrier sleep instead of spinning. On a machine shared with other
+# jobs a spinning thread whose partner is descheduled burns its core, and step times swung 2-5x (bench_reformer's
+# children do the same). Set OMP_WAIT_POLICY=ACTIVE to time the spinning default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,7 +81,9 @@ def batch(config: T5Config, b: int, s: int, t: int, seed: int = 0):
 
 def make_step(model, is_ref: bool, data):
     x, am, dec_in, labels = data
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # both sides step with the pipeline's optimizer, fused AdamW (pipeline/module.py `build_optimizer`): the unfused
+    # default's ten elementwise passes per tensor were ~0.8 s of a 5 s step here, the same for both models
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     model.train()
 
     def step():
@@ -154,7 +162,7 @@ def main() -> None:
     p.add_argument("--gen-input-len", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=16)
     p.add_argument("--gen-repeats", type=int, default=2)
-    p.add_argument("--uncached-tokens", type=int, default=32, help="0 skips cached vs uncached")
+    p.add_argument("--uncached-tokens", type=int, default=16, help="0 skips cached vs uncached")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "memory", "generate"])
@@ -172,7 +180,8 @@ def main() -> None:
     c = ours.config
     print(f"T5 preset {args.preset}: {ours.num_parameters() / 1e6:.1f}M parameters")
     print(f"transformers {transformers.__version__}, attention {ref.config._attn_implementation}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU\n")
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={policy}, fp32 CPU\n")
     rows = []  # (label, ours, reference, ratio): timings as median [min-max] strings
     if "train" not in args.skip:
         data = batch(c, *args.shape)
