@@ -54,3 +54,20 @@ def test_a_stage_runs_with_the_configured_threads(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "threads 1 1" in out.stdout
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_waiting_openmp_threads_sleep_unless_the_user_says_otherwise(given, expected):
+    """The package sets `OMP_WAIT_POLICY` before torch loads OpenMP (read once, at load); a user's value wins."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = (
+        "import os, sys, pipeline\n"
+        "assert 'torch' not in sys.modules\n"
+        "import torch\n"
+        "print(os.environ['OMP_WAIT_POLICY'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [expected]
