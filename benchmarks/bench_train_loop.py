@@ -9,7 +9,8 @@ over `--rounds` and the per-round ratio lightning / bare (median [min-max]) are 
 process CPU time (on a shared machine CPU seconds are the steadier measure of the work done), with the load average
 at the start and the end.
 
-    python benchmarks/bench_train_loop.py [--family t5|reformer|both] [--steps 20] [--rounds 3]
+    python benchmarks/bench_train_loop.py [--family t5|reformer|both] [--steps 10] [--rounds 3]   # under 5 min busy
+    python benchmarks/bench_train_loop.py --steps 20       # the earlier default (6.5 minutes at load 4-6)
     python benchmarks/bench_train_loop.py --family t5 --steps 2 --rounds 1     # seconds: a smoke run
 
 Prints one row per family and measure (wall, cpu): seconds of each loop, the time ratio lightning / bare (1.0 = no
@@ -127,7 +128,7 @@ def lightning_loop(family: str, batches: list[dict[str, torch.Tensor]], s: Optim
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", default="both", choices=["t5", "reformer", "both"])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10, help="steps per round (20 ran 6.5 minutes at load 4-6)")
     parser.add_argument("--rounds", type=int, default=3, help="alternated timed rounds of each loop")
     parser.add_argument("--warmup", type=int, default=0, help="full alternated rounds before the timed ones")
     parser.add_argument("--batch-size", type=int, default=8)
