@@ -164,18 +164,17 @@ def _packing_available() -> bool:
 
 
 def _copy(weight: torch.Tensor, kind) -> torch.Tensor:
-    """A copy of `weight` in another layout, kept while the weight lives and rebuilt when it changes (an in-place
-    update bumps its version; a reload gives it new storage). Not a parameter: optimizers, checkpoints and state
-    dicts never see it. "T": weight^T, contiguous (In, Out); ("packed", rows): oneDNN's blocked layout for
+    """A copy of `weight` in another layout, kept while the weight lives (freed with it) and rebuilt when it changes
+    (an in-place update bumps its version; a reload gives it new storage). Not a parameter: optimizers, checkpoints
+    and state dicts never see it. "T": weight^T, contiguous (In, Out); ("packed", rows): oneDNN's blocked layout for
     products with that many rows (what torch.compile's freezing pass prepacks for CPU inference)."""
     version = (weight._version, weight.data_ptr())
     entry = _COPIES.get((id(weight), kind))
     if entry is None or entry[0]() is not weight or entry[1] != version:
-        for key in [k for k, e in _COPIES.items() if e[0]() is None]:  # drop copies of freed weights
-            del _COPIES[key]
         w = weight.detach()
         copy = w.T.contiguous() if kind == "T" else torch.ops.mkldnn._reorder_linear_weight(w, kind[1])
-        entry = _COPIES[(id(weight), kind)] = (weakref.ref(weight), version, copy)
+        key = (id(weight), kind)
+        entry = _COPIES[key] = (weakref.ref(weight, lambda _, key=key: _COPIES.pop(key, None)), version, copy)
     return entry[2]
 
 

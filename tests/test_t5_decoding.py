@@ -141,6 +141,10 @@ def test_transposed_copy_follows_weight_updates():
         assert common._transposed(w) is first  # kept between calls
         w.mul_(2.0)  # an in-place update bumps the version: rebuilt
         assert torch.equal(common._transposed(w), w.T)
+    key = (id(w), "T")
+    assert key in common._COPIES
+    del w  # the copy goes with its weight
+    assert key not in common._COPIES
 
 
 def test_kv_cache_reorders_through_its_spare_buffers_and_keeps_appending():
