@@ -282,7 +282,7 @@ class FinetuneConfig(TrainingLoopConfig):
     """Maximum input tokens (longer inputs are truncated)."""
     target_length: PosInt = 16
     """Maximum target tokens (longer targets are truncated)."""
-    max_steps: PosInt = 400
+    max_steps: PosInt = 300
     """Optimizer steps."""
     optimizer: OptimizerConfig = Field(
         default_factory=lambda: OptimizerConfig(lr=1e-3, schedule="constant", warmup_steps=20)
