@@ -1,6 +1,6 @@
 """Data at corpus scale: prepare + tokenize and the first training steps on generated `files` corpora.
 
-For each size (`--tokens 1M 4M`) the script writes a synthetic corpus of plain-text shards (Zipf-distributed
+For each size (`--tokens 1M 2M`) the script writes a synthetic corpus of plain-text shards (Zipf-distributed
 pseudo-words, sentences, blank-line paragraphs: `data.files.sample_by: paragraph`) into a scratch project and
 runs the real stages there, each in its own process:
 
@@ -23,7 +23,7 @@ prepare or tokenize: generating and tokenizing 1B tokens takes hours on 2 cores)
 tokenizer and runs the same pretrain on it: the training figures at that scale. `--copies K` additionally
 tokenizes each size's prepared splits repeated K times (no prepare: tokenize's figures at K times the size).
 
-    python benchmarks/bench_data.py [--tokens 1M 4M] [--repeats 1] [--rounds 3] [--steps 10] [--store-tokens 1B]
+    python benchmarks/bench_data.py [--tokens 1M 2M] [--repeats 1] [--rounds 3] [--steps 3] [--store-tokens 1B]
     python benchmarks/bench_data.py --tokens 7.5M 75M --copies 10 --num-procs 2 --no-direct --steps 0
         # tokenize's memory at 40 MB, 400 MB and 4 GB of text (the 4 GB: the 400 MB prepared splits 10 times)
     python benchmarks/bench_data.py --tokens 10M 100M --steps 50          # the issue's sizes (an hour or more)
@@ -213,7 +213,7 @@ def run_pretrain(project: Path) -> dict:
     return result
 
 
-def slice_rates(project: Path, rounds: int, max_chars: int = 20_000_000) -> dict:
+def slice_rates(project: Path, rounds: int, max_chars: int = 5_000_000) -> dict:
     """SentencePiece direct, `datasets.map` and the stage's shard encoder on one slice of the prepared train split
     (one thread/process each), called in turn `rounds` times after a warm-up round: seconds per round."""
     import datasets
@@ -338,7 +338,7 @@ def main() -> None:
     if "--pretrain-child" in sys.argv:
         pretrain_child([a for a in sys.argv[1:] if a != "--pretrain-child"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", nargs="*", default=["1M", "4M"], help="corpus sizes (default 1M 4M)")
+    parser.add_argument("--tokens", nargs="*", default=["1M", "2M"], help="corpus sizes (default 1M 2M)")
     parser.add_argument("--num-procs", nargs="+", type=int, default=[1, 2], help="tokenize runs (default 1 2)")
     parser.add_argument("--repeats", type=int, default=1, help="alternated runs of each tokenize (default 1)")
     parser.add_argument("--rounds", type=int, default=3, help="alternated rounds of the slice comparison (default 3)")
@@ -349,7 +349,7 @@ def main() -> None:
     parser.add_argument(
         "--copies", type=int, default=1, help="also tokenize each size's prepared splits repeated this many times"
     )
-    parser.add_argument("--steps", type=int, default=10, help="pretrain steps; 0 skips pretrain (default 10)")
+    parser.add_argument("--steps", type=int, default=3, help="pretrain steps; 0 skips pretrain (default 3)")
     parser.add_argument("--workdir", default="/tmp/bench_data", help="scratch directory (default /tmp/bench_data)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch projects")
     args = parser.parse_args()
