@@ -24,6 +24,7 @@ Scale: memory is bounded by the tokenizer's training sample, not by the corpus.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import itertools
 import json
@@ -363,11 +364,17 @@ def encode_shards(
         for shard in pending:
             tokens += encode_shard(shard)[1]
         return tokens, 1
-    # fork: workers inherit the imported libraries (as `datasets.map` does); each maps the Arrow files itself
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=args) as pool:
-        for shard, n, seconds in pool.imap_unordered(encode_shard, pending):
-            tokens += n
-            log.debug("shard %s: %d tokens in %.1f s", shard.name, n, seconds)
+    # fork: workers inherit the imported libraries (as `datasets.map` does); each maps the Arrow files itself.
+    # gc.freeze: the workers' garbage collector then leaves the parent's objects alone instead of writing to
+    # (and so copying) every page of the inherited heap
+    gc.freeze()
+    try:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=args) as pool:
+            for shard, n, seconds in pool.imap_unordered(encode_shard, pending):
+                tokens += n
+                log.debug("shard %s: %d tokens in %.1f s", shard.name, n, seconds)
+    finally:
+        gc.unfreeze()
     return tokens, workers
 
 

@@ -3,6 +3,7 @@ and a tokenize that runs in parallel, resumes after a kill and cleans up after k
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import os
@@ -169,6 +170,7 @@ def test_parallel_sharded_tokenize_equals_one_process_and_cleans_up_killed_runs(
     assert tokenize_main([]) == 0
     metrics = json.loads((parallel / "metrics" / "tokenize.json").read_text())
     assert metrics["processes"] == 2 and metrics["shards"] > 4
+    assert gc.get_freeze_count() == 0  # the parent's objects were frozen only while the workers ran
     assert _store_files(parallel) == _store_files(serial)  # same bytes whatever the process count
     assert not any(p.exists() for p in stale) and not (parallel / "data" / "tokenized.partial").exists()
     store = TokenStore(parallel / "data" / "tokenized")
