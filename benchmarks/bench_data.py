@@ -28,7 +28,8 @@ tokenizes each size's prepared splits repeated K times (no prepare: tokenize's f
         # tokenize's memory at 40 MB, 400 MB and 4 GB of text (the 4 GB: the 400 MB prepared splits 10 times)
     python benchmarks/bench_data.py --tokens 10M 100M --steps 50          # the issue's sizes (an hour or more)
 
-The default run takes about 4 minutes on 2 busy cores (issue 13: every benchmark's default under 5 minutes).
+Issue 13 asks every benchmark's default run to take under 5 minutes; this one took 360 s at load average 3-7 with
+another benchmark running (docs/data.md, "Measured"): most of it is process start-up under load.
 """
 
 from __future__ import annotations
