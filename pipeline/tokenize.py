@@ -454,7 +454,10 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
         recover_output(target)
     prepared = load_prepared(root / PREPARED_DIR)
     # the splits' texts through maps whose pages are released after reading (RSS flat in the corpus size)
-    texts = {name: SplitTexts(root / PREPARED_DIR / name) for name in SPLITS}
+    try:
+        texts = {name: SplitTexts(root / PREPARED_DIR / name) for name in SPLITS}
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise StageError(f"{root / PREPARED_DIR}: cannot map its Arrow files ({exc!r}); re-run prepare") from None
     for name in SPLITS:
         if len(texts[name]) != len(prepared[name]):
             raise StageError(f"{root / PREPARED_DIR / name}: unexpected Arrow layout; re-run prepare")

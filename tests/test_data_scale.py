@@ -257,3 +257,11 @@ def test_split_texts_reads_every_arrow_file_in_order_and_releases_the_pages_it_r
     assert kept == texts and sum(_mapped_rss_kb(f) for f in files) > 1000
     split.release_all()
     assert sum(_mapped_rss_kb(f) for f in files) <= 4 * 8
+
+
+def test_tokenize_fails_cleanly_on_an_unreadable_prepared_arrow_file(tmp_path, monkeypatch):
+    root = _prepared_project(tmp_path, 200)
+    (next((root / "data" / "prepared" / "train").glob("*.arrow"))).write_bytes(b"not arrow")
+    monkeypatch.chdir(root)
+    assert tokenize_main([]) == 1
+    assert not (root / "data" / "tokenized").exists()
