@@ -1,4 +1,4 @@
-"""A stage run as a command freezes the collector's heap when done (a fast exit); one called in-process does not."""
+"""Stage processes start and end fast: a command stage freezes the heap when done; evaluation imports no Lightning."""
 
 from __future__ import annotations
 
@@ -57,3 +57,15 @@ def test_an_in_process_stage_leaves_the_heap_alone():
 
     assert run_stage(body, stage_parser("probe"), []) != 0
     assert gc.get_freeze_count() == before
+
+
+def test_evaluation_and_the_data_code_start_without_lightning():
+    """Evaluation needs no Lightning: importing it (8 s of start-up on 2 cores) would cost every evaluate stage."""
+    code = (
+        "import sys\n"
+        "import pipeline.evaluate, pipeline.datamodule, pipeline.console\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
