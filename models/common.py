@@ -14,6 +14,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def neg_inf(dtype: torch.dtype) -> float:
@@ -154,9 +155,30 @@ def in_decoding() -> bool:
 
 # (rows, Out, In, dtype, threads), or ("attention", ...) -> the form being explored or kept for that shape
 _CHOICES: dict[tuple, _Choice] = {}
-# (id(weight), kind) -> (weak reference to the weight, (version, data_ptr), copy): the copies the "right" and
+# (id(weight), kind) -> (weak reference to the weight, weight_state(weight), copy): the copies the "right" and
 # "packed" forms read, kind "T" (weight^T contiguous) or ("packed", rows)
 _COPIES: dict[tuple, tuple] = {}
+
+# Optimizer steps taken in this process. A weight's version counter does not tell every update: the fused AdamW
+# kernel (and DeepSpeed's, and anything writing through `.data`) changes a parameter in place without bumping it,
+# so a copy keyed on the version alone goes stale after the first fused step (a validation after training steps
+# then ran with the q/k/v weights of the previous validation). Every torch optimizer's `step` runs the global
+# post-hooks, so the count moves with every update an optimizer makes.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_step(*_args) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def weight_state(weight: torch.Tensor) -> tuple:
+    """What a copy derived from `weight` must match to be current: its storage (a move or reload gives new
+    storage), its version counter (an in-place update outside an optimizer), the optimizer steps taken in this
+    process (an optimizer's in-place update, fused kernels included), its dtype and device."""
+    return (weight.data_ptr(), weight._version, _OPTIMIZER_STEPS[0], weight.dtype, weight.device)
 
 
 def _packing_available() -> bool:
@@ -164,11 +186,12 @@ def _packing_available() -> bool:
 
 
 def _copy(weight: torch.Tensor, kind) -> torch.Tensor:
-    """A copy of `weight` in another layout, kept while the weight lives (freed with it) and rebuilt when it changes
-    (an in-place update bumps its version; a reload gives it new storage). Not a parameter: optimizers, checkpoints
-    and state dicts never see it. "T": weight^T, contiguous (In, Out); ("packed", rows): oneDNN's blocked layout for
-    products with that many rows (what torch.compile's freezing pass prepacks for CPU inference)."""
-    version = (weight._version, weight.data_ptr())
+    """A copy of `weight` in another layout, kept while the weight lives (freed with it) and rebuilt when it may
+    have changed (`weight_state`: new storage, a version bump, or an optimizer step since). Not a parameter:
+    optimizers, checkpoints and state dicts never see it. "T": weight^T, contiguous (In, Out); ("packed", rows):
+    oneDNN's blocked layout for products with that many rows (what torch.compile's freezing pass prepacks for CPU
+    inference)."""
+    version = weight_state(weight)
     entry = _COPIES.get((id(weight), kind))
     if entry is None or entry[0]() is not weight or entry[1] != version:
         w = weight.detach()

@@ -31,6 +31,7 @@ from models.common import (
     in_decoding,
     linear,
     neg_inf,
+    weight_state,
 )
 
 LAYOUTS = ("encoder_decoder", "causal_lm", "prefix_lm")
@@ -206,10 +207,10 @@ class T5Attention(nn.Module):
     def _stacked_qkv(self) -> torch.Tensor:
         """q, k and v weights stacked (3 * I, D), for inference: one matmul per layer and step instead of three (each
         a pass over the threads, which waits for every thread at its end). Built on first use and rebuilt when any
-        of the three changed (an in-place update bumps its version; a move or reload gives it new storage); it is a
-        plain attribute, not a parameter or buffer, so checkpoints and optimizers never see it."""
+        of the three may have changed (`weight_state`: new storage, a version bump, or any optimizer step since);
+        it is a plain attribute, not a parameter or buffer, so checkpoints and optimizers never see it."""
         weights = (self.q.weight, self.k.weight, self.v.weight)
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        key = tuple(weight_state(w) for w in weights)
         if self._qkv is None or self._qkv[0] != key:
             self._qkv = (key, torch.cat(weights).detach())
         return self._qkv[1]

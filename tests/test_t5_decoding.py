@@ -3,6 +3,8 @@ weights of inference, the cross-attention mask merged once per input, and q in r
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -84,6 +86,34 @@ def test_stacked_qkv_follows_weight_updates_and_is_not_a_parameter():
     q, k, v = attn.project_qkv(x)
     (q.sum() + k.sum() + v.sum()).backward()
     assert all(w.weight.grad is not None for w in (attn.q, attn.k, attn.v))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_inference_after_optimizer_steps_uses_the_updated_weights(fused):
+    """The fused AdamW kernel updates parameters in place without bumping their version counters: copies keyed on
+    the version alone (the stacked q/k/v, linear's transposed and packed forms) went stale after the first fused
+    step, and every validation after the first computed with the q/k/v of the one before."""
+    model = model_for()
+    ids, targets = torch.randint(2, 60, (2, 7)), torch.randint(2, 60, (2, 5))
+    with torch.no_grad():
+        model(ids, decoder_input_ids=targets)  # builds the stacked q/k/v copies
+        stale = common._transposed(model.shared.weight).clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(
+            model(ids, decoder_input_ids=targets).flatten(0, 1), targets.flatten()
+        ).backward()
+        opt.step()
+    model.eval()
+    fresh = copy.deepcopy(model)  # new storage for every weight: nothing kept from before the steps
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(ids, decoder_input_ids=targets), fresh(ids, decoder_input_ids=targets), rtol=0, atol=0
+        )
+        assert torch.equal(common._transposed(model.shared.weight), model.shared.weight.T)
+        assert not torch.equal(stale, model.shared.weight.T)
 
 
 @pytest.mark.parametrize("form", common.FORMS)

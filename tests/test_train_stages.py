@@ -52,7 +52,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_kill_and_rerun_resumes_to_the_same_weights_metrics_and_mlflow_run(tmp_path):
-    overrides = {"pretrain.max_steps": 10, "pretrain.checkpoint_every_n_steps": 2, "pretrain.val_every_n_steps": 5}
+    # a validation (step 3) before the first checkpoint (step 4): the resumed process validates with weights it
+    # loaded, the uninterrupted one with weights it trained in place (what kept inference copies must follow)
+    overrides = {"pretrain.max_steps": 10, "pretrain.checkpoint_every_n_steps": 4, "pretrain.val_every_n_steps": 3}
     (tmp_path / "reference").mkdir()
     (tmp_path / "killed").mkdir()
     reference = make_project(tmp_path / "reference", overrides)
