@@ -482,6 +482,12 @@ def load_model_dir(directory: str | Path, fix: str) -> tuple[str, Any]:
         raise CorruptFileError(culprit, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", fix) from None
 
 
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """A directory written by DeepSpeed's `save_checkpoint` (Lightning's DeepSpeed checkpoints are directories)."""
+    path = Path(path)
+    return path.is_dir() and ((path / "latest").is_file() or any(path.glob("*/*model_states.pt")))
+
+
 def check_checkpoint(path: str | Path) -> None:
     """Raise `CorruptFileError` unless `path` is a readable training checkpoint: a Lightning file (loaded without
     pickle, `weights_only=True`, memory-mapped) with a `state_dict`, or a DeepSpeed directory with its shards."""
@@ -492,8 +498,6 @@ def check_checkpoint(path: str | Path) -> None:
     path = Path(path)
     fix = "move it aside, or set trainer.on_corrupt_checkpoint to 'previous' or 'scratch'"
     if path.is_dir():
-        from pipeline.strategy import is_deepspeed_checkpoint
-
         if not is_deepspeed_checkpoint(path):
             raise CorruptFileError(path, "a directory without DeepSpeed shards or a 'latest' tag", fix)
         tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else None

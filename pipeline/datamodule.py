@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.objectives import (
@@ -218,6 +219,24 @@ class FixedItems(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         return self.dataset[(0, i)]
+
+
+# ----------------------------------------------------------------------------------------------- losses
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy summed over the labelled tokens, the log-normaliser squared summed likewise, and their count.
+
+    logits (B, T, V), labels (B, T) with IGNORE_INDEX on padding. Computed in float32 whatever the precision.
+    The loss of training, validation (`pipeline/module.py`) and evaluation (`pipeline/evaluate.py`) alike.
+    """
+    logits = logits.float()
+    flat, target = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
+    ce = F.cross_entropy(flat, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    mask = target != IGNORE_INDEX
+    # z-loss (PaLM, section 5): pushes log Z towards 0 so logits stay in a numerically safe range
+    z_sq = (torch.logsumexp(flat[mask], dim=-1) ** 2).sum()
+    return ce, z_sq, mask.sum()
 
 
 # -------------------------------------------------------------------------------------------- collation

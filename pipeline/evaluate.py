@@ -78,8 +78,7 @@ def test_loss(
 
     With `train_docs`, also `unigram_loss`: the cross-entropy of the same test targets under the unigram
     distribution of as many training targets (the trivial baseline: a model that ignores its input)."""
-    from pipeline.datamodule import Collator, FixedItems, PretrainDataset
-    from pipeline.module import token_losses
+    from pipeline.datamodule import Collator, FixedItems, PretrainDataset, token_losses
 
     p, e = cfg.pretrain, cfg.evaluate
     span_args = {}

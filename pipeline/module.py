@@ -33,7 +33,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,14 +41,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.common import DivergedError, StageInterrupted, note_signal
-from pipeline.datamodule import ResumableSampler
-
-IGNORE_INDEX = -100
+from pipeline.datamodule import ResumableSampler, token_losses
+from pipeline.tracking import TrackedRun
 
 # Dense peak FLOP/s per device for MFU, looked up by CUDA device name (bf16/fp16 tensor cores).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12}
@@ -140,20 +140,6 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, max_steps: int, min_l
     if schedule == "linear":
         return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - progress)
     raise ValueError(f"unknown schedule {schedule!r}")
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy summed over the labelled tokens, the log-normaliser squared summed likewise, and their count.
-
-    logits (B, T, V), labels (B, T) with IGNORE_INDEX on padding. Computed in float32 whatever the precision.
-    """
-    logits = logits.float()
-    flat, target = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
-    ce = F.cross_entropy(flat, target, ignore_index=IGNORE_INDEX, reduction="sum")
-    mask = target != IGNORE_INDEX
-    # z-loss (PaLM, section 5): pushes log Z towards 0 so logits stay in a numerically safe range
-    z_sq = (torch.logsumexp(flat[mask], dim=-1) ** 2).sum()
-    return ce, z_sq, mask.sum()
 
 
 def build_optimizer(model: torch.nn.Module, s: OptimSettings) -> torch.optim.Optimizer:
@@ -602,3 +588,38 @@ class SamplerPosition(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         trainer.datamodule.batches_consumed += 1
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+
+class MlflowMetrics(Logger):
+    """A Lightning logger writing metrics, at the step given, into an existing MLflow run (rank zero only).
+
+    Unlike Lightning's `MLFlowLogger` it neither creates nor terminates runs: `TrackedRun` owns the run's life.
+    """
+
+    def __init__(self, run: TrackedRun):
+        super().__init__()
+        self.run = run
+
+    @property
+    def name(self) -> str:
+        return "mlflow"
+
+    @property
+    def version(self) -> str | None:
+        return self.run.run_id
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> TrackedRun:
+        return self.run
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.run.log_metrics(metrics, step=step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # the stage logs the whole validated config itself, flattened

@@ -46,6 +46,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
+from pipeline.common import is_deepspeed_checkpoint
 from pipeline.config import Config
 
 log = logging.getLogger(__name__)
@@ -391,12 +392,6 @@ def is_global_zero() -> bool:
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-
-
-def is_deepspeed_checkpoint(path: str | Path) -> bool:
-    """A directory written by DeepSpeed's `save_checkpoint` (Lightning's DeepSpeed checkpoints are directories)."""
-    path = Path(path)
-    return path.is_dir() and ((path / "latest").is_file() or any(path.glob("*/*model_states.pt")))
 
 
 def _deepspeed_tag(path: Path) -> str:

@@ -8,8 +8,8 @@
 - `check_tracking_uri` also opens an existing sqlite store read-only: a file that is not a database fails the stage
   before anything (checkpoints included) is touched.
 - `TrackedRun` starts the run (tags: family, stage, git revision, params hash), or resumes the run whose id an
-  interrupted attempt left behind, logs the params flattened, metrics per step (through `MlflowMetrics`, a
-  Lightning logger), system metrics, and artifacts.
+  interrupted attempt left behind, logs the params flattened, metrics per step (through `pipeline.module.MlflowMetrics`,
+  a Lightning logger), system metrics, and artifacts. No Lightning here: evaluation and comparison track runs too.
 - `tracked_run(run, ...)` is the run's whole life, used by every stage: it starts the run and ends it with the
   status `pipeline.common.outcome_of` decides (FINISHED, KILLED for SIGINT/SIGTERM, FAILED otherwise).
 - Every process but global rank zero gets a `TrackedRun` that does nothing, so a 2-process run makes one run.
@@ -29,9 +29,6 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
-
-from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
-from lightning.pytorch.utilities import rank_zero_only
 
 from pipeline.common import Outcome, StageError, StageInterrupted, outcome_of, received_signal
 
@@ -260,35 +257,3 @@ def _finish_quietly(run: TrackedRun, status: str) -> None:
         run.finish(status)
     except Exception as exc:  # the store broke too: the stage's own error is what the user must see
         print(f"warning: could not mark MLflow run {run.run_id} {status}: {exc}", file=sys.stderr)
-
-
-class MlflowMetrics(Logger):
-    """A Lightning logger writing metrics, at the step given, into an existing MLflow run (rank zero only).
-
-    Unlike Lightning's `MLFlowLogger` it neither creates nor terminates runs: `TrackedRun` owns the run's life.
-    """
-
-    def __init__(self, run: TrackedRun):
-        super().__init__()
-        self.run = run
-
-    @property
-    def name(self) -> str:
-        return "mlflow"
-
-    @property
-    def version(self) -> str | None:
-        return self.run.run_id
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> TrackedRun:
-        return self.run
-
-    @rank_zero_only
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self.run.log_metrics(metrics, step=step)
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass  # the stage logs the whole validated config itself, flattened

@@ -69,6 +69,7 @@ from pipeline.datamodule import (
 )
 from pipeline.module import (
     PREVIOUS_NAME,
+    MlflowMetrics,
     OptimSettings,
     ProgressBar,
     SamplerPosition,
@@ -79,7 +80,6 @@ from pipeline.module import (
 )
 from pipeline.paths import RunPaths
 from pipeline.tracking import (
-    MlflowMetrics,
     TrackedRun,
     check_tracking_uri,
     git_revision,

@@ -10,15 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model, config_class
-from pipeline.module import (
-    IGNORE_INDEX,
-    NonFiniteLossError,
-    OptimSettings,
-    Seq2SeqLM,
-    build_optimizer,
-    lr_factor,
-    token_losses,
-)
+from pipeline.datamodule import token_losses
+from pipeline.module import NonFiniteLossError, OptimSettings, Seq2SeqLM, build_optimizer, lr_factor
+from pipeline.objectives import IGNORE_INDEX
 from tests.train_project import MODELS
 
 VOCAB = 256

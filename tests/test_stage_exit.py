@@ -1,7 +1,9 @@
-"""Stage processes start and end fast: a command stage freezes the heap when done; evaluation imports no Lightning."""
+"""Stage processes start and end fast: a command stage freezes the heap when done; evaluation, comparison and the
+benchmark import no Lightning."""
 
 from __future__ import annotations
 
+import ast
 import gc
 import subprocess
 import sys
@@ -59,13 +61,41 @@ def test_an_in_process_stage_leaves_the_heap_alone():
     assert gc.get_freeze_count() == before
 
 
-def test_evaluation_and_the_data_code_start_without_lightning():
-    """Evaluation needs no Lightning: importing it (8 s of start-up on 2 cores) would cost every evaluate stage."""
+def _pipeline_imports(name: str, seen: set[str]) -> set[str]:
+    """`name` and every `pipeline`/`models` module it imports, at the top or inside a function (lazily), closed."""
+    if name in seen:
+        return seen
+    seen.add(name)
+    path = ROOT / (name.replace(".", "/") + ".py")
+    if not path.exists():
+        path = ROOT / name.replace(".", "/") / "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("pipeline", "models"):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.split(".")[0] in ("pipeline", "models")]
+        else:
+            continue
+        for found in names:
+            file = ROOT / (found.replace(".", "/") + ".py")
+            if file.exists() or (ROOT / found.replace(".", "/") / "__init__.py").exists():
+                _pipeline_imports(found, seen)
+    return seen
+
+
+def test_evaluation_comparison_and_benchmark_stages_start_without_lightning():
+    """Evaluation, comparison and the benchmark need no Lightning: importing it (8-10 s of start-up on 2 cores) would
+    cost every such stage. Every module these stages can load, also lazily inside a function, is imported."""
+    modules: set[str] = set()
+    for stage in ("pipeline.evaluate", "pipeline.compare", "pipeline.benchmark"):
+        _pipeline_imports(stage, modules)
+    assert {"pipeline.tracking", "pipeline.datamodule", "pipeline.mlflow_logging"} <= modules  # the scan follows
     code = (
-        "import sys\n"
-        "import pipeline.evaluate, pipeline.datamodule, pipeline.console\n"
+        "import importlib, sys\n"
+        f"for name in {sorted(modules)!r}:\n"
+        "    importlib.import_module(name)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert done.stdout.strip().splitlines()[-1] == "[]", sorted(modules)
