@@ -203,6 +203,7 @@ def test_a_killed_tokenize_resumes_from_its_finished_shards(tmp_path):
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = root / "data" / "tokenized.partial" / "shards"
     deadline = time.monotonic() + 120
+
     def done() -> int:  # finished shards only: not the `.<name>.<pid>.tmp.npz` a kill can leave behind
         return len([f for f in shards.glob("*.npz") if not f.name.startswith(".")])
 
