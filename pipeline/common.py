@@ -283,6 +283,12 @@ def _run_stage(
     return result.exit_code
 
 
+def require_variant(cfg: Any, variant: str) -> None:
+    """A `StageError` unless `variant` is one of the `models:` entries of the params (`--model` of a per-run stage)."""
+    if variant not in cfg.models:
+        raise StageError(f"--model {variant}: not a variant of `models:` in {cfg.source} ({', '.join(cfg.models)})")
+
+
 # ---------------------------------------------------------------------------------------------- publishing
 
 

@@ -46,7 +46,15 @@ from typing import Any
 
 import torch
 
-from pipeline.common import StageError, load_model_dir, publish, repo_root, run_stage, stage_parser
+from pipeline.common import (
+    StageError,
+    load_model_dir,
+    publish,
+    repo_root,
+    require_variant,
+    run_stage,
+    stage_parser,
+)
 from pipeline.config import Config
 from pipeline.console import progress, quiet_libraries
 from pipeline.paths import RunPaths
@@ -261,8 +269,7 @@ def evaluate(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]
     from pipeline.tokenizer import Tokenizer
     from pipeline.tracking import check_tracking_uri, tracking_uri
 
-    if variant not in cfg.models:
-        raise StageError(f"--model {variant}: not a variant of `models:` in {cfg.source} ({', '.join(cfg.models)})")
+    require_variant(cfg, variant)
     family = cfg.family(variant)
     out = RunPaths(root, "evaluate", variant, seed)
     start = time.perf_counter()

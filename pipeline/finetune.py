@@ -7,11 +7,11 @@ the family: `finetune.init`) and trains on the text-to-text task mixture of `fin
 
 from __future__ import annotations
 
-from pipeline.train import stage_main
+from pipeline.training_entry import training_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("finetune", argv)
+    return training_stage("finetune", argv)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from pipeline.common import StageError, publish, repo_root, run_stage, stage_parser
+from pipeline.common import StageError, publish, repo_root, require_variant, run_stage, stage_parser
 from pipeline.config import LENGTH_TASKS, Config, LengthsConfig
 from pipeline.paths import RunPaths
 
@@ -351,8 +351,7 @@ def run(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
     from pipeline.tokenizer import Tokenizer
     from pipeline.tracking import check_tracking_uri, tracking_uri
 
-    if variant not in cfg.models:
-        raise StageError(f"--model {variant}: not a variant of `models:` in {cfg.source} ({', '.join(cfg.models)})")
+    require_variant(cfg, variant)
     quiet_libraries()
     start = time.perf_counter()
     paths = RunPaths(root, STAGE, variant, seed)

@@ -6,11 +6,11 @@ Trains a freshly initialised model of the variant on the tokenized corpus with t
 
 from __future__ import annotations
 
-from pipeline.train import stage_main
+from pipeline.training_entry import training_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("pretrain", argv)
+    return training_stage("pretrain", argv)
 
 
 if __name__ == "__main__":

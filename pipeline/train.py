@@ -26,7 +26,6 @@ Only global rank zero writes outputs and talks to MLflow; every rank runs the sa
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -54,6 +53,7 @@ from pipeline.common import (
     publish,
     read_json,
     repo_root,
+    require_variant,
     write_json,
 )
 from pipeline.config import Config
@@ -270,8 +270,7 @@ def run_training(
     cfg: Config, stage: str, variant: str, seed: int, argv: list[str] | None = None
 ) -> dict[str, Any] | None:
     """Run the `pretrain` or `finetune` stage for one variant and seed; returns the metrics (rank zero) or None."""
-    if variant not in cfg.models:
-        raise StageError(f"--model {variant}: not a variant of `models:` in {cfg.source} ({', '.join(cfg.models)})")
+    require_variant(cfg, variant)
     root = repo_root()
     paths = RunPaths(root, stage, variant, seed)
     code = _launch_if_needed(cfg, stage, variant, seed, argv)
@@ -579,17 +578,3 @@ def _summary(
         f"MLflow run {run_id} at {uri}",
         flush=True,
     )
-
-
-def stage_main(stage: str, argv: list[str] | None = None) -> int:
-    """Entry point of `python -m pipeline.<stage> --model V --seed S`."""
-    from pipeline.common import run_stage, stage_parser
-
-    parser = stage_parser(
-        f"{stage.capitalize()} one model variant with one seed (outputs: pipeline/train.py).", per_run=True
-    )
-
-    def body(cfg: Config, args: argparse.Namespace) -> None:
-        run_training(cfg, stage, args.model, args.seed, argv)
-
-    return run_stage(body, parser, argv)

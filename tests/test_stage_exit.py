@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from pipeline.common import StageError, run_stage, stage_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,3 +101,25 @@ def test_evaluation_comparison_and_benchmark_stages_start_without_lightning():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]", sorted(modules)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--model", "t5", "--seed", "0", "--params", "nothere.yaml"], 2, "file not found"),
+        (["--model", "nope", "--seed", "0"], 1, "--model nope: not a variant"),
+    ],
+)
+def test_training_stages_report_bad_params_before_importing_the_training_code(stage, args, code, message):
+    """A config error or an unknown variant is reported before Lightning and MLflow load (with torch, about 15 s)."""
+    probe = (
+        "import sys\n"
+        f"sys.argv = ['{stage}', *{args!r}]\n"
+        f"from pipeline.{stage} import main\n"
+        "code = main()\n"
+        "print('exit', code, sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'mlflow'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().splitlines()[-1] == f"exit {code} []", done.stdout + done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
