@@ -34,11 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import alternate_results, load_average, median, ratio_spread, spread, table  # noqa: E402
 
 from models import build_model, config_class  # noqa: E402
-from pipeline.datamodule import (  # noqa: E402
-    Collator,
-    PretrainDataset,
-    token_losses,  # noqa: E402
-)
+from pipeline.datamodule import Collator, PretrainDataset, token_losses  # noqa: E402
 from pipeline.module import OptimSettings, Seq2SeqLM, build_optimizer, lr_factor  # noqa: E402
 
 VOCAB = 8192

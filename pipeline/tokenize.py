@@ -77,7 +77,7 @@ def load_prepared(path: Path) -> Any:
     try:
         prepared = datasets.load_from_disk(str(path))
     except (OSError, ValueError) as exc:
-        raise StageError(f"{path}: cannot load the prepared dataset ({exc})") from None
+        raise StageError(f"{path}: cannot load the prepared dataset ({exc}); re-run prepare") from None
     missing = [s for s in SPLITS if s not in prepared]
     if missing or "text" not in prepared["train"].column_names:
         raise StageError(f"{path}: expected splits train/validation/test with a `text` column; re-run prepare")

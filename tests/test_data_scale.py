@@ -260,9 +260,12 @@ def test_split_texts_reads_every_arrow_file_in_order_and_releases_the_pages_it_r
     assert sum(_mapped_rss_kb(f) for f in files) <= 4 * 8
 
 
-def test_tokenize_fails_cleanly_on_an_unreadable_prepared_arrow_file(tmp_path, monkeypatch):
+def test_tokenize_fails_cleanly_on_an_unreadable_prepared_arrow_file(tmp_path, monkeypatch, capsys):
     root = _prepared_project(tmp_path, 200)
     (next((root / "data" / "prepared" / "train").glob("*.arrow"))).write_bytes(b"not arrow")
     monkeypatch.chdir(root)
     assert tokenize_main([]) == 1
+    err = capsys.readouterr().err
+    # `datasets.load_from_disk` finds it first, before the stage maps the files itself
+    assert "cannot load the prepared dataset" in err and "re-run prepare" in err and "Traceback" not in err, err
     assert not (root / "data" / "tokenized").exists()
