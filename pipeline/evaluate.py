@@ -10,7 +10,7 @@ Paths come from `pipeline/paths.py`; V-S below is the variant and the seed.
    `test_ppl = exp(test_loss)`.
 2. The fine-tuned model (`artifacts/finetune/V/S/final`) generates an answer for at most
    `evaluate.max_examples_per_task` test examples of every task in `finetune.tasks`, once per beam size in
-   `evaluate.num_beams` (1 is greedy), scored with the task's metric through torchmetrics
+   `evaluate.num_beams` (1 is greedy), scored with the task's metric
    (`pipeline.tasks.score`): `<task>.<metric>_beam<k>`.
 3. For classification tasks (those with `classes`) the greedy predictions give a confusion matrix: a CSV of
    `actual,predicted` rows for DVC's `confusion` template and a PNG; predictions outside the classes count as
@@ -169,15 +169,15 @@ def confusion_rows(classes: list[str], predictions: list[str], references: list[
 
 
 def confusion_matrix(classes: list[str], rows: list[dict[str, str]]) -> tuple[list[str], list[list[int]]]:
-    """Counts (actual x predicted) through torchmetrics; labels are the classes plus `(other)` when it occurs."""
-    from torchmetrics.functional.classification import multiclass_confusion_matrix
-
+    """Counts (actual x predicted); labels are the classes plus `(other)` when it occurs (an actual class outside
+    `classes` counts as `(other)` too). Counted here rather than by torchmetrics, whose import costs the stage
+    about 6 s (see `pipeline.tasks.score`); `tests/test_evaluate.py` checks it against torchmetrics."""
     labels = list(classes) + ([OTHER] if any(r["predicted"] == OTHER for r in rows) else [])
     index = {c: i for i, c in enumerate(labels)}
-    actual = torch.tensor([index.get(r["actual"], len(labels) - 1) for r in rows])
-    predicted = torch.tensor([index[r["predicted"]] for r in rows])
-    matrix = multiclass_confusion_matrix(predicted, actual, num_classes=max(len(labels), 2))
-    return labels, matrix[: len(labels), : len(labels)].tolist()
+    matrix = [[0] * len(labels) for _ in labels]
+    for r in rows:
+        matrix[index.get(r["actual"], len(labels) - 1)][index[r["predicted"]]] += 1
+    return labels, matrix
 
 
 def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, cfg: Config, prepared_dir: Path, out: Path, label: str):

@@ -31,6 +31,8 @@ import difflib
 import hashlib
 import random
 import re
+import string
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -672,14 +674,41 @@ def _normalize_space(text: str) -> str:
     return " ".join(text.split())
 
 
-def score(metric: str, predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Corpus-level scores in [0, 1] through torchmetrics; the first key is the metric's headline number.
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
 
-    - `rouge_l`: ROUGE-L F-measure (plus precision and recall), averaged over examples, no stemming;
-    - `bleu`: SacreBLEU (13a tokenisation, 4-grams, corpus level, no smoothing);
+
+def _squad_tokens(text: str) -> list[str]:
+    """SQuAD v1.1's answer normalisation: lower case, no punctuation, no articles, words split on whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return _ARTICLES.sub(" ", text).split()
+
+
+def squad_f1(prediction: str, reference: str) -> float:
+    """Token-overlap F1 of one answer against one reference, after SQuAD's normalisation."""
+    pred, ref = _squad_tokens(prediction), _squad_tokens(reference)
+    if not pred or not ref:  # an answer that normalises to nothing is right only against another such answer
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score(metric: str, predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus-level scores in [0, 1]; the first key is the metric's headline number.
+
+    - `rouge_l`: ROUGE-L F-measure (plus precision and recall), averaged over examples, no stemming (torchmetrics);
+    - `bleu`: SacreBLEU (13a tokenisation, 4-grams, corpus level, no smoothing) (torchmetrics);
     - `accuracy`: fraction of predictions equal to the reference class (whitespace-normalised);
     - `exact_match`: fraction of predictions equal to the reference (whitespace-normalised), plus `f1`:
-      SQuAD's token-overlap F1 (lower-cased, punctuation and articles removed).
+      SQuAD v1.1's token-overlap F1 (lower-cased, punctuation and articles removed).
+
+    Accuracy, exact match and F1 are counted here, not through torchmetrics: importing torchmetrics costs an
+    evaluation stage about 6 s (it imports `transformers` and `scipy.signal` whenever they are installed), a third
+    of the stage on the default tasks, for a mean of string equalities. `tests/test_tasks.py` checks them against
+    torchmetrics' `multiclass_accuracy` and `squad`.
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
@@ -701,23 +730,11 @@ def score(metric: str, predictions: list[str], references: list[str]) -> dict[st
 
         return {"bleu": float(sacre_bleu_score(preds, [[r] for r in refs], tokenize="13a"))}
     if metric in ("accuracy", "exact_match"):
-        import torch
-        from torchmetrics.functional.classification import multiclass_accuracy
-
-        vocabulary = {text: i for i, text in enumerate(sorted(set(preds) | set(refs)))}
-        pred_ids = torch.tensor([vocabulary[p] for p in preds])
-        ref_ids = torch.tensor([vocabulary[r] for r in refs])
-        num_classes = max(len(vocabulary), 2)
-        accuracy = float(multiclass_accuracy(pred_ids, ref_ids, num_classes=num_classes, average="micro"))
+        accuracy = sum(p == r for p, r in zip(preds, refs, strict=True)) / len(refs)
         if metric == "accuracy":
             return {"accuracy": accuracy}
-        from torchmetrics.functional.text import squad
-
-        f1 = squad(
-            [{"prediction_text": p, "id": str(i)} for i, p in enumerate(preds)],
-            [{"answers": {"text": [r], "answer_start": [0]}, "id": str(i)} for i, r in enumerate(refs)],
-        )["f1"]
-        return {"exact_match": accuracy, "f1": float(f1) / 100.0}
+        f1 = sum(squad_f1(p, r) for p, r in zip(preds, refs, strict=True)) / len(refs)
+        return {"exact_match": accuracy, "f1": f1}
     raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
 
 

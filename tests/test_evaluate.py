@@ -36,6 +36,27 @@ def test_confusion_matrix_counts_agree_with_rows():
     assert sum(matrix[i][i] for i in range(len(labels))) == sum(p == r for p, r in zip(preds, refs, strict=True))
 
 
+def test_confusion_matrix_equals_torchmetrics():
+    import random
+
+    import torch
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    rng = random.Random(0)
+    classes = [str(i) for i in range(10)]
+    preds = [rng.choice(classes + ["x", " 3 ", "12"]) for _ in range(300)]
+    refs = [rng.choice(classes) for _ in range(300)]
+    labels, matrix = confusion_matrix(classes, confusion_rows(classes, preds, refs))
+    index = {c: i for i, c in enumerate(labels)}
+    rows = confusion_rows(classes, preds, refs)
+    reference = multiclass_confusion_matrix(
+        torch.tensor([index[r["predicted"]] for r in rows]),
+        torch.tensor([index[r["actual"]] for r in rows]),
+        num_classes=len(labels),
+    )
+    assert matrix == reference.tolist()
+
+
 def test_confusion_matrix_without_other_has_only_classes():
     labels, matrix = confusion_matrix(["x", "y"], confusion_rows(["x", "y"], ["x", "y"], ["y", "y"]))
     assert labels == ["x", "y"]

@@ -103,6 +103,22 @@ def test_evaluation_comparison_and_benchmark_stages_start_without_lightning():
     assert done.stdout.strip().splitlines()[-1] == "[]", sorted(modules)
 
 
+def test_scoring_classification_and_exact_match_imports_no_torchmetrics():
+    """Importing torchmetrics costs an evaluation stage about 6 s (it imports transformers and scipy.signal): the
+    default tasks' metrics (accuracy, exact match, F1) and the confusion matrix are counted without it."""
+    code = (
+        "import sys\n"
+        "from pipeline.evaluate import confusion_matrix, confusion_rows\n"
+        "from pipeline.tasks import example_scores, score\n"
+        "score('accuracy', ['1', '2'], ['1', '3']); score('exact_match', ['a b', 'c'], ['a b', 'd'])\n"
+        "example_scores('exact_match', ['a'], ['a']); confusion_matrix(['1'], confusion_rows(['1'], ['1'], ['1']))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchmetrics'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 @pytest.mark.parametrize(
     ("args", "code", "message"),

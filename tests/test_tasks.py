@@ -330,6 +330,36 @@ def test_metrics_score_perfect_predictions_one_and_wrong_ones_lower(metric):
     assert all(0.0 <= v <= 1.0 for v in (*perfect.values(), *partly.values(), *wrong.values()))
 
 
+def test_accuracy_exact_match_and_f1_equal_torchmetrics():
+    import random
+
+    import torch
+    from torchmetrics.functional.classification import multiclass_accuracy
+    from torchmetrics.functional.text import squad
+
+    rng = random.Random(0)
+    words = ["The", "the", "a", "Eiffel", "tower", "Tower,", "Paris!", "an", "apple", "42", "4 2", "-"]
+    refs = [" ".join(rng.choices(words, k=rng.randint(1, 5))) for _ in range(200)]
+    preds = [r if rng.random() < 0.3 else " ".join(rng.choices(words, k=rng.randint(0, 5))) for r in refs]
+    ours = score("exact_match", preds, refs)
+    norm = [" ".join(t.split()) for t in preds + refs]
+    vocabulary = {t: i for i, t in enumerate(sorted(set(norm)))}
+    accuracy = multiclass_accuracy(
+        torch.tensor([vocabulary[t] for t in norm[: len(preds)]]),
+        torch.tensor([vocabulary[t] for t in norm[len(preds) :]]),
+        num_classes=len(vocabulary),
+        average="micro",
+    )
+    assert ours["exact_match"] == pytest.approx(float(accuracy), abs=1e-6)
+    assert score("accuracy", preds, refs)["accuracy"] == pytest.approx(float(accuracy), abs=1e-6)
+    f1 = squad(
+        [{"prediction_text": p, "id": str(i)} for i, p in enumerate(norm[: len(preds)])],
+        [{"answers": {"text": [r], "answer_start": [0]}, "id": str(i)} for i, r in enumerate(norm[len(preds) :])],
+    )["f1"]
+    assert 0.1 < ours["f1"] < 0.9
+    assert ours["f1"] == pytest.approx(float(f1) / 100.0, abs=1e-5)
+
+
 def test_metric_details():
     assert score("accuracy", ["positive", "negative ", "positive"], ["positive", "negative", "negative"]) == {
         "accuracy": pytest.approx(2 / 3)
