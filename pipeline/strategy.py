@@ -180,11 +180,13 @@ class LoopbackStoreMixin:
     _loopback_socket: socket.socket | None = None
 
     def _loopback_store(self) -> Any:
-        if self.num_nodes != 1 or self.world_size < 2 or launched_externally() == "torchrun":
+        if self.num_nodes != 1 or launched_externally() == "torchrun":
             return None
         port = self.cluster_environment.main_port
         timeout = getattr(self, "_timeout", None) or timedelta(minutes=30)
         if self.global_rank == 0:
+            if type(self)._loopback_socket is not None:  # a previous, destroyed process group's store
+                type(self)._loopback_socket.close()
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((LOOPBACK, port))

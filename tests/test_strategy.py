@@ -194,3 +194,61 @@ def test_a_dead_builds_lock_is_removed_and_named_a_live_one_kept(tmp_path, monke
         assert clear_stale_build_locks() == [dead]
     assert not dead.exists() and live.exists() and other.exists()
     assert str(dead) in caplog.text and "killed" in caplog.text
+
+
+def _listening(port: int) -> list[str]:
+    """The local addresses of the TCP sockets listening on `port` (from /proc/net/tcp and tcp6)."""
+    import ipaddress
+    from pathlib import Path
+
+    found = []
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, width, 4))
+            found.append(str(ipaddress.ip_address(raw)))
+    return found
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/net/tcp").exists(), reason="reads /proc/net/tcp (Linux)")
+def test_a_single_node_store_listens_on_loopback_only(monkeypatch):
+    """A real process group (gloo, world size 1) set up by the DDP strategy: its rendezvous store's socket is bound
+    to 127.0.0.1, not to every interface as torch's env:// rendezvous does."""
+    import socket
+
+    import lightning
+    import torch.distributed as dist
+
+    from pipeline.strategy import LoopbackDDPStrategy, LoopbackStoreMixin
+
+    for name in ("TORCHELASTIC_RUN_ID", "PIPELINE_LAUNCHER", "SLURM_PROCID", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    assert not dist.is_initialized()
+    strategy = LoopbackDDPStrategy(process_group_backend="gloo")
+    trainer = lightning.Trainer(
+        accelerator="cpu", devices=1, strategy=strategy, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False,
+    )  # fmt: skip
+    assert trainer.strategy is strategy and strategy.cluster_environment.main_port == port
+    try:
+        strategy.setup_environment()  # -> setup_distributed: the store, then the process group
+        assert dist.is_initialized() and dist.get_world_size() == 1 and dist.get_backend() == "gloo"
+        assert _listening(port) == ["127.0.0.1"], _listening(port)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if LoopbackStoreMixin._loopback_socket is not None:
+            LoopbackStoreMixin._loopback_socket.close()
+            LoopbackStoreMixin._loopback_socket = None
