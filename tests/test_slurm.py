@@ -3,7 +3,8 @@
 `scancel --signal=USR1`: it checkpoints at the next step boundary, requeues itself, resumes, and publishes weights,
 metrics and loss histories byte-identical to the uninterrupted run.
 
-Skipped, saying why, where SLURM cannot be started (not root and not running, no apt). `.ci/run` starts it.
+Skipped, saying why, where SLURM cannot be started (not root and not running, no apt). `.ci/run` starts it and sets
+`REQUIRE_SLURM=1`: there a SLURM that cannot start fails these tests, with the reason, instead of skipping them.
 """
 
 from __future__ import annotations
@@ -34,14 +35,50 @@ OUTPUTS = (
 )
 
 
+def slurm_unavailable() -> str | None:
+    """None when a SLURM node is up (started by scripts/slurm_up.sh when needed), else why it cannot start."""
+    script = ROOT / "scripts" / "slurm_up.sh"
+    try:
+        if subprocess.run([str(script), "--check"], capture_output=True, timeout=60).returncode == 0:
+            return None
+        proc = subprocess.run([str(script)], capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{script.name} did not finish: {exc}"
+    if proc.returncode != 0:
+        return (proc.stderr or proc.stdout).strip()[-500:] or f"{script.name} exited {proc.returncode}"
+    return None
+
+
 @pytest.fixture(scope="module")
 def slurm() -> None:
-    script = ROOT / "scripts" / "slurm_up.sh"
-    if subprocess.run([str(script), "--check"], capture_output=True).returncode == 0:
-        return
-    proc = subprocess.run([str(script)], capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.skip(f"SLURM cannot start here: {(proc.stderr or proc.stdout).strip()[-500:]}")
+    """A running single-node SLURM. Without one: skipped with the reason, or failed where `REQUIRE_SLURM=1` (CI)."""
+    reason = slurm_unavailable()
+    if reason is not None:
+        no_slurm(reason)
+
+
+def no_slurm(reason: str) -> None:
+    if os.environ.get("REQUIRE_SLURM") == "1":
+        pytest.fail(f"REQUIRE_SLURM=1 but SLURM cannot start here: {reason}", pytrace=False)
+    pytest.skip(f"SLURM cannot start here: {reason}")
+
+
+def test_without_slurm_ci_fails_and_elsewhere_skips(monkeypatch):
+    """CI (`REQUIRE_SLURM=1`, set by .ci/run) must not skip the SLURM tests silently; elsewhere they skip."""
+    monkeypatch.delenv("REQUIRE_SLURM", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="SLURM cannot start here: no munge"):
+        no_slurm("no munge")
+    monkeypatch.setenv("REQUIRE_SLURM", "1")
+    with pytest.raises(pytest.fail.Exception, match="REQUIRE_SLURM=1 but SLURM cannot start here: no munge"):
+        no_slurm("no munge")
+    assert "export REQUIRE_SLURM=1" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_slurm_runs_a_job(slurm):
+    """The node takes a job: `srun` runs a command on it (quick; the fixture's start-up path)."""
+    proc = subprocess.run(["srun", "-N1", "-n1", "--time=1", "echo", "slurm-ok"], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "slurm-ok", proc.stdout + proc.stderr
 
 
 def _run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
