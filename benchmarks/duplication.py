@@ -7,20 +7,24 @@ attention, or with LSH attention and 1, 2 or 4 hash rounds, is then evaluated wi
 4 and 8 hash rounds (rounds are not parameters: the same weights run with any number of them), giving the
 paper's Table 2: training attention in rows, evaluation attention in columns, accuracy on the second half.
 
-    python -m pipeline.duplication --preset cpu      # scaled down: length 128, a few minutes on 2 CPU cores
-    python -m pipeline.duplication --preset paper    # the paper's setting (length 1024, 150k steps): a GPU job
+    python benchmarks/duplication.py --preset cpu      # scaled down: length 128, a few minutes on 2 CPU cores
+    python benchmarks/duplication.py --preset paper    # the paper's setting (length 1024, 150k steps): a GPU job
 
 Presets are the dicts in `PRESETS` below (not a `params.yaml` section: this experiment is not part of the
 default `dvc repro`); `--steps`, `--rows` and `--out` override them. Outputs: `<out>/duplication.md` (the table)
 and `<out>/duplication.json` (the table plus the preset and the per-row training losses). The training loop is
 a plain loop rather than the shared LightningModule: the loss is masked to the second half of each sequence and
 the data are generated on the fly, neither of which the pretraining/finetuning module serves.
+
+It lives in `benchmarks/`, not `pipeline/`: it is an experiment on one family (the Reformer's hash rounds), while
+nothing in `pipeline/` names a family.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,10 +33,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models import build_model, config_class
-from pipeline.common import atomic_output, repo_root, run_stage, stage_parser, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's packages
 
-log = logging.getLogger("pipeline.duplication")
+from models import build_model, config_class  # noqa: E402
+from pipeline.common import atomic_output, repo_root, run_stage, stage_parser, write_json  # noqa: E402
+
+log = logging.getLogger("benchmarks.duplication")
 
 # Rows (training attention) and columns (evaluation attention) of Table 2; 0 rounds means full attention.
 PAPER_ROWS = [0, 1, 2, 4]

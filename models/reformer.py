@@ -636,6 +636,18 @@ def _seeded(config: ReformerConfig, seed: int) -> ReformerConfig:
 
 from models.spec import FamilySpec  # noqa: E402  (the spec closes the module)
 
+
+def _efficient_attention(config: ReformerConfig) -> str | None:
+    """ "LSH and local attention" (the kinds this config's stacks use), None when every layer attends fully."""
+    kinds = set(config.attn_layers)
+    if config.layout == "encoder_decoder":
+        kinds |= set(config.encoder_attn_layers or config.attn_layers)
+    if config.use_full_attention:
+        kinds.discard("lsh")
+    names = [{"lsh": "LSH", "local": "local"}[kind] for kind in ATTN_TYPES if kind in kinds]
+    return " and ".join(names) + " attention" if names else None
+
+
 SPEC = FamilySpec(
     name="reformer",
     config_class=ReformerConfig,
@@ -644,4 +656,6 @@ SPEC = FamilySpec(
     benchmark_config=_benchmark_config,
     activation_checkpointing=None,  # reversible layers recompute activations in the backward pass already
     seeded=_seeded,
+    efficient_attention=_efficient_attention,
+    published={"lra_listops": {"Reformer": 0.3727}},  # Long Range Arena (Tay et al. 2021), table 1, test accuracy
 )

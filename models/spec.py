@@ -39,6 +39,12 @@ class FamilySpec:
     when all of the family's randomness comes from torch's generator (seeded by the pipeline)."""
     load_checkpoint: Callable[[Path], nn.Module] | None = None
     """Load an original checkpoint directory of this family (`finetune.init: checkpoint`); None: unsupported."""
+    efficient_attention: Callable[[Any], str | None] | None = None
+    """`(config) -> text`: the sub-quadratic attention a config uses (e.g. "LSH and local attention"), which the
+    report says short training sequences cannot show the benefit of; None, or a None result: full attention."""
+    published: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Published results of the family's architecture, task -> {label: score in [0, 1]}, shown in the report beside
+    ours (`lra_listops`: Long Range Arena, Tay et al. 2021, table 1)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Anything else a family wants to publish (free-form, unused by the pipeline)."""
 

@@ -78,8 +78,6 @@ log = logging.getLogger("pipeline.compare")
 REPORT_DIR = Path("reports")
 TEMPLATE = "comparison.md.j2"
 COLLAPSED = "**collapsed**"
-# Long Range Arena (Tay et al. 2021), table 1, ListOps test accuracy
-LRA_LISTOPS_PUBLISHED = {"Transformer": 0.3637, "Reformer": 0.3727}
 LAYOUTS = {
     "encoder_decoder": "encoder-decoder",
     "causal_lm": "causal LM (decoder-only)",
@@ -860,7 +858,31 @@ def lra_section(cfg: Config, analysis: Analysis) -> dict[str, Any]:
             "preset for a GPU cluster that fine-tunes and evaluates on the LRA ListOps task (96K/2K/2K examples of 500 "
             "to 2000 tokens); its report prints its accuracy here, beside the published numbers."
         )
-    return {"published": LRA_LISTOPS_PUBLISHED, "ours": ours, "sentence": sentence}
+    return {"published": published_results(cfg, analysis.variants, "lra_listops"), "ours": ours, "sentence": sentence}
+
+
+def published_results(cfg: Config, variants: list[str], task: str) -> dict[str, float]:
+    """The published `task` scores of the variants' families (their specs' `published`), label -> score."""
+    import models
+
+    out: dict[str, float] = {}
+    for family in dict.fromkeys(cfg.family(v) for v in variants):
+        out.update(models.spec(family).published.get(task, {}))
+    return out
+
+
+def attention_caveat(cfg: Config, variants: list[str]) -> str:
+    """Which variants use a sub-quadratic attention (their family spec's `efficient_attention`), which saves
+    nothing at the training lengths: "`v`'s LSH and local attention save nothing", or "" when none does."""
+    import models
+
+    savers = []
+    for v in variants:
+        describe = models.spec(cfg.family(v)).efficient_attention
+        text = describe(cfg.model_config(v)) if describe else None
+        if text:
+            savers.append(f"`{v}`'s {text}")
+    return f", where {', '.join(savers)} save{'s' if len(savers) == 1 else ''} nothing" if savers else ""
 
 
 def short_answer(analysis: Analysis, bench: dict[str, Any]) -> list[str]:
@@ -946,8 +968,8 @@ def render_report(cfg: Config, data: dict[str, Any], analysis: Analysis) -> str:
     caveats = [
         "Tiny models and a tiny budget: the numbers show which variant learns faster at the very start of training, "
         "not which is better at convergence or at scale.",
-        f"Training runs at length {p.input_length}/{f.input_length}, where the Reformer's LSH and local attention "
-        "save nothing; the benchmark's lengths measure cost, not quality. " + lengths_caveat(cfg, analysis.lengths),
+        f"Training runs at length {p.input_length}/{f.input_length}{attention_caveat(cfg, analysis.variants)}; the "
+        "benchmark's lengths measure cost, not quality. " + lengths_caveat(cfg, analysis.lengths),
         "Timings come from the machine that ran the pipeline; shared cores are noisy (hence the spread).",
         "Intervals are 95% intervals; with few seeds they are wide, and a verdict of no significant difference is "
         "not evidence that the variants are equal.",

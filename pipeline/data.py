@@ -381,7 +381,8 @@ def file_documents(files: FilesSource, root: Path, on_invalid_utf8: str, stats: 
 @dataclass(frozen=True)
 class DataPreset:
     """A named corpus for cluster runs: where it lives on the hub, what a document is, how much of it to use,
-    and the sizes and lengths the T5 paper trains with on it (`t5_params`, dotted params keys)."""
+    and the sizes and lengths of the C4 pretraining setting of Raffel et al. 2020 (`pretraining_params`,
+    dotted params keys)."""
 
     hub: str
     """Dataset name on the hub; `data.preset_dir` may point at a local copy of the same layout instead."""
@@ -393,10 +394,10 @@ class DataPreset:
     the next article)."""
     max_documents: int | None
     """The preset's document cap, used when `data.max_documents` is null."""
-    t5_params: dict[str, Any]
+    pretraining_params: dict[str, Any]
 
 
-T5_PRETRAINING = {
+C4_PRETRAINING_SETTING = {
     # T5 paper (Raffel et al. 2020), section 3.1: SentencePiece vocabulary of 32,000 pieces (plus 100
     # sentinels), inputs of 512 tokens (span corruption of 568 raw tokens gives 114 targets, section 3.1.4),
     # batches of 128 sequences, 2^19 pretraining steps: 2^35 (~34B) tokens.
@@ -410,12 +411,12 @@ T5_PRETRAINING = {
 DATA_PRESETS: dict[str, DataPreset] = {
     # WikiText-103 (Merity et al. 2016): 28,475 train articles, ~103M words, ~540 MB of raw text.
     "wikitext-103": DataPreset(
-        "Salesforce/wikitext", "wikitext-103-raw-v1", "train", "text", "wikitext_articles", None, T5_PRETRAINING
+        "Salesforce/wikitext", "wikitext-103-raw-v1", "train", "text", "wikitext_articles", None, C4_PRETRAINING_SETTING
     ),
     # C4 English (allenai/c4, config `en`: 1024 gzipped JSON-lines train shards, ~365M documents, ~156B
     # tokens). 80M documents (~427 tokens each) cover T5's 2^35-token budget without repeating any document,
     # which the paper found to matter (section 3.4.2, table 9).
-    "c4-en": DataPreset("allenai/c4", "en", "train", "text", "rows", 80_000_000, T5_PRETRAINING),
+    "c4-en": DataPreset("allenai/c4", "en", "train", "text", "rows", 80_000_000, C4_PRETRAINING_SETTING),
 }
 
 
@@ -452,8 +453,8 @@ def preset_documents(cfg: DataConfig) -> Iterator[str | None]:
 
 
 def preset_mismatches(preset: str, values: dict[str, Any]) -> list[str]:
-    """`key=value` of the preset's T5 sizes that differ from `values` (dotted params keys -> current values)."""
-    wanted = DATA_PRESETS[preset].t5_params
+    """`key=value` of the preset's pretraining setting that differ from `values` (dotted params keys -> values)."""
+    wanted = DATA_PRESETS[preset].pretraining_params
     return [f"{key}={value}" for key, value in wanted.items() if values.get(key) != value]
 
 

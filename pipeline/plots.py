@@ -34,7 +34,7 @@ PAGE = """<!DOCTYPE html>
 <head>
     {refresh_tag}
     <meta charset="utf-8">
-    <title>T5 vs Reformer: DVC plots</title>
+    <title>Model variants compared: DVC plots</title>
     <script type="text/javascript">
 __BUNDLE__
     </script>
@@ -44,7 +44,7 @@ __BUNDLE__
     </style>
 </head>
 <body>
-    <h1>T5 vs Reformer</h1>
+    <h1>Model variants compared</h1>
     <p>Written by <code>dvc plots show</code> from the project's <code>plots:</code> (see <code>dvc.yaml</code>);
     works offline.</p>
     {plot_divs}

@@ -59,9 +59,7 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
         }
         differ = preset_mismatches(preset, current)
         if differ:
-            log.info(
-                "data preset %s: the T5 paper trains on it with %s (set in params.yaml)", preset, ", ".join(differ)
-            )
+            log.info("data preset %s: Raffel et al. 2020 use %s (set in params.yaml)", preset, ", ".join(differ))
 
 
 def main(argv: list[str] | None = None) -> int:

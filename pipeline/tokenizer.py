@@ -63,7 +63,7 @@ class Tokenizer:
             raise StageError(f"{origin} is not a readable SentencePiece model ({exc})") from None
         ids = {"pad": sp.pad_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
         if ids != {"pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID}:
-            raise StageError(f"{origin}: special ids are {ids}; T5's conventions need pad=0, eos=1, unk=2")
+            raise StageError(f"{origin}: special ids are {ids}; the pipeline's models need pad=0, eos=1, unk=2")
         self.sp = sp
         self.proto = proto
         self.num_sentinels = num_sentinels

@@ -100,6 +100,7 @@ def test_a_clear_winner_is_named_with_its_interval(cfg):
     assert "t5 at 128 (time budget of 5 s used)" in report  # the dropped measurement is stated
     assert "encoder-decoder" in report  # the setup names the actual layout
     assert "36.37%" in report and "37.27%" in report  # the published LRA ListOps numbers
+    assert "`reformer`'s LSH and local attention saves nothing" in report  # from the family spec
 
 
 def test_equal_variants_get_no_winner(cfg):
@@ -317,3 +318,23 @@ def test_one_size_per_family_says_how_to_add_sizes(cfg):
     assert "need two or more sizes per family" in section
     assert "t5_small:" in section and "preset: small" in section and "```yaml" in section
     assert "scaling_curves.png" not in section
+
+
+def test_attention_caveat_and_published_numbers_follow_the_variants_families():
+    from pipeline.compare import attention_caveat, published_results
+    from pipeline.config import config_from_dict
+
+    cfg = config_from_dict(
+        {
+            "models": {
+                "t5": {"family": "t5"},
+                "lsh": {"family": "reformer", "attn_layers": ["lsh", "lsh"]},
+                "full": {"family": "reformer", "attn_layers": ["lsh", "lsh"], "use_full_attention": True},
+            }
+        }
+    )
+    assert attention_caveat(cfg, ["t5", "full"]) == ""  # full attention everywhere: nothing to save
+    assert attention_caveat(cfg, ["t5", "lsh"]) == ", where `lsh`'s LSH attention saves nothing"
+    assert published_results(cfg, ["t5"], "lra_listops") == {"Transformer": 0.3637}
+    assert published_results(cfg, ["lsh", "full"], "lra_listops") == {"Reformer": 0.3727}
+    assert published_results(cfg, ["t5", "lsh"], "summarize") == {}

@@ -112,9 +112,10 @@ def test_wikitext_rows_are_regrouped_into_articles():
     assert list(wikitext_articles(rows)) == [" = A = \n = = Sub = = \ntext a \n", " = B = \ntext b \n"]
 
 
-def test_presets_carry_the_t5_sizes():
+def test_presets_carry_the_c4_pretraining_setting():
     for preset in DATA_PRESETS.values():
-        assert preset.t5_params["tokenizer.vocab_size"] == 32_100 and preset.t5_params["pretrain.input_length"] == 512
+        setting = preset.pretraining_params
+        assert setting["tokenizer.vocab_size"] == 32_100 and setting["pretrain.input_length"] == 512
     assert DATA_PRESETS["c4-en"].hub == "allenai/c4" and DATA_PRESETS["c4-en"].config == "en"
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.duplication import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from duplication import (  # noqa: E402  (benchmarks/duplication.py: a script, not a package module)
     PRESETS,
     copy_loss_and_accuracy,
     duplication_batch,
