@@ -61,7 +61,7 @@ class Case:
     command: list[str]
     setup: Callable[[Path], None] = lambda p: None
     protect: tuple[str, ...] = PUBLISHED  # must be byte-identical afterwards when the case fails
-    signal_after: tuple[int, str] | None = None  # (signal, path that must exist first) for interruption cases
+    signal_after: tuple[int, str] | None = None  # (signal, path or glob that must exist first) for interruptions
     check: Callable[[Path], str | None] = lambda p: None  # extra check: a problem description or None
     env: dict[str, str] = field(default_factory=dict)
 
@@ -72,6 +72,21 @@ def stage(name: str, *extra: str) -> list[str]:
 
 PRETRAIN = stage("pretrain", "--model", "t5", "--seed", "0")
 FINETUNE = stage("finetune", "--model", "t5", "--seed", "0")
+EVALUATE = stage("evaluate", "--model", "t5", "--seed", "0")
+EVALUATED = (  # a previous good evaluation (written by `evaluated` in a case's setup)
+    "metrics/evaluate/t5-0.json",
+    "artifacts/eval/t5/0/report.json",
+    "artifacts/eval/t5/0/examples.json",
+    "artifacts/eval/t5/0/samples.json",
+)
+EVAL_STAGING = "artifacts/eval/t5/.0.*.tmp"  # evaluate's output folder while it is being written (common.publish)
+# evaluation long enough to be interrupted while it generates into its staging folder (about 10 s on one core)
+LONG_EVAL = {
+    "evaluate.num_beams": [1, 4],
+    "evaluate.max_new_tokens": 48,
+    "evaluate.max_examples_per_task": 2000,
+    "finetune.tasks.duplication.num_eval_examples": 2000,
+}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -123,6 +138,13 @@ def remove(rel: str) -> Callable[[Path], None]:
         shutil.rmtree(target) if target.is_dir() else target.unlink()
 
     return setup
+
+
+def evaluated(p: Path) -> None:
+    """Run `evaluate` once, so the case has a previous good evaluation that a failure must leave alone."""
+    proc = subprocess.run(EVALUATE, cwd=p, env=_env(p), capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"setup: evaluate failed\n{proc.stderr[-3000:]}")
 
 
 def unfinished(p: Path) -> None:
@@ -444,6 +466,50 @@ def cases(mount_ok: bool) -> list[Case]:
             chain(lambda p: (p / RUN / ".final.999999.deadbeef.tmp").mkdir(), unfinished),
             check=no_tmp_left,
         ),  # fmt: skip
+        # --- evaluate and compare: the stages after training, with a previous good evaluation to keep
+        Case(
+            "SIGTERM in evaluate",
+            "signals",
+            143,
+            EVALUATE,
+            chain(evaluated, params(**LONG_EVAL)),
+            protect=EVALUATED,
+            signal_after=(signal.SIGTERM, EVAL_STAGING),
+            check=no_tmp_left,
+        ),  # fmt: skip
+        Case(
+            "SIGINT in evaluate",
+            "signals",
+            130,
+            EVALUATE,
+            chain(evaluated, params(**LONG_EVAL)),
+            protect=EVALUATED,
+            signal_after=(signal.SIGINT, EVAL_STAGING),
+            check=no_tmp_left,
+        ),  # fmt: skip
+        Case(
+            "spm.model corrupt (evaluate)",
+            "tokenizer",
+            1,
+            EVALUATE,
+            chain(evaluated, write("data/tokenizer/spm.model", b"junk")),
+            protect=EVALUATED,
+        ),  # fmt: skip
+        Case(
+            "mlflow.db not a database (evaluate)",
+            "tracking",
+            1,
+            EVALUATE,
+            chain(evaluated, write("mlflow.db", b"not a database " * 200)),
+            protect=EVALUATED,
+        ),  # fmt: skip
+        Case(
+            "metrics CSV corrupt (compare)",
+            "weights",
+            1,
+            stage("compare"),
+            write("metrics/pretrain/t5-0-train.csv", b"step,tokens,loss\n4,100,5.1\xff\x00\n8,2"),
+        ),  # fmt: skip
         Case(
             "finetune without pretrained model",
             "data",
@@ -582,7 +648,7 @@ def run_case(case: Case, base: Path, work: Path) -> Result:
     try:
         case.setup(project)
         before = {rel: digest(project / rel) for rel in case.protect}
-        if case.signal_after is not None and case.signal_after[1]:
+        if case.signal_after is not None and case.signal_after[1] and not _is_pattern(case.signal_after[1]):
             (project / case.signal_after[1]).unlink(missing_ok=True)
         proc = subprocess.Popen(
             case.command,
@@ -596,7 +662,7 @@ def run_case(case: Case, base: Path, work: Path) -> Result:
             signum, wait_for = case.signal_after
             deadline = time.monotonic() + 300
             if wait_for:
-                while not (project / wait_for).exists() and proc.poll() is None and time.monotonic() < deadline:
+                while not _present(project, wait_for) and proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.02)
             else:
                 time.sleep(3.0)  # still importing / loading data
@@ -619,6 +685,15 @@ def run_case(case: Case, base: Path, work: Path) -> Result:
         return Result(case, code, traceback, intact, problem, time.monotonic() - start)
     finally:
         unmount_all(project)
+
+
+def _is_pattern(rel: str) -> bool:
+    return any(c in rel for c in "*?[")
+
+
+def _present(project: Path, rel: str) -> bool:
+    """`rel` exists in `project` (a glob pattern: something matches it)."""
+    return any(project.glob(rel)) if _is_pattern(rel) else (project / rel).exists()
 
 
 def _said_something(stderr: str) -> bool:

@@ -1,5 +1,5 @@
 """The whole fault suite (`python -m tests.faults`): every injected fault ends with the right exit code, no
-traceback for a problem the user can fix, and the previous outputs intact. Slow: about 45 stage processes."""
+traceback for a problem the user can fix, and the previous outputs intact. Slow: about 55 stage processes."""
 
 from __future__ import annotations
 
