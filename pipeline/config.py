@@ -6,7 +6,9 @@ validator on the smallest section holding them all (`Params` for checks across s
 validates the whole file at once and raises one `ConfigError` that lists every problem with its YAML path
 (unknown keys with a close match, wrong types, values out of range, impossible combinations). Stage entry
 points call `load_config_or_exit`, which prints those problems and exits with status 2 before any output is
-touched. `python -m pipeline.config [params.yaml]` validates a file and prints the result.
+touched. `python -m pipeline.config [params.yaml]` validates a file and prints the result. The field types and
+the wording of problems are `pipeline/validation.py`'s; each fine-tuning task's options are a model declared beside
+the task in `pipeline/tasks.py`, and `finetune.tasks` is typed by them (`TaskMixture`).
 
 `models:` maps variant names to a family, a preset and every field of the family's config dataclass (null: the
 preset's value); each family's fields are checked by a model generated from its dataclass. YAML 1.1 reads
@@ -18,10 +20,8 @@ DVC's `-S key=value` (for `dvc exp run`) edits `params.yaml` itself, so there is
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import sys
-import types
 import typing
 from functools import cache
 from pathlib import Path
@@ -29,7 +29,6 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -40,9 +39,24 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.tasks import TASKS, TaskMixture
+from pipeline.validation import (
+    Float,
+    NonNegFloat,
+    NonNegInt,
+    PosFloat,
+    PosInt,
+    Problems,
+    Section,
+    between,
+    describe,
+    nest,
+    withyaml_floats,
+    yaml_float,
+)
+
 DEFAULT_PARAMS = "params.yaml"
 VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # a DVC stage suffix and a folder name: no '-', '@', '/'
-_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 class ConfigError(ValueError):
@@ -53,49 +67,6 @@ class ConfigError(ValueError):
         self.source = source
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
-
-
-class Problems(ValueError):
-    """Raised by validators: one or more 'relative.path: what is wrong' lines (paths relative to the model)."""
-
-    def __init__(self, lines: list[str]):
-        super().__init__("\n".join(lines))
-
-
-# ------------------------------------------------------------------------------------------- field types
-
-
-def _yaml_float(value: Any) -> Any:
-    """YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string: take numeric text as the float it means."""
-    if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-        return float(value)
-    return value
-
-
-def between(lo: float, hi: float, bounds: str) -> AfterValidator:
-    """A range check on a number, `bounds` one of `()`, `(]`, `[)`, `[]` (open/closed ends)."""
-
-    def check(value: float) -> float:
-        low_ok = value > lo if bounds[0] == "(" else value >= lo
-        high_ok = value < hi if bounds[1] == ")" else value <= hi
-        if not (low_ok and high_ok):
-            raise ValueError(f"must be in {bounds[0]}{lo:g}, {hi:g}{bounds[1]}, got {value}")
-        return value
-
-    return AfterValidator(check)
-
-
-Float = Annotated[float, BeforeValidator(_yaml_float)]
-PosInt = Annotated[int, Field(ge=1)]
-NonNegInt = Annotated[int, Field(ge=0)]
-PosFloat = Annotated[Float, Field(gt=0)]
-NonNegFloat = Annotated[Float, Field(ge=0)]
-
-
-class Section(BaseModel):
-    """A params section: unknown keys rejected, no silent type coercion, field docstrings as descriptions."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True, validate_default=False)
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -265,7 +236,7 @@ class FinetuneConfig(TrainingLoopConfig):
     default trains from scratch: its 100 pretraining steps teach nothing the digit tasks use (README, results)."""
     checkpoint_dir: str | None = None
     """For `init: checkpoint`: a local checkpoint directory in the family's original format."""
-    tasks: dict[str, Any] = Field(
+    tasks: TaskMixture = Field(
         default_factory=lambda: {
             "listops": {"max_depth": 2, "max_args": 5, "min_chars": 0, "operators": ["MAX", "MIN"]},
             "sort": {},
@@ -288,15 +259,6 @@ class FinetuneConfig(TrainingLoopConfig):
         default_factory=lambda: OptimizerConfig(lr=1e-3, schedule="constant", warmup_steps=20)
     )
     """Optimizer and schedule."""
-
-    @model_validator(mode="after")
-    def _known_tasks(self) -> FinetuneConfig:
-        from pipeline.tasks import validate_tasks
-
-        problems = validate_tasks(self.tasks, path="tasks")
-        if problems:
-            raise Problems(problems)
-        return self
 
     @model_validator(mode="after")
     def _checkpoint_dir_with_init(self) -> FinetuneConfig:
@@ -352,7 +314,7 @@ class LengthsBudgetConfig(Section):
     """`flops`: every variant trains until it has spent `value` training FLOPs at a length, by its own FLOPs
     accounting (`training_flops`), so the step count differs between variants; `seconds`: until `value` seconds
     of training wall-clock (machine-dependent, not reproducible)."""
-    value: Annotated[PosFloat | Annotated[list[PosFloat], Field(min_length=1)], BeforeValidator(_yaml_float)] = 1.2e10
+    value: Annotated[PosFloat | Annotated[list[PosFloat], Field(min_length=1)], BeforeValidator(yaml_float)] = 1.2e10
     """The budget per run and length: one number for every length, or a list, one per `seq_lengths` entry."""
 
 
@@ -409,18 +371,16 @@ class LengthsConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> LengthsConfig:
-        from pipeline.tasks import validate_tasks
-
         problems = []
         if self.fill[0] >= self.fill[1]:
             problems.append(f"fill: the shortest fraction must be below the longest, got {self.fill}")
         set_per_length = [k for k in LENGTH_TASKS[self.task] if k in self.task_options]
         problems += [f"task_options.{k}: set per length from lengths.fill; remove it" for k in set_per_length]
-        options = {k: v for k, v in self.task_options.items() if k not in set_per_length}
-        problems += [
-            p.replace(f"task_options.{self.task}", "task_options", 1)
-            for p in validate_tasks({self.task: options}, path="task_options")
-        ]
+        options = TASKS[self.task].options
+        try:
+            options.model_validate({k: v for k, v in self.task_options.items() if k not in set_per_length})
+        except ValidationError as exc:
+            problems += nest("task_options", describe(exc, options))
         if isinstance(self.budget.value, list) and len(self.budget.value) != len(self.seq_lengths):
             problems.append(f"budget.value: {len(self.budget.value)} values for {len(self.seq_lengths)} seq_lengths; "
                             "give one number, or one per length")  # fmt: skip
@@ -587,7 +547,7 @@ def variant_model(family: str) -> type[BaseModel]:
     hints = typing.get_type_hints(spec.config_class)
     fields: dict[str, Any] = {"family": (Literal[family], ...), "preset": (str | None, None)}
     for f in dataclasses.fields(spec.config_class):
-        fields[f.name] = (_with_yaml_floats(hints[f.name]) | None, None)
+        fields[f.name] = (withyaml_floats(hints[f.name]) | None, None)
 
     def build(self: BaseModel) -> BaseModel:
         preset = self.preset or "tiny"
@@ -605,21 +565,6 @@ def variant_model(family: str) -> type[BaseModel]:
         __validators__={"_builds": model_validator(mode="after")(build)},
         **fields,
     )
-
-
-def _with_yaml_floats(tp: Any) -> Any:
-    """`tp` with every `float` replaced by `Float` (YAML 1.1 float text accepted)."""
-    if tp is float:
-        return Float
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        out = _with_yaml_floats(args[0])
-        for arg in args[1:]:
-            out = out | _with_yaml_floats(arg)
-        return out
-    if origin is list:
-        return list[_with_yaml_floats(args[0])]
-    return tp
 
 
 def _overrides(variant: BaseModel) -> dict[str, Any]:
@@ -652,8 +597,7 @@ def _validate_models(raw: Any) -> dict[str, ModelSection]:
         try:
             checked = model.model_validate({**body, "family": family})
         except ValidationError as exc:
-            for line in _describe(exc, model):
-                problems.append(f"{variant}: {line[7:]}" if line.startswith("<top>: ") else f"{variant}.{line}")
+            problems += nest(str(variant), describe(exc, model))
             continue
         sections[variant] = ModelSection(family=family, preset=checked.preset or "tiny", overrides=_overrides(checked))
     if problems:
@@ -829,116 +773,6 @@ class Config:
         return out
 
 
-# ----------------------------------------------------------------------------------------- error messages
-
-
-_TYPE_NAMES = {
-    "int_type": "int",
-    "int_parsing": "int",
-    "int_from_float": "int",
-    "float_type": "float",
-    "float_parsing": "float",
-    "bool_type": "bool",
-    "bool_parsing": "bool",
-    "string_type": "str",
-    "list_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-    "none_required": "null",
-}
-_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-
-
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the model reached by `loc` from `model` (for 'did you mean' hints)."""
-    current: Any = model
-    for part in loc:
-        current = _unwrap(current)
-        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
-            current = current.model_fields[part].annotation
-        elif typing.get_origin(current) in (dict, list):
-            current = typing.get_args(current)[-1]
-    current = _unwrap(current)
-    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
-
-
-def _unwrap(tp: Any) -> Any:
-    while typing.get_origin(tp) is Annotated:
-        tp = typing.get_args(tp)[0]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        tp = args[0] if len(args) == 1 else tp
-    return tp
-
-
-def _path(loc: tuple, model: type[BaseModel]) -> str:
-    """`a.b[2].c` from a pydantic location, dropping union-member tags (`int`, `literal['auto']`, ...)."""
-    out = ""
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif i > 0 and part not in _fields_at(model, loc[:i]) and _fields_at(model, loc[:i]):
-            out += f".{part}"  # an unknown key: keep it, the message names it
-        elif re.match(r"^[a-z]+[\[-]", part) or part in ("int", "float", "str", "bool", "list", "none"):
-            continue  # a union member's tag
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _describe(exc: ValidationError, model: type[BaseModel]) -> list[str]:
-    """One 'yaml.path: problem' line per problem (several failed union members at one path merged)."""
-    by_path: dict[str, list[dict[str, Any]]] = {}
-    for err in exc.errors():
-        by_path.setdefault(_path(err["loc"], model), []).append(err)
-    lines = []
-    for path, errs in by_path.items():
-        lines += _lines(path, errs, model)
-    return lines
-
-
-def _lines(path: str, errs: list[dict[str, Any]], model: type[BaseModel]) -> list[str]:
-    where = path or "<top>"
-    err = next((e for e in errs if e["type"] in _BOUNDS or e["type"] in ("value_error", "too_short", "too_long")),
-               errs[0])  # fmt: skip
-    kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
-    if kind == "extra_forbidden":
-        key = str(err["loc"][-1])
-        known = _fields_at(model, err["loc"][:-1])
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return [f"{where}: unknown key{hint}; allowed: {', '.join(known)}"]
-    if kind == "value_error":
-        text = str(ctx.get("error", err["msg"]))
-        return [_join(path, line) for line in text.splitlines()]
-    if kind in _BOUNDS:
-        bound = next(iter(ctx.values()))
-        return [f"{where}: must be {_BOUNDS[kind]} {bound}, got {value!r}"]
-    if kind in ("too_short", "too_long"):
-        return [f"{where}: expected {ctx.get('min_length')} to {ctx.get('max_length', 'any number of')} items"
-                f", got {value!r}" if kind == "too_long" else f"{where}: must have at least "
-                f"{ctx.get('min_length')} item(s), got {value!r}"]  # fmt: skip
-    if kind == "literal_error":
-        allowed = str(ctx.get("expected", "")).replace(" or ", ", ")
-        return [f"{where}: expected one of {allowed}, got {value!r}"]
-    if kind == "missing":
-        return [f"{where}: missing"]
-    names = [n for n in dict.fromkeys(_TYPE_NAMES.get(e["type"]) for e in errs) if n]
-    if names:
-        literals = [str((e.get("ctx") or {}).get("expected")) for e in errs if e["type"] == "literal_error"]
-        return [f"{where}: expected {' | '.join(names + literals)}, got {value!r}"]
-    return [f"{where}: {err['msg']}, got {value!r}"]
-
-
-def _join(path: str, line: str) -> str:
-    """`path` + a validator's 'relative.path: problem' line (`<here>` or no path: the problem is at `path`)."""
-    rel, sep, rest = line.partition(": ")
-    if not sep or rel == "<here>" or " " in rel:
-        return f"{path or '<top>'}: {rest if rel == '<here>' else line}"
-    return f"{path}.{rel}: {rest}" if path else f"{rel}: {rest}"
-
-
 # -------------------------------------------------------------------------------------------- loading
 
 
@@ -962,7 +796,7 @@ def config_from_dict(raw: Any, source: str = DEFAULT_PARAMS) -> Config:
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, Params), source) from None
+        raise ConfigError(describe(exc, Params), source) from None
     return Config(params, source)
 
 

@@ -2,8 +2,9 @@
 
 A `Task` has a name, an input prefix (`summarize: `), a builder that returns `Example`s for a split, a metric
 and, for classification, its class strings. `Example.inputs` already starts with the prefix. Tasks are looked
-up by name in `TASKS`; `params.yaml`'s `finetune.tasks` maps names to option overrides, checked by
-`validate_tasks` (called from `pipeline/config.py`).
+up by name in `TASKS`; `params.yaml`'s `finetune.tasks` maps names to option overrides. Each task declares its
+options as a pydantic model (`TaskOptions`, beside the task in the registry below): defaults, types, bounds and
+docs in one place, validated by `pipeline/config.py` with the rest of the params (`TaskMixture`).
 
 Offline defaults:
 - `summarize`: a document of the prepared corpus (a docstring, a reference entry) without its first sentence
@@ -27,7 +28,6 @@ Hub recipes (need the network or a local copy; options name the dataset, config 
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import random
 import re
@@ -36,9 +36,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
-import numpy as np
+from pydantic import AfterValidator, Field, PlainSerializer, ValidationError, create_model, model_validator
+
+from pipeline.validation import Fraction, NonNegInt, PosInt, Problems, Section, describe, nest
 
 SPLITS = ("train", "validation", "test")
 METRICS = ("rouge_l", "bleu", "accuracy", "exact_match")
@@ -57,16 +59,10 @@ class Example:
     label: str | None = None
 
 
-@dataclass(frozen=True)
-class Option:
-    """A task option: its default, accepted type(s) and bounds (numbers)."""
+class TaskOptions(Section):
+    """A task's options (`finetune.tasks.<task>`): one field each, with its default, type, bounds and docstring."""
 
-    default: Any
-    types: tuple[type, ...]
-    doc: str
-    minimum: float | None = None
-    nullable: bool = False
-    maximum: float | None = None
+    ITEM: ClassVar[str] = "option"
 
 
 @dataclass
@@ -104,13 +100,14 @@ class Task:
     prefix: str
     metric: str
     builder: Builder = field(repr=False)
-    options: dict[str, Option] = field(default_factory=dict)
+    options: type[TaskOptions] = TaskOptions
     classes: list[str] | None = None
     description: str = ""
 
     def resolve_options(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The defaults updated with `overrides` (unchecked: see `validate_tasks`)."""
-        return {k: opt.default for k, opt in self.options.items()} | dict(overrides or {})
+        """The defaults updated with `overrides` (unchecked: the params were validated when loaded)."""
+        defaults = {k: f.get_default(call_default_factory=True) for k, f in self.options.model_fields.items()}
+        return defaults | dict(overrides or {})
 
     def build(self, split: str, ctx: TaskContext) -> list[Example]:
         if split not in SPLITS:
@@ -216,6 +213,8 @@ def listops_value(operator: str, values: list[int]) -> int:
     if operator == "MIN":
         return min(values)
     if operator == "MED":
+        import numpy as np
+
         return int(np.median(values))
     if operator == "SM":
         return sum(values) % 10
@@ -396,25 +395,100 @@ def _wmt_en_de(row: dict[str, Any], prefix: str) -> Example:
     return Example(prefix + row["translation"]["en"].strip(), row["translation"]["de"].strip())
 
 
-def _hub_options(path: str, name: str | None, validation: str, test: str) -> dict[str, Option]:
-    return {
-        "path": Option(path, (str,), "dataset on the hub, or a local directory of data files"),
-        "name": Option(name, (str,), "dataset configuration (None for none)", nullable=True),
-        "revision": Option(None, (str,), "dataset revision (branch, tag or commit)", nullable=True),
-        "train_split": Option("train", (str,), "dataset split (slicing allowed) used as our train split"),
-        "validation_split": Option(validation, (str,), "dataset split used as our validation split"),
-        "test_split": Option(test, (str,), "dataset split used as our test split (disjoint from validation)"),
-        "max_examples": Option(None, (int,), "keep at most this many examples per split", 1, nullable=True),
-        "cache_dir": Option(None, (str,), "datasets cache directory (None: the datasets default)", nullable=True),
-    }
+class HubOptions(TaskOptions):
+    """Options of a hub recipe; `_hub_options` sets each recipe's dataset and split defaults."""
+
+    path: str
+    """Dataset on the hub, or a local directory of data files."""
+    name: str | None
+    """Dataset configuration (None for none)."""
+    revision: str | None = None
+    """Dataset revision (branch, tag or commit)."""
+    train_split: str = "train"
+    """Dataset split (slicing allowed) used as our train split."""
+    validation_split: str
+    """Dataset split used as our validation split."""
+    test_split: str
+    """Dataset split used as our test split (disjoint from validation)."""
+    max_examples: PosInt | None = None
+    """Keep at most this many examples per split."""
+    cache_dir: str | None = None
+    """Datasets cache directory (None: the datasets default)."""
+
+
+def _hub_options(task: str, path: str, name: str | None, validation: str, test: str) -> type[HubOptions]:
+    defaults = {"path": path, "name": name, "validation_split": validation, "test_split": test}
+    fields = {k: (HubOptions.model_fields[k].annotation, Field(v, description=HubOptions.model_fields[k].description))
+              for k, v in defaults.items()}  # fmt: skip
+    return create_model(f"{task}_options", __base__=HubOptions, **fields)
 
 
 # --------------------------------------------------------------------------------------------- registry
 
-_GENERATED_COUNTS = {
-    "num_examples": Option(2000, (int,), "train examples", 1),
-    "num_eval_examples": Option(200, (int,), "validation and test examples (each)", 1),
-}
+
+class SummarizeOptions(TaskOptions):
+    max_examples: PosInt | None = 2000
+    """Keep at most this many examples per split."""
+    min_body_chars: PosInt = 80
+    """Skip documents whose rest is shorter than this."""
+    max_input_chars: PosInt = 400
+    """Cut the input text to this many characters."""
+    max_target_words: Annotated[int, Field(ge=3)] = 25
+    """Skip documents whose first sentence is longer."""
+
+
+class GeneratedOptions(TaskOptions):
+    num_examples: PosInt = 2000
+    """Train examples."""
+    num_eval_examples: PosInt = 200
+    """Validation and test examples (each)."""
+
+
+class ListopsOptions(GeneratedOptions):
+    max_depth: PosInt = 5
+    """Maximum nesting depth of operators (LRA: 10)."""
+    max_args: Annotated[int, Field(ge=2)] = 5
+    """Maximum arguments per operator (LRA: 10)."""
+    min_chars: NonNegInt = 40
+    """Shortest expression in characters (LRA: about 500 tokens)."""
+    max_chars: Annotated[int, Field(ge=5)] = 200
+    """Longest expression in characters (LRA: 2000 tokens)."""
+    leaf_probability: Fraction = 0.6
+    """Chance that a nested argument is a digit (LRA: 0.75)."""
+    operators: list[str] = Field(default_factory=lambda: list(LISTOPS_OPERATORS))
+    """Operators drawn (LRA: MAX, MIN, MED, SM)."""
+
+
+class LraListopsOptions(GeneratedOptions):
+    num_examples: PosInt = 96_000
+    """Train examples (LRA: 96K)."""
+    num_eval_examples: PosInt = 2000
+    """Validation and test examples, each (LRA: 2K)."""
+    max_depth: PosInt = 10
+    """Maximum nesting depth of operators."""
+    max_args: Annotated[int, Field(ge=2)] = 10
+    """Maximum arguments per operator."""
+    min_tokens: NonNegInt = 500
+    """Shortest expression in tokens ([MAX, digit and ] count one)."""
+    max_tokens: Annotated[int, Field(ge=5)] = 2000
+    """Longest expression in tokens."""
+    leaf_probability: Fraction = 0.75
+    """Chance that a nested argument is a digit."""
+
+
+class DuplicationOptions(GeneratedOptions):
+    length: PosInt = 16
+    """Symbols per sequence (the paper: 511)."""
+    vocab_size: Annotated[int, Field(ge=2)] = 16
+    """Distinct symbols (the paper: 127)."""
+
+
+class SortOptions(GeneratedOptions):
+    min_length: Annotated[int, Field(ge=2)] = 3
+    """Fewest digits per sequence."""
+    max_length: Annotated[int, Field(ge=2, le=10)] = 5
+    """Most digits per sequence (distinct digits: at most 10)."""
+
 
 TASKS: dict[str, Task] = {
     task.name: task
@@ -424,12 +498,7 @@ TASKS: dict[str, Task] = {
             "summarize: ",
             "rouge_l",
             _build_summarize,
-            {
-                "max_examples": Option(2000, (int,), "keep at most this many examples per split", 1, nullable=True),
-                "min_body_chars": Option(80, (int,), "skip documents whose rest is shorter than this", 1),
-                "max_input_chars": Option(400, (int,), "cut the input text to this many characters", 1),
-                "max_target_words": Option(25, (int,), "skip documents whose first sentence is longer", 3),
-            },
+            SummarizeOptions,
             description="prepared corpus: a document without its first sentence -> that sentence",
         ),
         Task(
@@ -437,17 +506,7 @@ TASKS: dict[str, Task] = {
             "listops: ",
             "accuracy",
             _build_listops,
-            {
-                **_GENERATED_COUNTS,
-                "max_depth": Option(5, (int,), "maximum nesting depth of operators (LRA: 10)", 1),
-                "max_args": Option(5, (int,), "maximum arguments per operator (LRA: 10)", 2),
-                "min_chars": Option(40, (int,), "shortest expression in characters (LRA: about 500 tokens)", 0),
-                "max_chars": Option(200, (int,), "longest expression in characters (LRA: 2000 tokens)", 5),
-                "leaf_probability": Option(
-                    0.6, (float, int), "chance that a nested argument is a digit (LRA: 0.75)", 0.0, maximum=1.0
-                ),
-                "operators": Option(list(LISTOPS_OPERATORS), (list,), "operators drawn (LRA: MAX, MIN, MED, SM)"),
-            },
+            ListopsOptions,
             classes=[str(d) for d in range(10)],
             description="generated LRA ListOps expression -> its value",
         ),
@@ -456,17 +515,7 @@ TASKS: dict[str, Task] = {
             "listops: ",
             "accuracy",
             _build_lra_listops,
-            {
-                "num_examples": Option(96_000, (int,), "train examples (LRA: 96K)", 1),
-                "num_eval_examples": Option(2000, (int,), "validation and test examples, each (LRA: 2K)", 1),
-                "max_depth": Option(10, (int,), "maximum nesting depth of operators", 1),
-                "max_args": Option(10, (int,), "maximum arguments per operator", 2),
-                "min_tokens": Option(500, (int,), "shortest expression in tokens ([MAX, digit and ] count one)", 0),
-                "max_tokens": Option(2000, (int,), "longest expression in tokens", 5),
-                "leaf_probability": Option(
-                    0.75, (float, int), "chance that a nested argument is a digit", 0.0, maximum=1.0
-                ),
-            },
+            LraListopsOptions,
             classes=[str(d) for d in range(10)],
             description="Long Range Arena ListOps (500-2000 tokens, depth <= 10, <= 10 arguments) -> its value",
         ),
@@ -475,11 +524,7 @@ TASKS: dict[str, Task] = {
             "duplicate: ",
             "exact_match",
             _build_duplication,
-            {
-                **_GENERATED_COUNTS,
-                "length": Option(16, (int,), "symbols per sequence (the paper: 511)", 1),
-                "vocab_size": Option(16, (int,), "distinct symbols (the paper: 127)", 2),
-            },
+            DuplicationOptions,
             description="Reformer section 2.1: a random symbol sequence -> the same sequence",
         ),
         Task(
@@ -487,13 +532,7 @@ TASKS: dict[str, Task] = {
             "sort: ",
             "exact_match",
             _build_sort,
-            {
-                **_GENERATED_COUNTS,
-                "min_length": Option(3, (int,), "fewest digits per sequence", 2),
-                "max_length": Option(
-                    5, (int,), "most digits per sequence (distinct digits: at most 10)", 2, maximum=10
-                ),
-            },
+            SortOptions,
             description="distinct digits in random order -> sorted (a copy that needs comparisons)",
         ),
         Task(
@@ -501,7 +540,7 @@ TASKS: dict[str, Task] = {
             "sst2 sentence: ",
             "accuracy",
             _hub_builder("sst2", _sst2),
-            _hub_options("nyu-mll/glue", "sst2", "validation[:50%]", "validation[50%:]"),
+            _hub_options("sst2", "nyu-mll/glue", "sst2", "validation[:50%]", "validation[50%:]"),
             classes=["negative", "positive"],
             description="GLUE SST-2 (test labels are hidden, so our validation/test halve its validation split)",
         ),
@@ -510,7 +549,7 @@ TASKS: dict[str, Task] = {
             "question: ",
             "exact_match",
             _hub_builder("squad", _squad),
-            _hub_options("rajpurkar/squad", None, "validation[:50%]", "validation[50%:]"),
+            _hub_options("squad", "rajpurkar/squad", None, "validation[:50%]", "validation[50%:]"),
             description="SQuAD v1.1: question + context -> the first reference answer",
         ),
         Task(
@@ -518,7 +557,7 @@ TASKS: dict[str, Task] = {
             "summarize: ",
             "rouge_l",
             _hub_builder("cnn_dailymail", _cnn_dailymail),
-            _hub_options("abisee/cnn_dailymail", "3.0.0", "validation", "test"),
+            _hub_options("cnn_dailymail", "abisee/cnn_dailymail", "3.0.0", "validation", "test"),
             description="CNN/DailyMail: article -> highlights",
         ),
         Task(
@@ -526,7 +565,7 @@ TASKS: dict[str, Task] = {
             "translate English to German: ",
             "bleu",
             _hub_builder("wmt_en_de", _wmt_en_de),
-            _hub_options("wmt/wmt14", "de-en", "validation", "test"),
+            _hub_options("wmt_en_de", "wmt/wmt14", "de-en", "validation", "test"),
             description="WMT14 English to German (newstest2013 validation, newstest2014 test)",
         ),
     ]
@@ -557,46 +596,38 @@ def build_examples(
     return out
 
 
+class _Mixture(Section):
+    """`finetune.tasks`: task name -> its options (null: the defaults); at least one task."""
+
+    ITEM: ClassVar[str] = "task"
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> _Mixture:
+        if not self.model_fields_set:
+            raise Problems([f"<here>: at least one task is needed (known: {', '.join(TASKS)})"])
+        return self
+
+
+TaskMixtureModel = create_model(
+    "TaskMixtureModel",
+    __base__=_Mixture,
+    **{name: (task.options | None, Field(None, description=task.description)) for name, task in TASKS.items()},
+)
+TaskMixture = Annotated[
+    TaskMixtureModel,
+    AfterValidator(lambda mixture: mixture.model_dump(exclude_unset=True)),
+    PlainSerializer(lambda tasks: tasks),
+]
+"""The type of `finetune.tasks`: validated as one field per task, each its `TaskOptions` model; kept as the
+mapping of the tasks given to their given options (`build_examples` fills in the defaults)."""
+
+
 def validate_tasks(tasks: Any, path: str = "finetune.tasks") -> list[str]:
-    """Problems with a `finetune.tasks` mapping, each as '<path>.<name>[.<option>]: problem'."""
-    if not isinstance(tasks, dict):
-        return [f"{path}: expected a mapping of task names to options, got {tasks!r}"]
-    if not tasks:
-        return [f"{path}: at least one task is needed (known: {', '.join(TASKS)})"]
-    problems = []
-    for name, options in tasks.items():
-        if name not in TASKS:
-            close = difflib.get_close_matches(str(name), TASKS, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            problems.append(f"{path}.{name}: unknown task ({hint}known: {', '.join(TASKS)})")
-            continue
-        if options is None:
-            continue
-        if not isinstance(options, dict):
-            problems.append(f"{path}.{name}: expected a mapping of options, got {options!r}")
-            continue
-        known = TASKS[name].options
-        for key, value in options.items():
-            where = f"{path}.{name}.{key}"
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                problems.append(f"{where}: unknown option ({hint}known: {', '.join(known) or 'none'})")
-                continue
-            problems.extend(_check_option(where, known[key], value))
-    return problems
-
-
-def _check_option(where: str, opt: Option, value: Any) -> list[str]:
-    if value is None:
-        return [] if opt.nullable else [f"{where}: must not be null"]
-    wanted = " or ".join(t.__name__ for t in opt.types) + (" or null" if opt.nullable else "")
-    if isinstance(value, bool) and bool not in opt.types or not isinstance(value, opt.types):
-        return [f"{where}: expected {wanted}, got {value!r}"]
-    if opt.minimum is not None and value < opt.minimum:
-        return [f"{where}: must be >= {opt.minimum:g}, got {value!r}"]
-    if opt.maximum is not None and value > opt.maximum:
-        return [f"{where}: must be <= {opt.maximum:g}, got {value!r}"]
+    """Problems with a `finetune.tasks` mapping, each as '<path>.<name>[.<option>]: problem' (as config reports)."""
+    try:
+        TaskMixtureModel.model_validate(tasks)
+    except ValidationError as exc:
+        return nest(path, describe(exc, TaskMixtureModel))
     return []
 
 
@@ -648,6 +679,8 @@ class Mixture:
         self.names = [name for name, examples in task_examples.items() if examples and rates.get(name, 0.0) > 0]
         if not self.names:
             raise ValueError("a mixture needs at least one task with examples and a positive rate")
+        import numpy as np
+
         self.examples = {name: task_examples[name] for name in self.names}
         weights = np.array([rates[name] for name in self.names], dtype=np.float64)
         self.cumulative = np.cumsum(weights / weights.sum())  # (num_tasks,)
@@ -660,6 +693,8 @@ class Mixture:
     def __getitem__(self, i: int) -> tuple[str, Example]:
         if not 0 <= i < self.length:
             raise IndexError(f"mixture index {i} out of range [0, {self.length})")
+        import numpy as np
+
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, i]))
         task = min(int(np.searchsorted(self.cumulative, rng.random(), side="right")), len(self.names) - 1)
         name = self.names[task]
@@ -770,6 +805,8 @@ def baselines(task: Task, train: list[Example], test: list[Example]) -> dict[str
     - generation: `copy_input` (the input without its prefix, echoed) and `most_frequent_output` (always the
       most frequent training target).
     """
+    import numpy as np
+
     from pipeline.stats import chance_baseline, majority_baseline
 
     if not test:
