@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from pipeline import openmp_wait
 from pipeline.common import (
     StageError,
     load_model_dir,
@@ -337,7 +338,8 @@ def log_to_mlflow(
         run.log_params(mlflow_logging.stage_params(cfg.to_dict(), "evaluate", paths.variant, paths.seed, root))
         final = RunPaths(root, "finetune", paths.variant, paths.seed).final
         run.log_params(mlflow_logging.model_params_from_dir(final, paths.variant))
-        run.log_params({"trainer.threads_used": torch.get_num_threads()})  # resolved from trainer.threads
+        # resolved from trainer.threads, and how OpenMP threads wait (pipeline/__init__.py)
+        run.log_params({"trainer.threads_used": torch.get_num_threads(), "trainer.openmp_wait": openmp_wait()})
         run.log_metrics(mlflow_metrics(metrics))
         run.log_artifacts(artifacts or paths.out, "eval")
 

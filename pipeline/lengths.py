@@ -47,6 +47,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from pipeline import openmp_wait
 from pipeline.common import StageError, publish, repo_root, require_variant, run_stage, stage_parser
 from pipeline.config import LENGTH_TASKS, Config, LengthsConfig
 from pipeline.paths import RunPaths
@@ -474,7 +475,13 @@ def log_to_mlflow(
     tags.update(mlflow_logging.context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], paths.seed))
     with tracked_run(run, paths.dvc_stage(), tags):
         run.log_params(mlflow_logging.stage_params(cfg.to_dict(), STAGE, paths.variant, paths.seed, root))
-        run.log_params({"trainer.threads_used": torch.get_num_threads(), "lengths.device": result["device"]})
+        run.log_params(
+            {
+                "trainer.threads_used": torch.get_num_threads(),
+                "trainer.openmp_wait": openmp_wait(),
+                "lengths.device": result["device"],
+            }
+        )
         run.log_metrics(mlflow_metrics(result))
         for length, rows in histories.items():
             for row in rows:

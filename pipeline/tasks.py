@@ -212,10 +212,9 @@ def listops_value(operator: str, values: list[int]) -> int:
         return max(values)
     if operator == "MIN":
         return min(values)
-    if operator == "MED":
-        import numpy as np
-
-        return int(np.median(values))
+    if operator == "MED":  # int(np.median(values)), without numpy's per-call cost (a third of generating a tree)
+        ordered, half = sorted(values), len(values) // 2
+        return ordered[half] if len(values) % 2 else (ordered[half - 1] + ordered[half]) // 2
     if operator == "SM":
         return sum(values) % 10
     raise ValueError(f"unknown ListOps operator {operator!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -56,18 +57,42 @@ def test_a_stage_runs_with_the_configured_threads(tmp_path):
     assert "threads 1 1" in out.stdout
 
 
-@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_waiting_openmp_threads_sleep_unless_the_user_says_otherwise(given, expected):
-    """The package sets `OMP_WAIT_POLICY` before torch loads OpenMP (read once, at load); a user's value wins."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given:
-        env["OMP_WAIT_POLICY"] = given
-    code = (
-        "import os, sys, pipeline\n"
-        "assert 'torch' not in sys.modules\n"
-        "import torch\n"
-        "print(os.environ['OMP_WAIT_POLICY'])\n"
-    )
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, {"passive", "spin 10000"}),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, {"active"}),
+        ({"GOMP_SPINCOUNT": "7"}, {"spin 7"}),
+    ],
+)
+def test_openmp_wait_is_chosen_before_torch_loads_and_a_users_value_wins(given, expected):
+    """The package chooses how OpenMP threads wait before torch loads OpenMP (read once, at load)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | given
+    code = "import sys, pipeline\nassert 'torch' not in sys.modules\nimport torch\nprint(pipeline.openmp_wait())\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [expected]
+    assert out.stdout.strip() in expected
+
+
+@pytest.mark.parametrize(("busy", "spins"), [(0.1, True), (0.6, False), (1.9, False), (None, False)])
+def test_threads_spin_briefly_only_when_the_cpus_are_idle(monkeypatch, busy, spins):
+    import pipeline
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setattr(pipeline, "busy_cores", lambda: busy)
+    pipeline._choose_openmp_wait()
+    assert pipeline.openmp_wait() == ("spin 10000" if spins else "passive")
+
+
+def test_busy_cores_sees_another_process_computing():
+    import pipeline
+
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = pipeline.busy_cores(0.5)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert busy is not None and 0.7 <= busy <= os.cpu_count() + 0.01
