@@ -25,7 +25,10 @@ from models import reformer_decoding
 from models.common import Dropout
 from models.generation import GenerationMixin
 from models.lsh_kernels import NormaliseKeys, PermuteRows, chunked_attention, full_attention
+from models.positions import AxialPositionEmbeddings, PositionEmbeddings
+from models.reformer_family import benchmark_config, efficient_attention, seeded
 from models.reversible import reversible_stack
+from models.spec import FamilySpec
 
 LAYOUTS = ("encoder_decoder", "causal_lm")
 ATTN_TYPES = ("lsh", "local")
@@ -433,42 +436,6 @@ class ReformerStack(nn.Module):
         return self.dropout(self.layer_norm(hidden))
 
 
-class AxialPositionEmbeddings(nn.Module):
-    """Axial positions (section 5): position p = (i, j) on a grid, embedding = [e1_i, e2_j] (dims concatenated)."""
-
-    def __init__(self, config: ReformerConfig):
-        super().__init__()
-        self.shape = config.axial_pos_shape
-        rows, cols = config.axial_pos_shape
-        self.weights = nn.ParameterList(
-            [
-                nn.Parameter(torch.ones(rows, 1, config.axial_pos_dims[0])),
-                nn.Parameter(torch.ones(1, cols, config.axial_pos_dims[1])),
-            ]
-        )
-
-    def forward(self, length: int) -> torch.Tensor:
-        rows, cols = self.shape
-        if length > rows * cols:
-            raise ValueError(f"sequence length {length} exceeds the axial position grid {self.shape} ({rows * cols})")
-        used_rows = -(-length // cols)  # only the rows that hold positions < length
-        w0, w1 = self.weights
-        table = torch.cat([w0[:used_rows].expand(-1, cols, -1), w1.expand(used_rows, -1, -1)], dim=-1)
-        return table.reshape(used_rows * cols, -1)[:length]  # (L, D)
-
-
-class PositionEmbeddings(nn.Module):
-    def __init__(self, config: ReformerConfig):
-        super().__init__()
-        self.embedding = nn.Embedding(config.max_position_embeddings, config.d_model)
-
-    def forward(self, length: int) -> torch.Tensor:
-        if length > self.embedding.num_embeddings:
-            limit = self.embedding.num_embeddings
-            raise ValueError(f"sequence length {length} exceeds max_position_embeddings {limit}")
-        return self.embedding.weight[:length]
-
-
 class ReformerEmbeddings(nn.Module):
     def __init__(self, config: ReformerConfig):
         super().__init__()
@@ -614,48 +581,14 @@ class ReformerModel(GenerationMixin, nn.Module):
 
 # ------------------------------------------------------------------------------------------ family spec
 
-
-def _benchmark_config(config: ReformerConfig, num_layers: int | None, length: int) -> ReformerConfig:
-    """The preset's attention pattern (local, lsh, ...) repeated to `num_layers` layers per stack, and position
-    tables grown to hold `length` tokens (position embeddings do not count as non-embedding parameters)."""
-    changes: dict[str, Any] = {}
-    if num_layers is not None:
-        pattern = list(config.attn_layers)
-        changes.update(attn_layers=[pattern[i % len(pattern)] for i in range(num_layers)], encoder_attn_layers=None)
-    if config.axial_pos_shape and math.prod(config.axial_pos_shape) < length:
-        changes["axial_pos_shape"] = [-(-length // config.axial_pos_shape[1]), config.axial_pos_shape[1]]
-    elif not config.axial_pos_shape and config.max_position_embeddings < length:
-        changes["max_position_embeddings"] = length
-    return dataclasses.replace(config, **changes)
-
-
-def _seeded(config: ReformerConfig, seed: int) -> ReformerConfig:
-    """A fixed `hash_seed` is offset by the run's seed; None already draws rotations from the seeded torch RNG."""
-    return config if config.hash_seed is None else dataclasses.replace(config, hash_seed=config.hash_seed + seed)
-
-
-from models.spec import FamilySpec  # noqa: E402  (the spec closes the module)
-
-
-def _efficient_attention(config: ReformerConfig) -> str | None:
-    """ "LSH and local attention" (the kinds this config's stacks use), None when every layer attends fully."""
-    kinds = set(config.attn_layers)
-    if config.layout == "encoder_decoder":
-        kinds |= set(config.encoder_attn_layers or config.attn_layers)
-    if config.use_full_attention:
-        kinds.discard("lsh")
-    names = [{"lsh": "LSH", "local": "local"}[kind] for kind in ATTN_TYPES if kind in kinds]
-    return " and ".join(names) + " attention" if names else None
-
-
 SPEC = FamilySpec(
     name="reformer",
     config_class=ReformerConfig,
     model_class=ReformerModel,
     presets=PRESETS,
-    benchmark_config=_benchmark_config,
+    benchmark_config=benchmark_config,
     activation_checkpointing=None,  # reversible layers recompute activations in the backward pass already
-    seeded=_seeded,
-    efficient_attention=_efficient_attention,
+    seeded=seeded,
+    efficient_attention=efficient_attention,
     published={"lra_listops": {"Reformer": 0.3727}},  # Long Range Arena (Tay et al. 2021), table 1, test accuracy
 )

@@ -1,0 +1,41 @@
+"""The hooks of the Reformer's `FamilySpec` (`models/reformer.py`'s `SPEC`): how the pipeline scales a Reformer
+config for the benchmark, seeds its hashing, and names its sub-quadratic attention. Configs are
+`models.reformer.ReformerConfig` dataclasses; this module reads their fields only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+
+def benchmark_config(config: Any, num_layers: int | None, length: int) -> Any:
+    """The preset's attention pattern (local, lsh, ...) repeated to `num_layers` layers per stack, and position
+    tables grown to hold `length` tokens (position embeddings do not count as non-embedding parameters)."""
+    changes: dict[str, Any] = {}
+    if num_layers is not None:
+        pattern = list(config.attn_layers)
+        changes.update(attn_layers=[pattern[i % len(pattern)] for i in range(num_layers)], encoder_attn_layers=None)
+    if config.axial_pos_shape and math.prod(config.axial_pos_shape) < length:
+        changes["axial_pos_shape"] = [-(-length // config.axial_pos_shape[1]), config.axial_pos_shape[1]]
+    elif not config.axial_pos_shape and config.max_position_embeddings < length:
+        changes["max_position_embeddings"] = length
+    return dataclasses.replace(config, **changes)
+
+
+def seeded(config: Any, seed: int) -> Any:
+    """A fixed `hash_seed` is offset by the run's seed; None already draws rotations from the seeded torch RNG."""
+    return config if config.hash_seed is None else dataclasses.replace(config, hash_seed=config.hash_seed + seed)
+
+
+def efficient_attention(config: Any) -> str | None:
+    """The kinds of attention this config's stacks use, e.g. "LSH and local attention"; None when every layer
+    attends to the whole sequence."""
+    kinds = set(config.attn_layers)
+    if config.layout == "encoder_decoder":
+        kinds |= set(config.encoder_attn_layers or config.attn_layers)
+    if config.use_full_attention:
+        kinds.discard("lsh")
+    names = [{"lsh": "LSH", "local": "local"}[kind] for kind in ("lsh", "local") if kind in kinds]
+    return " and ".join(names) + " attention" if names else None
