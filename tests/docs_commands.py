@@ -33,9 +33,6 @@ NOT_RUN = {
     '".[test]"': "the setup command: .ci/run runs it in a fresh virtual environment",
     'python -m pytest -m "not gpu" -n auto --dist loadfile': "the test command: it is what runs this test (.ci/run)",
     "python benchmarks/duplication.py --preset cpu": "ten minutes on 2 cores: tests/test_duplication.py runs it small",
-    # moved from pipeline/ to benchmarks/ (issue 9: no family in pipeline/); README.md still shows the old command
-    # until it is updated, then this entry goes (the docs test flags it as stale)
-    "python -m pipeline.duplication --preset cpu": "moved to benchmarks/duplication.py (the entry above)",
     "python -m pytest": "the fast tests alone: CI runs them (and the slow ones) with the test command above",
     "python -m pipeline.<stage> --model <variant> --seed <seed>": (
         "the pattern of the matrix stages' command: the README's stage table shows (and dvc repro runs) each"
