@@ -253,7 +253,9 @@ class FinetuneConfig(TrainingLoopConfig):
     """Maximum input tokens (longer inputs are truncated)."""
     target_length: PosInt = 16
     """Maximum target tokens (longer targets are truncated)."""
-    max_steps: PosInt = 300
+    batch_size: PosInt = 32
+    """Sequences per optimizer step per device (before gradient accumulation)."""
+    max_steps: PosInt = 150
     """Optimizer steps."""
     optimizer: OptimizerConfig = Field(
         default_factory=lambda: OptimizerConfig(lr=1e-3, schedule="constant", warmup_steps=20)
@@ -288,7 +290,7 @@ class EvaluateConfig(Section):
 
 class BenchmarkConfig(Section):
     seq_lengths: Annotated[list[Annotated[int, Field(ge=16)]], Field(min_length=1)] = Field(
-        default_factory=lambda: [512, 1024, 2048, 4096]
+        default_factory=lambda: [512, 1024, 2048]
     )
     """Sequence lengths measured (batch `batch_size`); each family runs up to the longest it fits."""
     depths: Annotated[list[PosInt], Field(min_length=1)] = Field(default_factory=lambda: [2, 4, 8])
