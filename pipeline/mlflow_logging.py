@@ -46,7 +46,8 @@ WORKSPACE = "workspace"
 PARENT_KEY_TAG = "pipeline_execution"
 MAX_PARAM_LENGTH = 6000
 EXPERIMENT_DESCRIPTION = (
-    "T5 versus Reformer, trained and evaluated by the DVC pipeline of this repository. Runs are nested under one "
+    "The model variants of params.yaml (`models:`), trained and evaluated by the DVC pipeline of this repository. "
+    "Runs are nested under one "
     "parent per pipeline execution (tag `dvc_exp`: the DVC experiment, or `workspace`); filter with "
     "`tags.stage = 'pretrain'` and compare a stage's runs: the `model.*` params show how the variants differ."
 )
