@@ -19,9 +19,20 @@ turns `SIGUSR1` into a checkpoint at the next optimizer-step boundary followed b
 requeued job resumes exactly where an uninterrupted run would be.
 
 Logged metrics (the same names for every family, so MLflow runs compare directly):
-    train/loss, train/ppl, train/z_loss, train/lr, train/grad_norm, train/tokens (cumulative target tokens),
+    train/loss, train/ppl, train/z_loss, train/grad_norm, train/tokens (cumulative target tokens),
     train/tokens_per_s (input + target tokens per second, all devices), train/flops_per_s, train/mfu
-    (only when a peak FLOP/s figure is known), val/loss, val/ppl.
+    (only when a peak FLOP/s figure is known), val/loss, val/ppl; and, from Lightning's `LearningRateMonitor`
+    (added by the training stage), `train/lr/decay` and `train/lr/no_decay`: the rate of each parameter group
+    (`build_optimizer`; the same value under every schedule here), at Lightning's step numbering (the steps done
+    before the one that uses it). The loss history (`history`, the stage's `-train.csv`) still records the rate
+    each logged step used.
+
+Throughput and MFU are measured here rather than by Lightning's `ThroughputMonitor`: that callback counts on rank
+zero only and multiplies by the world size (ranks' batches differ in non-padding tokens; here the exact counts are
+summed over ranks at the logging steps), synchronises CUDA after every micro-batch, names its metrics differently for
+one and several devices, and its peak table does not know the plain "NVIDIA H200" name, so MFU would vanish on the
+project's GPU. Validation time is left out of both the logged windows and the whole-run figures (`run_speed`:
+tokens/s, FLOP/s and MFU over this process's whole training, what the stage writes to `final/training.json`).
 """
 
 from __future__ import annotations
@@ -146,7 +157,10 @@ def build_optimizer(model: torch.nn.Module, s: OptimSettings) -> torch.optim.Opt
     """AdamW (decay on matrices only, not on norms and biases) or Adafactor (T5's factored second moments)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [  # the names are LearningRateMonitor's metric suffixes: train/lr/decay, train/lr/no_decay
+        {"params": decay, "weight_decay": s.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
     groups = [g for g in groups if g["params"]]
     if s.name == "adamw":
         # the fused kernel updates each tensor in one pass instead of about ten elementwise ops: on CPU 3.5 ms
@@ -204,7 +218,12 @@ class Seq2SeqLM(L.LightningModule):
         self._val_rng: dict[str, Any] | None = None
         self._grad_norm: float | None = None
         self._progress: dict[str, float] = {}
-        self.last_speed: dict[str, float] = {}
+        self.last_speed: dict[str, float] = {}  # the last logged window
+        self.run_speed: dict[str, float] = {}  # this process's whole training (set when training ends)
+        self._run = [0, 0.0]  # input + target tokens and FLOPs this process trained on (this rank)
+        self._run_start: float | None = None
+        self._excluded_s = 0.0  # validation time inside training, left out of every throughput figure
+        self._val_start: float | None = None
         self.last_val: dict[str, float] = {}
         self._pending_rng: dict[str, Any] | None = None
         self.divergence_streak = 0  # consecutive optimizer steps that looked stuck (see `_check_stuck`)
@@ -236,11 +255,15 @@ class Seq2SeqLM(L.LightningModule):
         self._window["loss"] += float(ce.detach()) * n
         self._window["z"] += float(z.detach()) * n
         self._window["targets"] += n
-        self._window["tokens"] += int(batch["attention_mask"].sum()) + n
+        tokens = int(batch["attention_mask"].sum()) + n
+        self._window["tokens"] += tokens
+        self._run[0] += tokens
         flops_fn = getattr(self.model, "training_flops", None)
         if flops_fn is not None:
             target_len = batch["labels"].shape[1] if "decoder_input_ids" in batch else 0
-            self._window["flops"] += flops_fn(batch["input_ids"].shape[0], batch["input_ids"].shape[1], target_len)
+            flops = flops_fn(batch["input_ids"].shape[0], batch["input_ids"].shape[1], target_len)
+            self._window["flops"] += flops
+            self._run[1] += flops
         if self._progress:
             self.log_dict(self._progress, prog_bar=True, logger=False)
         return loss
@@ -253,7 +276,9 @@ class Seq2SeqLM(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, s.schedule, s.warmup_steps, s.max_steps, s.min_lr_ratio)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # "name": what LearningRateMonitor logs the rates under (train/lr/<parameter group>)
+        schedule = {"scheduler": scheduler, "interval": "step", "name": "train/lr"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def _logging_step(self) -> bool:
         """Whether the optimizer step being taken (number `global_step + 1`) gets logged."""
@@ -339,7 +364,6 @@ class Seq2SeqLM(L.LightningModule):
             "train/loss": loss,
             "train/ppl": math.exp(min(loss, 50.0)),
             "train/z_loss": z_sum / max(targets, 1),
-            "train/lr": lr,
             "train/tokens": float(self.tokens_seen),
         }
         grad_norm = self._grad_norm
@@ -348,10 +372,9 @@ class Seq2SeqLM(L.LightningModule):
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         self._log(metrics, step)
+        self.history[-1]["train/lr"] = lr  # the loss history's `lr` column; LearningRateMonitor logs it
         # throughput is logged but kept out of the history, which must not depend on the machine's speed
-        speed = {"train/tokens_per_s": tokens / elapsed, "train/flops_per_s": flops / elapsed}
-        if self.settings.peak_flops:
-            speed["train/mfu"] = flops / elapsed / (self.settings.peak_flops * self.trainer.world_size)
+        speed = {f"train/{k}": v for k, v in self._speed(tokens, flops, elapsed).items()}
         if self.trainer.is_global_zero:
             for logger in self.trainer.loggers:
                 logger.log_metrics(speed, step=step)
@@ -360,11 +383,32 @@ class Seq2SeqLM(L.LightningModule):
         self._grad_norm = None
         self._reset_window()
 
+    def _speed(self, tokens: float, flops: float, seconds: float) -> dict[str, float]:
+        """tokens_per_s, flops_per_s and (with a known peak) mfu of all devices together."""
+        seconds = max(seconds, 1e-9)
+        speed = {"tokens_per_s": tokens / seconds, "flops_per_s": flops / seconds}
+        if self.settings.peak_flops:
+            speed["mfu"] = flops / seconds / (self.settings.peak_flops * self.trainer.world_size)
+        return speed
+
+    def on_train_end(self) -> None:
+        """The whole-run averages: every token and FLOP this process trained on (summed over ranks once, here) over
+        its training time without validation; a resumed run counts from its resume."""
+        if self._run_start is None:
+            return
+        seconds = time.perf_counter() - self._run_start - self._excluded_s
+        sums = torch.tensor(self._run, dtype=torch.float64)
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
+        tokens, flops = sums.tolist()
+        self.run_speed = self._speed(tokens, flops, seconds)
+
     # ---- validation ----
 
     def on_validation_epoch_start(self) -> None:
         # validation must not move the random streams training draws from (LSH hashing draws in eval too),
         # so an interrupted run that resumes makes exactly the same draws as one that never stopped
+        self._val_start = time.perf_counter() if self.trainer.state.fn == "fit" else None  # not trainer.validate()
         self._val_rng = rng_states()
         self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
 
@@ -373,6 +417,11 @@ class Seq2SeqLM(L.LightningModule):
         self._val_sums += torch.stack([ce_sum.double(), count.double()])
 
     def on_validation_epoch_end(self) -> None:
+        if self._val_start is not None:  # inside fit: validation time is not training time
+            spent = time.perf_counter() - self._val_start
+            self._excluded_s += spent
+            self._window_start += spent
+            self._val_start = None
         sums = self._val_sums
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
@@ -413,7 +462,8 @@ class Seq2SeqLM(L.LightningModule):
         if self._pending_rng is not None:
             set_rng_states(self._pending_rng)
             self._pending_rng = None
-        self._window_start = time.perf_counter()
+        self._window_start = self._run_start = time.perf_counter()
+        self._run, self._excluded_s = [0, 0.0], 0.0
 
 
 # ------------------------------------------------------------------------------------------- checkpoints

@@ -39,6 +39,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 import models
@@ -452,6 +453,8 @@ def _fit_and_save(
     # own auto-requeue saves mid-step and its hpc_ckpt files are later reloaded by trainer.validate (stale weights)
     checkpoint = StepCheckpoint(paths.checkpoints, section.checkpoint_every_n_steps, requeue_on_signal=on_slurm)
     callbacks: list[L.Callback] = [SamplerPosition(), checkpoint]
+    if run.active:  # the learning rate of each parameter group, through the run's logger (train/lr/<group>)
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.progress_bar:
         callbacks.append(ProgressBar(refresh_rate=max(1, section.log_every_n_steps // 2)))
     trainer = L.Trainer(
@@ -548,8 +551,8 @@ def _write_timing(
 ) -> dict[str, Any]:
     timing = {
         "wall_time_s": elapsed,
-        "tokens_per_s": module.last_speed.get("train/tokens_per_s"),
-        "mfu": module.last_speed.get("train/mfu"),
+        "tokens_per_s": module.run_speed.get("tokens_per_s"),  # whole-run averages, not the last logged window
+        "mfu": module.run_speed.get("mfu"),
         "resumed": resume is not None,
         "mlflow_run_id": run.run_id,
         "mlflow_tracking_uri": uri,

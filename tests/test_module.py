@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import lightning as L
 import pytest
@@ -134,12 +135,15 @@ class Recorder(L.pytorch.loggers.logger.Logger):
         pass
 
 
-def fit(family: str, steps: int, settings: OptimSettings, clip: float = 1.0, accumulate: int = 1, batch=None):
+def fit(
+    family: str, steps: int, settings: OptimSettings, clip: float = 1.0, accumulate: int = 1, batch=None, **trainer_kw
+):
     model = tiny(family, dropout_rate=0.0)
     module = Seq2SeqLM(model, settings)
     fixed = batch or seq2seq_batch(s=32 if family == "reformer" else 16)
     loader = torch.utils.data.DataLoader(Batches([fixed] * (steps * accumulate)), batch_size=None)
     recorder = Recorder()
+    val = trainer_kw.pop("val", None)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,
@@ -149,8 +153,9 @@ def fit(family: str, steps: int, settings: OptimSettings, clip: float = 1.0, acc
         enable_model_summary=False,
         gradient_clip_val=clip,
         accumulate_grad_batches=accumulate,
+        **trainer_kw,
     )
-    trainer.fit(module, train_dataloaders=loader)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=val)
     return module, recorder
 
 
@@ -162,8 +167,9 @@ def test_loss_falls_and_metrics_are_logged_every_n_steps(family):
     assert [r["step"] for r in train_rows] == [3, 6, 9, 12]
     assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"] - 0.5  # memorising one batch
     logged = {k for _, m in recorder.rows for k in m}
-    for name in ("train/loss", "train/ppl", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/tokens"):
+    for name in ("train/loss", "train/ppl", "train/grad_norm", "train/tokens_per_s", "train/tokens"):
         assert name in logged
+    assert not any(k.startswith("train/lr") for k in logged)  # LearningRateMonitor's (the stage adds it)
     assert {s for s, _ in recorder.rows} == {3, 6, 9, 12}
     row = train_rows[-1]
     assert row["train/ppl"] == pytest.approx(math.exp(row["train/loss"]))
@@ -176,6 +182,69 @@ def test_learning_rate_follows_the_schedule_and_accumulation_counts_optimizer_st
     lrs = [r["train/lr"] for r in module.history if "train/lr" in r]
     expected = [1e-3 * lr_factor(s, "cosine", 2, 5, 0.1) for s in range(5)]
     assert lrs == pytest.approx(expected)
+
+
+def test_learning_rate_monitor_logs_each_group_as_train_lr():
+    """Lightning's LearningRateMonitor (the stage's callback) logs train/lr/decay and train/lr/no_decay through the
+    logger: at Lightning's step s (steps done before), the rate optimizer step s uses, which the loss history records
+    at step s + 1."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    settings = OptimSettings(lr=1e-3, warmup_steps=2, schedule="cosine", max_steps=6, log_every_n_steps=2)
+    module, recorder = fit(
+        "t5", 6, settings, accumulate=2, callbacks=[LearningRateMonitor(logging_interval="step")], log_every_n_steps=2
+    )
+    logged: dict[str, dict[int, float]] = {}
+    for step, metrics in recorder.rows:
+        for key, value in metrics.items():
+            if key.startswith("train/lr"):
+                logged.setdefault(key, {})[step] = value
+    assert set(logged) == {"train/lr/decay", "train/lr/no_decay"}
+    expected = {s: 1e-3 * lr_factor(s, "cosine", 2, 6, 0.1) for s in (1, 3, 5)}
+    for values in logged.values():
+        assert values == pytest.approx(expected)
+    history = {r["step"]: r["train/lr"] for r in module.history if "train/lr" in r}
+    assert history == pytest.approx({s + 1: v for s, v in expected.items()})
+
+
+class _Slow(L.Callback):
+    """Sleeps before the training batches from `after` on, and in every validation batch."""
+
+    def __init__(self, after: int, train_s: float, val_s: float):
+        self.after, self.train_s, self.val_s, self.slept = after, train_s, val_s, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx >= self.after:
+            time.sleep(self.train_s)
+
+    def on_validation_batch_start(self, *args, **kwargs):
+        time.sleep(self.val_s)
+        self.slept += self.val_s
+
+
+def test_whole_run_speed_is_the_whole_run_without_validation():
+    """`run_speed` (what the stage writes to training.json) averages every step of the run, not the last window,
+    and leaves validation time out; the logged windows leave it out too."""
+    batch = seq2seq_batch()
+    tokens_per_batch = int(batch["attention_mask"].sum()) + int((batch["labels"] != IGNORE_INDEX).sum())
+    settings = OptimSettings(lr=1e-3, warmup_steps=0, schedule="constant", max_steps=8, log_every_n_steps=4)
+    slow = _Slow(after=4, train_s=1.0, val_s=1.5)
+    val = torch.utils.data.DataLoader(Batches([batch] * 2), batch_size=None)
+    start = time.perf_counter()
+    module, recorder = fit(
+        "t5", 8, settings, batch=batch, callbacks=[slow], val=val, val_check_interval=4, num_sanity_val_steps=0
+    )
+    wall = time.perf_counter() - start
+    assert slow.slept == 6.0  # 2 batches validated after steps 4 and 8
+    total = 8 * tokens_per_batch
+    run = module.run_speed["tokens_per_s"]
+    windows = [m["train/tokens_per_s"] for _, m in recorder.rows if "train/tokens_per_s" in m]
+    assert len(windows) == 2 and windows[1] < windows[0]  # the second window has the slow steps
+    assert windows[1] < run < windows[0]  # the whole run lies between its windows: not the last one
+    assert total / (wall - slow.slept) <= run <= total / 4.0  # training time only, validation left out
+    # the second window (steps 5-8) holds 4 s of slow steps and the 3 s validation after step 4, left out
+    assert windows[1] > 4 * tokens_per_batch / 6.0
+    assert "mfu" not in module.run_speed  # no peak FLOP/s on CPU
 
 
 def test_gradient_norm_is_measured_before_clipping():
