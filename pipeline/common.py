@@ -20,7 +20,8 @@ only when all of them are complete are they swapped into place, together; a fail
 previous output exactly as it was. Left-overs of a killed process (temporary siblings, a half-swapped target)
 are cleaned up, or rolled back, the next time the same output is written.
 
-Files a stage reads go through one set of loaders (`read_json`, `load_model_dir`, `check_checkpoint`) that
+Files a stage reads go through one set of loaders (`read_json` and `read_numeric_csv` of `pipeline/files.py`,
+`load_model_dir`, `check_checkpoint`) that
 turn a missing, unreadable or corrupt file into a `StageError` naming the file and what to do.
 """
 
@@ -46,24 +47,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DEFAULT_PARAMS, Config, load_config_or_exit
+from pipeline.files import CorruptFileError, StageError, read_json, read_numeric_csv  # noqa: F401 (shared names)
 
 log = logging.getLogger("pipeline")
 
 
-class StageError(RuntimeError):
-    """A problem the user can fix (bad input, missing file, unreachable server): printed without a traceback."""
-
-
 class DivergedError(StageError):
     """Training diverged (non-finite loss or gradients, or stuck at the uniform-prediction loss)."""
-
-
-class CorruptFileError(StageError):
-    """A file a stage reads exists but cannot be read back (truncated, not the expected format)."""
-
-    def __init__(self, path: str | Path, problem: str, fix: str):
-        self.path = Path(path)
-        super().__init__(f"{path} is corrupt or unreadable ({problem}); {fix}")
 
 
 class StageInterrupted(KeyboardInterrupt):
@@ -453,19 +443,6 @@ def hold_lock(path: str | Path, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- loaders
-
-
-def read_json(path: str | Path, fix: str) -> Any:
-    """Parse a JSON file a stage reads; missing, unreadable or corrupt -> `StageError` naming it and `fix`."""
-    path = Path(path)
-    if not path.is_file():
-        raise StageError(f"{path} not found: {fix}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(path, f"not valid JSON: {exc}", fix) from None
-    except OSError as exc:
-        raise CorruptFileError(path, exc.strerror or str(exc), fix) from None
 
 
 def load_model_dir(directory: str | Path, fix: str) -> tuple[str, Any]:

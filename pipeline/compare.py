@@ -43,9 +43,7 @@ the charts.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
-import json
 import logging
 import shutil
 import tempfile
@@ -57,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import atomic_output, publish, repo_root, run_stage, stage_parser
+from pipeline.common import atomic_output, publish, read_numeric_csv, repo_root, run_stage, stage_parser
 from pipeline.common import read_json as load_json
 from pipeline.config import Config
 from pipeline.paths import RunPaths, stage_metrics
@@ -104,14 +102,6 @@ def _optional_json(path: Path) -> Any:
     return load_json(path, "re-run the stage that wrote it, or delete it") if path.is_file() else {}
 
 
-def read_csv(path: Path) -> list[dict[str, float]]:
-    """Rows of a numeric CSV (empty cells dropped); [] when the file does not exist."""
-    if not path.is_file():
-        return []
-    with path.open(newline="", encoding="utf-8") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-
-
 def gather_run(root: Path, variant: str, seed: int) -> dict[str, Any]:
     """What one (variant, seed) run left behind: stage metrics, timings, loss curves, evaluation outputs."""
     run: dict[str, Any] = {}
@@ -119,13 +109,14 @@ def gather_run(root: Path, variant: str, seed: int) -> dict[str, Any]:
         paths = RunPaths(root, stage, variant, seed)
         run[stage] = read_json(paths.metrics, paths.dvc_stage())
         run[f"{stage}_timing"] = _optional_json(paths.final / "training.json")
-        run[f"{stage}_curves"] = {kind: read_csv(paths.history(kind)) for kind in ("train", "val")}
+        fix = f"re-run `dvc repro -f {paths.dvc_stage()}` (it rewrites the loss history)"
+        run[f"{stage}_curves"] = {kind: read_numeric_csv(paths.history(kind), fix) for kind in ("train", "val")}
     ev = RunPaths(root, "evaluate", variant, seed)
     run["eval"] = read_json(ev.metrics, ev.dvc_stage())
     run["examples"] = _optional_json(ev.out / "examples.json")
     run["samples"] = _optional_json(ev.out / "samples.json")
     run["confusion"] = {
-        path.stem.removeprefix("confusion_"): json.loads(path.read_text())
+        path.stem.removeprefix("confusion_"): load_json(path, f"re-run `dvc repro -f {ev.dvc_stage()}`")
         for path in sorted(ev.out.glob("confusion_*.json"))
     }
     return run

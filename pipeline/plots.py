@@ -22,6 +22,8 @@ import re
 import sys
 from pathlib import Path
 
+from pipeline.files import StageError, read_numeric_csv
+
 DEFAULT_TEMPLATE = Path("reports/plots_template.html")
 LOSS_DIR = Path("metrics/loss")
 STAGES = ("pretrain", "finetune")
@@ -79,20 +81,27 @@ def combined_losses(directory: str | Path) -> list[dict[str, str]]:
         match = HISTORY.match(path.name)
         if not match:
             continue
-        with path.open(newline="", encoding="utf-8") as f:
-            for record in csv.DictReader(f):
-                if record.get("loss") in (None, ""):
-                    continue
-                rows.append(
-                    {
-                        "run": match["run"],
-                        "split": match["split"],
-                        "step": record.get("step", ""),
-                        "tokens": record.get("tokens", ""),
-                        "loss": record["loss"],
-                    }
-                )
+        fix = f"re-run `dvc repro -f {Path(directory).name}@{match['run']}` (it rewrites the loss history)"
+        for record in read_numeric_csv(path, fix):
+            if "loss" not in record:
+                continue
+            rows.append(
+                {
+                    "run": match["run"],
+                    "split": match["split"],
+                    "step": _number(record.get("step")),
+                    "tokens": _number(record.get("tokens")),
+                    "loss": repr(record["loss"]),
+                }
+            )
     return rows
+
+
+def _number(value: float | None) -> str:
+    """A CSV cell for a step or token count read back as a float: `2`, not `2.0`; empty when absent."""
+    if value is None:
+        return ""
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def write_losses(root: str | Path, stage: str) -> Path:
@@ -117,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = [write_losses(Path.cwd(), stage) for stage in STAGES]
         written.append(write_template(args.template))
+    except StageError as exc:  # a corrupt loss history
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"error: cannot write {exc.filename or args.template}: {exc.strerror or exc}", file=sys.stderr)
         return 1

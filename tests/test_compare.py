@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.compare import analyze, headline, read_csv, render_report, sum_confusions
+from pipeline.common import CorruptFileError, read_numeric_csv
+from pipeline.compare import analyze, headline, render_report, sum_confusions
 from pipeline.config import load_config
 from tests.eval_project import make_eval_project, run_module, write_training_metrics
 from tests.train_project import ROOT
@@ -155,8 +156,26 @@ def test_one_seed_shows_no_interval_and_names_no_winner(cfg):
 def test_read_csv_drops_empty_cells(tmp_path: Path):
     path = tmp_path / "h.csv"
     path.write_text("step,loss,z_loss\n1,2.5,\n2,2.0,0.1\n")
-    assert read_csv(path) == [{"step": 1.0, "loss": 2.5}, {"step": 2.0, "loss": 2.0, "z_loss": 0.1}]
-    assert read_csv(tmp_path / "missing.csv") == []
+    assert read_numeric_csv(path, "fix") == [{"step": 1.0, "loss": 2.5}, {"step": 2.0, "loss": 2.0, "z_loss": 0.1}]
+    assert read_numeric_csv(tmp_path / "missing.csv", "fix") == []
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"step,loss\n1,2.5\n2,\xff\xfe\n", "utf-8"),  # not text
+        (b"step,loss\n1,2.5\n2,abc\n", "could not convert"),  # not a number
+        (b"step,loss,lr\n1,2.5,0.1\n2,2.4", "line 3 has 2 cells for 3 columns"),  # cut off mid-row
+        (b"step,loss\n1,2.5,7\n", "line 2 has"),  # more cells than columns
+    ],
+)
+def test_a_corrupt_history_names_the_file_and_the_fix(tmp_path: Path, content: bytes, problem: str):
+    path = tmp_path / "t5-0-train.csv"
+    path.write_bytes(content)
+    with pytest.raises(CorruptFileError) as caught:
+        read_numeric_csv(path, "re-run `dvc repro -f pretrain@t5-0`")
+    message = str(caught.value)
+    assert str(path) in message and problem in message and "dvc repro -f pretrain@t5-0" in message
 
 
 def test_sum_confusions_adds_counts_over_seeds_with_merged_labels():
