@@ -440,6 +440,9 @@ class TrainerConfig(Section):
     def _precision_fits_the_accelerator(self) -> TrainerConfig:
         if self.accelerator == "cpu" and self.precision == "16-mixed":
             raise Problems(["precision: '16-mixed' needs a GPU; use '32-true' or 'bf16-mixed' on CPU"])
+        if self.strategy == "deepspeed" and self.precision == "bf16-true":
+            # DeepSpeed's bf16 mode keeps fp32 master weights itself: that is bf16-mixed; say so instead of guessing
+            raise Problems(["precision: 'bf16-true' with DeepSpeed: use 'bf16-mixed' (DeepSpeed's bf16 mode)"])
         return self
 
 

@@ -218,7 +218,6 @@ class Seq2SeqLM(L.LightningModule):
         self._val_rng: dict[str, Any] | None = None
         self._grad_norm: float | None = None
         self._progress: dict[str, float] = {}
-        self.last_speed: dict[str, float] = {}  # the last logged window
         self.run_speed: dict[str, float] = {}  # this process's whole training (set when training ends)
         self._run = [0, 0.0]  # input + target tokens and FLOPs this process trained on (this rank)
         self._run_start: float | None = None
@@ -378,7 +377,6 @@ class Seq2SeqLM(L.LightningModule):
         if self.trainer.is_global_zero:
             for logger in self.trainer.loggers:
                 logger.log_metrics(speed, step=step)
-        self.last_speed = speed
         self._progress = {"loss": loss, "tok/s": speed["train/tokens_per_s"]}
         self._grad_norm = None
         self._reset_window()

@@ -337,14 +337,11 @@ def build_strategy(cfg: Config, accelerator: str | None = None) -> Any:
 
 def check_combination(cfg: Config, accelerator: str) -> None:
     """Raise `StrategyError` for params that cannot run on the accelerator found (`auto` resolved): config.py
-    checks every combination the params alone decide (offloading, '16-mixed' with `accelerator: cpu`)."""
+    checks every combination the params alone decide (offloading, bf16-true with DeepSpeed, '16-mixed' with
+    `accelerator: cpu`)."""
     t = cfg.trainer
     if accelerator == "cpu" and t.precision == "16-mixed":
         raise StrategyError("trainer.precision '16-mixed' needs a GPU; use '32-true' or 'bf16-mixed' on CPU")
-    if t.strategy == "deepspeed" and t.precision == "bf16-true":
-        # DeepSpeed's bf16 mode keeps fp32 master weights itself: that is bf16-mixed; say so instead of guessing.
-        # (A params-only check, kept here because tests/test_strategy.py expects it from trainer_kwargs.)
-        raise StrategyError("trainer.precision 'bf16-true' with DeepSpeed: use 'bf16-mixed' (DeepSpeed's bf16 mode)")
 
 
 def trainer_kwargs(cfg: Config) -> dict[str, Any]:
