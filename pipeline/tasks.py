@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, Field, PlainSerializer, ValidationError, create_model, model_validator
+from pydantic import AfterValidator, Field, PlainSerializer, create_model, model_validator
 
-from pipeline.validation import Fraction, NonNegInt, PosInt, Problems, Section, describe, nest
+from pipeline.validation import Fraction, NonNegInt, PosInt, Problems, Section
 
 SPLITS = ("train", "validation", "test")
 METRICS = ("rouge_l", "bleu", "accuracy", "exact_match")
@@ -619,15 +619,6 @@ TaskMixture = Annotated[
 ]
 """The type of `finetune.tasks`: validated as one field per task, each its `TaskOptions` model; kept as the
 mapping of the tasks given to their given options (`build_examples` fills in the defaults)."""
-
-
-def validate_tasks(tasks: Any, path: str = "finetune.tasks") -> list[str]:
-    """Problems with a `finetune.tasks` mapping, each as '<path>.<name>[.<option>]: problem' (as config reports)."""
-    try:
-        TaskMixtureModel.model_validate(tasks)
-    except ValidationError as exc:
-        return nest(path, describe(exc, TaskMixtureModel))
-    return []
 
 
 # ---------------------------------------------------------------------------------------------- mixing

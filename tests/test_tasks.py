@@ -27,7 +27,6 @@ from pipeline.tasks import (
     mixing_rates,
     score,
     split_first_sentence,
-    validate_tasks,
 )
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -211,21 +210,31 @@ def test_shipped_params_tasks_build():
 # ------------------------------------------------------------------------------------------ validation
 
 
-def test_validate_tasks_accepts_defaults_and_valid_options():
-    assert validate_tasks({"summarize": {}, "listops": None, "duplication": {"length": 8}}, "finetune.tasks") == []
-    assert validate_tasks({"sst2": {"name": None, "max_examples": 10, "path": "/tmp/x"}}, "finetune.tasks") == []
-    assert validate_tasks({"listops": {"leaf_probability": 1}}, "finetune.tasks") == []  # an int is a float
+def task_problems(tasks) -> list[str]:
+    """The problems the params loader reports under `finetune.tasks` for this mapping of tasks."""
+    params = shipped_params()
+    params["finetune"]["tasks"] = tasks
+    try:
+        config_from_dict(params)
+    except ConfigError as exc:
+        return [p for p in exc.problems if p.startswith("finetune.tasks")]
+    return []
 
 
-def test_validate_tasks_reports_every_problem_with_its_path():
-    problems = validate_tasks(
+def test_task_options_accept_defaults_and_valid_options():
+    assert task_problems({"summarize": {}, "listops": None, "duplication": {"length": 8}}) == []
+    assert task_problems({"sst2": {"name": None, "max_examples": 10, "path": "/tmp/x"}}) == []
+    assert task_problems({"listops": {"leaf_probability": 1}}) == []  # an int is a float
+
+
+def test_task_option_problems_are_all_reported_with_their_paths():
+    problems = task_problems(
         {
             "sumarize": {},
             "listops": {"max_depth": "deep", "max_argz": 3, "num_examples": 0, "leaf_probability": 1.5},
             "duplication": {"length": True, "vocab_size": None},
             "sst2": [1, 2],
-        },
-        "finetune.tasks",
+        }
     )
     text = "\n".join(problems)
     assert len(problems) == 8, text
@@ -237,7 +246,7 @@ def test_validate_tasks_reports_every_problem_with_its_path():
     assert "finetune.tasks.duplication.length: expected int" in text  # a bool is not an int
     assert "finetune.tasks.duplication.vocab_size: must not be null" in text
     assert "finetune.tasks.sst2: expected a mapping of options" in text
-    assert validate_tasks({}, "finetune.tasks")[0].startswith("finetune.tasks: at least one task is needed")
+    assert task_problems({})[0].startswith("finetune.tasks: at least one task is needed")
 
 
 def test_config_reports_task_problems():
