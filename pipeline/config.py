@@ -51,7 +51,7 @@ from pipeline.validation import (
     between,
     describe,
     nest,
-    withyaml_floats,
+    with_yaml_floats,
     yaml_float,
 )
 
@@ -437,7 +437,7 @@ class TrainerConfig(Section):
     `*.corrupt-<time>`) and resume from the checkpoint before it (`previous`, else from scratch) or from `scratch`."""
 
     @model_validator(mode="after")
-    def _precision_fits_the_accelerator(self) -> TrainerConfig:
+    def _precision_fits_the_accelerator_and_strategy(self) -> TrainerConfig:
         if self.accelerator == "cpu" and self.precision == "16-mixed":
             raise Problems(["precision: '16-mixed' needs a GPU; use '32-true' or 'bf16-mixed' on CPU"])
         if self.strategy == "deepspeed" and self.precision == "bf16-true":
@@ -552,7 +552,7 @@ def variant_model(family: str) -> type[BaseModel]:
     hints = typing.get_type_hints(spec.config_class)
     fields: dict[str, Any] = {"family": (Literal[family], ...), "preset": (str | None, None)}
     for f in dataclasses.fields(spec.config_class):
-        fields[f.name] = (withyaml_floats(hints[f.name]) | None, None)
+        fields[f.name] = (with_yaml_floats(hints[f.name]) | None, None)
 
     def build(self: BaseModel) -> BaseModel:
         preset = self.preset or "tiny"

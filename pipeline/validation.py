@@ -66,18 +66,18 @@ NonNegFloat = Annotated[Float, Field(ge=0)]
 Fraction = Annotated[Float, Field(ge=0, le=1)]
 
 
-def withyaml_floats(tp: Any) -> Any:
+def with_yaml_floats(tp: Any) -> Any:
     """`tp` with every `float` replaced by `Float` (YAML 1.1 float text accepted)."""
     if tp is float:
         return Float
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        out = withyaml_floats(args[0])
+        out = with_yaml_floats(args[0])
         for arg in args[1:]:
-            out = out | withyaml_floats(arg)
+            out = out | with_yaml_floats(arg)
         return out
     if origin is list:
-        return list[withyaml_floats(args[0])]
+        return list[with_yaml_floats(args[0])]
     return tp
 
 
