@@ -24,6 +24,8 @@ from models import generation
 from models.common import (
     BiasedAttention,
     KVCache,
+    Tied,
+    TiedEmbedding,
     decode_attention,
     decoding,
     drop_mask,
@@ -489,7 +491,8 @@ class T5Model(generation.GenerationMixin, nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.shared = nn.Embedding(c.vocab_size, c.d_model)
+        # tied (v1.0): the output projection too, one gradient tensor for both uses in training (`TiedEmbedding`)
+        self.shared = (TiedEmbedding if c.tie_word_embeddings else nn.Embedding)(c.vocab_size, c.d_model)
         if c.layout == "encoder_decoder":
             self.encoder = T5Stack(c, c.num_layers, has_cross_attention=False, bidirectional=True)
             self.decoder = T5Stack(c, c.num_decoder_layers, has_cross_attention=True, bidirectional=False)
@@ -522,10 +525,10 @@ class T5Model(generation.GenerationMixin, nn.Module):
             if hasattr(module, "relative_attention_bias"):
                 module.relative_attention_bias.weight.normal_(0.0, f * c.d_model**-0.5)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, tied: Tied | None = None) -> torch.Tensor:
         """Output projection (…, D) -> (…, V); tied embeddings rescale by d_model**-0.5 (Mesh TensorFlow)."""
         if self.config.tie_word_embeddings:
-            return linear(h * self.config.d_model**-0.5, self.shared.weight)
+            return self.shared.project(h * self.config.d_model**-0.5, tied)
         return linear(h, self.lm_head.weight)
 
     @staticmethod
@@ -535,10 +538,16 @@ class T5Model(generation.GenerationMixin, nn.Module):
             return None
         return ~attention_mask.bool()[:, None, None, :]
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, tied: Tied | None = None) -> torch.Tensor:
+        """Token embeddings; `tied`: this forward's `TiedEmbedding.tie()`, when it also projects with the weight."""
+        return self.shared(ids) if tied is None else self.shared(ids, tied)
+
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, tied: Tied | None = None
+    ) -> torch.Tensor:
         """(B, S) -> encoder output (B, S, D)."""
         S = input_ids.shape[1]
-        return self.encoder(self.shared(input_ids), *self.encoder.self_mask(S, S, key_mask=attention_mask))
+        return self.encoder(self.embed(input_ids, tied), *self.encoder.self_mask(S, S, key_mask=attention_mask))
 
     def forward(
         self,
@@ -550,6 +559,7 @@ class T5Model(generation.GenerationMixin, nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, V) for encoder-decoder, (B, L, V) for decoder-only layouts."""
         c = self.config
+        tied = self.shared.tie() if c.tie_word_embeddings else None  # embeddings and logits share one gradient
         if c.layout != "encoder_decoder":
             if decoder_input_ids is not None or decoder_attention_mask is not None:
                 raise ValueError(f"layout {c.layout!r} has no decoder inputs; pass the sequence as input_ids")
@@ -557,17 +567,19 @@ class T5Model(generation.GenerationMixin, nn.Module):
                 raise ValueError("prefix_lengths is required for layout 'prefix_lm' and only allowed there")
             L = input_ids.shape[1]
             masks = self.decoder.self_mask(L, L, key_mask=attention_mask, causal=True, prefix=prefix_lengths)
-            return self.logits(self.decoder(self.shared(input_ids), *masks))
+            return self.logits(self.decoder(self.embed(input_ids, tied), *masks), tied)
         if decoder_input_ids is None:
             raise ValueError("encoder_decoder layout needs decoder_input_ids (targets shifted right)")
         if prefix_lengths is not None:
             raise ValueError("prefix_lengths is only for layout 'prefix_lm'")
-        memory = self.encode(input_ids, attention_mask)
+        memory = self.encode(input_ids, attention_mask, tied)
         T = decoder_input_ids.shape[1]
         bias, hidden = self.decoder.self_mask(T, T, key_mask=decoder_attention_mask, causal=True)
         cross_hidden = self._padding(attention_mask)
-        h = self.decoder(self.shared(decoder_input_ids), bias, hidden, memory=memory, cross_hidden=cross_hidden)
-        return self.logits(h)
+        h = self.decoder(
+            self.embed(decoder_input_ids, tied), bias, hidden, memory=memory, cross_hidden=cross_hidden
+        )
+        return self.logits(h, tied)
 
     # ---- incremental decoding (protocol of models/generation.py) ----
 
