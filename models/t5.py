@@ -576,9 +576,7 @@ class T5Model(generation.GenerationMixin, nn.Module):
         T = decoder_input_ids.shape[1]
         bias, hidden = self.decoder.self_mask(T, T, key_mask=decoder_attention_mask, causal=True)
         cross_hidden = self._padding(attention_mask)
-        h = self.decoder(
-            self.embed(decoder_input_ids, tied), bias, hidden, memory=memory, cross_hidden=cross_hidden
-        )
+        h = self.decoder(self.embed(decoder_input_ids, tied), bias, hidden, memory=memory, cross_hidden=cross_hidden)
         return self.logits(h, tied)
 
     # ---- incremental decoding (protocol of models/generation.py) ----
