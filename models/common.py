@@ -46,6 +46,30 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return torch.where(drop, 0.0, x).mul_(scale)  # `where` rather than `x * keep`: a bool x float product casts first
 
 
+def dropped_relu_(x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """relu(x) with the elements `drop` zeroed, in place on x (a feed-forward's hidden layer, which nothing else
+    reads). Autograd recorded two passes for its backward (masked_fill, threshold_backward); `_DroppedRelu` makes it
+    one, since the output is 0 wherever either zeroed it."""
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+        return _DroppedRelu.apply(x, drop)
+    return x.masked_fill_(drop, 0.0).relu_()
+
+
+class _DroppedRelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, drop):
+        out = x.masked_fill_(drop, 0.0).relu_()
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out):
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(d_out, out, 0.0), None
+
+
 class Dropout(torch.nn.Dropout):
     """`nn.Dropout` through `dropout` above (same module interface, cheaper masks)."""
 
@@ -178,7 +202,14 @@ class BiasedAttention(torch.autograd.Function):
         drop, scale = drop_mask(probs, p) if p > 0.0 else (None, 1.0)
         dropped = probs if drop is None else torch.where(drop, probs.new_zeros(()), probs, out=scores)
         out = dropped @ v
-        ctx.save_for_backward(q, k, v, probs, drop, hidden)
+        # a row whose keys are all hidden has a uniform softmax, and its gradient must not reach the hidden keys; in
+        # any other row they have probability 0, hence gradient 0. Padding never hides a whole row, so on CPU a look
+        # at the small mask spares backward a pass over the scores (elsewhere it would wait for the device; compiled,
+        # it would break the graph)
+        full_rows = hidden is not None and (
+            hidden.device.type != "cpu" or torch.compiler.is_compiling() or bool(hidden.all(-1).any())
+        )
+        ctx.save_for_backward(q, k, v, probs, drop, hidden if full_rows else None)
         ctx.scale, ctx.bias_shape = scale, None if bias is None else bias.shape
         return out.mul_(scale) if drop is not None else out  # rescale the (B, H, Lq, Dk) output, not the scores
 
@@ -193,7 +224,7 @@ class BiasedAttention(torch.autograd.Function):
             d_v = buffer.transpose(-1, -2) @ d_out
             d_probs = torch.matmul(d_out, v.transpose(-1, -2), out=buffer).masked_fill_(drop, 0.0)
         d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)  # probs * (d_probs - <d_probs, probs>)
-        if hidden is not None:  # only matters for rows with every key hidden (then softmax is uniform)
+        if hidden is not None:  # kept only when some row has every key hidden (see forward)
             d_scores.masked_fill_(hidden, 0.0)
         d_q, d_k = d_scores @ k, d_scores.transpose(-1, -2) @ q
         d_bias = d_scores.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[3] else None  # summed over B

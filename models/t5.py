@@ -30,6 +30,7 @@ from models.common import (
     decoding,
     drop_mask,
     dropout,
+    dropped_relu_,
     in_decoding,
     linear,
     neg_inf,
@@ -295,7 +296,7 @@ class T5DenseActDense(nn.Module):
             return linear(h.relu_(), self.wo.weight)
         # dropout before relu (they commute): one (B, L, F) tensor kept for relu and wo; 1 / (1 - p) on (B, L, D)
         drop, scale = drop_mask(h, self.dropout)
-        return self.wo(h.masked_fill_(drop, 0.0).relu_()).mul_(scale)
+        return self.wo(dropped_relu_(h, drop)).mul_(scale)
 
 
 def _gelu_new(x: torch.Tensor, fused: bool) -> torch.Tensor:

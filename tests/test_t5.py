@@ -274,8 +274,9 @@ def _plain_attention(q, k, v, bias, hidden, drop=None, scale=1.0):
     return probs @ v
 
 
+@pytest.mark.parametrize("full_row", [False, True], ids=["padding", "a-row-all-hidden"])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_biased_attention_matches_autograd(p):
+def test_biased_attention_matches_autograd(p, full_row):
     from models.common import BiasedAttention, drop_mask
 
     torch.manual_seed(0)
@@ -285,6 +286,8 @@ def test_biased_attention_matches_autograd(p):
     hidden = torch.zeros(B, 1, Lq, Lk, dtype=torch.bool)
     hidden[1, :, :, 5:] = True  # padded keys
     hidden[2] = torch.ones(Lq, Lk).triu(1).bool()  # a causal row pattern
+    if full_row:  # uniform softmax there: its gradient must still not reach the hidden keys' bias
+        hidden[0, :, 3] = True
     grad = torch.randn(B, H, Lq, Dk, dtype=torch.float64)
     torch.manual_seed(1)
     drop, scale = drop_mask(torch.empty(B, H, Lq, Lk, dtype=torch.float64), p) if p else (None, 1.0)
@@ -373,3 +376,21 @@ def test_tied_embedding_gradient_is_one_dense_tensor_equal_to_plain_autograd(lay
     for name, g in plain.items():
         assert torch.allclose(tied[name], g, atol=1e-6), name
     assert tied["shared.weight"].abs().sum() > 0
+
+
+def test_dropped_relu_matches_autograd():
+    """The feed-forward's dropout + relu with a one-pass backward gives autograd's value and gradient."""
+    from models.common import drop_mask, dropped_relu_
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 16, dtype=torch.float64, requires_grad=True)
+    drop, _ = drop_mask(x, 0.3)
+    assert drop.any() and not drop.all()
+    grad = torch.randn(4, 7, 16, dtype=torch.float64)
+    want = x.clone().masked_fill(drop, 0.0).relu()
+    got = dropped_relu_(x.clone(), drop)
+    assert torch.equal(got, want)
+    (want_grad,) = torch.autograd.grad(want, x, grad)
+    (got_grad,) = torch.autograd.grad(got, x, grad)
+    assert torch.equal(got_grad, want_grad)
+    assert (got_grad[drop] == 0).all() and (got_grad[~drop & (x > 0)] != 0).all()
