@@ -182,18 +182,47 @@ class _Projection(torch.autograd.Function):
         return d_h, d_w
 
 
+# per-item work (M * K * N multiply-adds) from which `_bmm` multiplies strided heads in place, one bmm per batch item
+_IN_PLACE_WORK = 2**20
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a (B, H, M, K) @ b (B, H, K, N) -> (B, H, M, N), into `out` when given (any strides, e.g. a (B, M, H, N)
+    buffer seen as (B, H, M, N)). Heads sliced from a projection, (B, L, H, Dk) memory seen as (B, H, L, Dk), cannot
+    be flattened to one (B * H) batch, so `matmul` first copies them (and the result into `out`); per batch item
+    they are a batch bmm reads in place. Below `_IN_PLACE_WORK` per item (the tiny presets) the Python loop costs
+    more than the copies, and it is plain matmul."""
+    B, _, M, K = a.shape
+    if B == 1 or M * K * b.shape[-1] < _IN_PLACE_WORK or a.device.type != "cpu":
+        return torch.matmul(a, b) if out is None else out.copy_(torch.matmul(a, b))
+    if out is None:
+        out = a.new_empty(B, a.shape[1], M, b.shape[-1])
+    for i in range(B):
+        torch.bmm(a[i], b[i], out=out[i])
+    return out
+
+
+def _heads_major(like: torch.Tensor, L: int) -> torch.Tensor:
+    """An uninitialised (B, H, L, Dk) tensor laid out as (B, L, H, Dk): `.transpose(1, 2).reshape(B, L, H * Dk)` of
+    it is a view, which is what the output projection reads and what a projection's gradient is made of."""
+    B, H, _, Dk = like.shape
+    return like.new_empty(B, L, H, Dk).transpose(1, 2)
+
+
 class BiasedAttention(torch.autograd.Function):
     """softmax(q k^T + bias, keys `hidden` excluded) with dropout p, times v, differentiated by hand.
 
     q (B, H, Lq, Dk), k/v (B, H, Lk, Dk), bias (1 or B, H, Lq, Lk), hidden bool (B or 1, 1, Lq or 1, Lk) or None
-    -> (B, H, Lq, Dk). What autograd would do with more memory: the (B, H, Lq, Lk) scores are kept once (the
-    probabilities, 4 bytes each) plus the bool dropout mask, and each step reuses the score-sized buffer it frees
-    (fresh allocations of this size cost page faults on CPU). Masked keys get probability 0, hence gradient 0.
+    -> (B, H, Lq, Dk), laid out as (B, Lq, H, Dk) so the output projection reads it without a copy. What autograd
+    would do with more memory: the (B, H, Lq, Lk) scores are kept once (the probabilities, 4 bytes each) plus the
+    bool dropout mask, and each step reuses the score-sized buffer it frees (fresh allocations of this size cost
+    page faults on CPU). Masked keys get probability 0, hence gradient 0. Products with the heads go through `_bmm`,
+    which reads head-strided q, k, v in place.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, bias, hidden, p: float):
-        scores = q @ k.transpose(-1, -2)  # (B, H, Lq, Lk); no 1/sqrt(Dk) (folded into the init of q)
+        scores = _bmm(q, k.transpose(-1, -2))  # (B, H, Lq, Lk); no 1/sqrt(Dk) (folded into the init of q)
         if bias is not None:
             scores += bias
         if hidden is not None:
@@ -201,7 +230,7 @@ class BiasedAttention(torch.autograd.Function):
         probs = scores.softmax(-1)
         drop, scale = drop_mask(probs, p) if p > 0.0 else (None, 1.0)
         dropped = probs if drop is None else torch.where(drop, probs.new_zeros(()), probs, out=scores)
-        out = dropped @ v
+        out = _bmm(dropped, v, out=_heads_major(q, q.shape[2]))
         # a row whose keys are all hidden has a uniform softmax, and its gradient must not reach the hidden keys; in
         # any other row they have probability 0, hence gradient 0. Padding never hides a whole row, so on CPU a look
         # at the small mask spares backward a pass over the scores (elsewhere it would wait for the device; compiled,
@@ -216,17 +245,20 @@ class BiasedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, probs, drop, hidden = ctx.saved_tensors
+        Lk = k.shape[2]
         if drop is None:
-            d_v, d_probs = probs.transpose(-1, -2) @ d_out, d_out @ v.transpose(-1, -2)
+            d_v = _bmm(probs.transpose(-1, -2), d_out, out=_heads_major(v, Lk))
+            d_probs = _bmm(d_out, v.transpose(-1, -2))
         else:
             d_out = d_out * ctx.scale
             buffer = torch.where(drop, 0.0, probs)  # the dropped probabilities again
-            d_v = buffer.transpose(-1, -2) @ d_out
-            d_probs = torch.matmul(d_out, v.transpose(-1, -2), out=buffer).masked_fill_(drop, 0.0)
+            d_v = _bmm(buffer.transpose(-1, -2), d_out, out=_heads_major(v, Lk))
+            d_probs = _bmm(d_out, v.transpose(-1, -2), out=buffer).masked_fill_(drop, 0.0)
         d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)  # probs * (d_probs - <d_probs, probs>)
         if hidden is not None:  # kept only when some row has every key hidden (see forward)
             d_scores.masked_fill_(hidden, 0.0)
-        d_q, d_k = d_scores @ k, d_scores.transpose(-1, -2) @ q
+        d_q = _bmm(d_scores, k, out=_heads_major(q, q.shape[2]))
+        d_k = _bmm(d_scores.transpose(-1, -2), q, out=_heads_major(k, Lk))
         d_bias = d_scores.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[3] else None  # summed over B
         return d_q, d_k, d_v, d_bias, None, None
 

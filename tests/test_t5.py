@@ -274,14 +274,22 @@ def _plain_attention(q, k, v, bias, hidden, drop=None, scale=1.0):
     return probs @ v
 
 
+@pytest.mark.parametrize("per_item", [False, True], ids=["matmul", "bmm-per-item-on-strided-heads"])
 @pytest.mark.parametrize("full_row", [False, True], ids=["padding", "a-row-all-hidden"])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_biased_attention_matches_autograd(p, full_row):
+def test_biased_attention_matches_autograd(p, full_row, per_item, monkeypatch):
+    """Against autograd on plain ops; q, k, v are head views of one projection, (B, L, 3, H, Dk) memory, as the
+    model's are. `per_item`: the products go through `_bmm`'s per-item bmm on the strided heads (the path above
+    `_IN_PLACE_WORK`, T5-small and up), else through matmul (the tiny shapes here)."""
+    import models.common
     from models.common import BiasedAttention, drop_mask
 
+    monkeypatch.setattr(models.common, "_IN_PLACE_WORK", 0 if per_item else 2**20)
     torch.manual_seed(0)
     B, H, Lq, Lk, Dk = 3, 4, 6, 7, 5
-    q, k, v = (torch.randn(B, H, L, Dk, dtype=torch.float64, requires_grad=True) for L in (Lq, Lk, Lk))
+    packed = torch.randn(B, Lk, 3, H, Dk, dtype=torch.float64, requires_grad=True)
+    q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+    q = q[:, :, :Lq]
     bias = torch.randn(1, H, Lq, Lk, dtype=torch.float64, requires_grad=True)
     hidden = torch.zeros(B, 1, Lq, Lk, dtype=torch.bool)
     hidden[1, :, :, 5:] = True  # padded keys
@@ -297,6 +305,7 @@ def test_biased_attention_matches_autograd(p, full_row):
     got = BiasedAttention.apply(q, k, v, bias, hidden, p)
     got_grads = torch.autograd.grad(got, (q, k, v, bias), grad)
     assert torch.allclose(got, want, atol=1e-12)
+    assert got.transpose(1, 2).is_contiguous()  # (B, Lq, H, Dk) memory: the output projection reads it as is
     for g, w in zip(got_grads, want_grads, strict=True):
         assert torch.allclose(g, w, atol=1e-12)
 
