@@ -176,9 +176,14 @@ class _Projection(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
+        # under autocast the forward's product ran in d_out's dtype (bf16 / fp16) on cast inputs: so does backward,
+        # and each gradient goes back to its input's dtype, as autograd through the casts would return it
         h, weight = ctx.saved_tensors
-        d_h = d_out @ weight if ctx.needs_input_grad[0] else None
-        d_w = d_out.reshape(-1, d_out.shape[-1]).T.mm(h.reshape(-1, h.shape[-1])) if ctx.needs_input_grad[1] else None
+        dtype = d_out.dtype
+        d_h = (d_out @ weight.to(dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
+        d_w = None
+        if ctx.needs_input_grad[1]:
+            d_w = d_out.reshape(-1, d_out.shape[-1]).T.mm(h.reshape(-1, h.shape[-1]).to(dtype)).to(weight.dtype)
         return d_h, d_w
 
 

@@ -403,3 +403,27 @@ def test_dropped_relu_matches_autograd():
     (got_grad,) = torch.autograd.grad(got, x, grad)
     assert torch.equal(got_grad, want_grad)
     assert (got_grad[drop] == 0).all() and (got_grad[~drop & (x > 0)] != 0).all()
+
+
+def test_tied_embedding_gradient_under_autocast_matches_plain_autograd(monkeypatch):
+    """bf16 autocast (the GPU script's precision; CPU autocast here): the tied path's backward runs its products in
+    the forward's dtype and returns float32 gradients, as autograd through autocast's casts does."""
+    from models.common import TiedEmbedding
+
+    torch.manual_seed(0)
+    model = T5Model(tiny(vocab_size=96)).train()
+    x, y = torch.randint(0, 96, (2, 11)), torch.randint(0, 96, (2, 5))
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x, torch.ones_like(x), y)
+        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    tied = grads()
+    assert {g.dtype for g in tied.values()} == {torch.float32}
+    monkeypatch.setattr(TiedEmbedding, "tie", lambda self: None)
+    plain = grads()
+    for name, g in plain.items():
+        assert torch.allclose(tied[name], g, rtol=2e-2, atol=1e-4), name
