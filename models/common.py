@@ -198,7 +198,8 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> t
     they are a batch bmm reads in place. Below `_IN_PLACE_WORK` per item (the tiny presets) the Python loop costs
     more than the copies, and it is plain matmul."""
     B, _, M, K = a.shape
-    if B == 1 or M * K * b.shape[-1] < _IN_PLACE_WORK or a.device.type != "cpu":
+    strided_out = out is not None and not out.is_contiguous()
+    if B == 1 or strided_out or M * K * b.shape[-1] < _IN_PLACE_WORK or a.device.type != "cpu":
         return torch.matmul(a, b) if out is None else out.copy_(torch.matmul(a, b))
     if out is None:
         out = a.new_empty(B, a.shape[1], M, b.shape[-1])
@@ -212,6 +213,91 @@ def _heads_major(like: torch.Tensor, L: int) -> torch.Tensor:
     it is a view, which is what the output projection reads and what a projection's gradient is made of."""
     B, H, _, Dk = like.shape
     return like.new_empty(B, L, H, Dk).transpose(1, 2)
+
+
+def split_heads(x: torch.Tensor, n: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """(B, L, n * H * Dk), n stacked projections (q, k, v) -> n views (B, H, L, Dk) of it.
+
+    Autograd's own split (view, permute, unbind) puts the n head gradients back with a `stack` and a `reshape`, two
+    copies of the (B, L, n * H * Dk) gradient. Here `BiasedAttention` writes them into one buffer of that layout
+    (`_grad_buffers`) and `_SplitHeads`'s backward hands the buffer on as it is: no copy."""
+    B, L, _ = x.shape
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+        return _SplitHeads.apply(x, n, heads)
+    return x.view(B, L, n, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+class _SplitHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, n: int, heads: int):
+        B, L, _ = x.shape
+        ctx.set_materialize_grads(False)
+        ctx.shape = x.shape
+        return x.view(B, L, n, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        packed = _tiled(grads, ctx.shape)
+        if packed is None:  # grads of another layout, or some missing: one copy each into the packed layout
+            some = next(g for g in grads if g is not None)
+            B, L, _ = ctx.shape
+            packed = some.new_empty(B, L, len(grads), some.shape[1], some.shape[3])
+            for i, g in enumerate(grads):
+                slot = packed[:, :, i].transpose(1, 2)
+                slot.copy_(g) if g is not None else slot.zero_()
+            packed = packed.view(ctx.shape)
+        return packed, None, None
+
+
+def _tiled(views, shape: torch.Size) -> torch.Tensor | None:
+    """The (B, L, n * I) tensor whose n head slots the (B, H, L, Dk) `views` are, in order, if they are exactly that
+    (one storage, slot i at offset i * I); else None."""
+    if any(v is None for v in views):
+        return None
+    B, L, width = shape
+    first, n = views[0], len(views)
+    I = width // n  # noqa: E741 (inner size H * Dk)
+    H, Dk = first.shape[1], first.shape[3]
+    want = (L * width, Dk, width, 1)
+    base = first.storage_offset()
+    for i, v in enumerate(views):
+        if (
+            v.shape != (B, H, L, Dk)
+            or v.stride() != want
+            or v.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            or v.storage_offset() != base + i * I
+            or v.dtype != first.dtype
+        ):
+            return None
+    return first.as_strided(shape, (L * width, width, 1), base)
+
+
+def _grad_buffers(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """Uninitialised gradient buffers for the (B, H, L, Dk) heads `xs`, each laid out as (B, L, H, Dk); heads that
+    are the slots of one `split_heads` (q, k, v of a self-attention; k, v of a cross-attention) get views of one
+    (B, L, n * H * Dk) buffer in the same slots, which `_SplitHeads` passes on without copying."""
+    out: list[torch.Tensor | None] = [None] * len(xs)
+    for i, x in enumerate(xs):
+        if torch.compiler.is_compiling():  # storages are not traceable (and `split_heads` is plain there)
+            out[i] = _heads_major(x, x.shape[2])
+        if out[i] is not None:
+            continue
+        B, H, L, Dk = x.shape
+        width = x.stride(2)
+        n = width // (H * Dk)
+        group = [j for j, y in enumerate(xs) if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()]
+        slots = [xs[j] for j in sorted(group, key=lambda j: xs[j].storage_offset())]
+        if n > 1 and len(slots) == n and width % (H * Dk) == 0:
+            start = slots[0].storage_offset()
+            shape = torch.Size((B, L, width))
+            if _tiled(slots, shape) is not None:
+                buffer = x.new_empty(B, L, n, H, Dk)
+                for j in group:
+                    out[j] = buffer[:, :, (xs[j].storage_offset() - start) // (H * Dk)].transpose(1, 2)
+                continue
+        out[i] = _heads_major(x, L)
+    return out
 
 
 class BiasedAttention(torch.autograd.Function):
@@ -250,20 +336,20 @@ class BiasedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, probs, drop, hidden = ctx.saved_tensors
-        Lk = k.shape[2]
+        d_q, d_k, d_v = _grad_buffers(q, k, v)  # one buffer where q, k, v (or k, v) are one projection's heads
         if drop is None:
-            d_v = _bmm(probs.transpose(-1, -2), d_out, out=_heads_major(v, Lk))
+            _bmm(probs.transpose(-1, -2), d_out, out=d_v)
             d_probs = _bmm(d_out, v.transpose(-1, -2))
         else:
             d_out = d_out * ctx.scale
             buffer = torch.where(drop, 0.0, probs)  # the dropped probabilities again
-            d_v = _bmm(buffer.transpose(-1, -2), d_out, out=_heads_major(v, Lk))
+            _bmm(buffer.transpose(-1, -2), d_out, out=d_v)
             d_probs = _bmm(d_out, v.transpose(-1, -2), out=buffer).masked_fill_(drop, 0.0)
         d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)  # probs * (d_probs - <d_probs, probs>)
         if hidden is not None:  # kept only when some row has every key hidden (see forward)
             d_scores.masked_fill_(hidden, 0.0)
-        d_q = _bmm(d_scores, k, out=_heads_major(q, q.shape[2]))
-        d_k = _bmm(d_scores.transpose(-1, -2), q, out=_heads_major(k, Lk))
+        _bmm(d_scores, k, out=d_q)
+        _bmm(d_scores.transpose(-1, -2), q, out=d_k)
         d_bias = d_scores.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[3] else None  # summed over B
         return d_q, d_k, d_v, d_bias, None, None
 

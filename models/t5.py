@@ -34,6 +34,7 @@ from models.common import (
     in_decoding,
     linear,
     neg_inf,
+    split_heads,
     weight_state,
 )
 
@@ -220,8 +221,7 @@ class T5Attention(nn.Module):
 
     def _heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
         # (B, L, n * I) -> n tensors (B, H, L, Dk)
-        B, L, _ = x.shape
-        return x.view(B, L, n, self.n_heads, self.d_kv).permute(2, 0, 3, 1, 4).unbind(0)
+        return split_heads(x, n, self.n_heads)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention projections (B, L, D) -> 3 x (B, H, L, Dk)."""

@@ -310,6 +310,59 @@ def test_biased_attention_matches_autograd(p, full_row, per_item, monkeypatch):
         assert torch.allclose(g, w, atol=1e-12)
 
 
+@pytest.mark.parametrize("per_item", [False, True], ids=["matmul", "bmm-per-item-on-strided-heads"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_split_heads_gradient_is_the_attention_buffer_with_no_copy(p, per_item, monkeypatch):
+    """q, k, v from `split_heads` of one packed projection: BiasedAttention writes their gradients into one
+    (B, L, 3 * H * Dk) buffer, which is the projection's gradient as is (no stack, cat or reshape copy), and equals
+    autograd's through view / permute / unbind; cross-attention's k, v (two slots) and q (one) likewise. Gradients of
+    another layout, or a slot without gradient, take the copying path and are still right."""
+    from torch.profiler import profile
+
+    import models.common
+    from models.common import BiasedAttention, split_heads
+
+    monkeypatch.setattr(models.common, "_IN_PLACE_WORK", 0 if per_item else 2**20)
+    torch.manual_seed(0)
+    B, L, S, H, Dk = 3, 6, 7, 4, 5
+    x = torch.randn(B, L, 3 * H * Dk, dtype=torch.float64, requires_grad=True)
+    mem = torch.randn(B, S, 2 * H * Dk, dtype=torch.float64, requires_grad=True)
+    xq = torch.randn(B, L, H * Dk, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, H, L, L, dtype=torch.float64)
+    grad, grad2 = torch.randn(B, H, L, Dk, dtype=torch.float64), torch.randn(B, H, L, Dk, dtype=torch.float64)
+
+    def plain(t, n):
+        return t.view(B, t.shape[1], n, H, Dk).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def run(split):
+        torch.manual_seed(1)
+        q, k, v = split(x, 3)
+        out = BiasedAttention.apply(q, k, v, bias, None, p)
+        (cq,), (ck, cv) = split(xq, 1), split(mem, 2)
+        cross = BiasedAttention.apply(cq, ck, cv, None, None, p)
+        return torch.autograd.grad((out, cross), (x, mem, xq), (grad, grad2))
+
+    want = run(plain)
+    tiled, calls = models.common._tiled, []
+    monkeypatch.setattr(models.common, "_tiled", lambda *a: calls.append(tiled(*a)) or calls[-1])
+    with profile(record_shapes=True) as prof:
+        got = run(lambda t, n: split_heads(t, n, H))
+    # two shared buffers (q, k, v; the cross k, v), then three projections whose gradient is passed on as is
+    assert len(calls) == 5 and all(c is not None for c in calls)
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-12)
+    packed_shapes = ([B, L, 3 * H * Dk], [B, S, 2 * H * Dk], [3, B, H, L, Dk], [2, B, H, S, Dk])
+    copies = [e for e in prof.events() if e.name in ("aten::stack", "aten::cat", "aten::clone", "aten::_unsafe_view")]
+    assert not [e for e in copies if any(list(s) in packed_shapes for s in e.input_shapes if s)], copies
+
+    # the copying path: grads from plain ops (another layout) and a slot that gets none
+    q, k, v = split_heads(x, 3, H)
+    (g,) = torch.autograd.grad((q * 2).sum() + (v.exp()).sum(), x)
+    q0, k0, v0 = plain(x, 3)
+    (w,) = torch.autograd.grad((q0 * 2).sum() + (v0.exp()).sum(), x)
+    assert torch.equal(g, w) and g.is_contiguous()
+
+
 def test_kv_cache_grows_in_place_and_reorders():
     from models.common import KVCache
 
