@@ -484,6 +484,38 @@ class T5Stack(nn.Module):
                 h = block(*args, cache)
         return dropout(self.final_layer_norm(h), self.dropout, self.training)
 
+    def forward_unpadded(self, h: torch.Tensor, spans: list[tuple[int, int, slice | torch.Tensor]], bias):
+        """Inference over the real tokens only: h (R, D), the R real tokens of a batch packed item after item, item
+        b in rows spans[b][0]:spans[b][1] with its positions spans[b][2] (a slice when they are consecutive, else
+        their indices) -> (R, D). Row-wise work (norms, projections, feed-forward) runs on the R rows instead of
+        B * S; each item attends within its own rows, under its slice of the (1, H, S, S) position bias, with no
+        padding to mask. For a bidirectional stack without dropout or autograd (`T5Model.encode` decides)."""
+        n_heads, d_kv = self.config.num_heads, self.config.d_kv
+        inner = n_heads * d_kv
+        biases = {}  # one (1, H, n, n) bias per distinct span of positions, shared by all layers
+        for _, _, pos in spans:
+            key = (pos.start, pos.stop) if isinstance(pos, slice) else tuple(pos.tolist())
+            if key not in biases:
+                biases[key] = bias[:, :, pos, pos] if isinstance(pos, slice) else bias[:, :, pos][:, :, :, pos]
+                biases[key] = biases[key].contiguous()
+        masks = [biases[(p.start, p.stop) if isinstance(p, slice) else tuple(p.tolist())] for _, _, p in spans]
+        for block in self.block:
+            layer = block.layer[0]
+            attn = layer.SelfAttention
+            qkv = linear(layer.layer_norm(h), attn._stacked_qkv())  # (R, 3 * I)
+            out = h.new_empty(h.shape[0], inner)
+            for (start, end, _), mask in zip(spans, masks, strict=True):
+                n = end - start
+                q, k, v = (
+                    qkv[start:end, j * inner : (j + 1) * inner].view(n, n_heads, d_kv).transpose(0, 1)[None]
+                    for j in range(3)
+                )  # (1, H, n, Dk) views of the packed rows, no copies
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+                out[start:end].view(n, n_heads, d_kv).copy_(o[0].transpose(0, 1))
+            h = h + linear(out, attn.o.weight)
+            h = block.layer[-1](h)
+        return self.final_layer_norm(h)
+
 
 class T5Model(generation.GenerationMixin, nn.Module):
     """T5 encoder-decoder, or decoder-only causal / prefix LM; `forward` returns logits (no loss inside)."""
@@ -548,7 +580,45 @@ class T5Model(generation.GenerationMixin, nn.Module):
     ) -> torch.Tensor:
         """(B, S) -> encoder output (B, S, D)."""
         S = input_ids.shape[1]
+        spans = self._unpadded_spans(input_ids, attention_mask)
+        if spans is not None:  # inference with padding: only the real tokens go through the encoder
+            real = attention_mask.bool()
+            h = self.encoder.forward_unpadded(
+                self.embed(input_ids[real], tied), spans, self.encoder.position_bias(S, S)
+            )
+            return h.new_zeros(*input_ids.shape, h.shape[-1]).index_put_((real,), h)  # padding rows: zeros
         return self.encoder(self.embed(input_ids, tied), *self.encoder.self_mask(S, S, key_mask=attention_mask))
+
+    def _unpadded_spans(self, input_ids, attention_mask) -> list[tuple[int, int, slice | torch.Tensor]] | None:
+        """Where the real tokens of each item lie once packed (`T5Stack.forward_unpadded`), or None to run the
+        padded batch: the unpadded encoder is for CPU inference (eval, no autograd, SDPA backend, not compiled) of a
+        batch with padding in which every item has a real token. Padded positions cost the full matmuls of every
+        layer in the padded batch, for outputs that nothing reads (cross-attention masks them), so skipping them
+        saves their share of the encoder; on GPU the per-item attention calls would cost more launches than that.
+        The encoder output at padded positions is then zero rather than a value computed from the real tokens."""
+        if (
+            attention_mask is None
+            or self.training
+            or torch.is_grad_enabled()
+            or input_ids.device.type != "cpu"
+            or self.config.attention_backend != "sdpa"
+            or self.config.layout != "encoder_decoder"
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        real = attention_mask.bool()
+        lengths = real.sum(1)
+        if bool(real.all()) or not bool(lengths.all()):  # no padding, or an item of padding only
+            return None
+        S = real.shape[1]
+        first = real.to(torch.uint8).argmax(1)
+        last = S - 1 - real.flip(1).to(torch.uint8).argmax(1)
+        spans, start = [], 0
+        for b, (n, lo, hi) in enumerate(zip(lengths.tolist(), first.tolist(), last.tolist(), strict=True)):
+            pos = slice(lo, hi + 1) if hi - lo + 1 == n else real[b].nonzero()[:, 0]
+            spans.append((start, start + n, pos))
+            start += n
+        return spans
 
     def forward(
         self,
@@ -593,12 +663,33 @@ class T5Model(generation.GenerationMixin, nn.Module):
             state["key_mask"] = attention_mask  # grows by one column per decoded token
             state["prefix"] = input_ids.shape[1] if self.config.layout == "prefix_lm" else None
             return state
-        memory = self.encode(input_ids, attention_mask[::num_beams])  # (B, S, D): once per input, not per beam
-        kvs = [b.layer[1].EncDecAttention.project_kv(memory) for b in self.decoder.block]
-        state["memory_kv"] = [(k.contiguous(), v.contiguous()) for k, v in kvs]  # read at every step
+        real = attention_mask[::num_beams]  # once per input, not per beam
+        spans = self._unpadded_spans(input_ids, real)
+        if spans is None:
+            memory = self.encode(input_ids, real)  # (B, S, D)
+            kvs = [b.layer[1].EncDecAttention.project_kv(memory) for b in self.decoder.block]
+            state["memory_kv"] = [(k.contiguous(), v.contiguous()) for k, v in kvs]  # read at every step
+        else:  # the real tokens only, through the encoder and the cross-attention projections (`encode`)
+            S = input_ids.shape[1]
+            h = self.encoder.forward_unpadded(self.shared(input_ids[real]), spans, self.encoder.position_bias(S, S))
+            state["memory_kv"] = [self._scatter_kv(b.layer[1].EncDecAttention, h, real) for b in self.decoder.block]
         state["cross_hidden"] = self._padding(attention_mask[::num_beams])
-        state["cross_bias"] = _merge(None, state["cross_hidden"], memory.dtype)  # for SDPA, merged once
+        state["cross_bias"] = _merge(
+            None, state["cross_hidden"], state["memory_kv"][0][0].dtype
+        )  # for SDPA, merged once
         return state
+
+    @staticmethod
+    def _scatter_kv(attn: T5Attention, h: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys/values (B, H, S, Dk) of the packed real rows h (R, D) of an encoder output: each
+        projection written head-major into its place; padded keys stay zero (masked, they add exactly 0)."""
+        B, S = real.shape
+        out = []
+        for w in (attn.k.weight, attn.v.weight):
+            buf = h.new_zeros(B, attn.n_heads, S, attn.d_kv)
+            buf.transpose(1, 2)[real] = linear(h, w).view(h.shape[0], attn.n_heads, attn.d_kv)
+            out.append(buf)
+        return out[0], out[1]
 
     def decode_step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """tokens (N, t) new since the last call -> logits of the last position (N, V), updated state.

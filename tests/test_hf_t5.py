@@ -168,3 +168,66 @@ def test_logits_and_gradients_match_with_autograd(name):
     for key, param in ours.named_parameters():
         want_grad = ref_params[key].grad
         assert (param.grad - want_grad).abs().max().item() <= 1e-5 * max(1.0, want_grad.abs().max().item()), key
+
+
+def _holes(x: torch.Tensor) -> torch.Tensor:
+    """A mask with right padding, left padding and a hole in the middle (positions not consecutive)."""
+    am = torch.ones_like(x)
+    am[0, -6:] = 0
+    am[1, :5] = 0
+    am[2, 7:12] = 0
+    return am
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_unpadded_encoder_generates_what_transformers_does(num_beams, monkeypatch):
+    """Inference runs the encoder over the real tokens only (`T5Stack.forward_unpadded`): with left padding and a
+    hole in the mask, generation still equals transformers' on the padded batch, and the path was really taken."""
+    from models.t5 import T5Stack
+
+    calls = []
+    unpadded = T5Stack.forward_unpadded
+    monkeypatch.setattr(T5Stack, "forward_unpadded", lambda *a: calls.append(a[2]) or unpadded(*a))
+    ref = make_reference(seed=7, **CONFIGS["v1.0-relu-tied"])
+    ours = t5_from_hf(ref).eval()
+    x, _, _, _ = inputs(seed=8)
+    am = _holes(x)
+    want = ref.generate(x, attention_mask=am, max_new_tokens=10, do_sample=False, num_beams=num_beams)
+    got = ours.generate(x, attention_mask=am, max_new_tokens=10, num_beams=num_beams)
+    assert _until_eos(got, 1) == _until_eos(want, 1)
+    assert len(calls) == 1  # once per generate: encoder and cross-attention keys/values from the packed rows
+    positions = [p if isinstance(p, slice) else p.tolist() for _, _, p in calls[0]]
+    assert positions[:2] == [slice(0, x.shape[1] - 6), slice(5, x.shape[1])]
+    assert positions[2] == [*range(7), *range(12, x.shape[1])]
+
+
+def test_unpadded_encoder_output_equals_the_padded_batch():
+    """At real positions the unpadded encoder gives the padded batch's output (and transformers'); padded positions
+    are zero. With autograd on, an item of padding only, or no padding, the padded batch runs."""
+    ref = make_reference(seed=9, **CONFIGS["v1.1-gated-untied"])
+    ours = t5_from_hf(ref).eval()
+    x, _, _, _ = inputs(seed=10)
+    am = _holes(x)
+    real = am.bool()
+    with torch.no_grad():
+        assert ours._unpadded_spans(x, am) is not None
+        got = ours.encode(x, am)
+        want = ref.encoder(input_ids=x, attention_mask=am).last_hidden_state
+    padded = ours.encode(x, am).detach()  # autograd on: the padded batch
+    torch.testing.assert_close(got[real], padded[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    assert not got[~real].any() and padded[~real].abs().sum() > 0
+    with torch.no_grad():  # decoding's cross-attention keys/values, projected from the packed rows
+        kvs = ours.init_decoding(x, am, 1)["memory_kv"]
+        for block, (k, v) in zip(ours.decoder.block, kvs, strict=True):
+            for got_kv, want_kv in zip((k, v), block.layer[1].EncDecAttention.project_kv(padded), strict=True):
+                keys = real[:, None, :, None].expand_as(got_kv)
+                torch.testing.assert_close(got_kv[keys], want_kv[keys], atol=1e-5, rtol=1e-5)
+                assert not got_kv[~keys].any()
+    empty = am.clone()
+    empty[1] = 0
+    with torch.no_grad():
+        assert ours._unpadded_spans(x, empty) is None
+        assert ours._unpadded_spans(x, torch.ones_like(am)) is None
+        assert ours._unpadded_spans(x, None) is None
+    assert ours._unpadded_spans(x, am) is None  # autograd on
