@@ -7,6 +7,7 @@ Dimension legend: B batch, H heads, Lq / Lk query / key length, Dk per-head size
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import threading
 import time
@@ -166,12 +167,12 @@ class _Lookup(torch.autograd.Function):
 
 
 class _Projection(torch.autograd.Function):
-    """F.linear(h, weight) whose weight gradient is `d_out^T @ h`: a fresh contiguous (V, D) tensor."""
+    """dense(h, weight) whose weight gradient is `d_out^T @ h`: a fresh contiguous (V, D) tensor."""
 
     @staticmethod
     def forward(ctx, h, weight):
         ctx.save_for_backward(h, weight)
-        return F.linear(h, weight)
+        return dense(h, weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -180,10 +181,11 @@ class _Projection(torch.autograd.Function):
         # and each gradient goes back to its input's dtype, as autograd through the casts would return it
         h, weight = ctx.saved_tensors
         dtype = d_out.dtype
-        d_h = (d_out @ weight.to(dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
+        d_h = dense(d_out, weight.to(dtype).t()).to(h.dtype) if ctx.needs_input_grad[0] else None
         d_w = None
         if ctx.needs_input_grad[1]:
-            d_w = d_out.reshape(-1, d_out.shape[-1]).T.mm(h.reshape(-1, h.shape[-1]).to(dtype)).to(weight.dtype)
+            flat = d_out.reshape(-1, d_out.shape[-1]).t()
+            d_w = dense(flat, h.reshape(-1, h.shape[-1]).to(dtype).t()).to(weight.dtype)
         return d_h, d_w
 
 
@@ -355,7 +357,8 @@ class BiasedAttention(torch.autograd.Function):
 
 
 # How `linear` computes x @ weight^T for a few rows; every form returns the same sums in row-major order.
-# F.linear(x, W); (W @ x^T)^T; x @ W^T with W^T kept contiguous; oneDNN with W prepacked for that many rows
+# `dense(x, W)` (the process's kernel); (W @ x^T)^T; x @ W^T with W^T kept contiguous; oneDNN with W prepacked
+# for that many rows
 FORMS = ("linear", "left", "right", "packed")
 ATTENTION_FORMS = ("sdpa", "matmul")  # F.scaled_dot_product_attention; q @ k^T (+ mask), softmax, @ v
 EXPLORE_ROUNDS = 3  # timed calls of each form (after one untimed round) before a shape is settled
@@ -399,7 +402,7 @@ _DECODING = threading.local()  # .depth > 0 inside `decoding()`
 @contextlib.contextmanager
 def decoding():
     """Marks a decoding step (`decode_step`): only there do `linear` and `decode_attention` pick their form by
-    measurement. Elsewhere (training, a full forward in eval) they are plain F.linear and SDPA, so the same input
+    measurement. Elsewhere (training, a full forward in eval) they are plain `dense` and SDPA, so the same input
     always gets the same rounding."""
     _DECODING.depth = getattr(_DECODING, "depth", 0) + 1
     try:
@@ -444,6 +447,98 @@ def _packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+DENSE_KERNELS = ("blas", "onednn")
+DENSE_MARGIN = 0.2  # oneDNN must be this much faster (median) than the BLAS to be chosen
+_DENSE: dict[int, str] = {}  # intra-op threads -> the kernel this process measured faster for dense products
+
+
+def dense_kernel() -> str:
+    """Which kernel computes the CPU fp32 products of `dense` in this process: "blas" (F.linear: MKL in torch's x86
+    wheels) or "onednn" (torch's oneDNN linear). Which is faster depends on the processor: on this project's AMD EPYC
+    (AVX-512) MKL ran 0.10-0.11 TFLOP/s on one core where oneDNN ran 0.24-0.26, for every shape of a T5-small
+    training step, forward and backward; on other processors MKL is the faster one. So it is measured, once per
+    process and thread count, before the first product (`_measure_dense`), and kept for the whole process, so the
+    same input always gets the same rounding. `MODELS_DENSE_KERNEL=blas|onednn` pins it (auto: measure)."""
+    forced = os.environ.get("MODELS_DENSE_KERNEL", "auto")
+    if forced != "auto":
+        if forced not in DENSE_KERNELS:
+            raise ValueError(f"MODELS_DENSE_KERNEL={forced!r}: expected auto or one of {', '.join(DENSE_KERNELS)}")
+        return forced if forced == "blas" or _packing_available() else "blas"
+    threads = torch.get_num_threads()
+    if threads not in _DENSE:
+        _DENSE[threads] = _measure_dense()
+    return _DENSE[threads]
+
+
+def _measure_dense(rounds: int = 7, clock=time.perf_counter) -> str:
+    """Time F.linear and oneDNN's linear on a (256, 512) x (1024, 512)^T product, alternated call by call after a
+    warm-up, and keep oneDNN if its median is `DENSE_MARGIN` under the BLAS's. The operands come from a private
+    generator: the global random stream (dropout, initialisation) is not touched. ~20 ms, once per process."""
+    if not _packing_available():
+        return "blas"
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(256, 512, generator=g), torch.randn(1024, 512, generator=g)
+    forms = {"blas": lambda: F.linear(x, w), "onednn": lambda: _onednn(x, w)}
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    for i in range(rounds + 1):
+        for name, fn in forms.items():
+            start = clock()
+            fn()
+            elapsed = clock() - start
+            if i:  # round 0 is the warm-up (oneDNN builds its primitive on the first call of a shape)
+                times[name].append(elapsed)
+    faster = statistics.median(times["onednn"]) < (1.0 - DENSE_MARGIN) * statistics.median(times["blas"])
+    return "onednn" if faster else "blas"
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., In) @ weight (Out, In)^T with oneDNN (any strides in x and weight)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def _onednn_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.dim() >= 2
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and dense_kernel() == "onednn"
+    )
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) (no bias), through the kernel this process measured faster (`dense_kernel`) for CPU
+    fp32; elsewhere (GPU, other dtypes, autocast, torch.compile) F.linear. With autograd, backward runs the two
+    gradient products with the same kernel (`_DenseOneDNN`)."""
+    if not _onednn_eligible(x, weight):
+        return F.linear(x, weight)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        # 2-D inside the Function: its output must not be a view (in-place ops follow, e.g. relu_), reshaped outside
+        return _DenseOneDNN.apply(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+    return _onednn(x, weight)
+
+
+class _DenseOneDNN(torch.autograd.Function):
+    """x @ W^T by oneDNN; backward d_x = d_out @ W and d_W = d_out^T @ x, also by oneDNN (it reads the transposed
+    operands in place, no copies)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return _onednn(x, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out):
+        x, weight = ctx.saved_tensors  # x (M, In), d_out (M, Out)
+        d_x = _onednn(d_out, weight.t()) if ctx.needs_input_grad[0] else None
+        d_w = _onednn(d_out.t(), x.t()) if ctx.needs_input_grad[1] else None
+        return d_x, d_w
+
+
 def _copy(weight: torch.Tensor, kind) -> torch.Tensor:
     """A copy of `weight` in another layout, kept while the weight lives (freed with it) and rebuilt when it may
     have changed (`weight_state`: new storage, a version bump, or an optimizer step since). Not a parameter:
@@ -479,7 +574,7 @@ def _drop_copies(shape: torch.Size, dtype: torch.dtype) -> None:
 
 def _compute(form: str, flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if form == "linear":
-        return F.linear(flat, weight)
+        return dense(flat, weight)
     if form == "left":
         return (weight @ flat.T).T.contiguous()
     if form == "right":
@@ -498,10 +593,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     10% in any form. So every shape (rows, Out, In, dtype, threads) is decided by measurement, in this process, on
     its real calls (`_Choice`): the first ones rotate through the forms and time themselves (no extra work),
     alternated so that load from other work hits each form alike; after `EXPLORE_ROUNDS` timed calls of each, the
-    fastest by median is kept if it beats F.linear by `MARGIN`, else F.linear. (The earlier rule timed two forms
+    fastest by median is kept if it beats `dense` by `MARGIN`, else `dense`. (The earlier rule timed two forms
     once, back to back on the first call, in a loop over one weight: that timed the weight from the cache, not as
     decoding streams it, and one busy moment decided a shape for the whole process.) The copies the "right" and
-    "packed" forms read (`_copy`) are dropped once no shape of that weight uses them. Elsewhere it is F.linear.
+    "packed" forms read (`_copy`) are dropped once no shape of that weight uses them. Elsewhere it is `dense`.
     All forms compute the same sums; the rounding may differ in the last bits."""
     rows = x.numel() // x.shape[-1]
     if (
@@ -511,7 +606,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         or torch.compiler.is_compiling()
     ):
-        return F.linear(x, weight)
+        return dense(x, weight)
     key = (rows, *weight.shape, weight.dtype, torch.get_num_threads())
     choice = _CHOICES.get(key)
     if choice is None:

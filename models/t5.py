@@ -28,6 +28,7 @@ from models.common import (
     TiedEmbedding,
     decode_attention,
     decoding,
+    dense,
     drop_mask,
     dropout,
     dropped_relu_,
@@ -226,7 +227,7 @@ class T5Attention(nn.Module):
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention projections (B, L, D) -> 3 x (B, H, L, Dk)."""
         if self.training:  # training: one fused matmul beats three on the big activation
-            return self._heads(F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight])), 3)
+            return self._heads(dense(x, torch.cat([self.q.weight, self.k.weight, self.v.weight])), 3)
         if not torch.is_grad_enabled():  # inference: the stacked weights, kept between calls
             return self._heads(linear(x, self._stacked_qkv()), 3)
         # eval with autograd (gradients wrt inputs or weights): three matmuls, so gradients reach the weights
@@ -236,8 +237,8 @@ class T5Attention(nn.Module):
     def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys/values of the encoder output (B, S, D) -> 2 x (B, H, S, Dk)."""
         if self.training:
-            return self._heads(F.linear(memory, torch.cat([self.k.weight, self.v.weight])), 2)
-        return self._heads(self.k(memory), 1)[0], self._heads(self.v(memory), 1)[0]
+            return self._heads(dense(memory, torch.cat([self.k.weight, self.v.weight])), 2)
+        return self._heads(linear(memory, self.k.weight), 1)[0], self._heads(linear(memory, self.v.weight), 1)[0]
 
     def attend(self, q, k, v, bias: torch.Tensor | None, hidden: torch.Tensor | None) -> torch.Tensor:
         """q (B, H, Lq, Dk), k/v (B, H, Lk, Dk), additive bias (1 or B, H, Lq, Lk), hidden keys bool -> (B, Lq, D)."""
@@ -296,7 +297,7 @@ class T5DenseActDense(nn.Module):
             return linear(h.relu_(), self.wo.weight)
         # dropout before relu (they commute): one (B, L, F) tensor kept for relu and wo; 1 / (1 - p) on (B, L, D)
         drop, scale = drop_mask(h, self.dropout)
-        return self.wo(dropped_relu_(h, drop)).mul_(scale)
+        return linear(dropped_relu_(h, drop), self.wo.weight).mul_(scale)
 
 
 def _gelu_new(x: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -320,14 +321,14 @@ class T5DenseGatedActDense(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:  # one matmul for both input projections
-            gate, up = F.linear(x, torch.cat([self.wi_0.weight, self.wi_1.weight])).chunk(2, dim=-1)
+            gate, up = dense(x, torch.cat([self.wi_0.weight, self.wi_1.weight])).chunk(2, dim=-1)
         else:
             gate, up = linear(x, self.wi_0.weight), linear(x, self.wi_1.weight)
         h = _gelu_new(gate, self.training) * up  # (B, L, F)
         if not self.training or self.dropout == 0.0:
             return linear(h, self.wo.weight)
         drop, scale = drop_mask(h, self.dropout)
-        return self.wo(h.masked_fill_(drop, 0.0)).mul_(scale)
+        return linear(h.masked_fill_(drop, 0.0), self.wo.weight).mul_(scale)
 
 
 class T5LayerSelfAttention(nn.Module):
@@ -674,9 +675,8 @@ class T5Model(generation.GenerationMixin, nn.Module):
             h = self.encoder.forward_unpadded(self.shared(input_ids[real]), spans, self.encoder.position_bias(S, S))
             state["memory_kv"] = [self._scatter_kv(b.layer[1].EncDecAttention, h, real) for b in self.decoder.block]
         state["cross_hidden"] = self._padding(attention_mask[::num_beams])
-        state["cross_bias"] = _merge(
-            None, state["cross_hidden"], state["memory_kv"][0][0].dtype
-        )  # for SDPA, merged once
+        dtype = state["memory_kv"][0][0].dtype
+        state["cross_bias"] = _merge(None, state["cross_hidden"], dtype)  # for SDPA, merged once
         return state
 
     @staticmethod
