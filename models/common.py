@@ -491,9 +491,9 @@ def _measure_dense(rounds: int = 7, clock=time.perf_counter) -> str:
     return "onednn" if faster else "blas"
 
 
-def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (..., In) @ weight (Out, In)^T with oneDNN (any strides in x and weight)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., In) @ weight (Out, In)^T [+ bias] with oneDNN (any strides in x and weight)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def _onednn_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -505,30 +505,33 @@ def _onednn_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
+        and not hasattr(weight, "ds_id")  # ZeRO-3 partitioned weights: DeepSpeed's own linear (it wraps F.linear)
         and dense_kernel() == "onednn"
     )
 
 
-def dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) (no bias), through the kernel this process measured faster (`dense_kernel`) for CPU
-    fp32; elsewhere (GPU, other dtypes, autocast, torch.compile) F.linear. With autograd, backward runs the two
-    gradient products with the same kernel (`_DenseOneDNN`)."""
-    if not _onednn_eligible(x, weight):
-        return F.linear(x, weight)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through the kernel this process measured faster (`dense_kernel`) for CPU fp32;
+    elsewhere (GPU, other dtypes, autocast, torch.compile) F.linear. With autograd, backward runs the two gradient
+    products with the same kernel (`_DenseOneDNN`)."""
+    if not _onednn_eligible(x, weight) or (bias is not None and bias.dtype != torch.float32):
+        return F.linear(x, weight, bias)
+    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    if torch.is_grad_enabled() and needs_grad:
         # 2-D inside the Function: its output must not be a view (in-place ops follow, e.g. relu_), reshaped outside
-        return _DenseOneDNN.apply(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
-    return _onednn(x, weight)
+        out = _DenseOneDNN.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return _onednn(x, weight, bias)
 
 
 class _DenseOneDNN(torch.autograd.Function):
-    """x @ W^T by oneDNN; backward d_x = d_out @ W and d_W = d_out^T @ x, also by oneDNN (it reads the transposed
-    operands in place, no copies)."""
+    """x @ W^T [+ b] by oneDNN; backward d_x = d_out @ W and d_W = d_out^T @ x, also by oneDNN (it reads the
+    transposed operands in place, no copies), d_b = the column sums of d_out."""
 
     @staticmethod
-    def forward(ctx, x, weight):
+    def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        return _onednn(x, weight)
+        return _onednn(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -536,7 +539,15 @@ class _DenseOneDNN(torch.autograd.Function):
         x, weight = ctx.saved_tensors  # x (M, In), d_out (M, Out)
         d_x = _onednn(d_out, weight.t()) if ctx.needs_input_grad[0] else None
         d_w = _onednn(d_out.t(), x.t()) if ctx.needs_input_grad[1] else None
-        return d_x, d_w
+        d_b = d_out.sum(0) if ctx.needs_input_grad[2] else None
+        return d_x, d_w, d_b
+
+
+class Linear(torch.nn.Linear):
+    """`nn.Linear` (same parameters and state dict) whose product is `dense`'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense(x, self.weight, self.bias)
 
 
 def _copy(weight: torch.Tensor, kind) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import reformer_decoding
-from models.common import Dropout
+from models.common import Dropout, Linear, dense
 from models.generation import GenerationMixin
 from models.lsh_kernels import NormaliseKeys, PermuteRows, chunked_attention, full_attention
 from models.positions import AxialPositionEmbeddings, PositionEmbeddings
@@ -193,8 +193,8 @@ class LSHSelfAttention(nn.Module):
         self.config, self.causal = config, causal
         self.num_heads, self.d_kv = config.num_heads, config.d_kv
         self.chunk_length, self.num_chunks_after = config.lsh_chunk_length, num_chunks_after
-        self.query_key = nn.Linear(config.d_model, config.num_heads * config.d_kv, bias=False)
-        self.value = nn.Linear(config.d_model, config.num_heads * config.d_kv, bias=False)
+        self.query_key = Linear(config.d_model, config.num_heads * config.d_kv, bias=False)
+        self.value = Linear(config.d_model, config.num_heads * config.d_kv, bias=False)
 
     def n_buckets(self, length: int) -> int | list[int]:
         """The configured buckets, or about 2 * L / chunk_length rounded down to a power of two (section 2.4)."""
@@ -259,7 +259,7 @@ class LSHSelfAttention(nn.Module):
         H, R, K = self.num_heads, self.config.n_hashes, self.d_kv
         # both projections in one matmul, per head [qk, v] side by side: (B, L, H, 2K)
         weight = torch.cat([self.query_key.weight.view(H, K, -1), self.value.weight.view(H, K, -1)], dim=1)
-        qkv = F.linear(hidden, weight.flatten(0, 1)).view(B, L, H, 2 * K)
+        qkv = dense(hidden, weight.flatten(0, 1)).view(B, L, H, 2 * K)
         drop, training = self.config.attention_dropout_rate, self.training
         if self.config.use_full_attention or L <= self.chunk_length:
             qk, v = qkv.transpose(1, 2).split(K, dim=-1)  # (B, H, L, K)
@@ -299,15 +299,15 @@ class LocalSelfAttention(nn.Module):
         self.num_heads, self.d_kv = config.num_heads, config.d_kv
         self.chunk_length, self.num_chunks_after = config.local_chunk_length, num_chunks_after
         inner = config.num_heads * config.d_kv
-        self.query = nn.Linear(config.d_model, inner, bias=False)
-        self.key = nn.Linear(config.d_model, inner, bias=False)
-        self.value = nn.Linear(config.d_model, inner, bias=False)
+        self.query = Linear(config.d_model, inner, bias=False)
+        self.key = Linear(config.d_model, inner, bias=False)
+        self.value = Linear(config.d_model, inner, bias=False)
 
     def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None, cache: dict | None = None):
         B, L, _ = hidden.shape
         # the three projections in one matmul (keys pre-scaled by 1/sqrt(d_kv)): (B, L, 3, H, K)
         weight = torch.cat([self.query.weight, self.key.weight / math.sqrt(self.d_kv), self.value.weight])
-        q, k, v = F.linear(hidden, weight).view(B, L, 3, self.num_heads, self.d_kv).transpose(1, 3).unbind(2)
+        q, k, v = dense(hidden, weight).view(B, L, 3, self.num_heads, self.d_kv).transpose(1, 3).unbind(2)
         drop, training = self.config.attention_dropout_rate, self.training  # q, k, v: (B, H, L, K)
         if L <= self.chunk_length:
             return _merge_heads(full_attention(q, k, v, key_mask, self.causal, False, drop, training))
@@ -322,7 +322,7 @@ class LocalSelfAttention(nn.Module):
 class ReformerSelfOutput(nn.Module):
     def __init__(self, config: ReformerConfig):
         super().__init__()
-        self.dense = nn.Linear(config.num_heads * config.d_kv, config.d_model, bias=False)
+        self.dense = Linear(config.num_heads * config.d_kv, config.d_model, bias=False)
         self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -355,9 +355,9 @@ class ReformerCrossAttention(nn.Module):
         inner = config.num_heads * config.d_kv
         self.num_heads, self.d_kv, self.drop = config.num_heads, config.d_kv, config.attention_dropout_rate
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.query = nn.Linear(config.d_model, inner, bias=False)
-        self.key = nn.Linear(2 * config.d_model, inner, bias=False)
-        self.value = nn.Linear(2 * config.d_model, inner, bias=False)
+        self.query = Linear(config.d_model, inner, bias=False)
+        self.key = Linear(2 * config.d_model, inner, bias=False)
+        self.value = Linear(2 * config.d_model, inner, bias=False)
         self.output = ReformerSelfOutput(config)
 
     def project_kv(self, encoder_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,8 +380,8 @@ class ChunkReformerFeedForward(nn.Module):
         super().__init__()
         self.chunk_size, self.act = config.ff_chunk_size, ACTIVATIONS[config.hidden_act]
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.dense = nn.Linear(config.d_model, config.d_ff)
-        self.output = nn.Linear(config.d_ff, config.d_model)
+        self.dense = Linear(config.d_model, config.d_ff)
+        self.output = Linear(config.d_ff, config.d_model)
         self.dropout = Dropout(config.dropout_rate)
 
     def forward_chunk(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -466,7 +466,7 @@ class ReformerModel(GenerationMixin, nn.Module):
             enc_layers = config.encoder_attn_layers or config.attn_layers
             self.encoder = ReformerStack(config, enc_layers, False, False, config.encoder_num_chunks_after)
         self.decoder = ReformerStack(config, config.attn_layers, True, config.layout == "encoder_decoder")
-        self.lm_head = nn.Linear(2 * config.d_model, config.vocab_size)
+        self.lm_head = Linear(2 * config.d_model, config.vocab_size)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from models.common import dense
 from models.lsh_kernels import NormaliseKeys, mask_values
 
 _PAD_BUCKET = 2**40  # after every real bucket, as the forward's padding bucket
@@ -92,7 +93,7 @@ def _project(attention: torch.nn.Module, hidden: torch.Tensor, weight: torch.Ten
     """hidden (N, t, D) -> per-head projections (N, H, t, K): LSH (qk, keys, v), local (q, k / sqrt(K), v)."""
     N, t, _ = hidden.shape
     H, K = attention.num_heads, attention.d_kv
-    parts = F.linear(hidden, weight).view(N, t, -1, H, K).permute(2, 0, 3, 1, 4).unbind(0)
+    parts = dense(hidden, weight).view(N, t, -1, H, K).permute(2, 0, 3, 1, 4).unbind(0)
     if _is_lsh(attention):
         qk, v = parts
         return qk, NormaliseKeys.apply(qk), v

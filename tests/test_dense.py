@@ -17,7 +17,7 @@ def onednn(monkeypatch):
     monkeypatch.setenv("MODELS_DENSE_KERNEL", "onednn")
     calls = []
     original = common._onednn
-    monkeypatch.setattr(common, "_onednn", lambda x, w: calls.append(tuple(x.shape)) or original(x, w))
+    monkeypatch.setattr(common, "_onednn", lambda x, *a: calls.append(tuple(x.shape)) or original(x, *a))
     return calls
 
 
@@ -112,3 +112,21 @@ def test_t5_training_step_runs_its_products_through_the_kernel(onednn):
         model(x, None, y).logsumexp(-1).sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_linear_module_with_bias_equals_nn_linear(onednn):
+    """`models.common.Linear` (the Reformer's layers): same parameters and state dict as nn.Linear, bias included,
+    forward and gradients equal."""
+    torch.manual_seed(1)
+    ours = common.Linear(12, 20)
+    ref = torch.nn.Linear(12, 20)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 4, 12)
+    g = torch.randn(3, 4, 20)
+    for module in (ours, ref):
+        (module(x) * g).sum().backward()
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert onednn == [(12, 12), (20, 12), (3, 4, 12)]  # forward with autograd, d_w (x needs none); forward without
