@@ -47,6 +47,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from models.common import dense_kernel
 from pipeline import openmp_wait
 from pipeline.common import StageError, publish, repo_root, require_variant, run_stage, stage_parser
 from pipeline.config import LENGTH_TASKS, Config, LengthsConfig
@@ -479,6 +480,7 @@ def log_to_mlflow(
             {
                 "trainer.threads_used": torch.get_num_threads(),
                 "trainer.openmp_wait": openmp_wait(),
+                "trainer.cpu_dense_kernel": dense_kernel(),
                 "lengths.device": result["device"],
             }
         )

@@ -43,6 +43,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 import models
+from models.common import dense_kernel
 from pipeline import mlflow_logging, openmp_wait, strategy
 from pipeline.common import (
     CorruptFileError,
@@ -389,7 +390,13 @@ def _train_and_publish(
         model_params = mlflow_logging.model_params(model, variant, family)
         run.log_params(model_params)
         # resolved from trainer.threads, and how OpenMP threads wait (pipeline/__init__.py)
-        run.log_params({"trainer.threads_used": torch.get_num_threads(), "trainer.openmp_wait": openmp_wait()})
+        run.log_params(
+            {
+                "trainer.threads_used": torch.get_num_threads(),
+                "trainer.openmp_wait": openmp_wait(),
+                "trainer.cpu_dense_kernel": dense_kernel(),  # which kernel ran CPU fp32 products (models.common)
+            }
+        )
         sizes = {"train": len(train), "validation": len(val)}
         inputs = mlflow_logging.training_inputs(stage, root, sizes, cfg.to_dict()[stage])
         datasets = mlflow_logging.log_token_splits(inputs, origin=cfg.data.source, stage=stage)
