@@ -493,13 +493,13 @@ class T5Stack(nn.Module):
         padding to mask. For a bidirectional stack without dropout or autograd (`T5Model.encode` decides)."""
         n_heads, d_kv = self.config.num_heads, self.config.d_kv
         inner = n_heads * d_kv
-        biases = {}  # one (1, H, n, n) bias per distinct span of positions, shared by all layers
+        biases, masks = {}, []  # one (1, H, n, n) bias per distinct span of positions, shared by all layers
         for _, _, pos in spans:
             key = (pos.start, pos.stop) if isinstance(pos, slice) else tuple(pos.tolist())
             if key not in biases:
-                biases[key] = bias[:, :, pos, pos] if isinstance(pos, slice) else bias[:, :, pos][:, :, :, pos]
-                biases[key] = biases[key].contiguous()
-        masks = [biases[(p.start, p.stop) if isinstance(p, slice) else tuple(p.tolist())] for _, _, p in spans]
+                cut = bias[:, :, pos, pos] if isinstance(pos, slice) else bias[:, :, pos][:, :, :, pos]
+                biases[key] = cut.contiguous()
+            masks.append(biases[key])
         for block in self.block:
             layer = block.layer[0]
             attn = layer.SelfAttention
@@ -584,11 +584,14 @@ class T5Model(generation.GenerationMixin, nn.Module):
         spans = self._unpadded_spans(input_ids, attention_mask)
         if spans is not None:  # inference with padding: only the real tokens go through the encoder
             real = attention_mask.bool()
-            h = self.encoder.forward_unpadded(
-                self.embed(input_ids[real], tied), spans, self.encoder.position_bias(S, S)
-            )
+            h = self._encode_packed(input_ids, real, spans, tied)
             return h.new_zeros(*input_ids.shape, h.shape[-1]).index_put_((real,), h)  # padding rows: zeros
         return self.encoder(self.embed(input_ids, tied), *self.encoder.self_mask(S, S, key_mask=attention_mask))
+
+    def _encode_packed(self, input_ids, real, spans, tied: Tied | None = None) -> torch.Tensor:
+        """The encoder output of the real tokens `real` (B, S) only, packed item after item: (R, D)."""
+        S = input_ids.shape[1]
+        return self.encoder.forward_unpadded(self.embed(input_ids[real], tied), spans, self.encoder.position_bias(S, S))
 
     def _unpadded_spans(self, input_ids, attention_mask) -> list[tuple[int, int, slice | torch.Tensor]] | None:
         """Where the real tokens of each item lie once packed (`T5Stack.forward_unpadded`), or None to run the
@@ -671,8 +674,7 @@ class T5Model(generation.GenerationMixin, nn.Module):
             kvs = [b.layer[1].EncDecAttention.project_kv(memory) for b in self.decoder.block]
             state["memory_kv"] = [(k.contiguous(), v.contiguous()) for k, v in kvs]  # read at every step
         else:  # the real tokens only, through the encoder and the cross-attention projections (`encode`)
-            S = input_ids.shape[1]
-            h = self.encoder.forward_unpadded(self.shared(input_ids[real]), spans, self.encoder.position_bias(S, S))
+            h = self._encode_packed(input_ids, real, spans)
             state["memory_kv"] = [self._scatter_kv(b.layer[1].EncDecAttention, h, real) for b in self.decoder.block]
         state["cross_hidden"] = self._padding(attention_mask[::num_beams])
         dtype = state["memory_kv"][0][0].dtype

@@ -46,8 +46,6 @@ from typing import Any
 
 import torch
 
-from models.common import dense_kernel
-from pipeline import openmp_wait
 from pipeline.common import (
     StageError,
     load_model_dir,
@@ -339,14 +337,7 @@ def log_to_mlflow(
         run.log_params(mlflow_logging.stage_params(cfg.to_dict(), "evaluate", paths.variant, paths.seed, root))
         final = RunPaths(root, "finetune", paths.variant, paths.seed).final
         run.log_params(mlflow_logging.model_params_from_dir(final, paths.variant))
-        # resolved from trainer.threads, and how OpenMP threads wait (pipeline/__init__.py)
-        run.log_params(
-            {
-                "trainer.threads_used": torch.get_num_threads(),
-                "trainer.openmp_wait": openmp_wait(),
-                "trainer.cpu_dense_kernel": dense_kernel(),  # which kernel ran CPU fp32 products (models.common)
-            }
-        )
+        run.log_params(mlflow_logging.runtime_params())  # threads, OpenMP wait, CPU product kernel
         run.log_metrics(mlflow_metrics(metrics))
         run.log_artifacts(artifacts or paths.out, "eval")
 

@@ -47,8 +47,6 @@ from typing import Any
 import lightning as L
 import torch
 
-from models.common import dense_kernel
-from pipeline import openmp_wait
 from pipeline.common import StageError, publish, repo_root, require_variant, run_stage, stage_parser
 from pipeline.config import LENGTH_TASKS, Config, LengthsConfig
 from pipeline.paths import RunPaths
@@ -478,9 +476,7 @@ def log_to_mlflow(
         run.log_params(mlflow_logging.stage_params(cfg.to_dict(), STAGE, paths.variant, paths.seed, root))
         run.log_params(
             {
-                "trainer.threads_used": torch.get_num_threads(),
-                "trainer.openmp_wait": openmp_wait(),
-                "trainer.cpu_dense_kernel": dense_kernel(),
+                **mlflow_logging.runtime_params(),
                 "lengths.device": result["device"],
             }
         )

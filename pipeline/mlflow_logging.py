@@ -449,3 +449,19 @@ def log_trained_model(
     if numeric:
         mlflow.log_metrics(numeric, model_id=info.model_id, dataset=dataset)
     return info.model_id
+
+
+def runtime_params() -> dict[str, object]:
+    """What a run records of how its CPU work ran: intra-op threads (resolved from trainer.threads), how OpenMP
+    threads wait (`pipeline.openmp_wait`), and which kernel computes the CPU fp32 matrix products
+    (`models.common.dense_kernel`)."""
+    import torch
+
+    from models.common import dense_kernel
+    from pipeline import openmp_wait
+
+    return {
+        "trainer.threads_used": torch.get_num_threads(),
+        "trainer.openmp_wait": openmp_wait(),
+        "trainer.cpu_dense_kernel": dense_kernel(),
+    }

@@ -43,8 +43,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 import models
-from models.common import dense_kernel
-from pipeline import mlflow_logging, openmp_wait, strategy
+from pipeline import mlflow_logging, strategy
 from pipeline.common import (
     CorruptFileError,
     Publication,
@@ -389,14 +388,7 @@ def _train_and_publish(
         run.log_params(mlflow_logging.stage_params(cfg.to_dict(), stage, variant, seed, root))
         model_params = mlflow_logging.model_params(model, variant, family)
         run.log_params(model_params)
-        # resolved from trainer.threads, and how OpenMP threads wait (pipeline/__init__.py)
-        run.log_params(
-            {
-                "trainer.threads_used": torch.get_num_threads(),
-                "trainer.openmp_wait": openmp_wait(),
-                "trainer.cpu_dense_kernel": dense_kernel(),  # which kernel ran CPU fp32 products (models.common)
-            }
-        )
+        run.log_params(mlflow_logging.runtime_params())  # threads, OpenMP wait, CPU product kernel
         sizes = {"train": len(train), "validation": len(val)}
         inputs = mlflow_logging.training_inputs(stage, root, sizes, cfg.to_dict()[stage])
         datasets = mlflow_logging.log_token_splits(inputs, origin=cfg.data.source, stage=stage)

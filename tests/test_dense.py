@@ -22,7 +22,7 @@ def onednn(monkeypatch):
 
 
 def test_onednn_forward_and_gradients_equal_f_linear(onednn):
-    x = torch.randn(2, 7, 24, dtype=torch.float64).float().requires_grad_()
+    x = torch.randn(2, 7, 24).requires_grad_()
     w = torch.randn(40, 24).requires_grad_()
     g = torch.randn(2, 7, 40)
     out = dense(x, w)
