@@ -41,7 +41,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import alternate, load_average, ratio_spread, spread  # noqa: E402
+from timing import add_kernel_options, alternate, apply_kernel_options, load_average, ratio_spread, spread  # noqa: E402
 
 from models.generation import Uncached, generate  # noqa: E402
 
@@ -167,11 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reformer-hf-prompt", type=int, default=512)
     p.add_argument("--reformer-hf-tokens", type=int, default=32)
     p.add_argument("--skip", nargs="*", default=[], choices=["t5", "reformer"])
+    add_kernel_options(p)
     args = p.parse_args(argv)
+    kernels = apply_kernel_options(args)
     import transformers
 
     policy = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, CPU fp32, {policy}; {load_average()}")
+    print(kernels)
     print(f"{'row':<44} {'ours median [min-max] s':>24} {'reference':>24} {'ours/ref per round':>24}  same")
     if "t5" not in args.skip:
         t5_rows(args)

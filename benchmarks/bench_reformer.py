@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import alternate, load_average, median, ratio_spread, spread  # noqa: E402
+from timing import add_kernel_options, alternate, apply_kernel_options, load_average, median, ratio_spread, spread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--memory-fraction", type=float, default=0.85, help="cap per run, of the memory available")
     parser.add_argument("--child-timeout", type=int, default=900)
+    add_kernel_options(parser)
     args = parser.parse_args(argv)
+    kernels = apply_kernel_options(args)
     if args.full_sweep:
         args.lengths, args.depths = [1 << k for k in range(10, 17)], [2, 4, 8, 12]
         args.max_quadratic_length, args.paired_lengths = max(args.max_quadratic_length, 16384), [4096, 16384, 65536]
@@ -266,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
 
     models = [m for m in args.models if m != "t5" or _importable("models.t5")]
     print(f"start: {load_average()}", flush=True)
+    print(kernels, flush=True)
     started = time.perf_counter()
     results: dict[tuple[str, int], dict | str] = {}
     for length in args.lengths:

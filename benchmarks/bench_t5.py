@@ -47,7 +47,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import alternate, load_average, ratio_spread, spread, table  # noqa: E402
+from timing import add_kernel_options, alternate, apply_kernel_options, load_average, ratio_spread, spread, table  # noqa: E402
 
 from models.t5 import T5Config, T5Model  # noqa: E402
 
@@ -167,9 +167,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "memory", "generate"])
     p.add_argument("--child", choices=["ours", "ref"], help=argparse.SUPPRESS)
+    add_kernel_options(p)
     args = p.parse_args()
     args.shape = (args.batch, args.input_len, args.target_len)
     torch.set_num_threads(args.threads)
+    kernels = apply_kernel_options(args)
     if args.child:
         return child_memory(args)
 
@@ -181,7 +183,8 @@ def main() -> None:
     print(f"T5 preset {args.preset}: {ours.num_parameters() / 1e6:.1f}M parameters")
     print(f"transformers {transformers.__version__}, attention {ref.config._attn_implementation}")
     policy = os.environ.get("OMP_WAIT_POLICY")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={policy}, fp32 CPU\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={policy}, fp32 CPU")
+    print(f"{kernels}\n")
     rows = []  # (label, ours, reference, ratio): timings as median [min-max] strings
     if "train" not in args.skip:
         data = batch(c, *args.shape)

@@ -31,7 +31,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import alternate_results, load_average, median, ratio_spread, spread, table  # noqa: E402
+from timing import (
+    add_kernel_options,
+    alternate_results,
+    apply_kernel_options,
+    load_average,
+    median,
+    ratio_spread,
+    spread,
+    table,
+)  # noqa: E402
 
 from models import build_model, config_class  # noqa: E402
 from pipeline.datamodule import Collator, PretrainDataset, token_losses  # noqa: E402
@@ -134,10 +143,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--input-length", type=int, default=64)
     parser.add_argument("--log-every", type=int, default=10)
+    add_kernel_options(parser)
     args = parser.parse_args()
+    kernels = apply_kernel_options(args)
     families = ["t5", "reformer"] if args.family == "both" else [args.family]
     settings = OptimSettings(lr=1e-3, warmup_steps=2, max_steps=args.steps, log_every_n_steps=args.log_every)
     print(f"start: {load_average()}")
+    print(kernels)
     print(f"threads {torch.get_num_threads()}, {args.steps} steps x batch {args.batch_size} x {args.input_length}")
     rows = []
     for family in families:

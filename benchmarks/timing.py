@@ -65,6 +65,24 @@ def ratio_spread(ours: list[float], ref: list[float], digits: int = 3) -> str:
     return spread(ratios(ours, ref), digits)
 
 
+def add_kernel_options(parser) -> None:
+    """`--matmul` and `--decoding`: the CPU kernels our models compute with (params.yaml's `kernels` section, same
+    defaults). Child processes inherit them through BENCH_MATMUL / BENCH_DECODING."""
+    parser.add_argument("--matmul", default=os.environ.get("BENCH_MATMUL", "auto"), choices=["auto", "blas", "onednn"])
+    parser.add_argument("--decoding", default=os.environ.get("BENCH_DECODING", "shaped"), choices=["plain", "shaped"])
+
+
+def apply_kernel_options(args) -> str:
+    """Set our models' CPU kernels from `add_kernel_options`' arguments (and for child processes); returns a line
+    for the record: what was asked and what it resolved to on this processor."""
+    import models
+    from models.common import processor_vendor
+
+    os.environ["BENCH_MATMUL"], os.environ["BENCH_DECODING"] = args.matmul, args.decoding
+    k = models.set_cpu_kernels(args.matmul, args.decoding)
+    return f"our kernels: matmul {k.matmul} (asked {args.matmul}), decoding {k.decoding}; {processor_vendor()}"
+
+
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages and the core count, for the record beside every figure."""
     one, five, fifteen = os.getloadavg()

@@ -21,6 +21,9 @@ from typing import Any
 import torch
 
 from models import reformer, t5
+from models.common import CpuKernels as CpuKernels  # CPU kernels: an explicit setting, re-exported
+from models.common import cpu_kernels as cpu_kernels
+from models.common import set_cpu_kernels as set_cpu_kernels
 from models.spec import FamilySpec
 
 SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (t5.SPEC, reformer.SPEC)}

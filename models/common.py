@@ -7,11 +7,9 @@ Dimension legend: B batch, H heads, Lq / Lk query / key length, Dk per-head size
 from __future__ import annotations
 
 import contextlib
-import os
-import statistics
 import threading
-import time
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -356,44 +354,10 @@ class BiasedAttention(torch.autograd.Function):
         return d_q, d_k, d_v, d_bias, None, None
 
 
-# How `linear` computes x @ weight^T for a few rows; every form returns the same sums in row-major order.
-# `dense(x, W)` (the process's kernel); (W @ x^T)^T; x @ W^T with W^T kept contiguous; oneDNN with W prepacked
-# for that many rows
-FORMS = ("linear", "left", "right", "packed")
-ATTENTION_FORMS = ("sdpa", "matmul")  # F.scaled_dot_product_attention; q @ k^T (+ mask), softmax, @ v
-EXPLORE_ROUNDS = 3  # timed calls of each form (after one untimed round) before a shape is settled
-MARGIN = 0.1  # another form must be this much faster (median) than the default (the first form) to be chosen
-
-
-class _Choice:
-    """Which form one shape of an operation uses: first the real calls of that shape try the forms in turn and
-    time themselves (no extra work: each call computes its own result), then the fastest by median is kept
-    (`decide`). The forms are tried in rotation, alternated call by call, so load from other work hits each alike,
-    and with the caches as warm or cold as the real work leaves them (a loop over one weight would time it from the
-    processor's cache, not as decoding streams it)."""
-
-    __slots__ = ("forms", "calls", "times", "form")
-
-    def __init__(self, forms: tuple[str, ...] = FORMS):
-        self.forms, self.calls, self.times, self.form = forms, 0, {f: [] for f in forms}, None
-
-    def next_form(self) -> str:
-        n = len(self.forms)  # rotate, shifting by one each round, so no caller always gets the same form
-        return self.forms[(self.calls + self.calls // n) % n]
-
-    def record(self, form: str, seconds: float) -> None:
-        self.calls += 1
-        if self.calls > len(self.forms):  # the first round is a warm-up (first touch of buffers, copies built)
-            self.times[form].append(seconds)
-        if all(len(t) >= EXPLORE_ROUNDS for t in self.times.values()):
-            self.form = decide({f: statistics.median(self.times[f]) for f in self.forms})
-
-
-def decide(medians: dict[str, float]) -> str:
-    """The fastest form, if it beats the default (the first form) by `MARGIN`; otherwise the default."""
-    default = next(iter(medians))
-    best = min(medians, key=medians.get)
-    return best if medians[best] < (1.0 - MARGIN) * medians[default] else default
+# How `linear` computes x @ weight^T for a few rows; every form returns the same sums in row-major order, with
+# different rounding in the last bits. `dense(x, W)` (the process's kernel); x @ W^T with W^T kept contiguous;
+# oneDNN with W prepacked for that many rows
+FORMS = ("linear", "right", "packed")
 
 
 _DECODING = threading.local()  # .depth > 0 inside `decoding()`
@@ -401,8 +365,8 @@ _DECODING = threading.local()  # .depth > 0 inside `decoding()`
 
 @contextlib.contextmanager
 def decoding():
-    """Marks a decoding step (`decode_step`): only there do `linear` and `decode_attention` pick their form by
-    measurement. Elsewhere (training, a full forward in eval) they are plain `dense` and SDPA, so the same input
+    """Marks a decoding step (`decode_step`): only there may `linear` compute in another form (`decoding_form`, under
+    `CpuKernels.decoding="shaped"`). Elsewhere (training, a full forward in eval) it is plain `dense`, so the same input
     always gets the same rounding."""
     _DECODING.depth = getattr(_DECODING, "depth", 0) + 1
     try:
@@ -415,8 +379,6 @@ def in_decoding() -> bool:
     return getattr(_DECODING, "depth", 0) > 0
 
 
-# (rows, Out, In, dtype, threads), or ("attention", ...) -> the form being explored or kept for that shape
-_CHOICES: dict[tuple, _Choice] = {}
 # (id(weight), kind) -> (weak reference to the weight, weight_state(weight), copy): the copies the "right" and
 # "packed" forms read, kind "T" (weight^T contiguous) or ("packed", rows)
 _COPIES: dict[tuple, tuple] = {}
@@ -447,48 +409,72 @@ def _packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-DENSE_KERNELS = ("blas", "onednn")
-DENSE_MARGIN = 0.2  # oneDNN must be this much faster (median) than the BLAS to be chosen
-_DENSE: dict[int, str] = {}  # intra-op threads -> the kernel this process measured faster for dense products
+# ---- which CPU kernels compute the products: an explicit, process-wide setting, never a measurement ----
+
+MATMUL_KERNELS = ("blas", "onednn")
+DECODING_FORMS = ("plain", "shaped")
+
+
+@dataclass(frozen=True)
+class CpuKernels:
+    """Which code computes CPU fp32 products in this process. Every choice gives the same numbers run after run on
+    one machine and software stack (nothing here is decided by a timing); two choices differ in the last bits.
+
+    matmul: "blas" (F.linear: MKL in torch's x86 wheels) or "onednn" (torch's oneDNN linear) for every dense
+        product, forward and both gradient products.
+    decoding: "plain" (decoding steps' few-row products through `dense` like every other product) or "shaped"
+        (by a fixed rule of the product's shape, `decoding_form`).
+    """
+
+    matmul: str = "blas"
+    decoding: str = "plain"
+
+
+_KERNELS = [CpuKernels()]  # the reference paths until `set_cpu_kernels` says otherwise
+
+
+def processor_vendor() -> str:
+    """The CPU vendor string of this machine (`AuthenticAMD`, `GenuineIntel`, ...), or "" where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def default_matmul_kernel() -> str:
+    """`auto`'s kernel: a fixed function of the machine, never of its load. oneDNN on AMD processors, where torch's
+    MKL takes its slow generic paths (measured on an AMD EPYC: MKL 0.10-0.11 TFLOP/s on one core, oneDNN 0.24-0.26,
+    for every T5-small training shape); the BLAS elsewhere (on Intel Xeons MKL is the faster one)."""
+    return "onednn" if processor_vendor() == "AuthenticAMD" and _packing_available() else "blas"
+
+
+def set_cpu_kernels(matmul: str = "blas", decoding: str = "plain") -> CpuKernels:
+    """Set this process's CPU kernels (`CpuKernels`); `matmul="auto"` resolves by `default_matmul_kernel`. Returns
+    the resolved setting. oneDNN asked for where torch was built without it is an error, not a silent fallback."""
+    if matmul == "auto":
+        matmul = default_matmul_kernel()
+    if matmul not in MATMUL_KERNELS:
+        raise ValueError(f"matmul kernel {matmul!r}: expected auto or one of {', '.join(MATMUL_KERNELS)}")
+    if decoding not in DECODING_FORMS:
+        raise ValueError(f"decoding forms {decoding!r}: expected one of {', '.join(DECODING_FORMS)}")
+    if matmul == "onednn" and not _packing_available():
+        raise ValueError("matmul kernel 'onednn': this torch build has no oneDNN linear; use 'blas'")
+    _KERNELS[0] = CpuKernels(matmul, decoding)
+    return _KERNELS[0]
+
+
+def cpu_kernels() -> CpuKernels:
+    """The CPU kernels this process computes with (`set_cpu_kernels`)."""
+    return _KERNELS[0]
 
 
 def dense_kernel() -> str:
-    """Which kernel computes the CPU fp32 products of `dense` in this process: "blas" (F.linear: MKL in torch's x86
-    wheels) or "onednn" (torch's oneDNN linear). Which is faster depends on the processor: on this project's AMD EPYC
-    (AVX-512) MKL ran 0.10-0.11 TFLOP/s on one core where oneDNN ran 0.24-0.26, for every shape of a T5-small
-    training step, forward and backward; on other processors MKL is the faster one. So it is measured, once per
-    process and thread count, before the first product (`_measure_dense`), and kept for the whole process, so the
-    same input always gets the same rounding. `MODELS_DENSE_KERNEL=blas|onednn` pins it (auto: measure)."""
-    forced = os.environ.get("MODELS_DENSE_KERNEL", "auto")
-    if forced != "auto":
-        if forced not in DENSE_KERNELS:
-            raise ValueError(f"MODELS_DENSE_KERNEL={forced!r}: expected auto or one of {', '.join(DENSE_KERNELS)}")
-        return forced if forced == "blas" or _packing_available() else "blas"
-    threads = torch.get_num_threads()
-    if threads not in _DENSE:
-        _DENSE[threads] = _measure_dense()
-    return _DENSE[threads]
-
-
-def _measure_dense(rounds: int = 7, clock=time.perf_counter) -> str:
-    """Time F.linear and oneDNN's linear on a (256, 512) x (1024, 512)^T product, alternated call by call after a
-    warm-up, and keep oneDNN if its median is `DENSE_MARGIN` under the BLAS's. The operands come from a private
-    generator: the global random stream (dropout, initialisation) is not touched. ~20 ms, once per process."""
-    if not _packing_available():
-        return "blas"
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(256, 512, generator=g), torch.randn(1024, 512, generator=g)
-    forms = {"blas": lambda: F.linear(x, w), "onednn": lambda: _onednn(x, w)}
-    times: dict[str, list[float]] = {name: [] for name in forms}
-    for i in range(rounds + 1):
-        for name, fn in forms.items():
-            start = clock()
-            fn()
-            elapsed = clock() - start
-            if i:  # round 0 is the warm-up (oneDNN builds its primitive on the first call of a shape)
-                times[name].append(elapsed)
-    faster = statistics.median(times["onednn"]) < (1.0 - DENSE_MARGIN) * statistics.median(times["blas"])
-    return "onednn" if faster else "blas"
+    """The kernel of the CPU fp32 products of `dense` in this process: "blas" or "onednn" (`set_cpu_kernels`)."""
+    return _KERNELS[0].matmul
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -511,7 +497,7 @@ def _onednn_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through the kernel this process measured faster (`dense_kernel`) for CPU fp32;
+    """F.linear(x, weight, bias), through this process's kernel (`dense_kernel`, `set_cpu_kernels`) for CPU fp32;
     elsewhere (GPU, other dtypes, autocast, torch.compile) F.linear. With autograd, backward runs the two gradient
     products with the same kernel (`_DenseOneDNN`)."""
     if not _onednn_eligible(x, weight) or (bias is not None and bias.dtype != torch.float32):
@@ -570,110 +556,53 @@ def _transposed(weight: torch.Tensor) -> torch.Tensor:
     return _copy(weight, "T")
 
 
-def _drop_copies(shape: torch.Size, dtype: torch.dtype) -> None:
-    """Free the copies of weights of this shape that no shape being explored or decided can still read."""
-    needed = set()
-    for key, choice in _CHOICES.items():
-        if key[1:3] == tuple(shape) and key[3] == dtype:
-            if choice.form in (None, "right"):
-                needed.add("T")
-            if choice.form in (None, "packed"):
-                needed.add(("packed", key[0]))
-    for key in [k for k, e in _COPIES.items() if e[0]() is None or (e[0]().shape == shape and k[1] not in needed)]:
-        del _COPIES[key]
-
-
 def _compute(form: str, flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if form == "linear":
         return dense(flat, weight)
-    if form == "left":
-        return (weight @ flat.T).T.contiguous()
     if form == "right":
         return flat @ _copy(weight, "T")
     return torch.ops.mkldnn._linear_pointwise(flat, _copy(weight, ("packed", flat.shape[0])), None, "none", [], "")
 
 
+VOCABULARY_RATIO = 8  # a weight with this many times more outputs than inputs is a vocabulary projection
+PACKED_ROWS = 4  # from this many rows, weights with at least as many outputs as inputs are read prepacked
+
+
+def decoding_form(rows: int, out_features: int, in_features: int, dtype: torch.dtype) -> str:
+    """How `linear` computes a decoding step's (rows, In) x (Out, In)^T product under `CpuKernels.decoding="shaped"`:
+    a fixed rule of the shape, so the same input always gets the same rounding. A decoding step is bound by reading
+    the weights. Measured (benchmarks/bench_kernels.py) on an Intel Xeon, MKL, 1 thread, T5-small weights streamed
+    from memory: the vocabulary projection (32128 x 512) at 1 row took 0.77x of F.linear's time from a contiguous
+    copy of W^T, at 4-32 rows 0.52-0.72x prepacked for oneDNN; stacked q/k/v and wi at 4-32 rows 0.78-0.91x
+    prepacked; the other products are fastest as they are."""
+    vocabulary = out_features >= VOCABULARY_RATIO * in_features
+    if vocabulary and rows == 1:
+        return "right"
+    if dtype != torch.float32 or not _packing_available():
+        return "linear"
+    if vocabulary or (rows >= PACKED_ROWS and out_features >= in_features):
+        return "packed"
+    return "linear"
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., In) @ weight (Out, In)^T, row-major (SDPA's fused CPU kernel needs a unit stride in the last
-    dimension of q, k and v). Inside a decoding step (`decoding()`), for at most 128 rows, without autograd, on CPU
-    and not compiled, the product is bound by reading the weight, and how fast the BLAS streams it depends on the
-    processor, the shape and the number of rows. Measured on this machine's EPYC (MKL, AVX2), with the weights
-    streamed from memory as decoding does: at 1 row `x @ W^T` from a contiguous copy of W^T reads the tall weights
-    (LM head, stacked q/k/v, wi) 1.5x to 2x faster than F.linear; at 4 rows `(W @ x^T)^T` or oneDNN with the weight
-    prepacked is 1.4x to 2.5x faster; at 32 rows the LM head is 1.8x faster prepacked, the small weights within
-    10% in any form. So every shape (rows, Out, In, dtype, threads) is decided by measurement, in this process, on
-    its real calls (`_Choice`): the first ones rotate through the forms and time themselves (no extra work),
-    alternated so that load from other work hits each form alike; after `EXPLORE_ROUNDS` timed calls of each, the
-    fastest by median is kept if it beats `dense` by `MARGIN`, else `dense`. (The earlier rule timed two forms
-    once, back to back on the first call, in a loop over one weight: that timed the weight from the cache, not as
-    decoding streams it, and one busy moment decided a shape for the whole process.) The copies the "right" and
-    "packed" forms read (`_copy`) are dropped once no shape of that weight uses them. Elsewhere it is `dense`.
-    All forms compute the same sums; the rounding may differ in the last bits."""
+    dimension of q, k and v). Inside a decoding step (`decoding()`) under `CpuKernels.decoding="shaped"`, for at most
+    128 rows, without autograd, on CPU and not compiled, in the form `decoding_form` gives (the copies the "right"
+    and "packed" forms read are kept per weight, `_copy`); everywhere else `dense`."""
     rows = x.numel() // x.shape[-1]
     if (
         rows > 128
         or not in_decoding()
+        or _KERNELS[0].decoding != "shaped"
         or x.device.type != "cpu"
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         or torch.compiler.is_compiling()
     ):
         return dense(x, weight)
-    key = (rows, *weight.shape, weight.dtype, torch.get_num_threads())
-    choice = _CHOICES.get(key)
-    if choice is None:
-        choice = _CHOICES[key] = _Choice(FORMS if weight.dtype == torch.float32 and _packing_available() else FORMS[:3])
-    flat = x.reshape(rows, -1)
-    if choice.form is not None:
-        out = _compute(choice.form, flat, weight)
-    else:
-        form = choice.next_form()
-        if form == "right":  # copies are built outside the timed call
-            _copy(weight, "T")
-        elif form == "packed":
-            _copy(weight, ("packed", rows))
-        start = time.perf_counter()
-        out = _compute(form, flat, weight)
-        choice.record(form, time.perf_counter() - start)
-        if choice.form is not None:
-            _drop_copies(weight.shape, weight.dtype)
+    form = decoding_form(rows, weight.shape[0], weight.shape[1], weight.dtype)
+    out = _compute(form, x.reshape(rows, -1), weight)
     return out.view(*x.shape[:-1], weight.shape[0])
-
-
-def _attention(form: str, q, k, v, mask):
-    if form == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
-    scores = q @ k.transpose(-1, -2)
-    if mask is not None:
-        scores += mask
-    return scores.softmax(-1) @ v
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q k^T + mask) v without scaling, for decoding (a few query rows, no autograd, CPU): SDPA's fused
-    CPU kernel, or three plain ops, chosen per shape by measurement on the real calls (`_Choice`).
-
-    q (N, H, Lq, Dk), k/v (N, H, Lk, Dk), mask additive, broadcastable to (N, H, Lq, Lk), or None. SDPA's fused
-    kernel works in blocks sized for long sequences: for one query row against a few dozen cached keys at batch 32
-    it took 1.1 ms here where the plain ops took 0.3 ms, while at batch 1 it is the faster one. Keys are grouped
-    by length in powers of two, so a growing cache is decided again only when its length doubles."""
-    key = (
-        "attention",
-        *q.shape,
-        k.shape[2].bit_length(),
-        None if mask is None else mask.shape[:3],
-        q.dtype,
-        torch.get_num_threads(),
-    )
-    choice = _CHOICES.get(key)
-    if choice is None:
-        choice = _CHOICES[key] = _Choice(ATTENTION_FORMS)
-    if choice.form is not None:
-        return _attention(choice.form, q, k, v, mask)
-    form = choice.next_form()
-    start = time.perf_counter()
-    out = _attention(form, q, k, v, mask)
-    choice.record(form, time.perf_counter() - start)
-    return out
 
 
 class KVCache:

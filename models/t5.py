@@ -26,13 +26,11 @@ from models.common import (
     KVCache,
     Tied,
     TiedEmbedding,
-    decode_attention,
     decoding,
     dense,
     drop_mask,
     dropout,
     dropped_relu_,
-    in_decoding,
     linear,
     neg_inf,
     split_heads,
@@ -247,25 +245,11 @@ class T5Attention(nn.Module):
             out = BiasedAttention.apply(q, k, v, bias, hidden, p)
         elif self.backend == "flex" and q.is_cuda:
             out = _flex_attention(q, k, v, _merge(bias, hidden, q.dtype))
-        elif _decoding(q, p):  # a few query rows: SDPA or plain ops, whichever measures faster for the shape
-            out = decode_attention(q, k, v, _merge(bias, hidden, q.dtype))
         else:
             mask = _merge(bias, hidden, q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1.0)
         B, H, Lq, Dk = out.shape
         return linear(out.transpose(1, 2).reshape(B, Lq, H * Dk), self.o.weight)
-
-
-def _decoding(q: torch.Tensor, p: float) -> bool:
-    """An attention of a decoding step on CPU: at most 64 query rows per item, no dropout, no autograd, not compiled."""
-    return (
-        in_decoding()
-        and q.shape[2] <= 64
-        and p == 0.0
-        and q.device.type == "cpu"
-        and not (torch.is_grad_enabled() and q.requires_grad)
-        and not torch.compiler.is_compiling()
-    )
 
 
 def _flex_attention(q, k, v, mask):
@@ -711,7 +695,7 @@ class T5Model(generation.GenerationMixin, nn.Module):
                 prefix = torch.full((tokens.shape[0],), state["prefix"], device=tokens.device)
         rows = state.setdefault("bias_rows", {})  # the position bias by relative position, kept for the decoding
         bias, hidden = self.decoder.self_mask(t, offset + t, offset, key_mask, True, prefix, rows)
-        with decoding():  # products and attentions in the form measured fastest for their shapes (models.common)
+        with decoding():  # products in the forms `CpuKernels.decoding` asks for (models.common)
             h = self.decoder(
                 self.shared(tokens),
                 bias,

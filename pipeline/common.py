@@ -226,6 +226,14 @@ def apply_threads(threads: int | None, devices: int | str = 1) -> int:
     return n
 
 
+def apply_kernels(kernels: Any) -> Any:
+    """Set this process's CPU kernels from the params' `kernels` section (`models.set_cpu_kernels`); returns the
+    resolved setting (`auto` becomes the machine's kernel)."""
+    import models
+
+    return models.set_cpu_kernels(kernels.matmul, kernels.decoding)
+
+
 def run_stage(
     body: Callable[[Config, argparse.Namespace], Any],
     parser: argparse.ArgumentParser,
@@ -256,6 +264,7 @@ def _run_stage(
     try:
         cfg = load_config_or_exit(args.params)
         apply_threads(cfg.trainer.threads, cfg.trainer.devices)
+        apply_kernels(cfg.kernels)
         body(cfg, args)
     except BaseException as exc:  # noqa: BLE001 - every ending is classified, bugs keep their traceback
         _raising[0] = False

@@ -446,6 +446,26 @@ class TrainerConfig(Section):
         return self
 
 
+class KernelsConfig(Section):
+    matmul: Literal["auto", "blas", "onednn"] = "auto"
+    """Which kernel computes every CPU fp32 matrix product, training and inference: `blas` (torch's default, MKL in
+    its x86 wheels), `onednn` (torch's oneDNN linear), or `auto`: oneDNN on AMD processors, the BLAS elsewhere (a
+    fixed rule of the machine, logged resolved in MLflow). Each choice gives the same bytes run after run on one
+    machine; two choices differ in the last bits. `python benchmarks/bench_kernels.py` measures them."""
+    decoding: Literal["plain", "shaped"] = "shaped"
+    """How decoding steps compute their few-row products: `plain` (like every other product) or `shaped` (a fixed
+    rule of each product's shape: the vocabulary projection from a transposed copy or prepacked for oneDNN, large
+    weights prepacked from 4 rows; faster on CPU, different rounding)."""
+
+    @model_validator(mode="after")
+    def _kernel_built_in(self) -> KernelsConfig:
+        from models.common import _packing_available
+
+        if self.matmul == "onednn" and not _packing_available():
+            raise Problems(["matmul: 'onednn' but this torch build has no oneDNN linear; use 'blas' or 'auto'"])
+        return self
+
+
 class DeepSpeedConfig(Section):
     stage: Literal[1, 2, 3] = 2
     """ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters."""
@@ -639,6 +659,8 @@ class Params(Section):
     """Quality versus sequence length at matched compute (the `lengths` stage)."""
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     """Devices, distribution and precision of the training stages."""
+    kernels: KernelsConfig = Field(default_factory=KernelsConfig)
+    """Which CPU kernels compute the matrix products (an explicit setting: nothing is chosen by a timing)."""
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     """DeepSpeed ZeRO options (with `trainer.strategy: deepspeed`)."""
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
@@ -747,6 +769,7 @@ class Config:
     benchmark: BenchmarkConfig
     lengths: LengthsConfig
     trainer: TrainerConfig
+    kernels: KernelsConfig
     deepspeed: DeepSpeedConfig
     mlflow: MlflowConfig
     launcher: LauncherConfig

@@ -453,15 +453,19 @@ def log_trained_model(
 
 def runtime_params() -> dict[str, object]:
     """What a run records of how its CPU work ran: intra-op threads (resolved from trainer.threads), how OpenMP
-    threads wait (`pipeline.openmp_wait`), and which kernel computes the CPU fp32 matrix products
-    (`models.common.dense_kernel`)."""
+    threads wait (`pipeline.openmp_wait`), and the CPU kernels resolved from the params' `kernels` section
+    (`models.cpu_kernels`: `auto` logged as the kernel it chose on this machine), with the processor they ran on."""
     import torch
 
-    from models.common import dense_kernel
+    import models
+    from models.common import processor_vendor
     from pipeline import openmp_wait
 
+    kernels = models.cpu_kernels()
     return {
         "trainer.threads_used": torch.get_num_threads(),
         "trainer.openmp_wait": openmp_wait(),
-        "trainer.cpu_dense_kernel": dense_kernel(),
+        "kernels.matmul_resolved": kernels.matmul,
+        "kernels.decoding_resolved": kernels.decoding,
+        "kernels.processor": processor_vendor() or "unknown",
     }

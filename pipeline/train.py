@@ -27,6 +27,7 @@ Only global rank zero writes outputs and talks to MLflow; every rank runs the sa
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -219,6 +220,7 @@ def fingerprint(cfg: Config, stage: str, variant: str, seed: int, root: Path, in
             # how a run is guarded and reported does not change what it computes
             "trainer": {k: v for k, v in d["trainer"].items() if k not in RUN_INDEPENDENT},
             "deepspeed": d["deepspeed"] if cfg.trainer.strategy == "deepspeed" else None,
+            "kernels": dataclasses.asdict(models.cpu_kernels()),  # resolved: `auto` may differ between machines
             "data": data_sig,
             "init": init,
         }

@@ -1,4 +1,4 @@
-"""`models.common.dense`: the process's dense-product kernel (BLAS or oneDNN, by measurement) and its gradients."""
+"""`models.common.dense`: the process's dense-product kernel (BLAS or oneDNN, an explicit setting) and its gradients."""
 
 from __future__ import annotations
 
@@ -12,9 +12,16 @@ from models.common import dense
 pytestmark = pytest.mark.skipif(not common._packing_available(), reason="torch built without oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def _restore_kernels():
+    before = common.cpu_kernels()
+    yield
+    common.set_cpu_kernels(before.matmul, before.decoding)
+
+
 @pytest.fixture
 def onednn(monkeypatch):
-    monkeypatch.setenv("MODELS_DENSE_KERNEL", "onednn")
+    common.set_cpu_kernels("onednn")
     calls = []
     original = common._onednn
     monkeypatch.setattr(common, "_onednn", lambda x, *a: calls.append(tuple(x.shape)) or original(x, *a))
@@ -50,46 +57,39 @@ def test_onednn_reads_strided_operands_and_one_sided_gradients(onednn):
 
 def test_blas_pinned_and_other_dtypes_are_exactly_f_linear(monkeypatch, onednn):
     x, w = torch.randn(5, 8), torch.randn(3, 8)
-    monkeypatch.setenv("MODELS_DENSE_KERNEL", "blas")
+    common.set_cpu_kernels("blas")
     assert torch.equal(dense(x, w), F.linear(x, w))
-    monkeypatch.setenv("MODELS_DENSE_KERNEL", "onednn")
+    common.set_cpu_kernels("onednn")
     assert torch.equal(dense(x.double(), w.double()), F.linear(x.double(), w.double()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert dense(x, w).dtype == torch.bfloat16  # autocast's cast, as F.linear under autocast
     assert onednn == []
 
 
-def test_bad_kernel_setting_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("MODELS_DENSE_KERNEL", "mkl")
-    with pytest.raises(ValueError, match="MODELS_DENSE_KERNEL='mkl'.*auto.*blas.*onednn"):
-        dense(torch.randn(2, 3), torch.randn(4, 3))
+def test_bad_kernel_setting_is_a_clear_error():
+    with pytest.raises(ValueError, match="matmul kernel 'mkl'.*auto.*blas.*onednn"):
+        common.set_cpu_kernels("mkl")
+    with pytest.raises(ValueError, match="decoding forms 'fast'.*plain.*shaped"):
+        common.set_cpu_kernels("blas", "fast")
 
 
-def test_measurement_once_per_thread_count_without_touching_the_global_random_stream(monkeypatch):
-    monkeypatch.delenv("MODELS_DENSE_KERNEL", raising=False)
-    monkeypatch.setattr(common, "_DENSE", {})
-    measured = []
-    original = common._measure_dense
-    monkeypatch.setattr(common, "_measure_dense", lambda: measured.append(1) or original())
+def test_the_reference_kernels_until_set_and_auto_is_a_rule_of_the_machine(monkeypatch):
+    """A process that sets nothing computes with torch's own F.linear; `auto` resolves from the processor's vendor
+    alone (never a timing), and the global random stream is not touched by any of it."""
+    import subprocess
+    import sys
+
+    code = "import models, torch; print(models.cpu_kernels().matmul, models.cpu_kernels().decoding)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == [
+        "blas",
+        "plain",
+    ]
     torch.manual_seed(3)
     state = torch.get_rng_state()
-    for _ in range(3):
-        kernel = common.dense_kernel()
-    assert kernel in common.DENSE_KERNELS and measured == [1]
+    for vendor, want in (("AuthenticAMD", "onednn"), ("GenuineIntel", "blas"), ("", "blas")):
+        monkeypatch.setattr(common, "processor_vendor", lambda vendor=vendor: vendor)
+        assert [common.set_cpu_kernels("auto").matmul for _ in range(3)] == [want] * 3
     assert torch.equal(torch.get_rng_state(), state)
-    assert common._DENSE == {torch.get_num_threads(): kernel}
-
-
-def test_measurement_keeps_onednn_only_by_the_margin():
-    """The decision rule on fixed timings: oneDNN must beat the BLAS's median by `DENSE_MARGIN`."""
-
-    def timed(blas: float, onednn: float):
-        ticks = iter([t for _ in range(8) for t in (0.0, blas, 0.0, onednn)])
-        return common._measure_dense(7, clock=lambda: next(ticks))
-
-    assert timed(1.0, 0.5) == "onednn"
-    assert timed(1.0, 0.85) == "blas"  # within the margin: the BLAS stays
-    assert timed(0.5, 1.0) == "blas"
 
 
 def test_t5_training_step_runs_its_products_through_the_kernel(onednn):
@@ -107,9 +107,8 @@ def test_t5_training_step_runs_its_products_through_the_kernel(onednn):
     forwards = 4 + 7 + 1
     assert len(onednn) == 3 * forwards
     model.zero_grad()
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("MODELS_DENSE_KERNEL", "blas")
-        model(x, None, y).logsumexp(-1).sum().backward()
+    common.set_cpu_kernels("blas")
+    model(x, None, y).logsumexp(-1).sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
 

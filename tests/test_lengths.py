@@ -245,7 +245,7 @@ def test_lengths_stage_trains_each_length_under_the_budget_and_compare_reads_it(
     (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'lengths' and tags.variant = 't5'")
     assert run.info.status == "FINISHED" and "lengths/L64/accuracy" in run.data.metrics
     assert run.data.params["lengths.budget.kind"] == "flops"
-    assert run.data.params["trainer.cpu_dense_kernel"] in ("blas", "onednn")
+    assert run.data.params["kernels.matmul_resolved"] in ("blas", "onednn")
 
     monkeypatch.chdir(project)  # a seed never pretrained: a message naming the stage to run, no traceback
     assert lengths_main(["--model", "t5", "--seed", "7"]) == 1

@@ -126,41 +126,61 @@ def test_every_form_of_linear_is_row_major_and_equals_f_linear(form):
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_linear_tries_each_form_on_real_calls_then_keeps_one(monkeypatch):
-    monkeypatch.setattr(common, "_CHOICES", {})
+@pytest.fixture
+def shaped(monkeypatch):
+    """`CpuKernels.decoding="shaped"` for one test, the process's setting restored after it."""
+    before = common.cpu_kernels()
+    common.set_cpu_kernels(before.matmul, "shaped")
+    yield
+    common.set_cpu_kernels(before.matmul, before.decoding)
+
+
+def test_decoding_forms_are_a_fixed_rule_of_the_shape():
+    packed = "packed" if common._packing_available() else "linear"
+    vocab, qkv, wo = (32128, 512), (1536, 512), (512, 2048)
+    assert common.decoding_form(1, *vocab, torch.float32) == "right"
+    assert [common.decoding_form(r, *vocab, torch.float32) for r in (2, 4, 32, 128)] == [packed] * 4
+    assert common.decoding_form(1, *qkv, torch.float32) == "linear"
+    assert common.decoding_form(3, *qkv, torch.float32) == "linear"
+    assert common.decoding_form(4, *qkv, torch.float32) == packed
+    assert common.decoding_form(16, *wo, torch.float32) == "linear"  # fewer outputs than inputs: as it is
+    assert common.decoding_form(16, *qkv, torch.bfloat16) == "linear"  # oneDNN's packing is for fp32 here
+    # and nothing but the shape decides: the same answer however often and whenever it is asked
+    assert len({common.decoding_form(8, *qkv, torch.float32) for _ in range(100)}) == 1
+
+
+def test_linear_follows_the_setting_and_the_rule(monkeypatch, shaped):
     monkeypatch.setattr(common, "_COPIES", {})
-    x, w = torch.randn(3, 16), torch.randn(40, 16)
-    calls = len(common.FORMS) * (common.EXPLORE_ROUNDS + 1)  # one untimed round, then the timed ones
-    assert not common.in_decoding()
+    x, w = torch.randn(1, 16), torch.randn(160, 16)  # one row against a vocabulary-like weight: "right"
     with torch.no_grad():
-        torch.testing.assert_close(linear(x, w), common.dense(x, w), rtol=0, atol=0)  # outside: the process's kernel
-        assert not common._CHOICES
-    with torch.no_grad(), common.decoding():
-        for i in range(calls + 5):
-            torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
-            choice = common._CHOICES[(3, 40, 16, torch.float32, 1)]
-            assert (choice.form is None) == (i < calls - 1)
-    assert all(len(t) == common.EXPLORE_ROUNDS for t in choice.times.values())
-    assert choice.form in common.FORMS
-    # a weight's copy in another layout is kept only while some shape of it may still read it
-    kept = {key[1] for key in common._COPIES if key[0] == id(w)}
-    assert kept == {"right": {"T"}, "packed": {("packed", 3)}}.get(choice.form, set())
+        torch.testing.assert_close(linear(x, w), common.dense(x, w), rtol=0, atol=0)  # outside decoding: dense
+        assert not common._COPIES
+        with common.decoding():
+            got = linear(x, w)
+        assert torch.equal(got, x @ w.T.contiguous())  # the "right" form, exactly
+        assert {key[1] for key in common._COPIES if key[0] == id(w)} == {"T"}
+        common.set_cpu_kernels(common.cpu_kernels().matmul, "plain")
+        with common.decoding():
+            assert torch.equal(linear(x, w), common.dense(x, w))  # plain: every product through dense
 
 
-def test_linear_rotates_the_forms_so_no_caller_always_gets_the_same_one():
-    choice, seen = common._Choice(), {}
-    callers = 2 * len(common.FORMS)  # callers taking turns at one shape, a multiple of the forms' count per round
-    for i in range(4 * callers):
-        seen.setdefault(i % callers, set()).add(choice.next_form())
-        choice.calls += 1
-    assert all(len(forms) > 1 for forms in seen.values())
-
-
-def test_linear_keeps_f_linear_unless_another_form_wins_by_the_margin():
-    assert common.decide({"linear": 1.0, "left": 0.95, "right": 0.97}) == "linear"  # within the margin: the default
-    assert common.decide({"linear": 1.0, "left": 0.5, "right": 0.7}) == "left"
-    assert common.decide({"linear": 1.0, "left": 0.8, "right": 0.6}) == "right"
-    assert common.decide({"linear": 0.5, "left": 0.8, "right": 0.9}) == "linear"
+def test_greedy_and_beam_decoding_give_the_same_tokens_and_scores_every_time(shaped):
+    """The decoding forms are fixed: re-running a generation gives identical tokens and identical logits (no
+    measurement moves a shape from one form to another between calls, as the timed choice used to)."""
+    torch.manual_seed(0)
+    model = T5Model(T5Config.from_preset("tiny", vocab_size=256, dropout_rate=0.0)).eval()
+    ids = torch.randint(2, 256, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        for beams in (1, 3):
+            runs = [model.generate(ids, mask, max_new_tokens=6, num_beams=beams, eos_token_id=-1) for _ in range(5)]
+            assert all(torch.equal(runs[0], r) for r in runs[1:])
+        state = model.init_decoding(ids, mask, 1)
+        first, _ = model.decode_step(torch.zeros(4, 1, dtype=torch.long), state)
+        for _ in range(3):
+            again, _ = model.decode_step(torch.zeros(4, 1, dtype=torch.long), model.init_decoding(ids, mask, 1))
+            assert torch.equal(first, again)
 
 
 def test_transposed_copy_follows_weight_updates():

@@ -132,7 +132,7 @@ def test_pretrain_then_finetune_t5_outputs_metrics_and_mlflow(tmp_path):
     assert (run.data.tags["family"], run.data.tags["seed"], run.info.run_name) == ("t5", "0", "pretrain@t5-0")
     assert {"git_revision", "params_hash"} <= set(run.data.tags)
     assert run.data.params["pretrain.max_steps"] == "20"
-    assert run.data.params["trainer.cpu_dense_kernel"] in ("blas", "onednn")  # the kernel of the CPU products
+    assert run.data.params["kernels.matmul_resolved"] in ("blas", "onednn")  # the kernel of the CPU products
     assert {"train/loss", "val/loss", "val/ppl", "train/lr/decay", "train/tokens_per_s"} <= set(run.data.metrics)
     from mlflow.tracking import MlflowClient
 
