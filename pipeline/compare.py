@@ -5,7 +5,7 @@
 Reads what the other stages wrote for every variant V of `models:` and seed S of `seeds:` (nothing is
 recomputed, so the stage takes seconds; paths from `pipeline/paths.py`): `metrics/{prepare,tokenize}.json`,
 `metrics/{pretrain,finetune}/V-S.json` and their `-train.csv`/`-val.csv` loss histories,
-`artifacts/{pretrain,finetune}/V/S/final/training.json` (wall time), `metrics/evaluate/V-S.json`,
+`artifacts/timing/{pretrain,finetune}/V-S.json` (wall time), `metrics/evaluate/V-S.json`,
 `artifacts/eval/V/S/examples.json` (per-example predictions and scores, the tasks' trivial baselines),
 `artifacts/eval/V/S/confusion_<task>.json` and `samples.json`, `metrics/benchmark.json` and
 `artifacts/benchmark/results.json`, and `metrics/lengths/V-S.json` with `artifacts/lengths/V/S/examples.json`
@@ -108,7 +108,7 @@ def gather_run(root: Path, variant: str, seed: int) -> dict[str, Any]:
     for stage in ("pretrain", "finetune"):
         paths = RunPaths(root, stage, variant, seed)
         run[stage] = read_json(paths.metrics, paths.dvc_stage())
-        run[f"{stage}_timing"] = _optional_json(paths.final / "training.json")
+        run[f"{stage}_timing"] = _optional_json(paths.timing)
         fix = f"re-run `dvc repro -f {paths.dvc_stage()}` (it rewrites the loss history)"
         run[f"{stage}_curves"] = {kind: read_numeric_csv(paths.history(kind), fix) for kind in ("train", "val")}
     ev = RunPaths(root, "evaluate", variant, seed)
@@ -143,10 +143,21 @@ def gather_lengths(root: Path, variants: list[str], seeds: list[int]) -> dict[st
             paths = RunPaths(root, "lengths", variant, seed)
             if not paths.metrics.is_file():
                 continue
-            run = read_json(paths.metrics, paths.dvc_stage())
+            run = merge_timing(read_json(paths.metrics, paths.dvc_stage()), _optional_json(paths.timing))
             run["examples"] = read_json(paths.out / "examples.json", paths.dvc_stage())
             out.setdefault(variant, {})[seed] = run
     return out
+
+
+def merge_timing(result: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of a `lengths` run with its timings (`artifacts/timing/lengths/V-S.json`) put back into each
+    length, as the report reads them."""
+    merged = {**result, "lengths": {k: dict(v) for k, v in result["lengths"].items()}}
+    for length, figures in (timing.get("lengths") or {}).items():
+        merged["lengths"].setdefault(length, {}).update(figures)
+    if "memory_method" in timing:
+        merged["memory_method"] = timing["memory_method"]
+    return merged
 
 
 def sum_confusions(matrices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1150,7 +1161,7 @@ def log_to_mlflow(cfg: Config, root: Path, report_dir: Path, metrics: dict[str, 
         for seed in cfg.seeds:
             for stage in ("pretrain", "finetune"):
                 paths = RunPaths(root, stage, variant, seed)
-                run_id = _optional_json(paths.final / "training.json").get("mlflow_run_id")
+                run_id = _optional_json(paths.timing).get("mlflow_run_id")
                 if run_id:
                     tags[f"{stage}_{paths.label}_run_id"] = run_id
     flat = {}

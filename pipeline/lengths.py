@@ -25,7 +25,9 @@ input tokenizes longer than L are dropped (never truncated: the answer depends o
 counted. The run uses one device (`trainer.accelerator`) in the process DVC starts (`launcher` is not used: on a
 cluster, run it on a GPU node); there are no checkpoints: a killed run starts over.
 
-Outputs (paths from `pipeline/paths.py`): `metrics/lengths/V-S.json` (DVC metrics, one entry per length),
+Outputs (paths from `pipeline/paths.py`): `metrics/lengths/V-S.json` (DVC metrics, one entry per length; the same
+bytes every run with a FLOPs budget), `artifacts/timing/lengths/V-S.json` (training seconds, tokens/s and peak
+memory per length: measurements of this machine),
 `artifacts/lengths/V/S/` (`examples.json`: every prediction with its score and the baselines, per length;
 `history.json`: training loss per logged step), and one MLflow run `lengths@V-S` (tags variant, family, seed,
 stage) with the metrics as `lengths/L<length>/<name>` and the output folder as artifacts.
@@ -55,6 +57,7 @@ log = logging.getLogger("pipeline.lengths")
 
 STAGE = "lengths"
 TOKENIZER_DIR = "data/tokenizer"
+TIMING_FIGURES = ("train_seconds", "tokens_per_s", "peak_memory_mb")  # written to the timing file, not the metrics
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -366,6 +369,7 @@ def run(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
     tokenizer = Tokenizer.load(root / TOKENIZER_DIR)
     s = cfg.lengths
     per_length: dict[str, dict[str, Any]] = {}
+    timings: dict[str, dict[str, float]] = {}  # measurements of this machine, apart from the reproducible metrics
     examples: dict[str, Any] = {}
     histories: dict[str, Any] = {}
     for index, length in enumerate(s.seq_lengths):
@@ -381,6 +385,8 @@ def run(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
         torch.manual_seed(seed)  # LSH rotations drawn while decoding
         metrics, examples[str(length)] = score_at_length(cfg, length, model, tokenizer, data)
         t_eval = time.perf_counter() - t_eval
+        timings[str(length)] = {k: figures.pop(k) for k in TIMING_FIGURES}
+        timings[str(length)]["seconds"] = time.perf_counter() - t0
         metrics.update(figures)
         metrics["train_examples"] = len(data.train)
         metrics["dropped_too_long"] = data.dropped
@@ -391,7 +397,8 @@ def run(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
             "%s length %d: %s %.3f (majority %.3f), %d steps, %.3g FLOPs, %.1f s training, %.0f tokens/s; "
             "%.1f s in all (data %.1f s, decoding %.1f s)",
             paths.dvc_stage(), length, metric, metrics[metric], metrics.get("baseline_majority", float("nan")),
-            figures["steps"], figures["flops"], figures["train_seconds"], figures["tokens_per_s"],
+            figures["steps"], figures["flops"], timings[str(length)]["train_seconds"],
+            timings[str(length)]["tokens_per_s"],
             time.perf_counter() - t0, t_data, t_eval,
         )  # fmt: skip
         del model
@@ -409,7 +416,9 @@ def run(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
         (tmp / "examples.json").write_text(json.dumps(examples, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / "history.json").write_text(json.dumps(histories) + "\n", encoding="utf-8")
         pub.write_json(paths.metrics, result)
-        log_to_mlflow(cfg, paths, result, histories, root, tmp)
+        timing = {"lengths": timings, "memory_method": result.pop("memory_method")}
+        pub.write_json(paths.timing, timing)
+        log_to_mlflow(cfg, paths, result, histories, root, tmp, timing)
     log.info("%s done in %.0f s", paths.dvc_stage(), time.perf_counter() - start)
     return result
 
@@ -456,8 +465,10 @@ def log_to_mlflow(
     histories: dict[str, list[dict[str, float]]],
     root: Path,
     artifacts: Path,
+    timing: dict[str, Any] | None = None,
 ) -> None:
-    """One run `lengths@<variant>-<seed>`: the params the stage reads, the metrics, the loss per length, the outputs."""
+    """One run `lengths@<variant>-<seed>`: the params the stage reads, the metrics and timings, the loss per length,
+    the outputs."""
     from pipeline import mlflow_logging
     from pipeline.tracking import TrackedRun, git_revision, tracked_run, tracking_uri
 
@@ -481,6 +492,8 @@ def log_to_mlflow(
             }
         )
         run.log_metrics(mlflow_metrics(result))
+        if timing:
+            run.log_metrics(mlflow_metrics(timing))
         for length, rows in histories.items():
             for row in rows:
                 run.log_metrics({f"lengths/L{length}/train_loss_curve": row["loss"]}, step=int(row["step"]))

@@ -167,8 +167,9 @@ def dvc_experiment() -> tuple[str, str | None]:
 def parent_run(uri: str, experiment_id: str, git_revision: str) -> str:
     """The id of the parent run grouping this pipeline execution, created (and closed) on first use.
 
-    One per DVC experiment; workspace runs (`dvc repro`) group by git revision. The parent run is marked
-    FINISHED at once: it only groups, the stages' runs carry the status.
+    One per DVC experiment; workspace runs (`dvc repro`) group by git revision. The parent run is created
+    FINISHED (it has no process of its own); each stage run that ends sets it from its stages (`settle_parent`):
+    FAILED while the latest attempt of some stage failed.
     """
     from mlflow.tracking import MlflowClient
 
@@ -184,6 +185,33 @@ def parent_run(uri: str, experiment_id: str, git_revision: str) -> str:
     run = client.create_run(experiment_id, tags=tags, run_name=label)
     client.set_terminated(run.info.run_id, status="FINISHED")
     return run.info.run_id
+
+
+def settle_parent(uri: str, parent_id: str) -> str:
+    """Set a parent run's status from its stage runs and return it: FAILED when the latest attempt of any stage
+    under it failed or was killed (a failed `dvc exp run` shows FAILED where users look), else FINISHED. Called
+    whenever a stage run ends, so a stage that fails and then succeeds on a re-run leaves the parent FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000
+    )
+    latest: dict[str, Any] = {}
+    for child in children:
+        name = child.info.run_name or child.info.run_id
+        if name not in latest or child.info.start_time > latest[name].info.start_time:
+            latest[name] = child
+    failed = [n for n, r in latest.items() if r.info.status in ("FAILED", "KILLED")]
+    status = "FAILED" if failed else "FINISHED"
+    if parent.info.status != status:
+        client.set_terminated(parent_id, status=status)
+    if failed:
+        client.set_tag(parent_id, "failed_stages", ", ".join(sorted(failed))[:MAX_PARAM_LENGTH])
+    elif "failed_stages" in parent.data.tags:
+        client.delete_tag(parent_id, "failed_stages")
+    return status
 
 
 def run_tags(uri: str, experiment_id: str, git_revision: str, seed: int | None = None) -> dict[str, str]:

@@ -516,14 +516,20 @@ class StepCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         if getattr(pl_module, "divergence_streak", 0) > 0:
             return  # keep the last good checkpoint while the run may be diverging
-        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        if self._validation_follows(trainer):
+            # a step that also validates is checkpointed after its validation (Lightning's deferred save, in
+            # `on_validation_end`), so the checkpoint's history holds the validation row: a run killed right after
+            # it resumes with that row, and one killed during the validation resumes from the checkpoint before
+            if self._checkpoint_step(trainer) and not self._should_skip_saving_checkpoint(trainer):
+                self._defer_save_until_validation = True
+        else:
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         if not self.requeue_on_signal or trainer.fit_loop.epoch_loop._should_accumulate():
             return
         signalled = trainer.strategy.reduce_boolean_decision(self._signalled, all=False)
         if not signalled:
             return
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+        if self._validation_follows(trainer):
             # a validation follows this step; a checkpoint saved before it would resume past it (the row lost),
             # so the requeue waits for the next step boundary
             self._signalled = True
@@ -539,6 +545,16 @@ class StepCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier()
         note_signal(signal.SIGUSR1)  # the stage ends as interrupted (KILLED in MLflow), whatever Lightning makes of it
         raise RequeuedError()
+
+    def _checkpoint_step(self, trainer: L.Trainer) -> bool:
+        every = self._every_n_train_steps
+        return every >= 1 and trainer.global_step % every == 0 and not trainer.fit_loop.epoch_loop._should_accumulate()
+
+    @staticmethod
+    def _validation_follows(trainer: L.Trainer) -> bool:
+        """Whether the fit loop validates right after the step that just ended (in `on_train_batch_end`)."""
+        loop = trainer.fit_loop
+        return trainer.state.fn == "fit" and loop.epoch_loop._should_check_val_fx(loop._data_fetcher)
 
     # -- atomic save, the one before kept
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:

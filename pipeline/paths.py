@@ -4,12 +4,22 @@ A training or evaluation run is identified by its stage, its model variant (a ke
 `params.yaml`) and its seed (an entry of `seeds:`); `dvc.yaml` spells the same paths with `${item.model}` and
 `${item.seed}`, and `tests/test_variants.py` checks the two agree.
 
-    artifacts/<stage>/<variant>/<seed>/final/         consolidated weights + config.json (+ training.json)
-    artifacts/<stage>/<variant>/<seed>/checkpoints/   resumable Lightning checkpoints + run.json
+    artifacts/<stage>/<variant>/<seed>/final/         consolidated weights + config.json
     artifacts/eval/<variant>/<seed>/                  evaluation outputs (samples, confusion matrices)
+    artifacts/timing/<stage>/<variant>-<seed>.json    how the run went on this machine: wall time, throughput,
+                                                      MLflow run id, resumed or not (`artifacts/timing/<name>.json`
+                                                      for prepare and tokenize)
     metrics/<stage>/<variant>-<seed>.json             DVC metrics of one run
     metrics/<stage>/<variant>-<seed>-train.csv        loss history (training steps); `-val.csv`: validations
     metrics/<name>.json                               stage-level metrics (prepare, tokenize, benchmark, compare)
+    checkpoints/<stage>/<variant>/<seed>/             resumable Lightning checkpoints + run.json (not a DVC output)
+
+Same inputs, same bytes: on one machine and software stack, everything under `metrics/` and every output but
+`artifacts/timing/` (and the benchmark's and compare's measurements of speed) depends only on the code, the params
+and the inputs. Timings are apart so that a re-run, a resumed run and a run beside busy processes write the same
+metrics. Checkpoints are not DVC outputs: DVC never sees them, so they cannot make a finished stage look changed
+(in the workspace, in `dvc exp run --temp` or in a clone sharing the cache); the stage itself decides from their
+`run.json` fingerprint whether to resume.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ from pathlib import Path
 
 ARTIFACTS = "artifacts"
 METRICS = "metrics"
+CHECKPOINTS = "checkpoints"
+TIMING = "timing"
 EVAL_DIR = "eval"  # artifacts/eval/...: the evaluate stage's output folder keeps its short name
 
 
@@ -30,6 +42,11 @@ def run_label(variant: str, seed: int) -> str:
 def stage_metrics(root: Path, name: str) -> Path:
     """`metrics/<name>.json` of a stage that runs once (prepare, tokenize, benchmark, compare)."""
     return root / METRICS / f"{name}.json"
+
+
+def stage_timing(root: Path, name: str) -> Path:
+    """`artifacts/timing/<name>.json` of a stage that runs once (prepare, tokenize)."""
+    return root / ARTIFACTS / TIMING / f"{name}.json"
 
 
 @dataclass(frozen=True)
@@ -59,8 +76,13 @@ class RunPaths:
 
     @property
     def checkpoints(self) -> Path:
-        """Resumable checkpoints of a training run (never cached by DVC)."""
-        return self.out / "checkpoints"
+        """`checkpoints/<stage>/<variant>/<seed>`: resumable checkpoints of a training run (not a DVC output)."""
+        return self.root / CHECKPOINTS / self.stage / self.variant / str(self.seed)
+
+    @property
+    def timing(self) -> Path:
+        """`artifacts/timing/<stage>/<variant>-<seed>.json`: the run's timings (not reproducible, unlike metrics)."""
+        return self.root / ARTIFACTS / TIMING / self.stage / f"{self.label}.json"
 
     @property
     def metrics(self) -> Path:

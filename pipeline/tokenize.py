@@ -51,6 +51,7 @@ from pipeline.common import (
     write_json,
 )
 from pipeline.config import Config, TokenizerConfig
+from pipeline.paths import stage_timing
 from pipeline.tokenizer import MODEL_NAME, Tokenizer, train_sentencepiece
 from pipeline.tokenstore import SplitWriter, token_dtype, write_store_meta
 
@@ -498,21 +499,26 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
             num_pieces=tokenizer.num_pieces,
             num_sentinels=tokenizer.num_sentinels,
             tokens_total=total,
-            tokens_per_second=round(encoded / max(seconds, 1e-9), 1),
             dtype=token_dtype(tokenizer.vocab_size).name,
             bytes_per_token=round(disk / max(total, 1), 4),
-            shards=total_shards,
-            shards_resumed=total_shards - len(todo),
-            processes=workers,
         )
+    # how this run went on this machine (speed, parallelism, resumed shards): apart from the reproducible metrics
+    timing = dict(
+        seconds=round(seconds, 3),
+        tokens_per_second=round(encoded / max(seconds, 1e-9), 1),
+        shards=total_shards,
+        shards_resumed=total_shards - len(todo),
+        processes=workers,
+    )
     shutil.rmtree(work, ignore_errors=True)
+    write_json(stage_timing(root, "tokenize"), timing)
     write_json(root / METRICS_FILE, metrics)
     log.info(
         "tokenized %d tokens (%s) with a vocabulary of %d at %.0f tokens/s on %d process(es), %.2f bytes/token",
         total,
         ", ".join(f"{name} {metrics[name]['tokens']}" for name in SPLITS),
         tokenizer.vocab_size,
-        metrics["tokens_per_second"],
+        timing["tokens_per_second"],
         workers,
         metrics["bytes_per_token"],
     )

@@ -134,6 +134,7 @@ class TrackedRun:
     def __init__(self, uri: str, experiment: str, active: bool = True, system_metrics: bool = True):
         self.uri, self.experiment, self.active, self.system_metrics = uri, experiment, active, system_metrics
         self.run_id: str | None = None
+        self.parent_id: str | None = None  # the pipeline execution's parent run (`mlflow_logging.parent_run`)
         self.resumed = False
 
     def start(self, run_name: str, tags: Mapping[str, str], resume_run_id: str | None = None) -> str | None:
@@ -159,6 +160,7 @@ class TrackedRun:
                 ": check the store (or move a broken mlflow.db aside) and re-run"
             ) from None
         self.run_id, self.resumed = run.info.run_id, resume_run_id is not None
+        self.parent_id = tags.get("mlflow.parentRunId") or run.data.tags.get("mlflow.parentRunId")
         return self.run_id
 
     def close_stale(self, run_id: str | None) -> None:
@@ -250,6 +252,7 @@ def tracked_run(
         _finish_quietly(run, result.mlflow_status)
         raise StageInterrupted(received_signal() or 15)
     run.finish("FINISHED")
+    _settle_parent_quietly(run)
 
 
 def _finish_quietly(run: TrackedRun, status: str) -> None:
@@ -257,3 +260,16 @@ def _finish_quietly(run: TrackedRun, status: str) -> None:
         run.finish(status)
     except Exception as exc:  # the store broke too: the stage's own error is what the user must see
         print(f"warning: could not mark MLflow run {run.run_id} {status}: {exc}", file=sys.stderr)
+    _settle_parent_quietly(run)
+
+
+def _settle_parent_quietly(run: TrackedRun) -> None:
+    """The parent run of the pipeline execution (the DVC experiment) takes its status from its stages."""
+    if not (run.active and run.parent_id):
+        return
+    try:
+        from pipeline.mlflow_logging import settle_parent
+
+        settle_parent(run.uri, run.parent_id)
+    except Exception as exc:  # the stage's own outcome stands; say what could not be recorded
+        print(f"warning: could not update MLflow parent run {run.parent_id}: {exc}", file=sys.stderr)

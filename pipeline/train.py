@@ -4,14 +4,17 @@
 params.yaml, S a seed) writes, with paths from `pipeline/paths.py`:
 
 - `artifacts/<stage>/V/S/final/`: `model.safetensors` + `config.json` (`models.save_pretrained`, loadable with
-  `models.load_pretrained` without DeepSpeed or pickle), `training.json` (timing, throughput, MLflow run id);
-- `artifacts/<stage>/V/S/checkpoints/`: resumable Lightning checkpoints (`last.ckpt`, a file, or a directory under
-  DeepSpeed) and `run.json` (fingerprint of what is trained, MLflow run id, `completed`). Re-running the stage
-  after a kill resumes from `last.ckpt` when the fingerprint matches; a finished run or other params start over;
+  `models.load_pretrained` without DeepSpeed or pickle);
+- `artifacts/timing/<stage>/V-S.json`: wall time, throughput, MFU, whether the run resumed, the MLflow run id
+  (measurements of this machine, kept apart from the reproducible outputs);
+- `checkpoints/<stage>/V/S/`: resumable Lightning checkpoints (`last.ckpt`, a file, or a directory under
+  DeepSpeed) and `run.json` (fingerprint of what is trained, MLflow run id, `completed`); not a DVC output.
+  Re-running the stage after a kill resumes from `last.ckpt` when the fingerprint matches; a finished run or
+  other params start over;
 - `metrics/<stage>/V-S.json`: DVC metrics (`steps`, `tokens`, `train_loss`, `val_loss`, `val_ppl`,
   `unigram_entropy` (pretrain: nats per token of the training split's unigram distribution), `parameters`,
   `non_embedding_parameters`, `epochs`); deterministic on CPU, so an interrupted-and-resumed run writes the
-  same file as an uninterrupted one (timings live in `final/training.json`);
+  same file as an uninterrupted one (timings live in `artifacts/timing/`);
 - `metrics/<stage>/V-S-train.csv`: loss history, one row per logged step, columns
   `step,tokens,loss,ppl,z_loss,lr,grad_norm`;
 - `metrics/<stage>/V-S-val.csv`: one row per validation, columns `step,tokens,loss,ppl`.
@@ -324,7 +327,7 @@ def run_training(
     # --- checkpoints: resume the unfinished run of the same fingerprint, or start over
     current = fingerprint(cfg, stage, variant, seed, root, init_source)
     if rank_zero:  # one training process per run at a time (DVC locks `dvc repro`; this covers direct runs)
-        hold_lock(paths.out / ".lock", paths.dvc_stage())
+        hold_lock(paths.checkpoints.with_name(f"{paths.seed}.lock"), paths.dvc_stage())
     resume = resume_point(paths, current, cfg.trainer.on_corrupt_checkpoint, act=rank_zero)
     previous_run_id = read_run_state(paths).get("mlflow_run_id")
     run_state = read_run_state(paths) if resume else {}
@@ -377,7 +380,7 @@ def _train_and_publish(
     train: Any,
     val: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Inside the MLflow run: fit, then publish weights, training.json, loss histories and metrics together."""
+    """Inside the MLflow run: fit, then publish weights, timings, loss histories and metrics together."""
     root = paths.root
     rank_zero = run.active  # global rank zero
     if rank_zero and resume is None and paths.checkpoints.exists():
@@ -559,7 +562,7 @@ def _write_timing(
         "mlflow_run_id": run.run_id,
         "mlflow_tracking_uri": uri,
     }
-    (pub.staged(paths.final) / "training.json").write_text(json.dumps(timing, indent=2, sort_keys=True) + "\n")
+    pub.write_json(paths.timing, timing)
     return timing
 
 

@@ -79,7 +79,7 @@ def save_random_models(tmp: Path) -> None:
 
 
 def write_training_metrics(tmp: Path, seed: int = 0) -> dict[str, Any]:
-    """`metrics/<stage>/<variant>-0.json`, `-train.csv`, `-val.csv` and `final/training.json` as train.py writes them;
+    """`metrics/<stage>/<variant>-0.json`, `-train.csv`, `-val.csv` and the run's timing file as train.py writes them;
     returns them keyed `<stage>-<variant>`."""
     rng = np.random.default_rng(seed)
     written: dict[str, Any] = {}
@@ -110,8 +110,8 @@ def write_training_metrics(tmp: Path, seed: int = 0) -> dict[str, Any]:
                 w.writerow(["step", "tokens", "loss", "ppl"])
                 w.writerow([steps[-1], steps[-1] * 100, losses[-1] + 0.1, float(np.exp(losses[-1] + 0.1))])
             timing = {"wall_time_s": float(rng.uniform(10, 100)), "tokens_per_s": float(rng.uniform(100, 900))}
-            paths.final.mkdir(parents=True, exist_ok=True)
-            (paths.final / "training.json").write_text(json.dumps(timing))
+            paths.timing.parent.mkdir(parents=True, exist_ok=True)
+            paths.timing.write_text(json.dumps(timing))
             written[f"{stage}-{family}"] = {**metrics, **timing}
     return written
 

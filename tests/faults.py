@@ -33,10 +33,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "artifacts/pretrain/t5/0"
 FT = "artifacts/finetune/t5/0"
+RUN_CKPT = "checkpoints/pretrain/t5/0"
+FT_CKPT = "checkpoints/finetune/t5/0"
 PUBLISHED = (
     f"{RUN}/final/model.safetensors",
     f"{RUN}/final/config.json",
-    f"{RUN}/final/training.json",
+    "artifacts/timing/pretrain/t5-0.json",
     "metrics/pretrain/t5-0.json",
     "metrics/pretrain/t5-0-train.csv",
     "metrics/pretrain/t5-0-val.csv",
@@ -149,7 +151,7 @@ def evaluated(p: Path) -> None:
 
 def unfinished(p: Path) -> None:
     """Make the finished pretrain run look interrupted at its last checkpoint (a re-run resumes from it)."""
-    state_path = p / RUN / "checkpoints" / "run.json"
+    state_path = p / RUN_CKPT / "run.json"
     state = json.loads(state_path.read_text())
     state["completed"] = False
     state_path.write_text(json.dumps(state))
@@ -260,7 +262,7 @@ def all_of(*checks: Callable[[Path], str | None]) -> Callable[[Path], str | None
 
 
 def cases(mount_ok: bool) -> list[Case]:
-    ckpt = f"{RUN}/checkpoints/last.ckpt"
+    ckpt = f"{RUN_CKPT}/last.ckpt"
     ft_weights = f"{RUN}/final/model.safetensors"
     out = [
         # --- bad params: exit 2 before anything is touched
@@ -438,7 +440,7 @@ def cases(mount_ok: bool) -> list[Case]:
             143,
             FINETUNE,
             params(**{"finetune.max_steps": 400}),
-            signal_after=(signal.SIGTERM, f"{FT}/checkpoints/last.ckpt"),
+            signal_after=(signal.SIGTERM, f"{FT_CKPT}/last.ckpt"),
             protect=(f"{FT}/final/model.safetensors",),
         ),  # fmt: skip
         Case(
@@ -562,7 +564,7 @@ def _env(project: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
 def _killed_run(p: Path, cmd: list[str], ckpt: str) -> None:
     """Start `cmd`, SIGKILL it once its first checkpoint exists (the case then re-runs it)."""
     (p / ckpt).unlink(missing_ok=True)
-    (p / RUN / "checkpoints" / "run.json").unlink(missing_ok=True)
+    (p / RUN_CKPT / "run.json").unlink(missing_ok=True)
     proc = subprocess.Popen(cmd, cwd=p, env=_env(p), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not (p / ckpt).exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -577,7 +579,7 @@ _FIRST: dict[Path, subprocess.Popen] = {}
 def _concurrent(p: Path) -> None:
     """Start a first run and wait until it trains; the case's own run is then a second run of the same stage."""
     edit_params(p, **{"pretrain.max_steps": 5000})  # still training when the second run gets to the lock
-    ckpt = p / RUN / "checkpoints" / "last.ckpt"
+    ckpt = p / RUN_CKPT / "last.ckpt"
     ckpt.unlink()
     first = subprocess.Popen(PRETRAIN, cwd=p, env=_env(p), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300

@@ -217,7 +217,8 @@ def test_a_killed_tokenize_resumes_from_its_finished_shards(tmp_path):
 
     out = subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, text=True)
     assert f"resuming: {finished} of" in out.stderr
-    assert json.loads((root / "metrics" / "tokenize.json").read_text())["shards_resumed"] >= finished
+    assert json.loads((root / "artifacts" / "timing" / "tokenize.json").read_text())["shards_resumed"] >= finished
+    assert (root / "metrics" / "tokenize.json").read_bytes() == (clean / "metrics" / "tokenize.json").read_bytes()
     assert _store_files(root) == _store_files(clean)
     assert (root / "data" / "tokenizer" / "spm.model").read_bytes() == (
         clean / "data" / "tokenizer" / "spm.model"

@@ -145,7 +145,7 @@ def test_dvc_repro_through_slurm_and_a_sigusr1_requeue_is_exact(tmp_path, slurm)
     proc = subprocess.Popen(repro, cwd=requeued, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
     job = _job_id(requeued, deadline)
-    last = requeued / RUN / "checkpoints" / "last.ckpt"
+    last = requeued / "checkpoints/pretrain/t5/0" / "last.ckpt"
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert last.exists(), "no checkpoint before the end of the job"

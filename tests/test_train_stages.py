@@ -64,14 +64,14 @@ def test_kill_and_rerun_resumes_to_the_same_weights_metrics_and_mlflow_run(tmp_p
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "pipeline.pretrain", "--model", "reformer", "--seed", "0"]
     proc = subprocess.Popen(cmd, cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = killed / "artifacts/pretrain/reformer/0/checkpoints/last.ckpt"
+    last = killed / "checkpoints/pretrain/reformer/0/last.ckpt"
     deadline = time.monotonic() + 300
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert last.exists(), "the run ended before writing a checkpoint"
-    state = json.loads((killed / "artifacts/pretrain/reformer/0/checkpoints/run.json").read_text())
+    state = json.loads((killed / "checkpoints/pretrain/reformer/0/run.json").read_text())
     assert not state["completed"], "the run finished before it could be killed; make it longer"
     killed_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert 0 < killed_step < 10
@@ -167,7 +167,7 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_fails_the_run(
     result = stage(project, "pretrain", "t5")
     assert result.returncode == 1
     assert "error: training diverged at step" in result.stderr
-    last = project / "artifacts/pretrain/t5/0/checkpoints/last.ckpt"
+    last = project / "checkpoints/pretrain/t5/0/last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert ckpt["global_step"] >= 1
@@ -198,7 +198,7 @@ def test_two_process_deepspeed_zero3_makes_one_mlflow_run_and_consolidated_weigh
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in result.stderr + result.stdout  # really two processes
     (run,) = mlflow_runs(project)
     assert run.info.status == "FINISHED"
-    ckpt = project / "artifacts/pretrain/reformer/0/checkpoints/last.ckpt"
+    ckpt = project / "checkpoints/pretrain/reformer/0/last.ckpt"
     shards = sorted(p.name for p in ckpt.glob("*/zero_pp_rank_*_model_states.pt"))  # sharded DeepSpeed checkpoint
     assert shards == [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)]
     family, model = models.load_pretrained(project / "artifacts/pretrain/reformer/0/final")

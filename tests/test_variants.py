@@ -66,14 +66,15 @@ def test_run_paths_match_the_dvc_yaml_outputs():
 
     for stage in ("pretrain", "finetune"):
         paths = RunPaths(Path("."), stage, "rf", 2)
-        expected = {paths.final, paths.checkpoints, paths.metrics, paths.history("train"), paths.history("val")}
+        expected = {paths.final, paths.timing, paths.metrics, paths.history("train"), paths.history("val")}
         assert outputs(stage) == {p.as_posix() for p in expected}
+        assert not any(o.startswith("checkpoints/") for o in outputs(stage))  # never a DVC output (issue 23)
         assert stages[stage]["matrix"] == {"model": "${models}", "seed": "${seeds}"}
     ev = RunPaths(Path("."), "evaluate", "rf", 2)
-    assert outputs("evaluate") == {ev.out.as_posix(), ev.metrics.as_posix()}
+    assert outputs("evaluate") == {ev.out.as_posix(), ev.metrics.as_posix(), ev.timing.as_posix()}
     assert ev.dvc_stage() == "evaluate@rf-2"
     ln = RunPaths(Path("."), "lengths", "rf", 2)
-    assert outputs("lengths") == {ln.out.as_posix(), ln.metrics.as_posix()}
+    assert outputs("lengths") == {ln.out.as_posix(), ln.metrics.as_posix(), ln.timing.as_posix()}
     assert stages["lengths"]["matrix"] == {"model": "${models}", "seed": "${seeds}"}
 
 
