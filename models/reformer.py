@@ -547,36 +547,53 @@ class ReformerModel(GenerationMixin, nn.Module):
         return sum(p.numel() for n, p in self.named_parameters() if not (non_embedding and n.startswith(excluded)))
 
     def training_flops(self, batch_size: int, input_len: int, target_len: int = 0) -> float:
-        """Estimated FLOPs of one training step: 2 per multiply-add, backward = 2x forward, plus the reversible
-        recomputation (one more forward of every layer) when `reversible`."""
-        c = self.config
-        inner = c.num_heads * c.d_kv
-        passes = 4 if c.reversible else 3
+        """Estimated FLOPs of one training step (`training_flops` of the config)."""
+        return training_flops(self.config, batch_size, input_len, target_len)
 
-        def stack_flops(stack: ReformerStack, length: int, cross_len: int) -> float:
-            total = 0.0
-            for layer in stack.layers:
-                weights = sum(p.numel() for p in layer.parameters() if p.dim() == 2)
-                sa = layer.attention.self_attention
-                if isinstance(sa, LSHSelfAttention) and not (c.use_full_attention or length <= sa.chunk_length):
-                    keys = (1 + c.lsh_num_chunks_before + sa.num_chunks_after) * sa.chunk_length * c.n_hashes
-                elif isinstance(sa, LocalSelfAttention) and length > sa.chunk_length:
-                    keys = (1 + c.local_num_chunks_before + sa.num_chunks_after) * sa.chunk_length
-                else:
-                    keys = length
-                keys += cross_len if layer.crossattention is not None else 0
-                total += length * (2 * weights + 4 * inner * keys)
-            return passes * batch_size * total
 
-        head = 6 * batch_size * 2 * c.d_model * c.vocab_size
-        if c.layout == "causal_lm":
-            length = input_len + target_len
-            return stack_flops(self.decoder, length, 0) + head * length
-        return (
-            stack_flops(self.encoder, input_len, 0)
-            + stack_flops(self.decoder, target_len, input_len)
-            + head * target_len
-        )
+def _layer_weights(c: ReformerConfig, attn_type: str, cross: bool) -> int:
+    """Multiply-adds per position of one layer's weight matrices: attention projections (LSH: shared query-key and
+    value; local: query, key and value), its output, the cross-attention's (keys and values read both streams)
+    and the feed-forward's."""
+    inner = c.num_heads * c.d_kv
+    weights = (2 if attn_type == "lsh" else 3) * c.d_model * inner + inner * c.d_model
+    if cross:
+        weights += c.d_model * inner + 2 * (2 * c.d_model) * inner + inner * c.d_model
+    return weights + 2 * c.d_model * c.d_ff
+
+
+def training_flops(c: ReformerConfig, batch_size: int, input_len: int, target_len: int = 0) -> float:
+    """Estimated FLOPs of one training step, from the config alone: 2 per multiply-add, backward = 2x forward, plus
+    the reversible recomputation (one more forward of every layer) when `reversible`."""
+    inner = c.num_heads * c.d_kv
+    passes = 4 if c.reversible else 3
+
+    def stack_flops(attn_layers: list[str], after: int | None, length: int, cross_len: int) -> float:
+        total = 0.0
+        for attn_type in attn_layers:
+            if attn_type == "lsh":
+                chunks_after = c.lsh_num_chunks_after if after is None else after
+                full = c.use_full_attention or length <= c.lsh_chunk_length
+                window = (1 + c.lsh_num_chunks_before + chunks_after) * c.lsh_chunk_length
+                keys = length if full else window * c.n_hashes
+            else:
+                chunks_after = c.local_num_chunks_after if after is None else after
+                full = length <= c.local_chunk_length
+                keys = length if full else (1 + c.local_num_chunks_before + chunks_after) * c.local_chunk_length
+            keys += cross_len
+            total += length * (2 * _layer_weights(c, attn_type, cross_len > 0) + 4 * inner * keys)
+        return passes * batch_size * total
+
+    head = 6 * batch_size * 2 * c.d_model * c.vocab_size
+    if c.layout == "causal_lm":
+        length = input_len + target_len
+        return stack_flops(c.attn_layers, None, length, 0) + head * length
+    encoder = c.encoder_attn_layers or c.attn_layers
+    return (
+        stack_flops(encoder, c.encoder_num_chunks_after, input_len, 0)
+        + stack_flops(c.attn_layers, None, target_len, input_len)
+        + head * target_len
+    )
 
 
 # ------------------------------------------------------------------------------------------ family spec
@@ -590,5 +607,6 @@ SPEC = FamilySpec(
     activation_checkpointing=None,  # reversible layers recompute activations in the backward pass already
     seeded=seeded,
     efficient_attention=efficient_attention,
+    training_flops=training_flops,
     published={"lra_listops": {"Reformer": 0.3727}},  # Long Range Arena (Tay et al. 2021), table 1, test accuracy
 )

@@ -31,6 +31,9 @@ class FamilySpec:
     benchmark_config: Callable[[Any, int | None, int], Any]
     """`(config, num_layers, length) -> config` with `num_layers` layers per stack (None: unchanged) and
     position tables able to hold `length` tokens: how the benchmark scales a model in depth and length."""
+    training_flops: Callable[[Any, int, int, int], float]
+    """`(config, batch_size, input_len, target_len) -> FLOPs` of one training step, from the config alone (the
+    model's `training_flops` method calls it): the budget of matched-compute comparisons and MFU use it."""
     activation_checkpointing: Callable[[Any, bool], None] | None = None
     """`(config, enabled)`: switch recomputation of activations in the backward pass on or off, in place;
     None when the family has nothing to switch (e.g. reversible layers recompute anyway)."""

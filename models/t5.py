@@ -728,27 +728,29 @@ class T5Model(generation.GenerationMixin, nn.Module):
         return total
 
     def training_flops(self, batch_size: int, input_len: int, target_len: int = 0) -> float:
-        """FLOPs of one training step: 6 per weight per token it is applied to, plus the attention matmuls.
+        """FLOPs of one training step (`training_flops` of the config)."""
+        return training_flops(self.config, batch_size, input_len, target_len)
 
-        Attention scores and the weighted sum cost 2 * Lq * Lk * I multiply-adds per layer forward, so
-        4 * Lq * Lk * I FLOPs, tripled for forward + backward (SDPA computes the full causal square).
-        """
-        c = self.config
-        inner = c.num_heads * c.d_kv
-        attn_w = 4 * c.d_model * inner  # q, k, v, o
-        ff_w = (3 if c.is_gated else 2) * c.d_model * c.d_ff
-        head_w = c.d_model * c.vocab_size
-        if c.layout == "encoder_decoder":
-            S, T = input_len, target_len
-            linear = c.num_layers * (attn_w + ff_w) * S  # encoder
-            linear += c.num_decoder_layers * ((attn_w + ff_w + attn_w // 2) * T + (attn_w // 2) * S)  # cross k,v on S
-            linear += head_w * T
-            attention = c.num_layers * S * S + c.num_decoder_layers * (T * T + T * S)
-        else:
-            L = input_len + target_len
-            linear = (c.num_layers * (attn_w + ff_w) + head_w) * L
-            attention = c.num_layers * L * L
-        return float(batch_size * (6 * linear + 12 * attention * inner))
+
+def training_flops(c: T5Config, batch_size: int, input_len: int, target_len: int = 0) -> float:
+    """FLOPs of one training step, from the config alone: 6 per weight per token it is applied to, plus the
+    attention matmuls. Attention scores and the weighted sum cost 2 * Lq * Lk * I multiply-adds per layer forward,
+    so 4 * Lq * Lk * I FLOPs, tripled for forward + backward (SDPA computes the full causal square)."""
+    inner = c.num_heads * c.d_kv
+    attn_w = 4 * c.d_model * inner  # q, k, v, o
+    ff_w = (3 if c.is_gated else 2) * c.d_model * c.d_ff
+    head_w = c.d_model * c.vocab_size
+    if c.layout == "encoder_decoder":
+        S, T = input_len, target_len
+        linear = c.num_layers * (attn_w + ff_w) * S  # encoder
+        linear += c.num_decoder_layers * ((attn_w + ff_w + attn_w // 2) * T + (attn_w // 2) * S)  # cross k,v on S
+        linear += head_w * T
+        attention = c.num_layers * S * S + c.num_decoder_layers * (T * T + T * S)
+    else:
+        L = input_len + target_len
+        linear = (c.num_layers * (attn_w + ff_w) + head_w) * L
+        attention = c.num_layers * L * L
+    return float(batch_size * (6 * linear + 12 * attention * inner))
 
 
 # ------------------------------------------------------------------------------------------ family spec
@@ -781,6 +783,7 @@ SPEC = FamilySpec(
     benchmark_config=_benchmark_config,
     activation_checkpointing=_activation_checkpointing,
     load_checkpoint=_load_checkpoint,
+    training_flops=training_flops,
     # Long Range Arena (Tay et al. 2021), table 1, test accuracy of the vanilla Transformer: full attention, as T5
     published={"lra_listops": {"Transformer": 0.3637}},
 )

@@ -405,8 +405,9 @@ def _round(x: float | None, digits: int = 1) -> float | None:
 
 
 def write_tables(result: dict[str, Any], out: Path) -> None:
-    """`results.csv` (one row per measurement), `length.csv` and `depth.csv` (one column per variant)."""
-    variants = list(dict.fromkeys(r["variant"] for r in result["rows"]))
+    """`results.csv` (one row per measurement, every field), `length.csv` and `depth.csv`: what `dvc plots show`
+    draws, one row per (variant, length or depth) with `variant` a column, so the `variants` template
+    (`.dvc/plots/variants.json`) draws one line per variant, whatever the variants are called."""
     fields = ["kind", "variant", "seq_length", "num_layers", "tokens_per_s", "step_s", "peak_mb", "step_mb", "note"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
@@ -415,17 +416,12 @@ def write_tables(result: dict[str, Any], out: Path) -> None:
         writer.writerow({**r, "note": r.get("error") or r.get("skipped") or ""})
     (out / "results.csv").write_text(buf.getvalue(), encoding="utf-8")
     for kind, axis in (("length", "seq_length"), ("depth", "num_layers")):
-        keys = sorted({r[axis] for r in result["rows"] if r["kind"] == kind})
-        cols = [f"{v}_{m}" for v in variants for m in ("tokens_per_s", "step_mb")]
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow([axis, *cols])
-        for k in keys:
-            line = [k]
-            for v in variants:
-                row = next((r for r in result["rows"] if r["kind"] == kind and r["variant"] == v and r[axis] == k), {})
-                line += [_fmt(row.get("tokens_per_s")), _fmt(row.get("step_mb"))]
-            writer.writerow(line)
+        writer.writerow([axis, "variant", "tokens_per_s", "step_mb"])
+        measured = [r for r in result["rows"] if r["kind"] == kind and r.get("tokens_per_s") is not None]
+        for r in sorted(measured, key=lambda r: (r["variant"], r[axis])):
+            writer.writerow([r[axis], r["variant"], _fmt(r.get("tokens_per_s")), _fmt(r.get("step_mb"))])
         (out / f"{kind}.csv").write_text(buf.getvalue(), encoding="utf-8")
 
 
@@ -433,12 +429,13 @@ def _fmt(x: float | None) -> str:
     return "" if x is None else f"{x:.1f}"
 
 
-def write_plots(result: dict[str, Any], out: Path) -> None:
-    """The three PNG charts, drawn by `pipeline.charts.benchmark_chart` (the report draws the same ones)."""
-    from pipeline.charts import BENCHMARK_CHARTS, benchmark_chart
+def write_plots(result: dict[str, Any], out: Path, variants: list[str]) -> None:
+    """The three PNG charts, drawn by `pipeline.charts.benchmark_chart` (the report draws the same ones, with the
+    same colour per variant: the params' order)."""
+    from pipeline.charts import BENCHMARK_CHARTS, benchmark_chart, colors
 
     for name in BENCHMARK_CHARTS:
-        benchmark_chart(result["rows"], name, out / name)
+        benchmark_chart(result["rows"], name, out / name, colors(variants))
 
 
 def body(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
@@ -455,7 +452,7 @@ def body(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
         tmp.mkdir(parents=True)
         (tmp / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         write_tables(result, tmp)
-        write_plots(result, tmp)
+        write_plots(result, tmp, list(cfg.models))
     write_json(root / METRICS, metrics)
     log.info(
         "benchmark done in %.0f s: speed crossover vs %s %s, memory crossover %s",

@@ -20,7 +20,13 @@ PALETTE = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:
 
 # file name -> (row kind, x axis, figure key, y label, title)
 BENCHMARK_CHARTS: dict[str, tuple[str, str, str, str, str]] = {
-    "speed_vs_length.png": ("length", "seq_length", "tokens_per_s", "training tokens/s (higher is better)", "Speed"),
+    "speed_vs_length.png": (
+        "length",
+        "seq_length",
+        "tokens_per_s",
+        "input tokens per second of a training step (higher is better)",
+        "Speed",
+    ),
     "memory_vs_length.png": ("length", "seq_length", "step_mb", "memory of a training step, MiB", "Memory"),
     "memory_vs_depth.png": ("depth", "num_layers", "step_mb", "memory of a training step, MiB", "Memory"),
 }
@@ -36,8 +42,18 @@ def _plt() -> Any:
 
 
 def colors(names: Sequence[str]) -> dict[str, str]:
-    """A stable colour per variant name (in the order given)."""
+    """A colour per name, in the order given. The report builds one palette from the params' variant order and
+    hands it to every chart, so a variant keeps its colour in all of them."""
     return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+
+
+def _palette(palette: Mapping[str, str] | None, names: Sequence[str]) -> dict[str, str]:
+    """`palette` for the names it has, then the unused colours, in order, for any name it lacks."""
+    out = dict(palette or {})
+    spare = [c for c in PALETTE if c not in out.values()] or PALETTE
+    for i, name in enumerate(n for n in names if n not in out):
+        out[name] = spare[i % len(spare)]
+    return out
 
 
 def _save(fig: Any, path: Path, dpi: int = 100) -> None:
@@ -50,7 +66,11 @@ def _no_data(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
 
 
-def loss_curves(curves: Mapping[str, Mapping[str, Mapping[str, Sequence[Sequence[float]]]]], path: Path) -> None:
+def loss_curves(
+    curves: Mapping[str, Mapping[str, Mapping[str, Sequence[Sequence[float]]]]],
+    path: Path,
+    palette: Mapping[str, str] | None = None,
+) -> None:
     """`curves[stage][variant][kind]` = one list of (step, loss) points per seed, kind `train` or `val`.
 
     One panel per stage; solid lines are training loss, dashed validation loss, each the mean over the seeds
@@ -61,8 +81,8 @@ def loss_curves(curves: Mapping[str, Mapping[str, Mapping[str, Sequence[Sequence
     plt = _plt()
     stages = list(curves)
     fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(5.5 * max(len(stages), 1), 4), squeeze=False)
-    names = sorted({v for stage in curves.values() for v in stage})
-    palette = colors(names)
+    names = list(dict.fromkeys(v for stage in curves.values() for v in stage))
+    palette = _palette(palette, names)
     for ax, stage in zip(axes[0], stages, strict=False):
         drawn = False
         for variant in names:
@@ -98,7 +118,9 @@ def _variant(row: Mapping[str, Any]) -> str:
     return str(row.get("variant") or row.get("family"))
 
 
-def benchmark_chart(rows: Sequence[Mapping[str, Any]], name: str, path: Path) -> None:
+def benchmark_chart(
+    rows: Sequence[Mapping[str, Any]], name: str, path: Path, palette: Mapping[str, str] | None = None
+) -> None:
     """One of `BENCHMARK_CHARTS` from the benchmark's rows, every variant on one chart (log-log against length).
 
     A row's figure `<key>` is drawn at its x; `<key>_low`/`<key>_high` (the spread of the repeats), where
@@ -110,7 +132,7 @@ def benchmark_chart(rows: Sequence[Mapping[str, Any]], name: str, path: Path) ->
     kind, axis, key, ylabel, title = BENCHMARK_CHARTS[name]
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(dict.fromkeys(_variant(r) for r in rows if r.get("kind") == kind))
-    palette = colors(names)
+    palette = _palette(palette, names)
     for variant in names:
         pts = sorted(
             (r[axis], r[key], r.get(f"{key}_low", r[key]), r.get(f"{key}_high", r[key]))
@@ -188,14 +210,20 @@ def confusion_grid(panels: Mapping[str, Mapping[str, Mapping[str, Any]]], path: 
     _save(fig, path, dpi=90)
 
 
-def quality_vs_length(points: Mapping[str, Sequence[Mapping[str, float]]], ylabel: str, title: str, path: Path) -> None:
+def quality_vs_length(
+    points: Mapping[str, Sequence[Mapping[str, float]]],
+    ylabel: str,
+    title: str,
+    path: Path,
+    palette: Mapping[str, str] | None = None,
+) -> None:
     """`points[variant]` = [{"length", "mean", "low", "high"}...]: a metric against the trained length, with its
     interval as error bars and, where given, a `baseline` per length as a dotted grey line."""
     import numpy as np
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    palette = colors(list(points))
+    palette = _palette(palette, list(points))
     baseline: dict[float, float] = {}
     for variant, rows in points.items():
         rows = sorted(rows, key=lambda r: r["length"])
@@ -223,7 +251,9 @@ def quality_vs_length(points: Mapping[str, Sequence[Mapping[str, float]]], ylabe
     _save(fig, path)
 
 
-def scaling_curves(points: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> None:
+def scaling_curves(
+    points: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, palette: Mapping[str, str] | None = None
+) -> None:
     """`points[family]` = [{"variant", "flops", "mean", "low", "high"}...]: final validation loss against training
     FLOPs (log scale), one line per family through its sizes, the interval over seeds as error bars and each
     point labelled with its variant. A family with one size is a lone point; no family: a chart that says so."""
@@ -231,7 +261,7 @@ def scaling_curves(points: Mapping[str, Sequence[Mapping[str, Any]]], path: Path
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    palette = colors(list(points))
+    palette = _palette(palette, list(points))
     for family, rows in points.items():
         rows = sorted(rows, key=lambda r: r["flops"])
         if not rows:

@@ -74,6 +74,10 @@ from pipeline.stats import (
 log = logging.getLogger("pipeline.compare")
 
 REPORT_DIR = Path("reports")
+# one definition per label: each speed figure of the report says what it counts
+PRETRAIN_SPEED = "pretraining speed: input + target tokens per second of training (validation excluded)"
+BENCH_SPEED = "input tokens per second of one training step (benchmark, random tokens)"
+LENGTHS_SPEED = "input positions per second of training at this length (padding included)"
 TEMPLATE = "comparison.md.j2"
 COLLAPSED = "**collapsed**"
 LAYOUTS = {
@@ -130,7 +134,7 @@ def gather(cfg: Config, root: Path) -> dict[str, Any]:
     data["runs"] = {v: {s: gather_run(root, v, s) for s in cfg.seeds} for v in cfg.models}
     data["benchmark"] = read_json(stage_metrics(root, "benchmark"), "benchmark")
     data["benchmark_rows"] = read_json(root / "artifacts" / "benchmark" / "results.json", "benchmark")["rows"]
-    data["lengths"] = gather_lengths(root, list(cfg.models), list(cfg.seeds))
+    data["lengths"] = gather_lengths(root, list(cfg.models), list(cfg.lengths.seeds))
     return data
 
 
@@ -204,6 +208,8 @@ class Row:
     verdicts: list[tuple[str, str, Verdict]] = field(default_factory=list)
     task: str = ""
     metric_label: str = ""
+    matched: dict[tuple[str, str], str] = field(default_factory=dict)
+    """Per compared pair: what was matched and what differs by more than `MISMATCH` (`comparability`)."""
 
     def collapsed(self, variant: str) -> bool:
         return variant in self.collapse and self.collapse[variant].collapsed
@@ -217,10 +223,15 @@ class Row:
             return "—"
         return f"{self.baseline:.{self.digits}f}" + (f" ({self.baseline_label})" if self.baseline_label else "")
 
+    def verdict_text(self, a: str, b: str, verdict: Verdict) -> str:
+        """The verdict with what was matched for this pair (and what was not, where it differs by > 1.5x)."""
+        note = self.matched.get((a, b))
+        return f"{verdict.text} ({note})" if note else verdict.text
+
     def verdict_cell(self) -> str:
         if not self.direction or not self.verdicts:
             return "—"
-        return "; ".join(v.text for _, _, v in self.verdicts)
+        return "; ".join(self.verdict_text(a, b, v) for a, b, v in self.verdicts)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -236,7 +247,9 @@ class Row:
             },
             "baseline": self.baseline,
             "baselines": self.baselines,
-            "verdicts": {f"{a} vs {b}": v.to_dict() for a, b, v in self.verdicts},
+            "verdicts": {
+                f"{a} vs {b}": {**v.to_dict(), "matched": self.matched.get((a, b), "")} for a, b, v in self.verdicts
+            },
         }
 
 
@@ -285,10 +298,16 @@ def task_row(
     runs: dict[str, dict[int, dict[str, Any]]],
     baselines: dict[str, float],
     pairs: list[tuple[str, str]],
+    examples_only: bool = False,
 ) -> Row:
-    """A task metric at one beam size: `runs[variant][seed]` = {"scores": per-example, "predictions": ...}."""
+    """A task metric at one beam size: `runs[variant][seed]` = {"scores": per-example, "predictions": ...}.
+
+    With one seed the seed-to-seed variation is unknown: no interval and no winner, unless `examples_only`, where
+    the interval is the bootstrap over the test examples alone (the section says so: it holds for the trained
+    models of that seed, not for a re-training)."""
     values: dict[str, Interval] = {}
     multi = bool(runs) and all(len(by_seed) >= 2 for by_seed in runs.values())
+    intervals = multi or (examples_only and bool(runs))
     for v, by_seed in runs.items():
         scores = [np.asarray(r["scores"], dtype=float) for r in by_seed.values()]
         iv = bootstrap_interval(scores)
@@ -314,13 +333,13 @@ def task_row(
         if multi:
             means = lambda d: {s: float(np.mean(x)) for s, x in d.items()}  # noqa: E731
             diff = union(diff, difference_interval(means(sa), means(sb)))
-        else:
+        elif not intervals:
             diff = no_interval(diff)
         verdicts.append((a, b, decide(a, b, diff, True, flags)))
     label = f"{metric.replace('_', ' ')}, " + ("greedy" if beam == 1 else f"beam {beam}")
     return Row(
-        f"{task}/{metric}_beam{beam}", f"{task}: {label}", "higher", values, multi, 3, baseline, best.replace("_", " "),
-        baselines, collapse, verdicts, task, label,
+        f"{task}/{metric}_beam{beam}", f"{task}: {label}", "higher", values, intervals, 3, baseline,
+        best.replace("_", " "), baselines, collapse, verdicts, task, label,
     )  # fmt: skip
 
 
@@ -337,6 +356,8 @@ class Analysis:
     """Loss against training compute per family (`scaling`); empty until `analyze` fills it."""
     lengths: dict[str, Any] = field(default_factory=dict)
     """Quality versus length at matched compute (`quality_vs_length`); empty until `analyze` fills it."""
+    comparability: dict[str, Any] = field(default_factory=dict)
+    """What the training-side verdicts matched and what differs (`comparability`)."""
 
 
 def _per_seed(data: dict[str, Any], getter: Callable[[dict[str, Any]], Any]) -> dict[str, dict[int, float]]:
@@ -384,8 +405,8 @@ def analyze(cfg: Config, data: dict[str, Any]) -> Analysis:
         ),  # fmt: skip
         seed_row(
             "pretrain_tokens_per_s",
-            "pretraining throughput (tokens/s, whole run)",
-            per(lambda r: r["pretrain"]["tokens"] / r["pretrain_timing"]["wall_time_s"]),
+            PRETRAIN_SPEED,
+            per(lambda r: r["pretrain_timing"]["tokens_per_s"]),
             "higher",
             pairs,
             0,
@@ -405,7 +426,7 @@ def analyze(cfg: Config, data: dict[str, Any]) -> Analysis:
             pairs,
             3,
             float(np.mean(unigram)) if unigram else None,
-            "unigram entropy",
+            "unigram model's test loss",
         ),  # fmt: skip
         seed_row(
             "finetune_tokens", "fine-tuning tokens seen (targets)", per(lambda r: r["finetune"]["tokens"]), "", pairs, 0
@@ -447,8 +468,45 @@ def analyze(cfg: Config, data: dict[str, Any]) -> Analysis:
                 task_rows.append(task_row(task, metric, beam, runs, baselines, pairs))
     analysis = Analysis(variants, list(data["seeds"]), rows, task_rows, beams[0])
     analysis.scaling = scaling(cfg, data, analysis)
+    analysis.comparability = comparability(cfg, data, pairs)
+    for row in [*rows, *task_rows]:
+        if row.direction:
+            row.matched = analysis.comparability["notes"]
     analysis.lengths = quality_vs_length(cfg, data.get("lengths", {}), variants)
     return analysis
+
+
+MISMATCH = 1.5  # total parameters or training FLOPs further apart than this factor are named in every verdict
+
+
+def mismatches(a: str, b: str, figures: dict[str, dict[str, float]]) -> list[str]:
+    """`figures[name][variant]` -> the names further apart than `MISMATCH` between `a` and `b`, with the factor."""
+    out = []
+    for name, per in figures.items():
+        x, y = per.get(a), per.get(b)
+        if x and y and max(x, y) / min(x, y) > MISMATCH:
+            out.append(f"{name} {max(x, y) / min(x, y):.2f}x apart ({a} {_short(x)}, {b} {_short(y)})")
+    return out
+
+
+def _short(x: float) -> str:
+    return f"{x:.3g}" if x < 1e4 else f"{x:.2e}".replace("e+0", "e").replace("e+", "e")
+
+
+def comparability(cfg: Config, data: dict[str, Any], pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """What the training-side comparisons matched, and what they did not: every variant trained on the same data
+    with the same steps, batch and objective (so the same tokens), not the same parameters or FLOPs. Per pair, a
+    note for the verdicts naming total parameters or pretraining FLOPs that differ by more than `MISMATCH`."""
+    params = {v: float(np.mean([r["pretrain"]["parameters"] for r in by_seed.values()]))
+              for v, by_seed in data["runs"].items()}  # fmt: skip
+    flops = {v: float(np.mean([f for f, _ in by_seed.values()])) for v, by_seed in run_flops(cfg, data).items()}
+    figures = {"total parameters": params, "pretraining FLOPs": flops}
+    basis = "matched: data, steps and batch, so tokens"
+    notes = {}
+    for a, b in pairs:
+        apart = mismatches(a, b, figures)
+        notes[(a, b)] = basis + ("; not matched: " + "; ".join(apart) if apart else "")
+    return {"basis": basis, "parameters": params, "pretraining_flops": flops, "notes": notes}
 
 
 # ------------------------------------------------------------------------------------------- scaling
@@ -466,21 +524,19 @@ SCALING_EXAMPLE = (
 
 def flops_per_target_token(cfg: Config, variant: str, vocab_size: int) -> float:
     """Training FLOPs per target token of `variant` under the pretraining objective, from the family's own
-    `training_flops` at the configured shapes (the model is built on the meta device: no weights allocated)."""
-    import torch
-
-    from models import build_model
+    accounting (`FamilySpec.training_flops`, a function of the config) at the configured shapes."""
+    from models import spec
     from pipeline.objectives import span_corruption_lengths
 
     p = cfg.pretrain
-    with torch.device("meta"):
-        model = build_model(cfg.family(variant), cfg.model_config(variant, vocab_size))
+    config = cfg.model_config(variant, vocab_size)
+    flops = spec(cfg.family(variant)).training_flops
     if p.objective == "span_corruption":
         _, targets = span_corruption_lengths(p.input_length, p.noise_density, p.mean_noise_span_length)
-        return model.training_flops(1, p.input_length, targets) / targets
+        return flops(config, 1, p.input_length, targets) / targets
     # decoder-only: every position is a target (causal LM), or those after a prefix drawn uniformly (prefix LM)
     targets = p.input_length if p.objective == "causal_lm" else p.input_length / 2 + 1
-    return model.training_flops(1, p.input_length, 0) / targets
+    return flops(config, 1, p.input_length, 0) / targets
 
 
 def run_flops(cfg: Config, data: dict[str, Any]) -> dict[str, dict[int, tuple[float, str]]]:
@@ -616,11 +672,11 @@ def scaling_metrics(section: dict[str, Any]) -> dict[str, Any]:
 # the efficiency indicators recorded per length (Dehghani et al. 2021): metrics key -> (label, format)
 LENGTH_FIGURES: dict[str, tuple[str, str]] = {
     "parameters": ("parameters", "{:,.0f}"),
-    "flops_per_token": ("training FLOPs per input token", "{:.3g}"),
+    "flops_per_token": ("training FLOPs of a step per input position at this length", "{:.3g}"),
     "steps": ("optimizer steps in the budget", "{:,.0f}"),
     "flops": ("training FLOPs spent", "{:.3g}"),
     "train_seconds": ("training wall time (s)", "{:,.1f}"),
-    "tokens_per_s": ("measured training tokens/s", "{:,.0f}"),
+    "tokens_per_s": (LENGTHS_SPEED, "{:,.0f}"),
     "peak_memory_mb": ("peak memory (MiB)", "{:,.0f}"),
 }
 
@@ -631,7 +687,7 @@ def quality_vs_length(cfg: Config, runs: dict[str, dict[int, dict[str, Any]]], v
     differences, baselines, collapse: `task_row`) and each figure of `LENGTH_FIGURES` over the seeds."""
     s = cfg.lengths
     pairs = list(itertools.combinations(variants, 2))
-    missing = [f"lengths@{v}-{seed}" for v in variants for seed in cfg.seeds if seed not in runs.get(v, {})]
+    missing = [f"lengths@{v}-{seed}" for v in variants for seed in s.seeds if seed not in runs.get(v, {})]
     kinds = {run.get("budget_kind") for by_seed in runs.values() for run in by_seed.values()}
     kind = kinds.pop() if len(kinds) == 1 else s.budget.kind
     levels = []
@@ -656,8 +712,17 @@ def quality_vs_length(cfg: Config, runs: dict[str, dict[int, dict[str, Any]]], v
                         figures.setdefault(variant, {}).setdefault(fig, {})[seed] = float(m[fig])
         if not per:
             continue
-        row = task_row(s.task, metric, 1, per, baselines, pairs)
+        row = task_row(s.task, metric, 1, per, baselines, pairs, examples_only=True)
         summary = {v: {f: t_interval(list(x.values())) for f, x in figs.items()} for v, figs in figures.items()}
+        means = {f: {v: summary[v][f].mean for v in summary if f in summary[v]} for f in ("parameters", "flops")}
+        steps = {v: summary[v]["steps"].mean for v in summary if "steps" in summary[v]}
+        for a, b in pairs:
+            basis = "matched: training FLOPs" if kind == "flops" else "matched: training wall-clock"
+            apart = mismatches(a, b, {"total parameters": means["parameters"]} if kind == "flops" else
+                               {"total parameters": means["parameters"], "training FLOPs": means["flops"]})  # fmt: skip
+            if a in steps and b in steps:
+                basis += f"; steps {steps[a]:,.0f} ({a}) vs {steps[b]:,.0f} ({b})"
+            row.matched[(a, b)] = basis + ("; not matched: " + "; ".join(apart) if apart else "")
         levels.append(
             {
                 "length": length,
@@ -745,26 +810,33 @@ def layouts(cfg: Config, data: dict[str, Any]) -> dict[str, str]:
 def efficiency(cfg: Config, data: dict[str, Any], analysis: Analysis) -> list[tuple[str, dict[str, str]]]:
     """Parameters, FLOPs per token, measured tokens/s and peak memory per variant, side by side (Dehghani et
     al. 2021: no single one of them is the cost)."""
-    from models import build_model
+    from models import build_model, spec
+    from pipeline.objectives import span_corruption_lengths
 
     p = cfg.pretrain
+    inputs, targets = p.input_length, 0
+    if p.objective == "span_corruption":
+        inputs, targets = span_corruption_lengths(p.input_length, p.noise_density, p.mean_noise_span_length)
     rows: dict[str, dict[str, str]] = {
         "parameters: total (non-embedding)": {},
-        f"training FLOPs per input token (M), length {p.input_length}": {},
+        f"training FLOPs of a pretraining step per input token (M; {inputs} input, {targets} target tokens)": {},
     }
     flops_key = list(rows)[1]
     for variant in analysis.variants:
-        model = build_model(cfg.family(variant), cfg.model_config(variant, _vocab_size(cfg, data)))
-        targets = max(p.input_length // 4, 1) if model.config.layout == "encoder_decoder" else 0
+        config = cfg.model_config(variant, _vocab_size(cfg, data))
+        model = build_model(cfg.family(variant), config)
+        enc_dec = getattr(config, "layout", "encoder_decoder") == "encoder_decoder"
         rows["parameters: total (non-embedding)"][variant] = (
             f"{model.num_parameters():,} ({model.num_parameters(non_embedding=True):,})"
         )
-        rows[flops_key][variant] = f"{model.training_flops(1, p.input_length, targets) / p.input_length / 1e6:,.1f}"
+        flops_of = spec(cfg.family(variant)).training_flops
+        flops = flops_of(config, 1, inputs, targets) if enc_dec else flops_of(config, 1, p.input_length, 0)
+        rows[flops_key][variant] = f"{flops / (inputs if enc_dec else p.input_length) / 1e6:,.2f}"
         del model
     by_key = {r.key: r for r in analysis.rows}
     if "pretrain_tokens_per_s" in by_key:
         r = by_key["pretrain_tokens_per_s"]
-        rows["measured training tokens/s (pretraining, whole run)"] = {v: r.cell(v) for v in r.values}
+        rows[r.label] = {v: r.cell(v) for v in r.values}
     measured = [x for x in data["benchmark_rows"] if x.get("kind") == "length" and x.get("peak_mb") is not None]
     for variant in analysis.variants:
         mine = sorted((x for x in measured if _row_variant(x) == variant), key=lambda x: x["seq_length"])
@@ -908,7 +980,10 @@ def short_answer(analysis: Analysis, bench: dict[str, Any]) -> list[str]:
 
 
 def _verdicts(row: Row) -> str:
-    parts = [v.text for _, _, v in row.verdicts] or ["one variant only: nothing to compare"]
+    if row.values and all(row.collapsed(v) for v in row.values):
+        reasons = "; ".join(f"{v}: {row.collapse[v].reason}" for v in row.values)
+        return f"no answer: every variant collapsed ({reasons})."
+    parts = [row.verdict_text(a, b, v) for a, b, v in row.verdicts] or ["one variant only: nothing to compare"]
     collapsed = [f"{v} collapsed ({row.collapse[v].reason})" for v in row.values if row.collapsed(v)]
     above = [v for v in row.values if row.baseline is not None and not row.collapsed(v)]
     tail = ""
@@ -1006,21 +1081,21 @@ def render_report(cfg: Config, data: dict[str, Any], analysis: Analysis) -> str:
 
 def lengths_report(cfg: Config, analysis: Analysis) -> dict[str, Any]:
     """What the report's "Quality versus length at matched compute" section shows."""
+    from pipeline.budget import describe_budget
+
     s, section = cfg.lengths, analysis.lengths
-    value = s.budget.value
-    budget = ", ".join(f"{v:.3g}" for v in value) if isinstance(value, list) else f"{value:.3g}"
     intro = (
-        f"Task `{s.task}` with its expressions scaled to each length ({s.fill[0]:g} to {s.fill[1]:g} of it in the "
-        f"task's unit; longer ones dropped, never truncated), fine-tuned at every length from each run's "
+        f"Task `{s.task}` scaled to fill each length ({s.fill[0]:g} to {s.fill[1]:g} of it in the task's unit; "
+        f"longer inputs dropped, never truncated), trained at every length from each run's "
         f"{'pretrained weights' if s.init == 'pretrained' else 'fresh initialisation'} (`lengths.init`) with batch "
-        f"{s.batch_size}, lr {s.optimizer.lr} ({s.optimizer.schedule}), under **the same budget for every variant: "
-        f"{budget} {section.get('unit', '')} per run and length** (`lengths.budget`); then at most {s.eval_examples} "
-        "test examples per length, the same for every run, decoded greedily."
+        f"{s.batch_size}, lr {s.optimizer.lr} ({s.optimizer.schedule}), **compute matched: {describe_budget(s)}** "
+        f"(`lengths.budget`); seeds {list(s.seeds)} (`lengths.seeds`); then at most {s.eval_examples} test examples "
+        "per length, the same for every run, decoded greedily."
     )
     if section.get("budget_kind") == "flops":
         intro += (
             " A variant whose step costs fewer FLOPs at a length takes more steps: the quality difference is the "
-            "difference at equal compute."
+            "difference at equal training compute (each verdict says what was matched and what was not)."
         )
     else:
         intro += " A wall-clock budget depends on the machine and its load; the FLOPs each run reached are shown."
@@ -1028,8 +1103,16 @@ def lengths_report(cfg: Config, analysis: Analysis) -> dict[str, Any]:
     collapsed_everywhere = bool(section.get("levels")) and all(
         lv["row"].collapsed(v) for lv in section["levels"] for v in lv["row"].values
     )
+    if len(s.seeds) == 1:
+        interval_note = (
+            f"bootstrap over the test examples only: one training seed per variant (`lengths.seeds: {list(s.seeds)}`)"
+            ", so it says how sure the score of these trained models is, not how much a re-training would move it"
+        )
+    else:
+        interval_note = "bootstrap over seeds and test examples, and t over seeds: the wider"
     return {
         "ran": bool(section.get("levels")),
+        "interval_note": interval_note,
         "intro": intro,
         "levels": section.get("levels", []),
         "cells": lengths_cells(section, variants) if section.get("levels") else [],
@@ -1115,19 +1198,24 @@ def draw_charts(data: dict[str, Any], analysis: Analysis, out: Path) -> list[str
         for task in tasks:
             mats = [run["confusion"][task] for run in data["runs"][v].values() if task in run["confusion"]]
             panels.setdefault(task, {})[v] = sum_confusions(mats)
+    palette = charts.colors(analysis.variants)  # one colour per variant, the same in every chart
+    family_palette = charts.colors(list(analysis.scaling.get("families", {})))
     figures: dict[str, Callable[[Path], None]] = {
-        "loss_curves.png": lambda path: charts.loss_curves(curves, path),
+        "loss_curves.png": lambda path: charts.loss_curves(curves, path, palette),
         **{
-            name: (lambda path, n=name: charts.benchmark_chart(data["benchmark_rows"], n, path))
+            name: (lambda path, n=name: charts.benchmark_chart(data["benchmark_rows"], n, path, palette))
             for name in charts.BENCHMARK_CHARTS
         },
         "confusion_matrices.png": lambda path: charts.confusion_grid(panels, path),
-        "scaling_curves.png": lambda path: charts.scaling_curves(analysis.scaling.get("families", {}), path),
+        "scaling_curves.png": lambda path: charts.scaling_curves(
+            analysis.scaling.get("families", {}), path, family_palette
+        ),
         "quality_vs_length.png": lambda path: charts.quality_vs_length(
             lengths_chart_points(analysis.lengths),
             "accuracy (greedy)",
             f"{analysis.lengths.get('task', '')}: quality vs length, same budget per length",
             path,
+            palette,
         ),
     }
     for name, draw in figures.items():

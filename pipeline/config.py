@@ -307,22 +307,79 @@ class BenchmarkConfig(Section):
     """Stop measuring longer lengths once the stage has used this much time."""
 
 
-LENGTH_TASKS = {"listops": ("min_chars", "max_chars"), "lra_listops": ("min_tokens", "max_tokens")}
+LENGTH_TASKS = {
+    "needle": ("min_items", "max_items"),
+    "listops": ("min_chars", "max_chars"),
+    "lra_listops": ("min_tokens", "max_tokens"),
+}
 """Tasks the `lengths` stage scales to each length: name -> its (shortest, longest) expression options."""
+
+
+class BudgetReference(Section):
+    family: str
+    """Family of the reference model (a registered family)."""
+    preset: str
+    """Its preset (one of the family's named sizes)."""
+
+    @model_validator(mode="after")
+    def _known(self) -> BudgetReference:
+        import models
+
+        if self.family not in models.FAMILIES:
+            raise Problems([f"family: {self.family!r} is not a registered family ({', '.join(models.FAMILIES)})"])
+        if self.preset not in models.presets(self.family):
+            known = ", ".join(models.presets(self.family))
+            raise Problems([f"preset: {self.preset!r} is not a {self.family} preset ({known})"])
+        return self
+
+
+def _smallest_reference() -> BudgetReference:
+    import models
+
+    family = models.FAMILIES[0]
+    return BudgetReference(family=family, preset=next(iter(models.presets(family))))
 
 
 class LengthsBudgetConfig(Section):
     kind: Literal["flops", "seconds"] = "flops"
-    """`flops`: every variant trains until it has spent `value` training FLOPs at a length, by its own FLOPs
-    accounting (`training_flops`), so the step count differs between variants; `seconds`: until `value` seconds
-    of training wall-clock (machine-dependent, not reproducible)."""
-    value: Annotated[PosFloat | Annotated[list[PosFloat], Field(min_length=1)], BeforeValidator(yaml_float)] = 1.2e10
-    """The budget per run and length: one number for every length, or a list, one per `seq_lengths` entry."""
+    """`flops`: every variant trains until it has spent the budget in training FLOPs at a length, by its own FLOPs
+    accounting (`training_flops`), so the step count differs between variants (deterministic); `seconds`: until
+    `value` seconds of training wall-clock (machine-dependent, not reproducible)."""
+    steps: PosInt | Annotated[list[PosInt], Field(min_length=1)] | None = 400
+    """`flops`: the budget at each length is the training FLOPs of this many optimizer steps of the reference model
+    (`reference`) at that length, so it grows with the length as a model's cost does and does not depend on which
+    variants run (pipeline/budget.py); one number for every length, or one per length. Null: give `value`."""
+    reference: BudgetReference = Field(default_factory=lambda: _smallest_reference())
+    """The model whose steps define the FLOPs budget: a family and a preset, with the run's vocabulary (default:
+    the first registered family's first, smallest, preset)."""
+    value: Annotated[PosFloat | Annotated[list[PosFloat], Field(min_length=1)] | None, BeforeValidator(yaml_float)] = (
+        None
+    )
+    """The budget itself per run and length, instead of `steps`: FLOPs (`flops`) or seconds (`seconds`); one number
+    for every length, or a list, one per `seq_lengths` entry."""
+    min_steps: PosInt = 1
+    """Every variant must get at least this many optimizer steps at every length (checked with the params)."""
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> LengthsBudgetConfig:
+        if self.kind == "seconds" and self.value is None:
+            raise Problems(["value: a seconds budget needs `value` (seconds per run and length)"])
+        if self.value is not None and "steps" not in self.model_fields_set:
+            self.steps = None  # `value` given, `steps` left at its default: the value is the budget
+        if self.kind == "flops" and self.steps is not None and self.value is not None:
+            raise Problems(["steps: give either `steps` (of the reference model) or `value` (FLOPs), not both"])
+        if self.kind == "flops" and self.steps is None and self.value is None:
+            raise Problems(["steps: give `steps` (of the reference model) or `value` (FLOPs)"])
+        return self
 
 
 class LengthsConfig(Section):
-    task: Literal["listops", "lra_listops"] = "listops"
-    """A long-range task of `pipeline/tasks.py` whose expressions are scaled to fill each length."""
+    task: Literal["needle", "listops", "lra_listops"] = "needle"
+    """A long-range task of `pipeline/tasks.py` whose inputs are scaled to fill each length."""
+    seeds: Annotated[list[NonNegInt], Field(min_length=1)] = Field(default_factory=lambda: [0])
+    """The seeds of this stage (`lengths@<variant>-<seed>`), its own list: a shorter one than `seeds` keeps the
+    default run within its time; with one seed the intervals are over test examples only (the report says so).
+    With `init: pretrained` each must be one of `seeds` (its pretrained weights)."""
     task_options: dict[str, Any] = Field(
         default_factory=lambda: {
             "operators": ["MAX", "MIN", "MED", "SM"],
@@ -364,6 +421,13 @@ class LengthsConfig(Section):
     max_new_tokens: PosInt = 3
     """Generation length limit (the answer is one class and its end-of-sequence token)."""
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"must be distinct, got {seeds}")
+        return seeds
+
     @field_validator("seq_lengths")
     @classmethod
     def _increasing(cls, lengths: list[int]) -> list[int]:
@@ -383,9 +447,11 @@ class LengthsConfig(Section):
             options.model_validate({k: v for k, v in self.task_options.items() if k not in set_per_length})
         except ValidationError as exc:
             problems += nest("task_options", describe(exc, options))
-        if isinstance(self.budget.value, list) and len(self.budget.value) != len(self.seq_lengths):
-            problems.append(f"budget.value: {len(self.budget.value)} values for {len(self.seq_lengths)} seq_lengths; "
-                            "give one number, or one per length")  # fmt: skip
+        for name in ("value", "steps"):
+            given = getattr(self.budget, name)
+            if isinstance(given, list) and len(given) != len(self.seq_lengths):
+                problems.append(f"budget.{name}: {len(given)} values for {len(self.seq_lengths)} seq_lengths; "
+                                "give one number, or one per length")  # fmt: skip
         if self.budget.kind == "seconds" and self.optimizer.schedule in ("cosine", "linear"):
             problems.append(f"optimizer.schedule: {self.optimizer.schedule!r} decays over a known step count, which "
                             "a seconds budget does not have; use constant or inverse_sqrt")  # fmt: skip
@@ -694,6 +760,11 @@ class Params(Section):
                 )
         problems += self._training_layout()
         problems += self._variants_fit()
+        problems += self._lengths_budget()
+        if self.lengths.init == "pretrained" and not set(self.lengths.seeds) <= set(self.seeds):
+            extra = sorted(set(self.lengths.seeds) - set(self.seeds))
+            problems.append(f"lengths.seeds: {extra} not in seeds {self.seeds}: `lengths.init: pretrained` starts from "
+                            "the pretrained weights of the same seed")  # fmt: skip
         if f.init == "checkpoint":
             import models
 
@@ -741,6 +812,37 @@ class Params(Section):
                     f"models.{variant}: sequences of {longest} tokens (pretrain/finetune input_length) exceed the "
                     f"model's {limit} positions; raise its max_position_embeddings/axial_pos_shape"
                 )
+        return problems
+
+    def _lengths_budget(self) -> list[str]:
+        """The `lengths` stage can run every variant at every length: the positions hold the length, and the FLOPs
+        budget buys each variant at least `min_steps` steps, by the accounting the stage uses (pipeline/budget.py)."""
+        from pipeline.budget import padded_vocab_size, plan
+
+        s = self.lengths
+        vocab = padded_vocab_size(self.tokenizer.vocab_size)
+        problems, configs = [], {}
+        for variant, section in self.models.items():
+            mcfg = model_config_of(section, vocab)
+            limit = getattr(mcfg, "max_positions", None) or getattr(mcfg, "max_position_embeddings", None)
+            longest = s.seq_lengths[-1] + (s.target_length if getattr(mcfg, "layout", "") != "encoder_decoder" else 0)
+            if limit and longest > limit:
+                problems.append(
+                    f"lengths.seq_lengths: {s.seq_lengths[-1]} tokens exceed the {limit} positions of models.{variant}"
+                    "; raise its max_position_embeddings/axial_pos_shape or drop the length"
+                )
+            configs[variant] = (section.family, mcfg)
+        if s.budget.kind != "flops" or problems:
+            return problems
+        budget = plan(s, configs, vocab)
+        for variant, rows in budget["variants"].items():
+            for row, flops in zip(rows, budget["budgets"], strict=True):
+                if row["steps"] < s.budget.min_steps:
+                    problems.append(
+                        f"lengths.budget: models.{variant} gets {row['steps']} step(s) at length {row['length']} "
+                        f"(budget {flops:.3g} FLOPs, one step {row['flops_per_step']:.3g}), fewer than "
+                        f"lengths.budget.min_steps {s.budget.min_steps}; raise lengths.budget.steps (or value)"
+                    )
         return problems
 
 

@@ -49,6 +49,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from pipeline.budget import budget_at, budget_steps, step_flops
 from pipeline.common import StageError, publish, repo_root, require_variant, run_stage, stage_parser
 from pipeline.config import LENGTH_TASKS, Config, LengthsConfig
 from pipeline.paths import RunPaths
@@ -69,28 +70,6 @@ def task_options(section: LengthsConfig, length: int) -> dict[str, Any]:
     low = max(0, round(section.fill[0] * length))
     high = max(low + 1, 5, round(section.fill[1] * length))
     return {**section.task_options, low_key: low, high_key: high}
-
-
-def budget_at(section: LengthsConfig, index: int) -> float:
-    """The budget of the `index`-th length (one number for all, or one per length)."""
-    value = section.budget.value
-    return float(value[index] if isinstance(value, list) else value)
-
-
-def step_flops(model: Any, batch_size: int, length: int, target_length: int) -> float:
-    """Training FLOPs of one optimizer step at the padded shapes: encoder-decoder inputs padded to `length`
-    and targets to `target_length`; decoder-only layouts read inputs and targets as one sequence (padded to the
-    batch's longest, so this is an upper bound for them)."""
-    if getattr(model.config, "layout", "encoder_decoder") == "encoder_decoder":
-        return float(model.training_flops(batch_size, length, target_length))
-    return float(model.training_flops(batch_size, length + target_length, 0))
-
-
-def budget_steps(budget_flops: float, flops_per_step: float) -> int:
-    """Optimizer steps that fit in the budget: floor(budget / per step), the spent FLOPs never above it."""
-    if flops_per_step <= 0:
-        raise ValueError(f"FLOPs per step must be positive, got {flops_per_step}")
-    return int(math.floor(budget_flops / flops_per_step * (1 + 1e-12)))
 
 
 def length_config(cfg: Config, length: int) -> Config:
@@ -202,6 +181,7 @@ def train_at_length(
 ) -> tuple[torch.nn.Module, dict[str, Any], list[dict[str, float]]]:
     """Fine-tune a fresh copy of the starting model at `length` under the budget; (model, figures, loss history)."""
     from pipeline import strategy
+    from pipeline.budget import padded_vocab_size
     from pipeline.datamodule import Collator, TextToTextDataset
     from pipeline.module import (
         OptimSettings,
@@ -212,7 +192,7 @@ def train_at_length(
         peak_flops_per_device,
     )
     from pipeline.tasks import Mixture
-    from pipeline.train import initial_model, padded_vocab_size
+    from pipeline.train import initial_model
 
     s = cfg.lengths
     lcfg = length_config(cfg, length)
@@ -225,14 +205,14 @@ def train_at_length(
             f"lengths.seq_lengths: {length} tokens exceed the {limit} positions of models.{variant}; raise its "
             "max_position_embeddings/axial_pos_shape or drop the length"
         )
-    per_step = step_flops(model, s.batch_size, length, s.target_length)
-    budget = budget_at(s, index)
+    per_step = step_flops(cfg.family(variant), model.config, s.batch_size, length, s.target_length)
+    budget = budget_at(s, index, padded_vocab_size(tokenizer.vocab_size))  # the reference model's vocabulary
     if s.budget.kind == "flops":
         steps = budget_steps(budget, per_step)
-        if steps < 1:
+        if steps < s.budget.min_steps:  # validated with the params; here the tokenizer's real vocabulary decides
             raise StageError(
-                f"lengths.budget.value: {budget:.3g} FLOPs is less than one training step of {variant} at length "
-                f"{length} ({per_step:.3g} FLOPs); raise the budget"
+                f"lengths.budget: {budget:.3g} FLOPs buys {variant} {steps} step(s) at length {length} ({per_step:.3g} "
+                f"FLOPs each), fewer than lengths.budget.min_steps {s.budget.min_steps}; raise lengths.budget.steps"
             )
         max_steps = steps
     else:

@@ -345,6 +345,30 @@ def _build_sort(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Example
     return _generated("sort", split, ctx, _count(split, o), draw)
 
 
+# -------------------------------------------------------------------------------------------- needle
+
+NEEDLE_FILLER = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+
+
+def _build_needle(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Example]:
+    """A needle among filler: `min_items`..`max_items` symbols, all letters drawn from the first `filler` of a..z
+    but one, a digit at a uniform position; the answer is that digit. The answer depends on one token anywhere in
+    the input, so a model has to reach every position (the `lengths` stage sets the item counts to fill each
+    length: one symbol is one token). Trivial baselines: chance 0.1, majority about 0.1."""
+    prefix = TASKS["needle"].prefix
+    if o["min_items"] > o["max_items"]:
+        raise ValueError(f"task needle: min_items {o['min_items']} > max_items {o['max_items']}")
+    filler = NEEDLE_FILLER[: o["filler"]]
+
+    def draw(rng: random.Random) -> Example:
+        items = rng.choices(filler, k=rng.randint(o["min_items"], o["max_items"]))
+        digit = str(rng.randrange(10))
+        items[rng.randrange(len(items))] = digit
+        return Example(prefix + " ".join(items), digit, label=digit)
+
+    return _generated("needle", split, ctx, _count(split, o), draw)
+
+
 # ------------------------------------------------------------------------------------------ hub recipes
 
 
@@ -482,6 +506,15 @@ class DuplicationOptions(GeneratedOptions):
     """Distinct symbols (the paper: 127)."""
 
 
+class NeedleOptions(GeneratedOptions):
+    min_items: Annotated[int, Field(ge=2)] = 48
+    """Fewest symbols in the input (the needle included); one symbol is one token."""
+    max_items: Annotated[int, Field(ge=2)] = 60
+    """Most symbols in the input."""
+    filler: Annotated[int, Field(ge=1, le=26)] = 4
+    """Distinct filler letters (a, b, ...): 1 makes the haystack constant, more make it noisier."""
+
+
 class SortOptions(GeneratedOptions):
     min_length: Annotated[int, Field(ge=2)] = 3
     """Fewest digits per sequence."""
@@ -525,6 +558,15 @@ TASKS: dict[str, Task] = {
             _build_duplication,
             DuplicationOptions,
             description="Reformer section 2.1: a random symbol sequence -> the same sequence",
+        ),
+        Task(
+            "needle",
+            "needle: ",
+            "accuracy",
+            _build_needle,
+            NeedleOptions,
+            classes=[str(d) for d in range(10)],
+            description="one digit among filler letters -> that digit (a needle in a haystack of any length)",
         ),
         Task(
             "sort",

@@ -34,7 +34,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -48,6 +47,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 import models
 from pipeline import mlflow_logging, strategy
+from pipeline.budget import padded_vocab_size
 from pipeline.common import (
     CorruptFileError,
     Publication,
@@ -104,11 +104,6 @@ RUN_INDEPENDENT = ("progress_bar", "threads", "divergence", "on_corrupt_checkpoi
 
 
 StagePaths = RunPaths  # the name older callers use
-
-
-def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
-    """Tokenizer vocabulary rounded up to a multiple of 128 (fast matmuls; the extra rows are never targets)."""
-    return math.ceil(vocab_size / multiple) * multiple
 
 
 def read_tokenizer_info(root: Path) -> dict[str, Any]:

@@ -114,10 +114,12 @@ def test_benchmark_stage_outputs(tmp_path: Path):
     assert set(metrics["per_length"]) == {"32", "64"}
     with (project / "artifacts" / "benchmark" / "length.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert [int(r["seq_length"]) for r in table] == [32, 64]
+    assert sorted((r["variant"], int(r["seq_length"])) for r in table) == sorted(
+        (v, n) for v in ("t5", "reformer") for n in (32, 64)
+    )  # one row per variant and length: `dvc plots show` draws one line per variant
     for row in table:
-        n = row["seq_length"]
-        assert float(row["t5_tokens_per_s"]) == pytest.approx(metrics["per_length"][n]["t5_tokens_per_s"], abs=0.1)
+        n, v = row["seq_length"], row["variant"]
+        assert float(row["tokens_per_s"]) == pytest.approx(metrics["per_length"][n][f"{v}_tokens_per_s"], abs=0.1)
     for name in ("speed_vs_length.png", "memory_vs_length.png", "memory_vs_depth.png"):
         assert (project / "artifacts" / "benchmark" / name).read_bytes()[:4] == b"\x89PNG"
     depth = [r for r in results["rows"] if r["kind"] == "depth"]

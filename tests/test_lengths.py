@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,8 @@ import yaml
 import models
 from pipeline.compare import gather_lengths, lengths_cells, lengths_chart_points, lengths_metrics, quality_vs_length
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.lengths import Budget, budget_at, budget_steps, length_config, step_flops, task_options
+from pipeline.budget import budget_at, budget_steps, step_flops
+from pipeline.lengths import Budget, length_config, task_options
 from tests.train_project import LENGTHS, MODELS, ROOT
 
 
@@ -35,9 +37,10 @@ def test_the_same_flops_budget_gives_each_variant_the_steps_its_own_accounting_a
     budget = 1.0e8
     steps = {}
     for variant in cfg.models:
-        model = models.build_model(cfg.family(variant), cfg.model_config(variant, 256))
+        config = cfg.model_config(variant, 256)
+        model = models.build_model(cfg.family(variant), config)
         for length in (32, 64):
-            per_step = step_flops(model, 4, length, 4)
+            per_step = step_flops(cfg.family(variant), config, 4, length, 4)
             assert per_step == model.training_flops(4, length, 4)  # encoder-decoder: the padded shapes
             n = budget_steps(budget, per_step)
             assert n * per_step <= budget < (n + 1) * per_step  # spent within the budget, one more step beyond it
@@ -45,6 +48,56 @@ def test_the_same_flops_budget_gives_each_variant_the_steps_its_own_accounting_a
     # the tiny Reformer costs more per step than the tiny T5 here, so it gets fewer steps for the same compute
     assert steps["reformer", 32] < steps["t5", 32] and steps["reformer", 64] < steps["t5", 64]
     assert steps["t5", 64] < steps["t5", 32]  # longer sequences: fewer steps in the same budget
+
+
+def _default_params(**models_extra) -> dict:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["models"].update(copy.deepcopy(models_extra))
+    return raw
+
+
+def test_every_budget_is_checked_with_the_params_by_the_stages_own_accounting(tmp_path):
+    """An impossible budget is exit 2 from `python -m pipeline.config` (every stage validates the same way first),
+    naming the variant, the length and the figures; the shipped params with a variant one or two sizes up (the
+    README's scaling advice) or the README's experiment pass, because the budget does not shrink for them."""
+    import subprocess
+    import sys
+
+    from pipeline.budget import padded_vocab_size, plan
+    from pipeline.config import model_config_of
+
+    cfg = config_from_dict(_default_params(t5_small={"family": "t5", "preset": "small"},
+                                           reformer_base={"family": "reformer", "preset": "base"}))  # fmt: skip
+    vocab = padded_vocab_size(cfg.tokenizer.vocab_size)
+    budget = plan(cfg.lengths, {v: (s.family, model_config_of(s, vocab)) for v, s in cfg.models.items()}, vocab)
+    steps = {v: [r["steps"] for r in rows] for v, rows in budget["variants"].items()}
+    assert min(min(v) for v in steps.values()) >= 1 and steps["t5"] == [cfg.lengths.budget.steps] * 2
+    assert steps["t5_small"][0] < steps["t5"][0] / 10  # the bigger model: fewer steps for the same FLOPs
+    assert budget["budgets"][1] > budget["budgets"][0]  # the budget grows with the length
+    raw = _default_params()
+    raw["models"]["reformer"]["n_hashes"] = 8  # the README's first experiment
+    assert config_from_dict(raw).models["reformer"].overrides["n_hashes"] == 8
+
+    raw = _default_params(wide={"family": "t5", "preset": "tiny", "d_ff": 65536})
+    raw["lengths"]["budget"].update(steps=1, min_steps=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.config", "params.yaml"], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "lengths.budget: models.wide gets 0 step(s) at length 128" in proc.stderr
+    assert "fewer than lengths.budget.min_steps 2; raise lengths.budget.steps" in proc.stderr
+    assert "models.t5 gets 1 step(s) at length 512" in proc.stderr  # every variant and length, all at once
+
+
+def test_budget_params_are_one_kind_each():
+    with pytest.raises(ConfigError, match="give either `steps`"):
+        tiny_cfg(budget={"kind": "flops", "steps": 10, "value": 1e8})
+    with pytest.raises(ConfigError, match="a seconds budget needs `value`"):
+        tiny_cfg(budget={"kind": "seconds", "steps": None, "value": None})
+    with pytest.raises(ConfigError, match="preset: 'huge' is not a t5 preset"):
+        tiny_cfg(budget={"kind": "flops", "steps": 10, "reference": {"family": "t5", "preset": "huge"}})
+    with pytest.raises(ConfigError, match="lengths.seeds: must be distinct"):
+        tiny_cfg(seeds=[0, 0])
 
 
 def test_budget_steps_is_exact_at_the_boundary_and_rejects_a_free_step():
@@ -56,18 +109,17 @@ def test_budget_steps_is_exact_at_the_boundary_and_rejects_a_free_step():
 
 
 def test_decoder_only_steps_are_counted_over_inputs_and_targets():
-    model = SimpleNamespace(
-        config=SimpleNamespace(layout="causal_lm"), training_flops=lambda b, length, targets: b * length * 1000.0
-    )
-    assert step_flops(model, 2, 100, 4) == 2 * 104 * 1000.0
+    config = models.config_class("t5").from_preset("tiny", vocab_size=256, layout="causal_lm")
+    flops = models.spec("t5").training_flops
+    assert step_flops("t5", config, 2, 100, 4) == flops(config, 2, 104, 0) > flops(config, 2, 100, 0)
 
 
 def test_length_options_budgets_and_the_derived_config():
     cfg = tiny_cfg(budget={"kind": "flops", "value": [1e8, 3e8]})
-    assert task_options(cfg.lengths, 64) == {**LENGTHS["task_options"], "min_chars": 19, "max_chars": 77}
-    assert [budget_at(cfg.lengths, i) for i in range(2)] == [1e8, 3e8]
+    assert task_options(cfg.lengths, 64) == {**LENGTHS["task_options"], "min_items": 48, "max_items": 58}
+    assert [budget_at(cfg.lengths, i, 256) for i in range(2)] == [1e8, 3e8]
     derived = length_config(cfg, 64)
-    assert derived.finetune.input_length == 64 and derived.finetune.tasks == {"listops": task_options(cfg.lengths, 64)}
+    assert derived.finetune.input_length == 64 and derived.finetune.tasks == {"needle": task_options(cfg.lengths, 64)}
     assert derived.finetune.init == cfg.lengths.init and derived.evaluate.num_beams == [1]
     assert cfg.finetune.input_length == 64 and "sort" not in derived.finetune.tasks  # the original is untouched
 
@@ -89,7 +141,7 @@ def test_lengths_params_are_checked_with_their_yaml_paths():
         tiny_cfg(
             fill=[0.9, 0.5],
             seq_lengths=[64, 32],
-            task_options={"max_chars": 40, "max_dept": 3},
+            task_options={"max_items": 40, "fillr": 3},
             budget={"kind": "seconds", "value": [1.0]},
             optimizer={"schedule": "cosine"},
         )
@@ -98,15 +150,15 @@ def test_lengths_params_are_checked_with_their_yaml_paths():
     with pytest.raises(ConfigError) as err:
         tiny_cfg(
             fill=[0.9, 0.5],
-            task_options={"max_chars": 40, "max_dept": 3},
+            task_options={"max_items": 40, "fillr": 3},
             budget={"kind": "seconds", "value": [1.0]},
             optimizer={"schedule": "cosine"},
         )
     text = str(err.value)
     for expected in (
         "lengths.fill: the shortest fraction must be below the longest",
-        "lengths.task_options.max_chars: set per length from lengths.fill",
-        "lengths.task_options.max_dept: unknown option (did you mean 'max_depth'?",
+        "lengths.task_options.max_items: set per length from lengths.fill",
+        "lengths.task_options.fillr: unknown option (did you mean 'filler'?",
         "lengths.budget.value: 1 values for 2 seq_lengths",
         "lengths.optimizer.schedule: 'cosine' decays over a known step count",
     ):
@@ -120,7 +172,7 @@ def test_lengths_params_are_checked_with_their_yaml_paths():
 
 def _lengths_run(rng: np.random.Generator, accuracy: dict[int, float], steps: dict[int, int]) -> dict:
     """One synthetic `lengths@V-S` result as `gather_lengths` returns it (60 test examples per length)."""
-    out = {"task": "listops", "metric": "accuracy", "budget_kind": "flops", "lengths": {}, "examples": {}}
+    out = {"task": "needle", "metric": "accuracy", "budget_kind": "flops", "lengths": {}, "examples": {}}
     for length, acc in accuracy.items():
         refs = [str(d) for d in rng.integers(0, 10, 60)]
         preds = [r if rng.random() < acc else str((int(r) + 1) % 10) for r in refs] if acc else ["0"] * 60
@@ -286,7 +338,7 @@ def test_the_report_shows_quality_and_efficiency_per_length_and_compare_json_kee
     assert "| length | variant | parameters | training FLOPs per input token |" in section
     assert "| 32 | reformer | 1,000 |" in section and "(quality_vs_length.png)" in section
     assert "**Quality versus length at matched compute**" in report  # in the answer in short
-    assert "is measured on `listops` at lengths 32, 64" in report  # the caveat
+    assert "is measured on `needle` at lengths 32, 64" in report  # the caveat
     saved = json.loads(json.dumps(headline(analysis, data)))["lengths"]
     assert [lv["length"] for lv in saved["levels"]] == [32, 64] and saved["budget_kind"] == "flops"
     assert saved["levels"][1]["quality"]["variants"]["t5"]["collapsed"] is True

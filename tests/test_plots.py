@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from pipeline import plots
 from tests.browser import render, visible_text
 
@@ -87,3 +89,39 @@ def test_dvc_plots_show_draws_all_runs_on_one_offline_chart(tmp_path: Path):
     for label in ("Pretraining loss", "t5-0", "reformer-0", "train", "val"):
         assert label in text  # title and legend, drawn by Vega
     assert (tmp_path / "plots.png").stat().st_size > 5000
+
+
+def test_dvc_plots_show_draws_one_line_per_variant_for_the_benchmark(tmp_path: Path):
+    """The benchmark's plots as `dvc.yaml` defines them: every variant is a line on the speed and memory charts,
+    whatever the variants are called (issue 24: the charts drew one series, `reformer_step_mb`)."""
+    from pipeline.benchmark import write_tables
+
+    repo = tmp_path / "repo"
+    (repo / "artifacts" / "benchmark").mkdir(parents=True)
+    run = {"cwd": repo, "check": True, "capture_output": True, "text": True}
+    subprocess.run(["git", "init", "-q"], **run)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], **run)
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots", dirs_exist_ok=True)
+    (repo / "reports").mkdir()
+    plots.write_template(repo / "reports" / "plots_template.html")
+    variants = ("t5", "reformer", "wide_ff")
+    rows = [
+        {"kind": kind, "variant": v, "seq_length": n if kind == "length" else 64, "num_layers": None if kind ==
+         "length" else n, "tokens_per_s": 1000.0 * (i + 1) / n, "step_mb": 10.0 * n * (i + 1)}
+        for kind in ("length", "depth") for i, v in enumerate(variants) for n in ((64, 128, 256) if kind ==
+                                                                                   "length" else (1, 2, 4))
+    ]  # fmt: skip
+    write_tables({"rows": rows}, repo / "artifacts" / "benchmark")
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    bench = [p for p in spec["plots"] if next(iter(p)) in ("speed_vs_length", "memory_vs_length", "memory_vs_depth")]
+    assert len(bench) == 3
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": bench}, sort_keys=False))
+    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show"], **run)
+    index = repo / "dvc_plots" / "index.html"
+    assert index.as_uri() in shown.stdout
+    text = visible_text(render(index.as_uri(), screenshot=tmp_path / "bench.png"))
+    for plot in bench:
+        assert next(iter(plot.values()))["title"] in text
+    for variant in variants:
+        assert text.count(variant) >= 3, variant  # in the legend of each of the three charts

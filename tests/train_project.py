@@ -69,10 +69,11 @@ FINETUNE_TASKS = {
 
 # the `lengths` stage at tiny lengths (the tiny Reformer holds 64 positions): a few steps per length
 LENGTHS = {
-    "task": "listops",
-    "task_options": {"num_examples": 32, "num_eval_examples": 12, "max_depth": 3, "max_args": 4},
+    "task": "needle",
+    "task_options": {"num_examples": 32, "num_eval_examples": 12, "filler": 4},
+    "seeds": [0],
     "seq_lengths": [32, 64],
-    "fill": [0.3, 1.2],
+    "fill": [0.75, 0.9],
     "budget": {"kind": "flops", "value": 1.0e8},
     "init": "pretrained",  # the path the default (scratch) does not take: from the run's pretrained weights
     "batch_size": 4,
