@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 import models
+from pipeline.budget import budget_at, budget_steps, step_flops
 from pipeline.compare import gather_lengths, lengths_cells, lengths_chart_points, lengths_metrics, quality_vs_length
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.budget import budget_at, budget_steps, step_flops
 from pipeline.lengths import Budget, length_config, task_options
 from tests.train_project import LENGTHS, MODELS, ROOT
 
