@@ -269,7 +269,7 @@ def evaluate(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]
     from pipeline.tokenizer import Tokenizer
     from pipeline.tracking import check_tracking_uri, tracking_uri
 
-    require_variant(cfg, variant)
+    require_variant(cfg, variant, seed)
     family = cfg.family(variant)
     out = RunPaths(root, "evaluate", variant, seed)
     start = time.perf_counter()

@@ -351,7 +351,7 @@ def run(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
     from pipeline.tokenizer import Tokenizer
     from pipeline.tracking import check_tracking_uri, tracking_uri
 
-    require_variant(cfg, variant)
+    require_variant(cfg, variant, seed)
     quiet_libraries()
     start = time.perf_counter()
     paths = RunPaths(root, STAGE, variant, seed)

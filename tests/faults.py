@@ -49,6 +49,7 @@ BASE_OVERRIDES = {
     "finetune.checkpoint_every_n_steps": 2,
     "finetune.val_every_n_steps": 2,
     "mlflow.log_models": False,
+    "trainer.divergence.patience_steps": 0,  # the guard is on in the divergence cases (it must fit in 4 steps)
 }
 SLOW_OVERRIDES = {"pretrain.max_steps": 400}  # for signals mid-training: long enough to be interrupted
 
