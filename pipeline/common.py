@@ -442,6 +442,10 @@ def publish() -> Iterator[Publication]:
     try:
         yield pub
         pub.commit()
+    except OSError as exc:
+        if exc.filename is None and pub._staged:  # a failed write() or close() names no file: the one staged last
+            exc.filename = str(pub._staged[-1][1])  # is the one being written (its message names its target)
+        raise
     finally:
         pub.abort()
 
