@@ -1,15 +1,23 @@
 """The fault suite: real stage processes on one tiny prepared project, each with one fault injected by hand.
 
-    python -m tests.faults [--only NAME ...] [--keep DIR]
+    python -m tests.faults [--only NAME ...] [--keep DIR] [--jobs N]
 
 prints one table (case, expected, exit code, traceback?, outputs intact?, verdict) and exits non-zero when any case
-is wrong. A case is right when the exit code is the expected one (0 finished; 1 failed or diverged; 2 bad params;
-130 SIGINT; 143 SIGTERM), no traceback is printed for a problem the user can fix, and the outputs a failure must not
-touch (the published model, metrics and loss histories of the previous good run, the checkpoints) are byte-for-byte
-unchanged, while a success leaves complete, loadable outputs.
+is wrong. A case is right when all of these hold:
+
+- the exit code is the expected one (0 finished; 1 failed or diverged; 2 bad params or arguments; 130 SIGINT;
+  143 SIGTERM), and no traceback is printed for a problem the user can fix;
+- what the stage printed holds every expected piece of its message (on stderr when it fails: the culprit and what
+  to do) and none of what it must not say (misleading advice, the name of a temporary file);
+- the outputs a failure must not touch (the published model, metrics and loss histories of the previous good run,
+  the checkpoints, a previous evaluation or prepare) are byte-for-byte unchanged, or still absent; a success leaves
+  complete, loadable outputs; no temporary sibling is left behind;
+- the MLflow store (a real sqlite store, read through MLflow's client) shows exactly the runs the case expects the
+  command to start, resume or end, with their status (`stage:STATUS`), and no run is left RUNNING.
 
 The base project (tests/train_project.py: tiny T5, synthetic tokenized data, real tokenizer) is trained once
-(pretrain, then finetune); every case works on a copy of it.
+(pretrain, then finetune); every case works on a copy of it. Cases that need root (a full or read-only tmpfs
+mounted over an output folder) run only where `mount` works.
 """
 
 from __future__ import annotations
