@@ -293,7 +293,13 @@ def _run_stage(
     args = parser.parse_args(argv)
     install_signal_handlers()
     try:
+        # a signal while the params validate is only recorded: pydantic's Rust core calls our validators, which
+        # import torch, and an exception unwinding through Rust aborts the process (exit 134, nothing said)
+        _raising[0] = False
         cfg = load_config_or_exit(args.params)
+        _raising[0] = True
+        if received_signal() is not None:
+            raise StageInterrupted(received_signal())
         apply_threads(cfg.trainer.threads, cfg.trainer.devices)
         body(cfg, args)
     except BaseException as exc:  # noqa: BLE001 - every ending is classified, bugs keep their traceback

@@ -626,3 +626,19 @@ def test_runs_left_running_are_closed_only_when_no_process_runs_them(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_signal_while_the_params_validate_interrupts_the_stage_after_it(monkeypatch, capsys):
+    """Validation runs inside pydantic's Rust core (which calls our validators, which import torch): an exception
+    raised there by the signal handler could unwind through Rust and abort the process, or be swallowed."""
+    validated, ran = [], []
+
+    def load(path):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the validation
+        validated.append(True)  # not interrupted here
+        return SimpleNamespace(trainer=SimpleNamespace(threads=1, devices=1))
+
+    monkeypatch.setattr(common, "load_config_or_exit", load)
+    assert run_stage(lambda cfg, args: ran.append(True), stage_parser("test"), []) == 143
+    assert validated == [True] and ran == []
+    assert "interrupted by SIGTERM" in capsys.readouterr().err
