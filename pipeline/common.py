@@ -528,9 +528,10 @@ def is_deepspeed_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and ((path / "latest").is_file() or any(path.glob("*/*model_states.pt")))
 
 
-def check_checkpoint(path: str | Path) -> None:
+def check_checkpoint(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
     """Raise `CorruptFileError` unless `path` is a readable training checkpoint: a Lightning file (loaded without
-    pickle, `weights_only=True`, memory-mapped) with a `state_dict`, or a DeepSpeed directory with its shards."""
+    pickle, `weights_only=True`, memory-mapped) with a `state_dict` (with `shapes`, the module's tensor names and
+    shapes: exactly those), or a DeepSpeed directory with its shards."""
     import zipfile
 
     import torch
@@ -554,6 +555,16 @@ def check_checkpoint(path: str | Path) -> None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise ValueError("no 'state_dict' in it")
+        if shapes is not None:  # names as the plain module has them (torch.compile's wrapper adds `_orig_mod.`)
+            found = {k.replace("_orig_mod.", ""): tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+            shapes = {k.replace("_orig_mod.", ""): v for k, v in shapes.items()}
+            wrong = sorted(k for k in found.keys() | shapes.keys() if found.get(k) != shapes.get(k))
+            if wrong:
+                k = wrong[0]
+                raise ValueError(
+                    f"its weights are not this model's: {len(wrong)} of {len(shapes)} tensors differ, e.g. {k}: "
+                    f"{found.get(k, 'missing')} in the file, {shapes.get(k, 'none')} in the model"
+                )
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as exc:

@@ -233,7 +233,13 @@ def read_run_state(paths: RunPaths) -> dict[str, Any]:
         return {}
 
 
-def resume_point(paths: RunPaths, current: str, on_corrupt: str = "stop", act: bool = True) -> Path | None:
+def resume_point(
+    paths: RunPaths,
+    current: str,
+    on_corrupt: str = "stop",
+    act: bool = True,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> Path | None:
     """The newest readable checkpoint of an unfinished run of the same fingerprint, else None.
 
     Candidates, newest first: `last.ckpt`, `previous.ckpt` (the one before, see `StepCheckpoint`) and any
@@ -250,7 +256,7 @@ def resume_point(paths: RunPaths, current: str, on_corrupt: str = "stop", act: b
     existing = sorted((p for p in candidates if p.exists()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
     for ckpt in existing:
         try:
-            check_checkpoint(ckpt)
+            check_checkpoint(ckpt, shapes)
             return ckpt
         except CorruptFileError as exc:
             if on_corrupt == "stop":
@@ -330,7 +336,8 @@ def run_training(
 
     # --- checkpoints: resume the unfinished run of the same fingerprint, or start over
     current = fingerprint(cfg, stage, variant, seed, root, init_source)
-    resume = resume_point(paths, current, cfg.trainer.on_corrupt_checkpoint, act=rank_zero)
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}  # what a checkpoint of this run holds
+    resume = resume_point(paths, current, cfg.trainer.on_corrupt_checkpoint, act=rank_zero, shapes=shapes)
     previous_run_id = read_run_state(paths).get("mlflow_run_id")
     run_state = read_run_state(paths) if resume else {}
 

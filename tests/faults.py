@@ -600,6 +600,25 @@ def cases(mount_ok: bool) -> list[Case]:
             protect=PUBLISHED,
         ),
         Case(
+            "last.ckpt of another model",  # resumed, it failed inside Lightning with a traceback of 26 tensors
+            "checkpoints",
+            1,
+            PRETRAIN,
+            chain(unfinished, foreign_checkpoint(ckpt)),
+            ("last.ckpt is corrupt or unreadable (its weights are not this model's: 26 of 26 tensors differ, e.g.",),
+            protect=(*PUBLISHED, ckpt),
+        ),
+        Case(
+            "last.ckpt of another model: previous",
+            "checkpoints",
+            0,
+            PRETRAIN,
+            chain(unfinished, foreign_checkpoint(ckpt), params(**{"trainer.on_corrupt_checkpoint": "previous"})),
+            ("its weights are not this model's", "resuming from artifacts/pretrain/t5/0/checkpoints/previous.ckpt"),
+            ("pretrain:FINISHED",),
+            check=all_of(exists(f"{RUN}/last.ckpt.corrupt-*"), complete_outputs),
+        ),
+        Case(
             "planted pickle in last.ckpt",  # issue 27: the message quoted torch's advice to load it unrestricted
             "checkpoints",
             1,
@@ -1073,6 +1092,19 @@ def planted_pickle(rel: str) -> Callable[[Path], None]:
         import torch
 
         torch.save({"state_dict": {}, "payload": _Planted(str(p / "PLANTED"))}, p / rel)
+
+    return setup
+
+
+def foreign_checkpoint(rel: str) -> Callable[[Path], None]:
+    """The checkpoint, its weights replaced by those of a narrower model (a file copied from another run)."""
+
+    def setup(p: Path) -> None:
+        import torch
+
+        checkpoint = torch.load(p / rel, weights_only=True)
+        checkpoint["state_dict"] = {k: v[..., :1] for k, v in checkpoint["state_dict"].items()}
+        torch.save(checkpoint, p / rel)
 
     return setup
 

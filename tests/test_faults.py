@@ -504,6 +504,17 @@ def test_publish_names_the_file_a_failed_write_was_writing(tmp_path):
     assert not target.exists() and not list(tmp_path.rglob(".*.tmp"))
 
 
+def test_a_checkpoint_of_another_model_is_refused_before_lightning_loads_it(tmp_path):
+    path = tmp_path / "last.ckpt"
+    _lightning_checkpoint(path)  # a Linear(3, 3)
+    check_checkpoint(path, {"model.weight": (3, 3), "model.bias": (3,)})
+    check_checkpoint(path, {"model._orig_mod.weight": (3, 3), "model._orig_mod.bias": (3,)})  # torch.compile's names
+    with pytest.raises(CorruptFileError, match=r"not this model's: 2 of 2 tensors differ, e.g. model.bias: \(3,\) in"):
+        check_checkpoint(path, {"model.weight": (4, 3), "model.bias": (4,)})
+    with pytest.raises(CorruptFileError, match="1 of 3 tensors differ, e.g. model.extra: missing in the file"):
+        check_checkpoint(path, {"model.weight": (3, 3), "model.bias": (3,), "model.extra": (1,)})
+
+
 def test_a_planted_pickle_is_named_without_advice_to_run_it(tmp_path):
     marker = tmp_path / "PLANTED"
 
