@@ -548,6 +548,13 @@ def write_prepared(cfg: DataConfig, seed: int, root: Path, out_dir: Path, scratc
             f"the corpus is empty: {stats.read} document(s) read from source {cfg.source!r}, "
             f"{stats.too_short} shorter than data.min_chars={cfg.min_chars}, {stats.skipped_files} file(s) skipped"
         )
+    if len(chars) < 3:  # where the documents went, not only that too few are left
+        raise StageError(
+            f"the corpus has {len(chars)} document(s) after filtering; need at least 3 (one per split): "
+            f"{stats.read} read from source {cfg.source!r}, {stats.too_short} shorter than "
+            f"data.min_chars={cfg.min_chars}, {stats.duplicates_removed} duplicate(s) removed (data.dedup), "
+            f"{stats.skipped_files} file(s) skipped"
+        )
     parts = split_indices(len(chars), seed, cfg.validation_fraction, cfg.test_fraction)
     documents = datasets.Dataset.from_file(str(raw))
     # fingerprints from the content and the split, not from the scratch path: the same corpus gives

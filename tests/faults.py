@@ -543,6 +543,33 @@ def cases(mount_ok: bool) -> list[Case]:
             unsaid=("Failed to read",),  # the builder's own log line, twice, before our message
         ),
         Case(
+            "CSV without the text column",
+            "prepare",
+            1,
+            PREPARE,
+            chain(prepared, corpus({"a.csv": _csv(30, "body")}, "corpus/*.csv")),
+            ("a.csv: no field 'text' (data.files.text_field) in record 1; found: title, body",),
+            protect=PREPARED,
+        ),
+        Case(
+            "empty CSV file",
+            "prepare",
+            1,
+            PREPARE,
+            chain(prepared, corpus({"a.csv": _csv(30, "text"), "b.csv": b""}, "corpus/*.csv")),
+            ("b.csv: cannot read it as csv (EmptyDataError",),
+            protect=PREPARED,
+        ),
+        Case(
+            "corpus of one document repeated",  # the message said too few documents, not where they went
+            "prepare",
+            1,
+            PREPARE,
+            chain(prepared, corpus({"a.jsonl": (b'{"text": "' + b"the same words again " * 8 + b'"}\n') * 30})),
+            ("the corpus has 1 document(s) after filtering; need at least 3", "29 duplicate(s) removed (data.dedup)"),
+            protect=PREPARED,
+        ),
+        Case(
             "corpus glob matches nothing",
             "prepare",
             1,
@@ -1050,6 +1077,18 @@ def _jsonl(n: int, missing: set[int] = frozenset(), number: set[int] = frozenset
         record = {"body": text} if i in missing else {"text": 12345 if i in number else text}
         lines.append(json.dumps(record))
     return ("\n".join(lines) + "\n").encode()
+
+
+def _csv(n: int, column: str) -> bytes:
+    import csv
+    import io
+
+    texts = [json.loads(line)["text"] for line in _jsonl(n).decode().splitlines()]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["title", column])
+    writer.writerows([f"title {i}", text] for i, text in enumerate(texts))
+    return buf.getvalue().encode()
 
 
 def _parquet(n: int) -> bytes:
