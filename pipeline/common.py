@@ -36,6 +36,8 @@ import gc
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import signal
 import sys
@@ -98,6 +100,9 @@ class StageResult:
 
 _received: list[int] = []  # signals received by this process since `install_signal_handlers`
 _raising = [False]  # whether a signal still interrupts the stage (not once its outcome is decided)
+STARTS_OVER = "re-run the stage to start it over (it keeps no checkpoints)"
+RESUMES = "re-run the stage to resume from its last checkpoint"
+_rerun = [STARTS_OVER]  # what re-running this process's stage does after an interruption (`run_stage(rerun=...)`)
 
 
 def received_signal() -> int | None:
@@ -144,9 +149,7 @@ def outcome_of(exc: BaseException | None) -> StageResult:
     if signum is not None:
         name = signal.Signals(signum).name
         return StageResult(
-            Outcome.INTERRUPTED,
-            _signal_code(signum),
-            f"interrupted by {name}: no outputs were published; re-run the stage to resume from its last checkpoint",
+            Outcome.INTERRUPTED, _signal_code(signum), f"interrupted by {name}: no outputs were published; {_rerun[0]}"
         )
     if exc is None:
         return StageResult(Outcome.FINISHED, 0)
@@ -172,11 +175,13 @@ def user_message(exc: BaseException) -> str | None:
     if isinstance(exc, FileNotFoundError):
         return str(exc)
     if isinstance(exc, OSError):
-        where = exc.filename or "an output"
+        # a copy or a move (fsspec writes a temporary file in /tmp, then moves it) names its destination second
+        written = exc.filename2 or exc.filename
+        where = _output_name(written) if written else "an output"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return (
-                f"no space left on the device writing {where}: free some space (or point the repository at a "
-                "larger disk) and re-run; previous outputs were kept"
+                f"no space left on the device writing {where}{_device_of(written)}: free some space there (or move "
+                "the repository to a larger disk) and re-run; previous outputs were kept"
             )
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return (
@@ -184,6 +189,37 @@ def user_message(exc: BaseException) -> str | None:
                 "re-run; previous outputs were kept"
             )
     return None
+
+
+_STAGED = re.compile(r"^\.(.+?)(?:\.\d+\.[0-9a-f]{8}\.tmp|\.saving)$")  # `Publication.stage`, `StepCheckpoint`
+
+
+def _output_name(path: str | os.PathLike) -> str:
+    """`path` as the output it is being written for: the staged siblings of a publication or a checkpoint
+    (`.final.<pid>.<hex>.tmp/model.safetensors`, `.last.ckpt.saving`) named by their target, relative to the
+    working directory when inside it."""
+    parts = [(m.group(1) if (m := _STAGED.match(part)) else part) for part in Path(path).parts]
+    shown = Path(*parts)
+    with contextlib.suppress(ValueError):
+        shown = shown.relative_to(Path.cwd())
+    return str(shown)
+
+
+def _device_of(path: str | os.PathLike | None) -> str:
+    """`" (the filesystem mounted at /x, 12.3 MB free)"` for the one holding `path`, or "" if unknown."""
+    if not path:
+        return ""
+    try:
+        place = Path(path).absolute()
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        mount = place
+        while not os.path.ismount(mount) and mount != mount.parent:
+            mount = mount.parent
+        free = shutil.disk_usage(place).free
+    except OSError:
+        return ""
+    return f" (the filesystem mounted at {mount}, {free / 2**20:.1f} MB free)"
 
 
 def repo_root(start: str | Path | None = None) -> Path:
@@ -238,14 +274,17 @@ def run_stage(
     body: Callable[[Config, argparse.Namespace], Any],
     parser: argparse.ArgumentParser,
     argv: list[str] | None = None,
+    rerun: str = STARTS_OVER,
 ) -> int:
     """Parse arguments, load the validated config (exit 2 on config errors), run `body`; return the exit code.
 
     The exit code and the message come from `outcome_of`: 0 only when `body` returned without a signal arriving.
+    `rerun` is what the message of an interruption says a re-run does (`RESUMES` for the stages with checkpoints).
     Run as a command (`argv` None), the stage freezes the garbage collector's heap when it is done: the
     interpreter's teardown then skips the cyclic collection over everything the run built, which took 4 to 5 s of
     every stage's exit on 2 busy cores (0.5 s frozen); called in-process (tests) the heap is left alone.
     """
+    _rerun[0] = rerun
     try:
         return _run_stage(body, parser, argv)
     finally:
@@ -262,7 +301,13 @@ def _run_stage(
     args = parser.parse_args(argv)
     install_signal_handlers()
     try:
+        # a signal while the params validate is only recorded: pydantic's Rust core calls our validators, which
+        # import torch, and an exception unwinding through Rust aborts the process (exit 134, nothing said)
+        _raising[0] = False
         cfg = load_config_or_exit(args.params)
+        _raising[0] = True
+        if received_signal() is not None:
+            raise StageInterrupted(received_signal())
         apply_threads(cfg.trainer.threads, cfg.trainer.devices)
         apply_kernels(cfg.kernels)
         body(cfg, args)
@@ -282,10 +327,18 @@ def _run_stage(
     return result.exit_code
 
 
-def require_variant(cfg: Any, variant: str) -> None:
-    """A `StageError` unless `variant` is one of the `models:` entries of the params (`--model` of a per-run stage)."""
+def require_variant(cfg: Any, variant: str, seed: int | None = None) -> None:
+    """A `StageError` unless `variant` is one of the `models:` entries of the params and `seed` (if given) one of
+    its `seeds:` (`--model` and `--seed` of a per-run stage): a run outside them would write outputs, metrics and
+    an MLflow run that no DVC stage tracks."""
     if variant not in cfg.models:
         raise StageError(f"--model {variant}: not a variant of `models:` in {cfg.source} ({', '.join(cfg.models)})")
+    if seed is not None and seed not in cfg.seeds:
+        seeds = ", ".join(map(str, cfg.seeds))
+        raise StageError(
+            f"--seed {seed}: not one of `seeds:` in {cfg.source} ({seeds}); add it to `seeds:` (then "
+            f"`dvc repro` runs it as its own stage), or pick one of those"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- publishing
@@ -404,6 +457,10 @@ def publish() -> Iterator[Publication]:
     try:
         yield pub
         pub.commit()
+    except OSError as exc:
+        if exc.filename is None and pub._staged:  # a failed write() or close() names no file: the one staged last
+            exc.filename = str(pub._staged[-1][1])  # is the one being written (its message names its target)
+        raise
     finally:
         pub.abort()
 
@@ -480,9 +537,10 @@ def is_deepspeed_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and ((path / "latest").is_file() or any(path.glob("*/*model_states.pt")))
 
 
-def check_checkpoint(path: str | Path) -> None:
+def check_checkpoint(path: str | Path, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
     """Raise `CorruptFileError` unless `path` is a readable training checkpoint: a Lightning file (loaded without
-    pickle, `weights_only=True`, memory-mapped) with a `state_dict`, or a DeepSpeed directory with its shards."""
+    pickle, `weights_only=True`, memory-mapped) with a `state_dict` (with `shapes`, the module's tensor names and
+    shapes: exactly those), or a DeepSpeed directory with its shards."""
     import zipfile
 
     import torch
@@ -506,7 +564,28 @@ def check_checkpoint(path: str | Path) -> None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise ValueError("no 'state_dict' in it")
+        if shapes is not None:  # names as the plain module has them (torch.compile's wrapper adds `_orig_mod.`)
+            found = {k.replace("_orig_mod.", ""): tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+            shapes = {k.replace("_orig_mod.", ""): v for k, v in shapes.items()}
+            wrong = sorted(k for k in found.keys() | shapes.keys() if found.get(k) != shapes.get(k))
+            if wrong:
+                k = wrong[0]
+                raise ValueError(
+                    f"its weights are not this model's: {len(wrong)} of {len(shapes)} tensors differ, e.g. {k}: "
+                    f"{found.get(k, 'missing')} in the file, {shapes.get(k, 'none')} in the model"
+                )
     except FileNotFoundError:
         raise
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError... for a damaged file
+    except pickle.UnpicklingError as exc:
+        # torch's message advises loading with the unrestricted unpickler, which would run whatever was planted
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"a reference to {found.group(1)}" if found else "pickled objects that are not tensors or plain values"
+        raise CorruptFileError(
+            path,
+            f"it holds {what}, which no checkpoint of this pipeline contains; it was not loaded, since unpickling it "
+            "could run code planted in it",
+            "delete it unless you know where it came from, or set trainer.on_corrupt_checkpoint to 'previous' or "
+            "'scratch' (it is then moved aside)",
+        ) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError... for a damaged file
         raise CorruptFileError(path, str(exc).splitlines()[0][:200], fix) from None

@@ -464,7 +464,9 @@ class DivergenceConfig(Section):
     patience_steps: NonNegInt = 50
     """Stop a run as diverged after this many optimizer steps in a row with the loss at the uniform-prediction
     level ln(vocab) or a gradient norm of 0 (the last good checkpoint is kept); 0 turns this check off
-    (a non-finite loss or gradient norm always stops the run)."""
+    (a non-finite loss or gradient norm always stops the run). At most `pretrain.max_steps` and
+    `finetune.max_steps`: a longer patience could never stop a run. A run that ends inside such a streak of 3 steps
+    (or this many, if fewer) counts as diverged too, and publishes nothing."""
     uniform_tolerance: PosFloat = 0.01
     """Nats around ln(vocab) that count as the uniform-prediction loss."""
 
@@ -758,6 +760,15 @@ class Params(Section):
                     f"pretrain.input_length: {p.input_length} tokens at noise density {p.noise_density} make about "
                     f"{spans} noise spans but tokenizer.num_sentinels is {t.num_sentinels}"
                 )
+        patience = self.trainer.divergence.patience_steps
+        shortest = min(("pretrain", "finetune"), key=lambda stage: getattr(self, stage).max_steps)
+        if patience > getattr(self, shortest).max_steps:
+            steps = getattr(self, shortest).max_steps
+            problems.append(
+                f"trainer.divergence.patience_steps: {patience} steps is longer than {shortest}.max_steps ({steps}): "
+                f"the guard could never stop a run stuck at the uniform-prediction loss; set it to at most {steps}, "
+                "or 0 to turn it off"
+            )
         problems += self._training_layout()
         problems += self._variants_fit()
         problems += self._lengths_budget()

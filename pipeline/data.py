@@ -331,6 +331,8 @@ def check_utf8(path: Path) -> None:
 def _load_file(path: Path, fmt: str, files: FilesSource) -> Any:
     import datasets
 
+    # the builders log a file they cannot read before raising; the stage's own message names it once
+    logging.getLogger("datasets.packaged_modules").setLevel(logging.CRITICAL)
     kwargs: dict[str, Any] = {}
     if fmt == "text":  # one row per line, blank-line separated paragraph, or whole file
         sample_by = files.sample_by
@@ -339,19 +341,37 @@ def _load_file(path: Path, fmt: str, files: FilesSource) -> Any:
 
 
 def _file_records(path: Path, fmt: str, files: FilesSource) -> Iterator[str | None]:
-    ds = _load_file(path, fmt, files)
+    """The text of each record. A JSON or parquet record without the text field, or with one that is not a string,
+    is an error naming the record (counted from 1: the line of a JSON-lines file), not a document too short: a
+    record missing from the corpus would otherwise go unnoticed. (An empty CSV cell is an empty document.)"""
     field_name = "text" if fmt == "text" else files.text_field
     try:
-        for n, record in enumerate(ds):
+        ds = _load_file(path, fmt, files)  # parquet reads the file's schema here
+        for n, record in enumerate(ds, 1):
             if field_name not in record:
                 raise StageError(
                     f"{path}: no field {field_name!r} (data.files.text_field) in record {n}; found: {', '.join(record)}"
                 )
-            yield record[field_name]
+            value = record[field_name]
+            if fmt in ("json", "parquet") and not isinstance(value, str):
+                if value is None:
+                    others = ", ".join(k for k, v in record.items() if v is not None) or "none"
+                    what = f"no text: its {field_name!r} field is missing or null (the fields it has: {others})"
+                else:
+                    what = f"a {type(value).__name__}, not text, in its {field_name!r} field"
+                raise StageError(
+                    f"{path}: record {n} has {what}; fix or remove the record, or set data.files.text_field to the "
+                    "field that holds the text"
+                )
+            yield value
     except StageError:
         raise
     except Exception as exc:  # the builders raise pyarrow, json, csv and OS errors alike: name the file
-        raise StageError(f"{path}: cannot read it as {fmt} ({type(exc).__name__}: {exc})") from None
+        problem = " ".join(str(exc).split())[:300]
+        raise StageError(
+            f"{path}: cannot read it as {fmt} ({type(exc).__name__}: {problem}); the file is damaged or not {fmt}: "
+            "replace it, or narrow data.files.glob to leave it out"
+        ) from None
 
 
 def file_documents(files: FilesSource, root: Path, on_invalid_utf8: str, stats: CorpusStats) -> Iterator[str | None]:
@@ -527,6 +547,13 @@ def write_prepared(cfg: DataConfig, seed: int, root: Path, out_dir: Path, scratc
         raise StageError(
             f"the corpus is empty: {stats.read} document(s) read from source {cfg.source!r}, "
             f"{stats.too_short} shorter than data.min_chars={cfg.min_chars}, {stats.skipped_files} file(s) skipped"
+        )
+    if len(chars) < 3:  # where the documents went, not only that too few are left
+        raise StageError(
+            f"the corpus has {len(chars)} document(s) after filtering; need at least 3 (one per split): "
+            f"{stats.read} read from source {cfg.source!r}, {stats.too_short} shorter than "
+            f"data.min_chars={cfg.min_chars}, {stats.duplicates_removed} duplicate(s) removed (data.dedup), "
+            f"{stats.skipped_files} file(s) skipped"
         )
     parts = split_indices(len(chars), seed, cfg.validation_fraction, cfg.test_fraction)
     documents = datasets.Dataset.from_file(str(raw))

@@ -267,13 +267,15 @@ def evaluate(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]
     """Run the whole evaluation of one variant and seed; writes outputs and returns the metrics."""
     from pipeline.datamodule import document_arrays, load_tokenized
     from pipeline.tokenizer import Tokenizer
-    from pipeline.tracking import check_tracking_uri, tracking_uri
+    from pipeline.tracking import check_tracking_uri, close_stale_runs, tracking_uri
 
-    require_variant(cfg, variant)
+    require_variant(cfg, variant, seed)
     family = cfg.family(variant)
     out = RunPaths(root, "evaluate", variant, seed)
     start = time.perf_counter()
-    check_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri, root), cfg.mlflow.connect_timeout_s)  # fail fast
+    uri = tracking_uri(cfg.mlflow.tracking_uri, root)
+    check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)  # fail fast
+    close_stale_runs(uri, cfg.mlflow.experiment, {"stage": "evaluate", "variant": variant, "seed": str(seed)})
     torch.manual_seed(seed)  # LSH rotations drawn during evaluation
     tokenizer = Tokenizer.load(root / "data" / "tokenizer")
     tokenized = load_tokenized(root / "data" / "tokenized")

@@ -332,9 +332,9 @@ def run(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
     """Every length of one variant and seed; writes the outputs and the MLflow run; returns the metrics."""
     from pipeline.console import quiet_libraries
     from pipeline.tokenizer import Tokenizer
-    from pipeline.tracking import check_tracking_uri, tracking_uri
+    from pipeline.tracking import check_tracking_uri, close_stale_runs, tracking_uri
 
-    require_variant(cfg, variant)
+    require_variant(cfg, variant, seed)
     quiet_libraries()
     start = time.perf_counter()
     paths = RunPaths(root, STAGE, variant, seed)
@@ -345,9 +345,16 @@ def run(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
             paths.dvc_stage(),
             cfg.launcher.kind,
         )
-    check_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri, root), cfg.mlflow.connect_timeout_s)  # fail fast
+    uri = tracking_uri(cfg.mlflow.tracking_uri, root)
+    check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)  # fail fast
+    close_stale_runs(uri, cfg.mlflow.experiment, {"stage": STAGE, "variant": variant, "seed": str(seed)})
     tokenizer = Tokenizer.load(root / TOKENIZER_DIR)
     s = cfg.lengths
+    log.info(
+        "%s: %d lengths; this stage keeps no checkpoints: if it is interrupted, its next run starts over",
+        paths.dvc_stage(),
+        len(s.seq_lengths),
+    )
     per_length: dict[str, dict[str, Any]] = {}
     timings: dict[str, dict[str, float]] = {}  # measurements of this machine, apart from the reproducible metrics
     examples: dict[str, Any] = {}

@@ -11,7 +11,12 @@ Batches are dicts built by `pipeline/datamodule.py`:
 Divergence guard (`trainer.divergence` in params): besides a non-finite loss or gradient norm, a run whose loss sits
 at the uniform-prediction level ln(vocab) (within `uniform_tolerance` nats), or whose gradient norm is exactly zero,
 for `patience_steps` optimizer steps in a row stops with `DivergedError`; while such a streak lasts no periodic
-checkpoint is written, so the last good one is kept.
+checkpoint is written, so the last good one is kept. A run that ends inside such a streak of `ENDING_STREAK` steps
+or more (or `patience_steps`, if fewer) is diverged too (`check_ending`): its model predicts nothing better than
+uniform and must not be published as a result.
+
+Metrics are logged every `log_every_n_steps` optimizer steps, and once more at the end of training for the steps
+since the last logged one (so a run shorter than its logging interval still reports its tokens and loss).
 
 `StepCheckpoint` is the periodic `last.ckpt` writer: it writes atomically (a killed save never leaves a truncated
 `last.ckpt`), keeps the one before as `previous.ckpt` (what a corrupt `last.ckpt` falls back to), and under SLURM
@@ -77,6 +82,11 @@ class ProgressBar(TQDMProgressBar):
 
 class NonFiniteLossError(DivergedError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+ENDING_STREAK = 3
+"""Stuck steps in a row at the end of a run that make it diverged (`Seq2SeqLM.check_ending`): a healthy loss may
+pass through the uniform level for a step or two on its way down, never for three at the end."""
 
 
 class RequeuedError(StageInterrupted):
@@ -226,6 +236,9 @@ class Seq2SeqLM(L.LightningModule):
         self.last_val: dict[str, float] = {}
         self._pending_rng: dict[str, Any] | None = None
         self.divergence_streak = 0  # consecutive optimizer steps that looked stuck (see `_check_stuck`)
+        self._stuck_what = ""  # how the last stuck step looked, for the message
+        self._last_lr = 0.0  # the rate and the gradient norm of the last optimizer step (the end-of-training row)
+        self._last_grad_norm: float | None = None
         self._step_loss = [0.0, 0]  # sum of micro-batch losses since the last optimizer step, and their count
         self._step_grad_norm: float | None = None
 
@@ -293,7 +306,7 @@ class Seq2SeqLM(L.LightningModule):
         norm = torch.nn.utils.get_total_norm(grads)
         if self.trainer.precision != "16-mixed" and not bool(torch.isfinite(norm)):
             raise NonFiniteLossError(self._diverged(f"the gradient norm is {float(norm)}"))
-        self._step_grad_norm = float(norm)
+        self._step_grad_norm = self._last_grad_norm = float(norm)
         if self._logging_step():
             self._grad_norm = float(norm)
 
@@ -314,18 +327,32 @@ class Seq2SeqLM(L.LightningModule):
         at_uniform = abs(loss_value - uniform) <= s.uniform_tolerance
         zero_grad = grad_norm is not None and grad_norm == 0.0
         self.divergence_streak = self.divergence_streak + 1 if (at_uniform or zero_grad) else 0
+        at = f"a loss of {loss_value:.4f} = ln(vocab) {uniform:.4f}"
+        self._stuck_what = "a gradient norm of 0" if zero_grad else at
         if self.divergence_streak >= s.divergence_patience:
-            what = "a gradient norm of 0" if zero_grad else f"a loss of {loss_value:.4f} = ln(vocab) {uniform:.4f}"
             raise DivergedError(
                 self._diverged(
-                    f"{what} for {self.divergence_streak} steps in a row (trainer.divergence.patience_steps), the "
-                    "model predicts nothing better than uniform"
+                    f"{self._stuck_what} for {self.divergence_streak} steps in a row "
+                    "(trainer.divergence.patience_steps), the model predicts nothing better than uniform"
                 )
             )
 
-    def _diverged(self, what: str) -> str:
+    def check_ending(self) -> None:
+        """After training: `DivergedError` when the run ended inside a stuck streak of `ENDING_STREAK` steps (or
+        `patience_steps`, if fewer), which the guard did not see through because the run was over first."""
+        s = self.settings
+        if s.divergence_patience > 0 and self.divergence_streak >= min(s.divergence_patience, ENDING_STREAK):
+            raise DivergedError(
+                self._diverged(
+                    f"the run ended with {self._stuck_what} for its last {self.divergence_streak} steps, the model "
+                    "predicts nothing better than uniform",
+                    "nothing was published",
+                )
+            )
+
+    def _diverged(self, what: str, done: str = "stopped") -> str:
         return (
-            f"training diverged at step {self.global_step}: {what}; stopped, the last good checkpoint is kept "
+            f"training diverged at step {self.global_step}: {what}; {done}, the last good checkpoint is kept "
             "(lower the learning rate, enable gradient clipping or z-loss, or use bf16)"
         )
 
@@ -348,9 +375,22 @@ class Seq2SeqLM(L.LightningModule):
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]  # the rate this step uses
         super().optimizer_step(*args, **kwargs)
         self._check_stuck()
+        self._last_lr = lr
         if not self._logging_step():
             return
-        step = self.global_step + 1  # Lightning advances its step counter after this hook returns
+        self._log_window(self.global_step + 1, lr)  # Lightning advances its step counter after this hook returns
+
+    def _log_final_window(self) -> None:
+        """At the end of training: the row of the steps since the last logged one (every rank calls this: the
+        window's sums are reduced), unless the last step was logged already."""
+        step = self.global_step
+        if step == 0 or any(r["step"] == step and "train/loss" in r for r in self.history):
+            return
+        self._grad_norm = self._last_grad_norm
+        self._log_window(step, self._last_lr)
+
+    def _log_window(self, step: int, lr: float) -> None:
+        """Log the steps since the last logged one as the row of `step`, and start a new window."""
         w = self._window
         sums = torch.tensor([w["loss"], w["z"], w["targets"], w["tokens"], w["flops"]], dtype=torch.float64)
         if self.trainer.world_size > 1:
@@ -390,8 +430,10 @@ class Seq2SeqLM(L.LightningModule):
         return speed
 
     def on_train_end(self) -> None:
-        """The whole-run averages: every token and FLOP this process trained on (summed over ranks once, here) over
-        its training time without validation; a resumed run counts from its resume."""
+        """The row of the steps since the last logged one, then the whole-run averages: every token and FLOP this
+        process trained on (summed over ranks once, here) over its training time without validation; a resumed run
+        counts from its resume."""
+        self._log_final_window()
         if self._run_start is None:
             return
         seconds = time.perf_counter() - self._run_start - self._excluded_s
@@ -443,6 +485,7 @@ class Seq2SeqLM(L.LightningModule):
             "window": dict(self._window),
             "rng": rng_states(),
             "divergence_streak": self.divergence_streak,
+            "last_step": {"lr": self._last_lr, "grad_norm": self._last_grad_norm},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -454,6 +497,8 @@ class Seq2SeqLM(L.LightningModule):
         self._window = dict(state["window"])
         self._pending_rng = state["rng"]
         self.divergence_streak = int(state.get("divergence_streak", 0))
+        last = state.get("last_step", {})
+        self._last_lr, self._last_grad_norm = float(last.get("lr", 0.0)), last.get("grad_norm")
 
     def on_train_start(self) -> None:
         # restore the random states last: Lightning seeds, builds and (for DeepSpeed) loads everything before this
@@ -555,6 +600,12 @@ class StepCheckpoint(ModelCheckpoint):
         """Whether the fit loop validates right after the step that just ended (in `on_train_batch_end`)."""
         loop = trainer.fit_loop
         return trainer.state.fn == "fit" and loop.epoch_loop._should_check_val_fx(loop._data_fetcher)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning saves `last` at the end of a run that saved none: not the weights of a stuck streak
+        if getattr(pl_module, "divergence_streak", 0) > 0:
+            return
+        super().on_train_end(trainer, pl_module)
 
     # -- atomic save, the one before kept
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:

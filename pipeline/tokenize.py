@@ -525,7 +525,8 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage(body, stage_parser("Train the SentencePiece tokenizer and tokenize every split."), argv)
+    parser = stage_parser("Train the SentencePiece tokenizer and tokenize every split.")
+    return run_stage(body, parser, argv, rerun="re-run the stage to continue from the shards it finished")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@
   a Lightning logger), system metrics, and artifacts. No Lightning here: evaluation and comparison track runs too.
 - `tracked_run(run, ...)` is the run's whole life, used by every stage: it starts the run and ends it with the
   status `pipeline.common.outcome_of` decides (FINISHED, KILLED for SIGINT/SIGTERM, FAILED otherwise).
+- A process killed with SIGKILL (or by the out-of-memory killer, or with its machine) cannot record its run's end.
+  Every run is tagged with the process that runs it (`pipeline.process`, host:pid) and its repository
+  (`pipeline.root`), and the next run of the same stage, variant and seed marks such a run KILLED
+  (`close_stale_runs`, early in each stage and again when a run starts): when its process is gone from this host,
+  or, for the training stages, which hold the run's lock, whenever it belongs to the same repository.
 - Every process but global rank zero gets a `TrackedRun` that does nothing, so a 2-process run makes one run.
 """
 
@@ -20,19 +25,36 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import Outcome, StageError, StageInterrupted, outcome_of, received_signal
+from pipeline.common import (
+    Outcome,
+    StageError,
+    StageInterrupted,
+    _pid_alive,
+    outcome_of,
+    received_signal,
+    repo_root,
+)
+
+log = logging.getLogger("pipeline")
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+PROCESS_TAG = "pipeline.process"  # `<host>:<pid>` of the process that started (or resumed) the run
+ROOT_TAG = "pipeline.root"  # the repository whose outputs the run writes
+KILLED_TAG = "pipeline.killed"  # why `close_stale_runs` marked the run KILLED
+IDENTITY = ("stage", "variant", "seed")  # the tags naming what a run computes: one live run of each at a time
 
 
 def tracking_uri(configured: str | None, root: str | Path) -> str:
@@ -128,11 +150,79 @@ def params_hash(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class TrackedRun:
-    """The MLflow run of one (stage, family) attempt; inert (every method a no-op) when `active` is False."""
+def process_tags() -> dict[str, str]:
+    """The tags naming this process and its repository (`close_stale_runs` reads them)."""
+    return {PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}", ROOT_TAG: str(repo_root())}
 
-    def __init__(self, uri: str, experiment: str, active: bool = True, system_metrics: bool = True):
+
+def _why_stale(tags: Mapping[str, str], exclusive: bool) -> str | None:
+    """Why a RUNNING run with these tags has no live process, or None when it may still be running."""
+    host, _, pid = tags.get(PROCESS_TAG, "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        return f"its process (pid {pid} on {host}) is gone"
+    if exclusive and tags.get(ROOT_TAG) == str(repo_root()):
+        return "this process holds the stage's lock in the same repository, so no other process runs it"
+    return None
+
+
+def close_stale_runs(
+    uri: str, experiment: str, tags: Mapping[str, str], exclusive: bool = False, keep: str | None = None
+) -> list[str]:
+    """Mark KILLED the runs of `experiment` with the same stage, variant and seed as `tags` that are still RUNNING
+    though no process runs them any more (killed with SIGKILL, by the out-of-memory killer, or with the machine):
+    their process is gone from this host, or (`exclusive`: the caller holds the stage's lock) they belong to this
+    repository. `keep`: a run id left alone (the one being resumed). Returns the ids marked; each gets a
+    `pipeline.killed` tag saying why, and a warning is logged. Problems of the store are warnings too: closing old
+    runs must not stop the stage (starting its own run reports a broken store)."""
+    identity = {k: str(tags[k]) for k in IDENTITY if k in tags}
+    if "stage" not in identity:
+        return []
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return []  # no store yet: no run to close
+    from mlflow.tracking import MlflowClient
+
+    closed = []
+    try:
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        query = " and ".join(["attributes.status = 'RUNNING'", *(f"tags.{k} = '{v}'" for k, v in identity.items())])
+        for stale in client.search_runs([found.experiment_id], query, max_results=100):
+            run_id = stale.info.run_id
+            why = None if run_id == keep else _why_stale(stale.data.tags, exclusive)
+            if why is None:
+                continue
+            label = f"{identity['stage']}@{identity.get('variant', '?')}-{identity.get('seed', '?')}"
+            note = (
+                f"left RUNNING by a process that ended without recording the run's end ({why}); marked KILLED by "
+                f"the next run of {label} (pid {os.getpid()}) at {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            )
+            client.set_tag(run_id, KILLED_TAG, note)
+            client.set_terminated(run_id, status="KILLED")
+            log.warning("MLflow run %s of %s was %s", run_id, label, note)
+            closed.append(run_id)
+            parent = stale.data.tags.get("mlflow.parentRunId")
+            if parent:  # the execution it belonged to shows the kill (`mlflow_logging.settle_parent`)
+                from pipeline.mlflow_logging import settle_parent
+
+                settle_parent(uri, parent)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.warning("could not check MLflow %s for runs left RUNNING: %s", uri, str(exc).splitlines()[0][:200])
+    return closed
+
+
+class TrackedRun:
+    """The MLflow run of one (stage, family) attempt; inert (every method a no-op) when `active` is False.
+
+    `exclusive`: the caller holds the stage's lock (the training stages), so any run of the same stage, variant
+    and seed of this repository left RUNNING is stale (`close_stale_runs`)."""
+
+    def __init__(
+        self, uri: str, experiment: str, active: bool = True, system_metrics: bool = True, exclusive: bool = False
+    ):
         self.uri, self.experiment, self.active, self.system_metrics = uri, experiment, active, system_metrics
+        self.exclusive = exclusive
         self.run_id: str | None = None
         self.parent_id: str | None = None  # the pipeline execution's parent run (`mlflow_logging.parent_run`)
         self.resumed = False
@@ -148,10 +238,11 @@ class TrackedRun:
             mlflow.set_experiment(self.experiment)
             if resume_run_id and not self._exists(resume_run_id):
                 resume_run_id = None
+            self.close_stale_runs(tags, keep=resume_run_id)
             run = mlflow.start_run(
                 run_id=resume_run_id,
                 run_name=None if resume_run_id else run_name,
-                tags=dict(tags),
+                tags={**tags, **process_tags()},
                 log_system_metrics=self.system_metrics,
             )
         except Exception as exc:  # MLflow and SQLAlchemy raise many types for a store that does not work
@@ -163,6 +254,12 @@ class TrackedRun:
         self.parent_id = tags.get("mlflow.parentRunId") or run.data.tags.get("mlflow.parentRunId")
         return self.run_id
 
+    def close_stale_runs(self, tags: Mapping[str, str], keep: str | None = None) -> list[str]:
+        """`close_stale_runs` for this run's store and experiment (rank zero only)."""
+        if not self.active:
+            return []
+        return close_stale_runs(self.uri, self.experiment, tags, self.exclusive, keep)
+
     def close_stale(self, run_id: str | None) -> None:
         """Mark a run an earlier, killed attempt left RUNNING (and that is not resumed) as KILLED."""
         if not (self.active and run_id and self._exists(run_id)):
@@ -170,8 +267,14 @@ class TrackedRun:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.uri)
-        if client.get_run(run_id).info.status == "RUNNING":
+        stale = client.get_run(run_id)
+        if stale.info.status == "RUNNING":
             client.set_terminated(run_id, status="KILLED")
+            parent = stale.data.tags.get("mlflow.parentRunId")
+            if parent:
+                from pipeline.mlflow_logging import settle_parent
+
+                settle_parent(self.uri, parent)
 
     def _exists(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException

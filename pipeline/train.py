@@ -233,7 +233,13 @@ def read_run_state(paths: RunPaths) -> dict[str, Any]:
         return {}
 
 
-def resume_point(paths: RunPaths, current: str, on_corrupt: str = "stop", act: bool = True) -> Path | None:
+def resume_point(
+    paths: RunPaths,
+    current: str,
+    on_corrupt: str = "stop",
+    act: bool = True,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> Path | None:
     """The newest readable checkpoint of an unfinished run of the same fingerprint, else None.
 
     Candidates, newest first: `last.ckpt`, `previous.ckpt` (the one before, see `StepCheckpoint`) and any
@@ -250,7 +256,7 @@ def resume_point(paths: RunPaths, current: str, on_corrupt: str = "stop", act: b
     existing = sorted((p for p in candidates if p.exists()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
     for ckpt in existing:
         try:
-            check_checkpoint(ckpt)
+            check_checkpoint(ckpt, shapes)
             return ckpt
         except CorruptFileError as exc:
             if on_corrupt == "stop":
@@ -271,7 +277,7 @@ def run_training(
     cfg: Config, stage: str, variant: str, seed: int, argv: list[str] | None = None
 ) -> dict[str, Any] | None:
     """Run the `pretrain` or `finetune` stage for one variant and seed; returns the metrics (rank zero) or None."""
-    require_variant(cfg, variant)
+    require_variant(cfg, variant, seed)
     root = repo_root()
     paths = RunPaths(root, stage, variant, seed)
     code = _launch_if_needed(cfg, stage, variant, seed, argv)
@@ -286,8 +292,17 @@ def run_training(
     section = getattr(cfg, stage)
     rank_zero = strategy.is_global_zero()
     uri = tracking_uri(cfg.mlflow.tracking_uri, root)
+    # rank zero holds the run's lock (with `exclusive`, its tracked run closes this repository's runs of the same
+    # stage, variant and seed left RUNNING); the other ranks' runs are inert
+    run = TrackedRun(
+        uri, cfg.mlflow.experiment, active=rank_zero, system_metrics=cfg.mlflow.system_metrics, exclusive=True
+    )
     if rank_zero:  # an unreachable tracking server fails the stage now, not after the training
         check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)
+        # one training process per run at a time (DVC locks `dvc repro`; this covers direct runs); then a run an
+        # earlier attempt killed with SIGKILL left RUNNING is closed, even if this attempt stops early
+        hold_lock(paths.checkpoints.with_name(f"{paths.seed}.lock"), paths.dvc_stage())
+        run.close_stale_runs({"stage": stage, "variant": variant, "seed": str(seed)})
 
     L.seed_everything(seed, workers=True, verbose=False)  # initialisation, dropout, LSH rotations
     tok = read_tokenizer_info(root)
@@ -321,14 +336,12 @@ def run_training(
 
     # --- checkpoints: resume the unfinished run of the same fingerprint, or start over
     current = fingerprint(cfg, stage, variant, seed, root, init_source)
-    if rank_zero:  # one training process per run at a time (DVC locks `dvc repro`; this covers direct runs)
-        hold_lock(paths.checkpoints.with_name(f"{paths.seed}.lock"), paths.dvc_stage())
-    resume = resume_point(paths, current, cfg.trainer.on_corrupt_checkpoint, act=rank_zero)
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}  # what a checkpoint of this run holds
+    resume = resume_point(paths, current, cfg.trainer.on_corrupt_checkpoint, act=rank_zero, shapes=shapes)
     previous_run_id = read_run_state(paths).get("mlflow_run_id")
     run_state = read_run_state(paths) if resume else {}
 
     # --- MLflow: a new run, or the one the interrupted attempt left behind
-    run = TrackedRun(uri, cfg.mlflow.experiment, active=rank_zero, system_metrics=cfg.mlflow.system_metrics)
     tags: dict[str, str] = {}
     if rank_zero:
         tags = {
@@ -483,6 +496,7 @@ def _fit_and_save(
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     if trainer.interrupted:
         raise KeyboardInterrupt
+    module.check_ending()  # before the final save: last.ckpt stays the last good checkpoint
     last_val_step = next((r["step"] for r in reversed(module.history) if "val/loss" in r), None)
     if last_val_step != trainer.global_step and datamodule.val is not None and len(datamodule.val) > 0:
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -575,7 +589,8 @@ def _summary(
     speed = timing.get("tokens_per_s")
     print(
         f"{paths.dvc_stage()}: {metrics['steps']} steps, {metrics['tokens']:,} target tokens in "
-        f"{timing['wall_time_s']:.1f} s ({'n/a' if speed is None else f'{speed:,.0f}'} tokens/s); final loss "
+        f"{timing['wall_time_s']:.1f} s ({'n/a' if speed is None else f'{speed:,.0f}'} input + target tokens/s "
+        "of training); final loss "
         f"train {fmt(metrics['train_loss'])}, val {fmt(metrics['val_loss'])}{entropy}; "
         f"model {paths.final.relative_to(paths.root)}, metrics {paths.metrics.relative_to(paths.root)}; "
         f"MLflow run {run_id} at {uri}",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.common import require_variant, run_stage, stage_parser
+from pipeline.common import RESUMES, require_variant, run_stage, stage_parser
 
 
 def training_stage(stage: str, argv: list[str] | None = None) -> int:
@@ -24,9 +24,9 @@ def training_stage(stage: str, argv: list[str] | None = None) -> int:
     )
 
     def body(cfg: Any, args: argparse.Namespace) -> None:
-        require_variant(cfg, args.model)
+        require_variant(cfg, args.model, args.seed)
         from pipeline.train import run_training
 
         run_training(cfg, stage, args.model, args.seed, argv)
 
-    return run_stage(body, parser, argv)
+    return run_stage(body, parser, argv, rerun=RESUMES)

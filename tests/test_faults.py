@@ -464,3 +464,192 @@ def test_restricted_torch_load_is_applied_to_deepspeed_shards(tmp_path):
     with restricted_torch_load(), pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=False)  # what DeepSpeed's zero_to_fp32 asks for
     assert torch.load is not None and "weights_only" not in repr(torch.load)
+
+
+# ------------------------------------------------------------------------------------------ issue 27: part two
+
+
+def test_the_interruption_message_says_what_a_rerun_does(no_config, capsys):
+    def body():
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    parser = stage_parser("test")
+    assert run_stage(lambda cfg, args: body(), parser, []) == 143
+    err = capsys.readouterr().err
+    assert "start it over (it keeps no checkpoints)" in err and "last checkpoint" not in err
+    assert run_stage(lambda cfg, args: body(), parser, [], rerun=common.RESUMES) == 143
+    assert "resume from its last checkpoint" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_named_by_the_output_and_its_filesystem(tmp_path):
+    # fsspec writes a checkpoint into /tmp, then moves it: the destination is the error's second file name
+    dest = tmp_path / "artifacts/finetune/t5/0/checkpoints/.last.ckpt.saving"
+    dest.parent.mkdir(parents=True)
+    message = common.user_message(OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpx1y2", None, str(dest)))
+    assert f"writing {dest.parent}/last.ckpt (the filesystem mounted at " in message
+    assert "MB free)" in message and "/tmp/tmpx1y2" not in message and ".saving" not in message
+    staged = tmp_path / "artifacts/pretrain/t5/0/.final.1234.deadbeef.tmp/model.safetensors"
+    message = common.user_message(OSError(errno.ENOSPC, "No space left on device", str(staged)))
+    assert f"writing {tmp_path}/artifacts/pretrain/t5/0/final/model.safetensors (the filesystem" in message
+
+
+def test_publish_names_the_file_a_failed_write_was_writing(tmp_path):
+    target = tmp_path / "metrics" / "t5-0.json"
+    with pytest.raises(OSError) as info, publish() as pub:
+        pub.stage(tmp_path / "model").mkdir()
+        pub.stage(target).write_text("{")
+        raise OSError(errno.ENOSPC, "No space left on device")  # what write() or close() raises: no file name
+    assert Path(info.value.filename).name.startswith(".t5-0.json.")
+    assert f"writing {target} (the filesystem mounted at" in common.user_message(info.value)
+    assert not target.exists() and not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_lightning_loads_it(tmp_path):
+    path = tmp_path / "last.ckpt"
+    _lightning_checkpoint(path)  # a Linear(3, 3)
+    check_checkpoint(path, {"model.weight": (3, 3), "model.bias": (3,)})
+    check_checkpoint(path, {"model._orig_mod.weight": (3, 3), "model._orig_mod.bias": (3,)})  # torch.compile's names
+    with pytest.raises(CorruptFileError, match=r"not this model's: 2 of 2 tensors differ, e.g. model.bias: \(3,\) in"):
+        check_checkpoint(path, {"model.weight": (4, 3), "model.bias": (4,)})
+    with pytest.raises(CorruptFileError, match="1 of 3 tensors differ, e.g. model.extra: missing in the file"):
+        check_checkpoint(path, {"model.weight": (3, 3), "model.bias": (3,), "model.extra": (1,)})
+
+
+def test_a_planted_pickle_is_named_without_advice_to_run_it(tmp_path):
+    marker = tmp_path / "PLANTED"
+
+    class Planted:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "payload": Planted()}, path)
+    with pytest.raises(CorruptFileError) as info:
+        check_checkpoint(path)
+    message = str(info.value)
+    assert "it holds a reference to posix.system" in message and "it was not loaded" in message
+    assert "weights_only" not in message and "trainer.on_corrupt_checkpoint" in message
+    assert not marker.exists()
+
+
+def test_a_seed_outside_seeds_is_refused():
+    from pipeline.config import load_config
+
+    cfg = load_config(ROOT / "params.yaml")
+    common.require_variant(cfg, "t5", cfg.seeds[0])
+    with pytest.raises(StageError, match=r"--seed 7: not one of `seeds:` in .*params.yaml \(0, 1, 2\); add it"):
+        common.require_variant(cfg, "t5", 7)
+
+
+def test_a_divergence_patience_longer_than_a_run_is_a_params_problem():
+    from pipeline.config import ConfigError, config_from_dict
+
+    def load(patience, pretrain=12, finetune=4):
+        no_warmup = {"optimizer": {"warmup_steps": 0}}
+        raw = {"pretrain": {"max_steps": pretrain, **no_warmup}, "finetune": {"max_steps": finetune, **no_warmup}}
+        return config_from_dict({**raw, "trainer": {"divergence": {"patience_steps": patience}}})
+
+    with pytest.raises(ConfigError) as info:
+        load(50)
+    (problem,) = info.value.problems
+    assert problem.startswith("trainer.divergence.patience_steps: 50 steps is longer than finetune.max_steps (4)")
+    assert "set it to at most 4, or 0 to turn it off" in problem
+    with pytest.raises(ConfigError, match="longer than pretrain.max_steps \\(3\\)"):
+        load(4, pretrain=3)
+    assert load(4).trainer.divergence.patience_steps == 4 and load(0, 1, 1)  # fits, or off
+
+
+@pytest.mark.parametrize("steps, rows", [(3, [3]), (7, [5, 7]), (10, [5, 10])])
+def test_the_steps_after_the_last_logged_one_are_logged_at_the_end(tmp_path, steps, rows):
+    from pipeline.module import Seq2SeqLM
+
+    torch.manual_seed(0)
+    module = Seq2SeqLM(_Tiny(), _settings(lr=1e-2, patience=0))  # logs every 5 steps
+    _fit(module, tmp_path, steps)
+    logged = [r for r in module.history if "train/loss" in r]
+    assert [r["step"] for r in logged] == rows
+    assert module.tokens_seen == steps * 4 * 8  # every target token of every step, batch 4 x 8
+    assert logged[-1]["train/tokens"] == module.tokens_seen and logged[-1]["train/lr"] == pytest.approx(1e-2)
+    assert logged[-1]["train/grad_norm"] > 0
+
+
+def test_a_run_that_ends_stuck_is_diverged_and_keeps_no_stuck_checkpoint(tmp_path):
+    from pipeline.module import Seq2SeqLM, StepCheckpoint
+
+    class Dead(_Tiny):  # uniform predictions and no gradient: what a run blown up by a huge learning rate leaves
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs) * 0.0
+
+    torch.manual_seed(0)
+    module = Seq2SeqLM(Dead(), _settings(lr=1e-2, patience=40))  # the guard's patience never runs out
+    _fit(module, tmp_path, 12, [StepCheckpoint(tmp_path / "ck", every_n_train_steps=100)])
+    assert module.divergence_streak == 12
+    with pytest.raises(DivergedError, match="the run ended with a gradient norm of 0 for its last 12 steps"):
+        module.check_ending()
+    assert not (tmp_path / "ck" / "last.ckpt").exists()  # Lightning's save at the end skipped: weights are stuck
+    learning = Seq2SeqLM(_Tiny(), _settings(lr=1e-2, patience=40))
+    _fit(learning, tmp_path / "learning", 12)
+    learning.check_ending()
+
+
+STALE_RUN_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pipeline.tracking import TrackedRun
+    run = TrackedRun(sys.argv[1], "faults", system_metrics=False)
+    run.start("r", {"stage": "evaluate", "variant": "t5", "seed": sys.argv[2]})
+    print(run.run_id, flush=True)
+    if sys.argv[3] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(600)
+    """
+)
+
+
+def test_runs_left_running_are_closed_only_when_no_process_runs_them(tmp_path):
+    """Real processes start real runs in a sqlite store: one killed with SIGKILL, one alive, one of another seed
+    killed too; the next run of evaluate@t5-0 closes the first alone (and, holding the lock, any of its repository)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import KILLED_TAG, close_stale_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def started(seed: str, how: str) -> tuple[str, subprocess.Popen]:
+        cmd = [sys.executable, "-c", STALE_RUN_SCRIPT, uri, seed, how]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return proc.stdout.readline().strip(), proc
+
+    killed, first = started("0", "kill")
+    other_seed, second = started("1", "kill")
+    alive, live = started("0", "sleep")
+    try:
+        assert first.wait(60) == second.wait(60) == -signal.SIGKILL
+        client = MlflowClient(uri)
+        identity = {"stage": "evaluate", "variant": "t5", "seed": "0"}
+        assert close_stale_runs(uri, "faults", identity) == [killed]
+        assert client.get_run(killed).info.status == "KILLED"
+        assert "its process (pid" in client.get_run(killed).data.tags[KILLED_TAG]
+        assert client.get_run(alive).info.status == client.get_run(other_seed).info.status == "RUNNING"
+        # holding the stage's lock in the same repository: no other process can be running it
+        assert close_stale_runs(uri, "faults", identity, exclusive=True) == [alive]
+        assert client.get_run(other_seed).info.status == "RUNNING"
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_signal_while_the_params_validate_interrupts_the_stage_after_it(monkeypatch, capsys):
+    """Validation runs inside pydantic's Rust core (which calls our validators, which import torch): an exception
+    raised there by the signal handler could unwind through Rust and abort the process, or be swallowed."""
+    validated, ran = [], []
+
+    def load(path):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the validation
+        validated.append(True)  # not interrupted here
+        return SimpleNamespace(trainer=SimpleNamespace(threads=1, devices=1))
+
+    monkeypatch.setattr(common, "load_config_or_exit", load)
+    assert run_stage(lambda cfg, args: ran.append(True), stage_parser("test"), []) == 143
+    assert validated == [True] and ran == []
+    assert "interrupted by SIGTERM" in capsys.readouterr().err

@@ -299,8 +299,13 @@ def test_lengths_stage_trains_each_length_under_the_budget_and_compare_reads_it(
     assert run.data.params["lengths.budget.kind"] == "flops"
     assert run.data.params["kernels.matmul_resolved"] in ("blas", "onednn")
 
-    monkeypatch.chdir(project)  # a seed never pretrained: a message naming the stage to run, no traceback
+    monkeypatch.chdir(project)  # a seed outside `seeds:`: refused, its outputs would be tracked by no stage
     assert lengths_main(["--model", "t5", "--seed", "7"]) == 1
+    err = capsys.readouterr().err
+    assert "error: --seed 7: not one of `seeds:`" in err and "Traceback" not in err
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump({**params, "seeds": [0, 7]}, sort_keys=False))
+    assert lengths_main(["--model", "t5", "--seed", "7"]) == 1  # a seed never pretrained: the stage to run
     err = capsys.readouterr().err
     assert "error:" in err and "dvc repro pretrain@t5-7" in err and "Traceback" not in err
 

@@ -178,6 +178,7 @@ PIPELINE = {
     "benchmark.time_budget_s": 10.0,
 }
 
+
 def _ran(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 

@@ -117,6 +117,9 @@ def make_project(
     params["finetune"].update({"input_length": 64, "target_length": 16})
     params["lengths"] = copy.deepcopy(LENGTHS)
     params["trainer"].update({"accelerator": "cpu", "progress_bar": False})
+    # runs of a few steps: the stuck-loss guard's patience must fit in them (pipeline/config.py); tests of the guard
+    # set it themselves
+    params["trainer"]["divergence"]["patience_steps"] = 0
     params["mlflow"]["system_metrics"] = False
     for dotted, value in (overrides or {}).items():
         node = params
