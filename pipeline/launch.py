@@ -26,11 +26,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import os
 import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -160,8 +163,6 @@ def run_agent(cfg: Config, args: list[str]) -> int:
     The agent's own failure reports (a traceback per failure) are replaced by one message: a failed worker has
     printed its own error already.
     """
-    import os
-
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -171,6 +172,8 @@ def run_agent(cfg: Config, args: list[str]) -> int:
         RendezvousTimeoutError,
     )
 
+    from pipeline.liveness import AGENT_NOTICE
+
     la = cfg.launcher
     where = f"launcher.rdzv_endpoint {la.rdzv_endpoint}"
     agent_log = logging.getLogger("torch.distributed.elastic")
@@ -178,6 +181,13 @@ def run_agent(cfg: Config, args: list[str]) -> int:
     agent_log.setLevel(logging.CRITICAL)  # its error lines repeat what the workers and this function say
     cwd = os.getcwd()
     os.chdir(repo_root())  # the workers' `-m pipeline.<stage>` resolves from the project
+    fd, notice = tempfile.mkstemp(prefix="pipeline-agent-")
+    os.close(fd)
+    os.environ[AGENT_NOTICE] = notice  # inherited by the workers
+    finished = threading.Event()
+    guard = threading.Thread(target=_guard_agent, args=(Path(notice), finished, 2 * la.heartbeat_interval_s),
+                             name="agent-guard", daemon=True)  # fmt: skip
+    guard.start()
     try:
         torchrun.run(torchrun.parse_args(args))
     except ChildFailedError as exc:
@@ -203,9 +213,31 @@ def run_agent(cfg: Config, args: list[str]) -> int:
     except (RendezvousError, socket.gaierror) as exc:
         raise StageError(f"torchrun's rendezvous at {where} failed: {str(exc).splitlines()[0][:200]}") from None
     finally:
+        finished.set()
+        os.environ.pop(AGENT_NOTICE, None)
+        Path(notice).unlink(missing_ok=True)
         agent_log.setLevel(level)
         os.chdir(cwd)
     return 0
+
+
+def _guard_agent(notice: Path, finished: threading.Event, grace_s: float) -> None:
+    """End this process when a worker's watchdog ended its worker (it wrote its exit code into `notice`) and torchrun's
+    agent has not returned `grace_s` later: the agent blocks forever on a rendezvous store whose node went silent."""
+    while not finished.wait(0.5):
+        code = notice.read_text().strip() if notice.is_file() else ""
+        if not code:
+            continue
+        if finished.wait(grace_s):
+            return
+        print(
+            f"error: the torchrun job failed with exit code {code} (its workers said why, above); torchrun's agent "
+            "waits on the lost rendezvous store, so this stage stops without it",
+            file=sys.stderr,
+            flush=True,
+        )
+        notice.unlink(missing_ok=True)
+        os._exit(int(code) if code.isdigit() else 1)
 
 
 # --------------------------------------------------------------------------------------------------- SLURM

@@ -59,6 +59,10 @@ KEYS = "pipeline-liveness"  # the prefix of every key this module writes into th
 OK, FAILED = "ok", "failed"  # global rank zero's outcome, posted for the other ranks
 DONE, EXITED = "done", "exited"  # a rank's own end: finished with the run, or stopped by an error
 
+# Set by the stage running torchrun's agent (`pipeline/launch.py`): a file its workers write their exit code into
+# when their watchdog ends them. The agent itself waits forever on a rendezvous store whose node went silent.
+AGENT_NOTICE = "PIPELINE_AGENT_NOTICE"
+
 _current: Watchdog | None = None  # this process's watchdog, once started
 
 
@@ -316,6 +320,10 @@ class Watchdog:
             worker = threading.Thread(target=_quietly, args=(callback, result), daemon=True)
             worker.start()
             worker.join(timeout=max(5.0, 2 * self.interval))  # an MLflow server on the lost node must not hang us
+        if os.environ.get(AGENT_NOTICE):
+            with contextlib.suppress(OSError):
+                with open(os.environ[AGENT_NOTICE], "w") as notice:
+                    notice.write(str(result.exit_code))
         sys.stdout.flush()
         sys.stderr.flush()
         self.stop()

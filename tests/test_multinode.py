@@ -192,3 +192,115 @@ def test_two_nodes_train_the_model_one_node_does(tmp_path, nodes, strategy):
         assert abs(got[key] - want[key]) <= 1e-3 * abs(want[key]), (key, got[key], want[key])
     for name, value in weights(single).items():  # fp32 sums in another order: close, not necessarily equal
         torch.testing.assert_close(weights(two)[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------------------- a node that dies
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(nodes, tmp_path_factory) -> Path:
+    """A two-node DDP run with no interruption: the weights a resumed run must end at."""
+    a, b = nodes
+    root = project(tmp_path_factory.mktemp("uninterrupted") / "p", FAST_HEARTBEAT, a)
+    run = TwoNodeRun(a, b, root)
+    assert run.wait() == (0, 0), run.log(0)[-3000:] + run.log(1)[-3000:]
+    return root
+
+
+def started(a: Node, b: Node, root: Path, argv: list[str]) -> TwoNodeRun:
+    """Both nodes running the stage, past its first checkpoint."""
+    run = TwoNodeRun(a, b, root, argv)
+    wait_for(root / "node-a.log", r"GLOBAL_RANK: 0", run.a)
+    checkpoint = root / RUN / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and run.a.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.exists() and run.a.poll() is None, run.log(0)[-3000:]
+    return run
+
+
+def resume(a: Node, b: Node, root: Path, run: TwoNodeRun, uninterrupted: Path) -> None:
+    """Node b back (its processes gone, its link up); `dvc repro` again, node b running the printed command: the
+    run resumes from its last checkpoint and ends at the uninterrupted run's weights."""
+    b.kill()
+    b.thaw()
+    run.b.wait(timeout=60)
+    again = TwoNodeRun(a, b, root, REPRO, tag="-again")
+    assert again.wait() == (0, 0), again.log(0)[-3000:] + again.log(1)[-3000:]
+    assert "resuming from artifacts/pretrain/t5/0/checkpoints/last.ckpt" in again.log(0)
+    (tracked,) = mlflow_runs(root)  # the same MLflow run, finished this time
+    assert tracked.info.status == "FINISHED"
+    want = weights(uninterrupted)
+    for name, value in weights(root).items():
+        assert torch.equal(value, want[name]), f"{name} differs from the uninterrupted run's"
+
+
+@pytest.mark.parametrize("death", ["frozen", "killed"])
+def test_a_lost_node_ends_the_job_and_dvc_repro_resumes(tmp_path, nodes, uninterrupted, death):
+    a, b = nodes
+    root = project(tmp_path / "p", FAST_HEARTBEAT, a, dvc=True)
+    run = started(a, b, root, REPRO)
+    lost_at = time.monotonic()
+    b.freeze() if death == "frozen" else b.kill()
+    code = run.a.wait(timeout=120)
+    print(f"{death} node: the survivor exited {code} after {time.monotonic() - lost_at:.1f} s "
+          f"(heartbeat every {FAST_HEARTBEAT['launcher.heartbeat_interval_s']:g} s, "
+          f"timeout {FAST_HEARTBEAT['launcher.heartbeat_timeout_s']:g} s)")  # fmt: skip
+    assert code != 0
+    log = run.log(0)
+    why = "no heartbeat for" if death == "frozen" else "it stopped answering"
+    message = f"error: lost global rank 1 (node {b.name}): {why}"
+    assert log.count(message) == 1, log[-4000:]
+    assert "re-run the stage on every node" in log
+    assert_no_traceback(log)
+    (tracked,) = mlflow_runs(root)
+    assert tracked.info.status == "FAILED"
+    assert not (root / RUN / "final").exists()
+    resume(a, b, root, run, uninterrupted)
+
+
+def test_sigterm_ends_a_survivor_blocked_on_a_frozen_node(tmp_path, nodes):
+    a, b = nodes
+    slow = {"launcher.heartbeat_interval_s": 1.0, "launcher.heartbeat_timeout_s": 300.0}  # the loss goes unnoticed
+    root = project(tmp_path / "p", slow, a)
+    run = started(a, b, root, STAGE)
+    b.freeze()
+    time.sleep(3)  # node a's worker is now blocked in a collective with the frozen node
+    assert run.a.poll() is None
+    run.a.send_signal(signal.SIGTERM)
+    code = run.a.wait(timeout=120)
+    b.kill()
+    b.thaw()
+    log = run.log(0)
+    assert code == 143, log[-4000:]
+    assert "interrupted by SIGTERM" in log
+    assert_no_traceback(log)
+    (tracked,) = mlflow_runs(root)
+    assert tracked.info.status == "KILLED"
+
+
+# ------------------------------------------------------------------------------------- the cluster's edges
+
+
+def test_names_that_do_not_resolve_and_an_endpoint_nobody_answers(tmp_path, nodes):
+    a, b = nodes
+    root = project(tmp_path / "p", FAST_HEARTBEAT, a)
+    endpoint = f"launcher.rdzv_endpoint {a.name}:{PORT}"
+
+    def stage(node: Node) -> str:
+        done = node.run(STAGE, cwd=root, env=environment(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert_no_traceback(done.stderr)
+        (error,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        return error
+
+    try:
+        b.set_hosts({b.name: b.addr})  # node b does not know node a's name
+        assert stage(b).startswith(f"error: {endpoint}: the host {a.name!r} does not resolve on this node")
+        a.set_hosts({b.name: b.addr})  # node a does not know its own name
+        assert stage(a).startswith(f"error: this node's hostname {a.name!r} does not resolve")
+    finally:
+        for node in (a, b):
+            node.set_hosts({n.name: n.addr for n in (a, b)})
+    # node b alone: nothing answers at node a's endpoint (heartbeat_timeout_s bounds the wait)
+    assert stage(b).startswith(f"error: cannot reach the rendezvous at {endpoint} from this node ({b.name}")
