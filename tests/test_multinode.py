@@ -304,3 +304,54 @@ def test_names_that_do_not_resolve_and_an_endpoint_nobody_answers(tmp_path, node
             node.set_hosts({n.name: n.addr for n in (a, b)})
     # node b alone: nothing answers at node a's endpoint (heartbeat_timeout_s bounds the wait)
     assert stage(b).startswith(f"error: cannot reach the rendezvous at {endpoint} from this node ({b.name}")
+
+
+# ------------------------------------------------------------------------------------------ SLURM across them
+
+
+def test_slurm_across_two_nodes_requeues_on_sigusr1_and_resumes_exactly(tmp_path, nodes, uninterrupted):
+    """slurmctld + a slurmd per node (tests/slurm_nodes.py): `dvc repro` on node a submits the stage with
+    `launcher.kind: slurm`, `nnodes: 2`; `scancel --signal=USR1` makes it checkpoint, requeue itself and resume, to
+    the weights of the uninterrupted two-node run."""
+    from tests.slurm_nodes import slurm_on, slurm_unavailable
+
+    reason = slurm_unavailable()
+    if reason is not None:
+        if os.environ.get("REQUIRE_MULTINODE") == "1":
+            pytest.fail(f"REQUIRE_MULTINODE=1 but SLURM cannot be installed here: {reason}", pytrace=False)
+        pytest.skip(f"SLURM cannot be installed here: {reason}")
+    a, b = nodes
+    on_slurm = {
+        "launcher.kind": "slurm",
+        "launcher.nnodes": 2,
+        "trainer.num_nodes": 2,
+        "trainer.devices": 1,
+        "launcher.slurm.gpus_per_node": 0,  # a CPU partition: launcher.nproc_per_node (1) task per node
+        "launcher.slurm.cpus_per_task": 1,
+        "launcher.slurm.time": "00:20:00",
+        "launcher.slurm.poll_interval_s": 1.0,
+        "launcher.slurm.setup": ["export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu"],
+    }
+    root = project(tmp_path / "p", FAST_HEARTBEAT | on_slurm, dvc=True)
+    with slurm_on(a, b, tmp_path / "slurm") as env:
+        log = root / "node-a.log"
+        proc = a.popen(REPRO, cwd=root, env=env | {"PYTHONPATH": ""}, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        job = wait_for(log, r"submitted SLURM job (\d+)", proc)[1]
+        checkpoint = root / RUN / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 600
+        while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpoint.exists(), log.read_text()[-4000:]
+        signalled = a.run(["scancel", "--signal=USR1", job], env=env, capture_output=True, text=True, timeout=60)
+        assert signalled.returncode == 0, signalled.stderr
+        assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+        job_log = (root / RUN / "slurm" / f"slurm-{job}.out").read_text()
+        restarts = a.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    assert "scontrol requeue" in job_log and "resuming from" in job_log, job_log[-4000:]
+    assert "Restarts=1" in restarts and "NumNodes=2" in restarts, restarts
+    assert re.search(rf"NodeList={a.name[:-1]}\[a-b\]|NodeList={a.name},{b.name}", restarts), restarts
+    (tracked,) = mlflow_runs(root)
+    assert tracked.info.status == "FINISHED"
+    want = weights(uninterrupted)
+    for name, value in weights(root).items():
+        assert torch.equal(value, want[name]), f"{name} differs from the uninterrupted two-node run's"
