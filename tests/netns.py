@@ -159,8 +159,13 @@ class Node:
         return self.signal_all(signal.SIGKILL)
 
     def set_hosts(self, entries: dict[str, str]) -> None:
-        """This node's /etc/hosts (`{hostname: address}`), rewritten in place: `ip netns exec` bind-mounts it."""
-        text = "127.0.0.1 localhost\n" + "".join(f"{addr} {host}\n" for host, addr in entries.items())
+        """This node's /etc/hosts (`{hostname: IPv4 address}`), rewritten in place (`ip netns exec` bind-mounts it).
+
+        Each address is listed IPv4-mapped too: torch's store accepts on a dual-stack socket and looks its peers up
+        by that form, which the hosts file answers only when it lists it (else a warning per connection)."""
+        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback", "::ffff:127.0.0.1 localhost"]
+        lines += [f"{prefix}{addr} {host}" for host, addr in entries.items() for prefix in ("", "::ffff:")]
+        text = "\n".join(lines) + "\n"
         with (NETNS_ETC / self.name / "hosts").open("w") as f:
             f.write(text)
 

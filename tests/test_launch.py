@@ -6,6 +6,7 @@ they test our code against a stand-in of an external system (the commands' docum
 
 from __future__ import annotations
 
+import os
 import shlex
 import stat
 import subprocess
@@ -21,6 +22,7 @@ from pipeline.strategy import launched_externally, process_layout
 
 MODELS = {"t5": {"preset": "tiny"}, "reformer": {"preset": "tiny"}}
 ARGV = ["--family", "t5", "--params", "params.yaml"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cluster_config(**slurm):
@@ -147,6 +149,36 @@ def test_launcher_counts_must_match_trainer():
         config_from_dict({"models": MODELS, "launcher": {"kind": "torchrun", "nproc_per_node": 4}})
     with pytest.raises(ConfigError, match="trainer.num_nodes"):
         config_from_dict({"models": MODELS, "trainer": {"devices": "auto"}, "launcher": {"kind": "slurm", "nnodes": 2}})
+    with pytest.raises(ConfigError, match="heartbeat_timeout_s: 10 s is under 3 heartbeats"):
+        config_from_dict({"models": MODELS, "launcher": {"heartbeat_interval_s": 5, "heartbeat_timeout_s": 10}})
+
+
+def test_nnodes_that_disagree_with_num_nodes_stop_the_stage_at_validation(tmp_path):
+    """A params check: exit 2 before anything is imported or launched, one message naming both keys."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["launcher"] |= {"kind": "torchrun", "nnodes": 2, "rdzv_endpoint": "node0:29400"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "pipeline.pretrain", "--model", "t5", "--seed", "0"]
+    done = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert "trainer.num_nodes: 1 but launcher.nnodes is 2" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "artifacts").exists()
+
+
+def test_a_multi_node_rendezvous_needs_a_hostname_the_other_nodes_can_reach():
+    """Before torchrun starts on several nodes: a hostname that resolves to the loopback address only (Debian's
+    default `127.0.1.1 <hostname>`) would have gloo advertise an address no other node reaches."""
+    from pipeline.launch import check_node_addresses
+
+    cfg = config_from_dict({"models": MODELS, "trainer": {"num_nodes": 2},
+                            "launcher": {"kind": "torchrun", "nnodes": 2, "rdzv_endpoint": "127.0.0.1:29400"}})  # fmt: skip
+    with pytest.raises(StageError, match="'localhost' resolves to the loopback address only"):
+        check_node_addresses(cfg, hostname="localhost")
+    assert "--rdzv-conf" in (cmd := torchrun_command(cfg, "pretrain", ARGV))
+    assert cmd[cmd.index("--rdzv-conf") + 1] == "read_timeout=60"  # the agent's store requests: the heartbeat's timeout
 
 
 # ----------------------------------------------------------------------------- submit and wait (stand-ins)
