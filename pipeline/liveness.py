@@ -313,9 +313,12 @@ class Watchdog:
         if message:
             prefix = "" if result.exit_code > 128 else "error: "  # an interruption is not an error (as run_stage)
             print(f"{prefix}{message}", file=sys.stderr, flush=True)
-        self._post(_key("state", self.rank), EXITED, wait_s=min(self.interval, 5.0))
+        # tell the others (they stop sooner, and rank zero need not wait for this one); not worth waiting for where
+        # the store has stopped answering
+        wait_s = min(self.interval, 5.0) if time.monotonic() - self._last_ok < 2 * self.interval else 0.0
+        self._post(_key("state", self.rank), EXITED, wait_s=wait_s)
         if self.rank != 0:
-            self._post(_key("acks"), wait_s=min(self.interval, 5.0))
+            self._post(_key("acks"), wait_s=wait_s)
         for callback in self.on_end:
             worker = threading.Thread(target=_quietly, args=(callback, result), daemon=True)
             worker.start()

@@ -1,18 +1,21 @@
 """Two nodes on one machine (tests/netns.py: network namespaces, own address and hostname each, a veth pair, the
-shared filesystem): the real `pretrain` stage across them under `launcher.kind: torchrun`, one process per node,
-gloo on CPUs.
+shared filesystem): the real `pretrain` stage across them, one process per node, gloo on CPUs.
 
-- DDP and DeepSpeed ZeRO-3 across the two nodes end at the same model as a single-node 2-process run of the same
-  global batch (fp32 reduction order aside); global rank 0 alone writes the outputs and the one MLflow run; node b
-  runs the command node a's stage prints, as printed (from another directory).
+- torchrun: DDP and DeepSpeed ZeRO-3 across the two nodes end at the model a single-node 2-process run of the same
+  global batch ends at (fp32 reduction order aside); global rank 0 alone writes the outputs and the one MLflow run;
+  node b runs the command node a's stage prints, as printed, by a shell in another directory.
 - A node that dies ends the job: frozen (every process stopped, its link down) or killed, the survivor exits
-  non-zero with one message naming the lost rank and node, the MLflow run is FAILED, and `dvc repro` (with the
-  printed command on the other node) resumes from the last checkpoint to the weights of an uninterrupted run.
-  SIGTERM ends a survivor blocked on the frozen node.
+  non-zero with one message naming the lost rank and node, and the MLflow run is FAILED; after the frozen one,
+  `dvc repro` (and the printed command on node b) resumes from the last checkpoint to the weights of the
+  uninterrupted run. SIGTERM ends a survivor blocked on a frozen node.
 - The cluster's edges: a rendezvous host or a node hostname that does not resolve, a rendezvous endpoint nobody
   answers at: one message each, no traceback.
+- SLURM across them (tests/slurm_nodes.py): `launcher.kind: slurm`, `nnodes: 2`, and a `scancel --signal=USR1`
+  requeue that resumes to the uninterrupted run's weights.
 
-Slow. Skipped, saying why, where namespaces cannot be made (not root, no iproute2); `.ci/run` sets
+The tests share the two nodes and one uninterrupted two-node run (module fixtures). Each run is tiny (12 steps of a
+one-layer T5), with a 1 s heartbeat and a 10 s timeout where a node dies. Slow. Skipped, saying why, where
+namespaces cannot be made (not root, no iproute2) or SLURM cannot be installed; `.ci/run` sets
 `REQUIRE_MULTINODE=1`, and there they fail with the reason instead.
 """
 
@@ -62,6 +65,18 @@ def require_netns() -> None:
     if os.environ.get("REQUIRE_MULTINODE") == "1":
         pytest.fail(f"REQUIRE_MULTINODE=1 but two nodes cannot be made here: {reason}", pytrace=False)
     pytest.skip(f"two nodes cannot be made here: {reason}")
+
+
+def test_without_namespaces_ci_fails_and_elsewhere_skips(monkeypatch):
+    """CI (`REQUIRE_MULTINODE=1`, set by .ci/run) must not skip the multi-node tests silently; elsewhere they skip."""
+    monkeypatch.setattr(sys.modules[__name__], "netns_unavailable", lambda: "no iproute2")
+    monkeypatch.delenv("REQUIRE_MULTINODE", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="two nodes cannot be made here: no iproute2"):
+        require_netns()
+    monkeypatch.setenv("REQUIRE_MULTINODE", "1")
+    with pytest.raises(pytest.fail.Exception, match="REQUIRE_MULTINODE=1 but two nodes cannot be made here"):
+        require_netns()
+    assert "export REQUIRE_MULTINODE=1" in (ROOT / ".ci" / "run").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -163,17 +178,30 @@ def assert_no_traceback(text: str) -> None:
 # ------------------------------------------------------------------------------------------- same model
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(nodes, tmp_path_factory) -> TwoNodeRun:
+    """A two-node DDP run, not interrupted: compared with one node, and the weights a resumed run must end at."""
+    a, b = nodes
+    root = project(tmp_path_factory.mktemp("uninterrupted") / "p", FAST_HEARTBEAT, a)
+    run = TwoNodeRun(a, b, root)
+    assert run.wait() == (0, 0), run.log(0)[-3000:] + run.log(1)[-3000:]
+    return run
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])
-def test_two_nodes_train_the_model_one_node_does(tmp_path, nodes, strategy):
+def test_two_nodes_train_the_model_one_node_does(tmp_path, nodes, uninterrupted, strategy):
     a, b = nodes
     overrides = ZERO3 if strategy == "zero3" else {"trainer.strategy": "ddp"}
     single = project(tmp_path / "single", overrides)
     done = subprocess.run(STAGE, cwd=single, env=environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
 
-    two = project(tmp_path / "two", overrides, a)
-    run = TwoNodeRun(a, b, two)
-    assert run.wait() == (0, 0), run.log(0)[-3000:] + run.log(1)[-3000:]
+    if strategy == "ddp":  # the DDP run on two nodes: the one the lost-node tests compare with (the heartbeat's
+        run = uninterrupted  # settings change when a loss is noticed, not what is computed)
+    else:
+        run = TwoNodeRun(a, b, project(tmp_path / "two", overrides, a))
+        assert run.wait() == (0, 0), run.log(0)[-3000:] + run.log(1)[-3000:]
+    two = run.root
     assert f"cd {two} && " in run.printed and "-m pipeline.pretrain --model t5 --seed 0" in run.printed
     # global rank 0 on node a (c10d orders nodes by hostname) wrote the outputs and the one MLflow run
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in run.log(0) and "GLOBAL_RANK: 1, MEMBER: 2/2" in run.log(1)
@@ -195,16 +223,6 @@ def test_two_nodes_train_the_model_one_node_does(tmp_path, nodes, strategy):
 
 
 # --------------------------------------------------------------------------------------- a node that dies
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(nodes, tmp_path_factory) -> Path:
-    """A two-node DDP run with no interruption: the weights a resumed run must end at."""
-    a, b = nodes
-    root = project(tmp_path_factory.mktemp("uninterrupted") / "p", FAST_HEARTBEAT, a)
-    run = TwoNodeRun(a, b, root)
-    assert run.wait() == (0, 0), run.log(0)[-3000:] + run.log(1)[-3000:]
-    return root
 
 
 def started(a: Node, b: Node, root: Path, argv: list[str]) -> TwoNodeRun:
@@ -256,7 +274,10 @@ def test_a_lost_node_ends_the_job_and_dvc_repro_resumes(tmp_path, nodes, uninter
     (tracked,) = mlflow_runs(root)
     assert tracked.info.status == "FAILED"
     assert not (root / RUN / "final").exists()
-    resume(a, b, root, run, uninterrupted)
+    if death == "frozen":  # the harder case to come back from; the killed one ends the same way
+        resume(a, b, root, run, uninterrupted.root)
+    else:
+        run.b.wait(timeout=60)
 
 
 def test_sigterm_ends_a_survivor_blocked_on_a_frozen_node(tmp_path, nodes):
@@ -352,6 +373,6 @@ def test_slurm_across_two_nodes_requeues_on_sigusr1_and_resumes_exactly(tmp_path
     assert re.search(rf"NodeList={a.name[:-1]}\[a-b\]|NodeList={a.name},{b.name}", restarts), restarts
     (tracked,) = mlflow_runs(root)
     assert tracked.info.status == "FINISHED"
-    want = weights(uninterrupted)
+    want = weights(uninterrupted.root)
     for name, value in weights(root).items():
         assert torch.equal(value, want[name]), f"{name} differs from the uninterrupted two-node run's"
