@@ -42,12 +42,14 @@ def slurm_unavailable() -> str | None:
 
 
 def _conf(directory: Path, munge_dir: Path, a: Node, b: Node) -> str:
+    """slurm.conf: scripts/slurm_up.sh's, for two nodes by address, state and logs in `directory`; cred_expire is
+    also how long a requeued job waits before it starts again (SLURM's default 120 s)."""
     nodes = "\n".join(f"NodeName={n.name} NodeAddr={n.addr} CPUs={os.cpu_count()} RealMemory=1000" for n in (a, b))
     return f"""# written by tests/slurm_nodes.py: two nodes in network namespaces
 ClusterName=t5r{os.getpid()}
 SlurmctldHost={a.name}({a.addr})
 AuthType=auth/munge
-AuthInfo=socket={munge_dir}/munge.socket,cred_expire=30
+AuthInfo=socket={munge_dir}/munge.socket,cred_expire=15
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root

@@ -305,7 +305,8 @@ def test_sigterm_ends_a_survivor_blocked_on_a_frozen_node(tmp_path, nodes):
 
 def test_names_that_do_not_resolve_and_an_endpoint_nobody_answers(tmp_path, nodes):
     a, b = nodes
-    root = project(tmp_path / "p", FAST_HEARTBEAT, a)
+    # a short timeout: it is also how long node b's agent waits for the endpoint before it gives up
+    root = project(tmp_path / "p", {"launcher.heartbeat_interval_s": 1.0, "launcher.heartbeat_timeout_s": 3.0}, a)
     endpoint = f"launcher.rdzv_endpoint {a.name}:{PORT}"
 
     def stage(node: Node) -> str:
