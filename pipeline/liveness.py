@@ -178,7 +178,7 @@ class Watchdog:
     def _round(self, store: Any) -> None:
         """One round: write what is pending, beat, read the successor, the posts, and the census when wanted."""
         with self._lock:
-            posts, self._posts = self._posts, []
+            posts = list(self._posts)
         for key, value in posts:
             if key.endswith("/lost"):
                 store.compare_set(key, "", value)  # the first loss posted is the one everybody reports
@@ -186,6 +186,8 @@ class Watchdog:
                 store.add(key, 1)
             else:
                 store.set(key, value)
+            with self._lock:
+                self._posts.remove((key, value))  # written (a failed request leaves the rest for the next round)
         store.add(_key("beat", self.rank), 1)
         beats = store.add(_key("beat", self.successor), 0)
         state = self._read(store, _key("state", self.successor))
@@ -239,10 +241,10 @@ class Watchdog:
 
     def store_message(self) -> str:
         return self.lost_message(
-            f"the job's rendezvous store at {self.host}:{self.port} (the node {self.host})",
+            f"the job's rendezvous store at {self.host}:{self.port}",
             f"it has not answered for {self.timeout:g} s (launcher.heartbeat_timeout_s"
             + (f"; {self._store_error}" if self._store_error else "")
-            + "): that node crashed, froze or lost its network",
+            + "): its node crashed, froze or lost its network",
         )
 
     def _verdict(self, now: float) -> tuple[StageResult, str] | None:
@@ -254,8 +256,8 @@ class Watchdog:
             if self._lost:
                 rank, _, host = self._lost.partition(" ")
                 who = f"global rank {rank}" + (f" (node {host})" if host else "")
-                failed = outcome_of(StageError(""))
-                return failed, self.lost_message(who, "its heartbeat stopped (reported by the rank watching it)")
+                why = "its heartbeat stopped (reported by the rank watching it)"
+                return outcome_of(StageError("")), self.lost_message(who, why)
             if self.rank != 0 and self._outcome == FAILED and not self._closing:
                 return outcome_of(StageError("")), self.rank_zero_failed()
             if now - self._last_ok > self.timeout:
