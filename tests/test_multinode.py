@@ -1,9 +1,9 @@
 """Two nodes on one machine (tests/netns.py: network namespaces, own address and hostname each, a veth pair, the
 shared filesystem): the real `pretrain` stage across them, one process per node, gloo on CPUs.
 
-- torchrun: DDP and DeepSpeed ZeRO-3 across the two nodes end at the model a single-node 2-process run of the same
-  global batch ends at (fp32 reduction order aside); global rank 0 alone writes the outputs and the one MLflow run;
-  node b runs the command node a's stage prints, as printed, by a shell in another directory.
+- torchrun: DDP and DeepSpeed ZeRO-3 across the two nodes end at the model a single-node 2-process (DDP) run of
+  the same global batch ends at (fp32 reduction order aside); global rank 0 alone writes the outputs and the one
+  MLflow run; node b runs the command node a's stage prints, as printed, by a shell in another directory.
 - A node that dies ends the job: frozen (every process stopped, its link down) or killed, the survivor exits
   non-zero with one message naming the lost rank and node, and the MLflow run is FAILED; after the frozen one,
   `dvc repro` (and the printed command on node b) resumes from the last checkpoint to the weights of the
@@ -13,7 +13,7 @@ shared filesystem): the real `pretrain` stage across them, one process per node,
 - SLURM across them (tests/slurm_nodes.py): `launcher.kind: slurm`, `nnodes: 2`, and a `scancel --signal=USR1`
   requeue that resumes to the uninterrupted run's weights.
 
-The tests share the two nodes and one uninterrupted two-node run (module fixtures). Each run is tiny (12 steps of a
+The tests share the two nodes, the single-node run and one uninterrupted two-node run (module fixtures). Each run is tiny (12 steps of a
 one-layer T5), with a 1 s heartbeat and a 10 s timeout where a node dies. Slow. Skipped, saying why, where
 namespaces cannot be made (not root, no iproute2) or SLURM cannot be installed; `.ci/run` sets
 `REQUIRE_MULTINODE=1`, and there they fail with the reason instead.
@@ -188,18 +188,24 @@ def uninterrupted(nodes, tmp_path_factory) -> TwoNodeRun:
     return run
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
-def test_two_nodes_train_the_model_one_node_does(tmp_path, nodes, uninterrupted, strategy):
-    a, b = nodes
-    overrides = ZERO3 if strategy == "zero3" else {"trainer.strategy": "ddp"}
-    single = project(tmp_path / "single", overrides)
-    done = subprocess.run(STAGE, cwd=single, env=environment(), capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def single_node(tmp_path_factory) -> Path:
+    """The single-node run both strategies across two nodes are compared with: DDP, two processes on one node
+    (Lightning starts the second), the same global batch. (ZeRO-3 and DDP on one node agree to the 7th digit.)"""
+    root = project(tmp_path_factory.mktemp("single") / "p", {"trainer.strategy": "ddp"})
+    done = subprocess.run(STAGE, cwd=root, env=environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    return root
 
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_two_nodes_train_the_model_one_node_does(tmp_path, nodes, uninterrupted, single_node, strategy):
+    a, b = nodes
+    single = single_node
     if strategy == "ddp":  # the DDP run on two nodes: the one the lost-node tests compare with (the heartbeat's
         run = uninterrupted  # settings change when a loss is noticed, not what is computed)
     else:
-        run = TwoNodeRun(a, b, project(tmp_path / "two", overrides, a))
+        run = TwoNodeRun(a, b, project(tmp_path / "two", ZERO3, a))
         assert run.wait() == (0, 0), run.log(0)[-3000:] + run.log(1)[-3000:]
     two = run.root
     assert f"cd {two} && " in run.printed and "-m pipeline.pretrain --model t5 --seed 0" in run.printed
