@@ -534,7 +534,10 @@ class StepCheckpoint(ModelCheckpoint):
             job = os.environ.get("SLURM_ARRAY_JOB_ID")
             job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ.get("SLURM_JOB_ID")
             if job:
-                proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                # SIGUSR1 ignored: on several nodes the signal reaches this node's processes later than the node
+                # whose rank saw it first, and SLURM would kill this child with it (the requeue then fails)
+                proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                                      preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))  # fmt: skip
                 print(f"step {trainer.global_step}: checkpoint saved; scontrol requeue {job}: exit {proc.returncode}")
         trainer.strategy.barrier()
         note_signal(signal.SIGUSR1)  # the stage ends as interrupted (KILLED in MLflow), whatever Lightning makes of it

@@ -296,3 +296,36 @@ def test_missing_sbatch_is_a_clear_error(project, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "sbatch" else real_which(name, *a, **k))
     with pytest.raises(StageError, match="sbatch. is not on PATH"):
         launch_if_needed(slurm_config(), "pretrain", "t5", ARGV)
+
+
+def test_the_requeue_command_survives_a_late_sigusr1(tmp_path, monkeypatch, capsys):
+    """On several nodes, SIGUSR1 from `scancel --signal=USR1` can reach this node's processes after another node's
+    rank saw it and the ranks agreed to requeue: SLURM then signals `scontrol requeue` too, which must not die of it
+    (the stand-in `scontrol` signals itself the same way)."""
+    import os
+    import signal
+
+    import lightning as L
+
+    from pipeline import common
+    from pipeline.module import Seq2SeqLM, StepCheckpoint
+    from tests.test_faults import _fit, _settings, _Tiny
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_tool(bin_dir, "scontrol", f'kill -USR1 $$\necho "$@" > {tmp_path}/requeued\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    common.install_signal_handlers()
+
+    class SignalAtStep3(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    ckpt = StepCheckpoint(tmp_path / "ck", every_n_train_steps=100, requeue_on_signal=True)
+    with pytest.raises(BaseException) as info:  # noqa: B017 - which one Lightning raises is not the point here
+        _fit(Seq2SeqLM(_Tiny(), _settings(lr=1e-2, patience=0)), tmp_path, 40, [SignalAtStep3(), ckpt])
+    assert common.outcome_of(info.value).outcome is common.Outcome.INTERRUPTED
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "77"]
+    assert "scontrol requeue 77: exit 0" in capsys.readouterr().out

@@ -13,9 +13,9 @@ shared filesystem): the real `pretrain` stage across them, one process per node,
 - SLURM across them (tests/slurm_nodes.py): `launcher.kind: slurm`, `nnodes: 2`, and a `scancel --signal=USR1`
   requeue that resumes to the uninterrupted run's weights.
 
-The tests share the two nodes, the single-node run and one uninterrupted two-node run (module fixtures). Each run is tiny (12 steps of a
-one-layer T5), with a 1 s heartbeat and a 10 s timeout where a node dies. Slow. Skipped, saying why, where
-namespaces cannot be made (not root, no iproute2) or SLURM cannot be installed; `.ci/run` sets
+The tests share the two nodes, the single-node run and one uninterrupted two-node run (module fixtures). Each run
+is tiny (12 steps of a one-layer T5), with a 1 s heartbeat and a 10 s timeout where a node dies. Slow. Skipped,
+saying why, where namespaces cannot be made (not root, no iproute2) or SLURM cannot be installed; `.ci/run` sets
 `REQUIRE_MULTINODE=1`, and there they fail with the reason instead.
 """
 
