@@ -11,8 +11,9 @@ cluster shares its storage.
         b.kill()            # or every process of the node killed outright
 
 Needs root, `ip` (iproute2) and `unshare` (util-linux); `netns_unavailable()` says why not, when not. Names carry the
-owner's process id (`t5r-<pid>-a`), so concurrent test processes do not collide, and whatever a killed test process
-left behind (namespaces, their processes, links, hosts files) is removed by the next harness that starts.
+owner's process id (`t5rmn-<pid>-a`), so concurrent test processes do not collide, and whatever a killed test process
+left behind (namespaces and every process in them, links, hosts files, `/tmp/t5rmn-<pid>-*` scratch) is removed by the
+next harness that starts.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-PREFIX = "t5r"
-NAME = re.compile(rf"^{PREFIX}-(\d+)-[a-z]$")  # namespaces and hostnames: t5r-<owner pid>-<node letter>
-LINK = re.compile(rf"^{PREFIX}(\d+)[a-z](@.*)?$")  # veth ends (at most 15 characters): t5r<owner pid><node letter>
+PREFIX = "t5rmn"  # multi-node test harness: namespaces, hostnames, links, scratch
+NAME = re.compile(rf"^{PREFIX}-(\d+)-[a-z]$")  # namespaces and hostnames: t5rmn-<owner pid>-<node letter>
+LINK = re.compile(rf"^{PREFIX}(\d+)[a-z](@.*)?$")  # veth ends (at most 15 characters): t5rmn<owner pid><node letter>
 NETNS_ETC = Path("/etc/netns")
 SUBNET = "10.231.7"  # addresses live inside the namespaces only, so concurrent pairs may share them
 
@@ -103,6 +105,11 @@ def remove_leftovers(owner: int | None = None) -> list[str]:
         if match and (int(match.group(1)) == owner or not _alive(int(match.group(1)))):
             _remove_namespace(name)
             removed.append(name)
+    for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}-*-*"):  # scratch of the harnesses (tests/slurm_nodes.py)
+        match = re.match(rf"^{PREFIX}-(\d+)-", path.name)
+        if match and (int(match.group(1)) == owner or not _alive(int(match.group(1)))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
     for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
         parts = line.split(":")
         link = parts[1].strip() if len(parts) > 1 else ""
@@ -172,7 +179,7 @@ class Node:
 
 @contextlib.contextmanager
 def two_nodes() -> Iterator[tuple[Node, Node]]:
-    """Nodes `t5r-<pid>-a` (10.231.7.1) and `-b` (10.231.7.2), each resolving both hostnames; removed on exit
+    """Nodes `t5rmn-<pid>-a` (10.231.7.1) and `-b` (10.231.7.2), each resolving both hostnames; removed on exit
     with every process still running in them."""
     owner = os.getpid()
     remove_leftovers(owner)

@@ -1,5 +1,5 @@
-"""A real two-node SLURM on the two namespace nodes of tests/netns.py: slurmctld and one slurmd on node a, one slurmd
-on node b, and a munged of its own, all from Debian's slurm-wlm and munge, in a directory of their own.
+"""A real two-node SLURM on the two namespace nodes of tests/netns.py: slurmctld, one slurmd and a munged of its own
+on node a, one slurmd on node b, all from Debian's slurm-wlm and munge, in a directory of their own.
 
     with slurm_on(a, b, directory) as env:      # env: this environment plus SLURM_CONF for the clients
         a.run(["sbatch", ...], env=env)           # clients reach slurmctld from node a (its address is node a's)
@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.netns import Node
+from tests.netns import PREFIX, Node
 
 ROOT = Path(__file__).resolve().parents[1]
 DAEMONS = ("slurmctld", "slurmd", "munged", "munge", "unmunge", "sbatch", "srun", "squeue", "scontrol", "sinfo")
@@ -46,7 +46,7 @@ def _conf(directory: Path, munge_dir: Path, a: Node, b: Node) -> str:
     also how long a requeued job waits before it starts again (SLURM's default 120 s)."""
     nodes = "\n".join(f"NodeName={n.name} NodeAddr={n.addr} CPUs={os.cpu_count()} RealMemory=1000" for n in (a, b))
     return f"""# written by tests/slurm_nodes.py: two nodes in network namespaces
-ClusterName=t5r{os.getpid()}
+ClusterName=t5rmn{os.getpid()}
 SlurmctldHost={a.name}({a.addr})
 AuthType=auth/munge
 AuthInfo=socket={munge_dir}/munge.socket,cred_expire=15
@@ -97,7 +97,7 @@ def slurm_on(a: Node, b: Node, directory: Path, startup_s: float = 120) -> Itera
     """slurmctld + slurmd on node a, slurmd on node b, munged on this machine; yields the clients' environment."""
     directory.mkdir(parents=True, exist_ok=True)
     # munged runs as its own user: its directory sits where that user can reach it (test directories are private)
-    munge_dir = Path(tempfile.mkdtemp(prefix=f"t5r-{os.getpid()}-munge-"))
+    munge_dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-{os.getpid()}-munge-"))
     key = munge_dir / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
@@ -117,10 +117,12 @@ def slurm_on(a: Node, b: Node, directory: Path, startup_s: float = 120) -> Itera
     munged = ["/usr/sbin/munged", "--foreground", "--force", f"--socket={sock}", f"--key-file={key}",
               f"--pid-file={munge_dir}/munged.pid", f"--log-file={munge_dir}/munged.log",
               f"--seed-file={munge_dir}/munged.seed"]  # fmt: skip
-    as_munge = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user is not None else {}
+    if user is not None:
+        munged = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", *munged]
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(subprocess.Popen(munged, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, **as_munge))
+        # on node a, like the other daemons: whatever a killed test leaves running goes with the namespace
+        procs.append(a.popen(munged, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + 30
         while not sock.exists():
             if time.monotonic() > deadline or procs[0].poll() is not None:

@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,6 +78,43 @@ def test_without_namespaces_ci_fails_and_elsewhere_skips(monkeypatch):
     with pytest.raises(pytest.fail.Exception, match="REQUIRE_MULTINODE=1 but two nodes cannot be made here"):
         require_netns()
     assert "export REQUIRE_MULTINODE=1" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_a_killed_harness_leaves_nothing_behind_the_next_one_does_not_remove(tmp_path):
+    """A test process killed with its two nodes up: the next harness removes its namespaces, the processes in them
+    (a munged or slurmd left there), its links, hosts files and scratch, and leaves a live harness's alone."""
+    require_netns()
+    from tests.netns import NETNS_ETC, namespace_pids, remove_leftovers
+
+    script = (
+        "import os, pathlib, subprocess, sys, tempfile, time\n"
+        "from tests.netns import PREFIX, two_nodes\n"
+        "with two_nodes() as (a, b):\n"
+        "    b.popen(['sleep', '600'])\n"
+        "    pathlib.Path(tempfile.gettempdir(), f'{PREFIX}-{os.getpid()}-scratch').mkdir()\n"
+        "    print(a.name, b.name, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    victim = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    survivor = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        names = victim.stdout.readline().split()
+        alive = survivor.stdout.readline().split()
+        assert len(names) == 2 and len(alive) == 2 and namespace_pids(names[1])  # the sleep runs on node b
+        victim.kill()
+        victim.wait()
+        removed = remove_leftovers()
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for name in names:
+            assert name in removed and name not in listed and not (NETNS_ETC / name).exists()
+        assert not list(Path(tempfile.gettempdir()).glob(f"t5rmn-{victim.pid}-*"))
+        assert all(name in listed for name in alive)  # a harness whose process lives is left alone
+    finally:
+        for proc in (victim, survivor):
+            proc.kill()
+            proc.wait()
+        remove_leftovers()
 
 
 @pytest.fixture(scope="module")
