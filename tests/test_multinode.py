@@ -91,6 +91,8 @@ def test_a_killed_harness_leaves_nothing_behind_the_next_one_does_not_remove(tmp
         "from tests.netns import PREFIX, two_nodes\n"
         "with two_nodes() as (a, b):\n"
         "    b.popen(['sleep', '600'])\n"
+        "    while not b.pids():\n"  # in node b's namespace once `ip netns exec` has entered it
+        "        time.sleep(0.05)\n"
         "    pathlib.Path(tempfile.gettempdir(), f'{PREFIX}-{os.getpid()}-scratch').mkdir()\n"
         "    print(a.name, b.name, flush=True)\n"
         "    time.sleep(600)\n"
