@@ -113,7 +113,9 @@ def other_node_command(stage: str, argv: list[str], root: Path | None = None) ->
 def check_node_addresses(cfg: Config, hostname: str | None = None) -> None:
     """Before a multi-node rendezvous: `StageError` unless this node's hostname resolves to an address the other
     nodes can reach (torchrun's agent and gloo advertise it) and the rendezvous endpoint's host resolves."""
-    host, _, port = cfg.launcher.rdzv_endpoint.rpartition(":")
+    host, colon, port = cfg.launcher.rdzv_endpoint.rpartition(":")
+    if not colon or host.count(":") and not host.startswith("["):  # no port (torchrun's default), or bare IPv6
+        host, port = cfg.launcher.rdzv_endpoint, "29400"
     host = host.strip("[]")
     hostname = hostname or socket.gethostname()
     fix = "add it to /etc/hosts (or DNS) on every node"
@@ -124,19 +126,24 @@ def check_node_addresses(cfg: Config, hostname: str | None = None) -> None:
             f"this node's hostname {hostname!r} does not resolve ({exc.args[-1]}): the other nodes reach this one "
             f"by it; {fix}, with this node's address on the network the nodes share"
         ) from None
-    if all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
-        raise StageError(
-            f"this node's hostname {hostname!r} resolves to the loopback address only ({', '.join(sorted(addresses))})"
-            f": the other nodes could not reach this one; map it to this node's address on the network the nodes "
-            "share (in /etc/hosts or DNS)"
-        )
     try:
-        socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)
+        endpoint = {info[4][0] for info in socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)}
     except (socket.gaierror, UnicodeError, ValueError) as exc:
         raise StageError(
             f"launcher.rdzv_endpoint {cfg.launcher.rdzv_endpoint}: the host {host!r} does not resolve on this node "
             f"({hostname}: {exc.args[-1]}); {fix}, or give its IP address"
         ) from None
+    # a loopback endpoint: every "node" is on this machine, where the loopback address reaches them all
+    if not _loopback(endpoint) and _loopback(addresses):
+        raise StageError(
+            f"this node's hostname {hostname!r} resolves to the loopback address only ({', '.join(sorted(addresses))})"
+            f": the other nodes could not reach this one; map it to this node's address on the network the nodes "
+            "share (in /etc/hosts or DNS)"
+        )
+
+
+def _loopback(addresses: set[str]) -> bool:
+    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
 def run_torchrun(cfg: Config, stage: str, argv: list[str]) -> int:

@@ -173,10 +173,13 @@ def test_a_multi_node_rendezvous_needs_a_hostname_the_other_nodes_can_reach():
     default `127.0.1.1 <hostname>`) would have gloo advertise an address no other node reaches."""
     from pipeline.launch import check_node_addresses
 
-    launcher = {"kind": "torchrun", "nnodes": 2, "rdzv_endpoint": "127.0.0.1:29400"}
+    launcher = {"kind": "torchrun", "nnodes": 2, "rdzv_endpoint": "10.1.2.3:29400"}
     cfg = config_from_dict({"models": MODELS, "trainer": {"num_nodes": 2}, "launcher": launcher})
     with pytest.raises(StageError, match="'localhost' resolves to the loopback address only"):
         check_node_addresses(cfg, hostname="localhost")
+    launcher["rdzv_endpoint"] = "127.0.0.1:29400"  # every "node" on this machine: the loopback address reaches them
+    check_node_addresses(config_from_dict({"models": MODELS, "trainer": {"num_nodes": 2}, "launcher": launcher}),
+                         hostname="localhost")  # fmt: skip
     assert "--rdzv-conf" in (cmd := torchrun_command(cfg, "pretrain", ARGV))
     assert cmd[cmd.index("--rdzv-conf") + 1] == "read_timeout=60"  # the agent's store requests: the heartbeat's timeout
 
