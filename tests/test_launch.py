@@ -319,6 +319,9 @@ def test_the_requeue_command_survives_a_late_sigusr1(tmp_path, monkeypatch, caps
     write_tool(bin_dir, "scontrol", f'kill -USR1 $$\necho "$@" > {tmp_path}/requeued\n')
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setattr(common, "_received", [])  # the signals this test's stage receives stay this test's
+    monkeypatch.setattr(common, "_raising", [False])
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     common.install_signal_handlers()
 
     class SignalAtStep3(L.Callback):
@@ -327,8 +330,12 @@ def test_the_requeue_command_survives_a_late_sigusr1(tmp_path, monkeypatch, caps
                 os.kill(os.getpid(), signal.SIGUSR1)
 
     ckpt = StepCheckpoint(tmp_path / "ck", every_n_train_steps=100, requeue_on_signal=True)
-    with pytest.raises(BaseException) as info:  # noqa: B017 - which one Lightning raises is not the point here
-        _fit(Seq2SeqLM(_Tiny(), _settings(lr=1e-2, patience=0)), tmp_path, 40, [SignalAtStep3(), ckpt])
-    assert common.outcome_of(info.value).outcome is common.Outcome.INTERRUPTED
+    try:
+        with pytest.raises(BaseException) as info:  # noqa: B017 - which one Lightning raises is not the point here
+            _fit(Seq2SeqLM(_Tiny(), _settings(lr=1e-2, patience=0)), tmp_path, 40, [SignalAtStep3(), ckpt])
+        assert common.outcome_of(info.value).outcome is common.Outcome.INTERRUPTED
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     assert (tmp_path / "requeued").read_text().split() == ["requeue", "77"]
     assert "scontrol requeue 77: exit 0" in capsys.readouterr().out

@@ -24,6 +24,15 @@ from pipeline.liveness import Watchdog, is_communication_error
 INTERVAL, TIMEOUT = 0.1, 0.8
 
 
+@pytest.fixture(autouse=True)
+def _no_signal_received(monkeypatch):
+    """How a process ends depends on the signals it received (`common.outcome_of`): none, whatever tests before this
+    one did in this process."""
+    from pipeline import common
+
+    monkeypatch.setattr(common, "_received", [])
+
+
 class Ranks:
     """`world` watchdogs on one store; `ended[rank]` is the exit code a watchdog ended its process with."""
 
@@ -45,6 +54,9 @@ class Ranks:
     def stop(self) -> None:
         for dog in self.dogs:
             dog.stop()
+        for dog in self.dogs:  # within the test: a request failing on a store gone is this test's business
+            for thread in dog._threads:
+                thread.join(timeout=5)
 
     def wait_ended(self, ranks: set[int], limit_s: float = 20.0) -> None:
         deadline = time.monotonic() + limit_s
