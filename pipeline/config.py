@@ -610,8 +610,25 @@ class LauncherConfig(Section):
     """torchrun and slurm: nodes."""
     rdzv_endpoint: str = "127.0.0.1:29500"
     """torchrun: rendezvous endpoint host:port."""
+    heartbeat_interval_s: PosFloat = 5.0
+    """Several processes: how often each one tells a peer it is alive (through the job's rendezvous store)."""
+    heartbeat_timeout_s: PosFloat = 60.0
+    """Several processes: a process (or the node holding the rendezvous store) silent this long is lost, and every
+    other one stops with a message naming it (`pipeline/liveness.py`): a dead node ends the job within about this
+    long plus one interval. Busy processes keep beating; keep it at least 3 intervals."""
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     """SLURM job options."""
+
+    @model_validator(mode="after")
+    def _timeout_spans_heartbeats(self) -> LauncherConfig:
+        if self.heartbeat_timeout_s < 3 * self.heartbeat_interval_s:
+            raise Problems(
+                [
+                    f"heartbeat_timeout_s: {self.heartbeat_timeout_s:g} s is under 3 heartbeats of "
+                    f"heartbeat_interval_s {self.heartbeat_interval_s:g} s; raise it or beat more often"
+                ]
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------- variants

@@ -4,8 +4,11 @@ A training stage calls `launch_if_needed(cfg, stage, variant, argv, seed=seed)` 
 
 - `launcher.kind: local`, or already inside a launched process: returns None and the stage trains in-process
   (Lightning starts `trainer.devices - 1` more processes itself when it needs them);
-- `torchrun`: runs `torchrun --nnodes N --nproc-per-node P --rdzv-endpoint host:port -m pipeline.<stage> <argv>`
-  (as `python -m torch.distributed.run`, the same entry point, from this interpreter) and returns its exit code;
+- `torchrun`: runs torchrun's agent, `torchrun --nnodes N --nproc-per-node P --rdzv-endpoint host:port -m
+  pipeline.<stage> <argv>`, in this process (torch's own `torch.distributed.run`, as the `torchrun` command runs it)
+  and returns its exit code. With several nodes it first checks that this node's hostname and the rendezvous host
+  resolve, prints the command to start on the other nodes (this stage's own), and turns the agent's failures (a
+  rendezvous endpoint out of reach, nodes that did not join, a failed worker) into one message each;
 - `slurm`: writes an sbatch script into `artifacts/<stage>/<variant>/<seed>/slurm/`, submits it with
   `sbatch --parsable`, polls `sacct` (or `squeue`) until the job ends, streams the job's log meanwhile, and
   returns 0 only if the job COMPLETED. So `dvc repro` on a login node works unchanged: DVC sees an ordinary
@@ -20,18 +23,25 @@ resumes from it; the waiting stage simply keeps polling through the requeue.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import math
+import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.common import StageError, atomic_output, repo_root
+from pipeline.common import StageError, StageInterrupted, atomic_output, note_signal, repo_root
 from pipeline.config import Config
-from pipeline.paths import RunPaths, run_label
+from pipeline.paths import run_label
 from pipeline.strategy import launched_externally
 
 # SLURM job states after which the job will not run again (https://slurm.schedmd.com/squeue.html#SECTION_JOB-STATE-CODES).
@@ -83,33 +93,169 @@ def torchrun_command(cfg: Config, stage: str, argv: list[str]) -> list[str]:
         "c10d",
         "--rdzv-endpoint",
         la.rdzv_endpoint,
+        # how long the agent waits on the rendezvous store (reaching it, then each request): the heartbeat's timeout,
+        # so an unreachable endpoint or the store's lost node ends the agent as soon as it ends the workers
+        "--rdzv-conf",
+        f"read_timeout={math.ceil(la.heartbeat_timeout_s)}",
         "-m",
         f"pipeline.{stage}",
         *argv,
     ]
 
 
-def run_torchrun(cfg: Config, stage: str, argv: list[str]) -> int:
-    """Run the stage under torchrun from the repo root; returns torchrun's exit code.
+def other_node_command(stage: str, argv: list[str], root: Path | None = None) -> str:
+    """The shell command that starts this stage on another node: the same stage, project and interpreter (whose
+    torchrun agent then joins the rendezvous)."""
+    root = root or repo_root()
+    return f"cd {shlex.quote(str(root))} && {shlex.join([sys.executable, '-m', f'pipeline.{stage}', *argv])}"
 
-    With `launcher.nnodes > 1` the same command must be started on every other node (printed here).
+
+def check_node_addresses(cfg: Config, hostname: str | None = None) -> None:
+    """Before a multi-node rendezvous: `StageError` unless this node's hostname resolves to an address the other
+    nodes can reach (torchrun's agent and gloo advertise it) and the rendezvous endpoint's host resolves."""
+    host, colon, port = cfg.launcher.rdzv_endpoint.rpartition(":")
+    if not colon or host.count(":") and not host.startswith("["):  # no port (torchrun's default), or bare IPv6
+        host, port = cfg.launcher.rdzv_endpoint, "29400"
+    host = host.strip("[]")
+    hostname = hostname or socket.gethostname()
+    fix = "add it to /etc/hosts (or DNS) on every node"
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(hostname, None, proto=socket.IPPROTO_TCP)}
+    except (socket.gaierror, UnicodeError) as exc:
+        raise StageError(
+            f"this node's hostname {hostname!r} does not resolve ({exc.args[-1]}): the other nodes reach this one "
+            f"by it; {fix}, with this node's address on the network the nodes share"
+        ) from None
+    try:
+        endpoint = {info[4][0] for info in socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)}
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        raise StageError(
+            f"launcher.rdzv_endpoint {cfg.launcher.rdzv_endpoint}: the host {host!r} does not resolve on this node "
+            f"({hostname}: {exc.args[-1]}); {fix}, or give its IP address"
+        ) from None
+    # a loopback endpoint: every "node" is on this machine, where the loopback address reaches them all
+    if not _loopback(endpoint) and _loopback(addresses):
+        raise StageError(
+            f"this node's hostname {hostname!r} resolves to the loopback address only ({', '.join(sorted(addresses))})"
+            f": the other nodes could not reach this one; map it to this node's address on the network the nodes "
+            "share (in /etc/hosts or DNS)"
+        )
+
+
+def _loopback(addresses: set[str]) -> bool:
+    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def run_torchrun(cfg: Config, stage: str, argv: list[str]) -> int:
+    """Run the stage under torchrun's agent, in this process, from the repo root; returns the workers' exit code.
+
+    With `launcher.nnodes > 1` the same stage must be started on every other node (the command is printed here).
     """
     cmd = torchrun_command(cfg, stage, argv)
     print(f"launching: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     if cfg.launcher.nnodes > 1:
-        print(f"run the same command on the other {cfg.launcher.nnodes - 1} node(s)", file=sys.stderr, flush=True)
-    return subprocess.run(cmd, cwd=repo_root()).returncode
+        check_node_addresses(cfg)
+        print(
+            f"on each of the other {cfg.launcher.nnodes - 1} node(s), with the same environment, run: "
+            f"{other_node_command(stage, argv)}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return run_agent(cfg, cmd[3:])
+
+
+def run_agent(cfg: Config, args: list[str]) -> int:
+    """torchrun's agent on `args` (its command line) in this process; the first failed worker's exit code, or 0.
+
+    The agent's own failure reports (a traceback per failure) are replaced by one message: a failed worker has
+    printed its own error already.
+    """
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import (
+        RendezvousConnectionError,
+        RendezvousError,
+        RendezvousTimeoutError,
+    )
+
+    from pipeline.liveness import AGENT_NOTICE
+
+    la = cfg.launcher
+    where = f"launcher.rdzv_endpoint {la.rdzv_endpoint}"
+    agent_log = logging.getLogger("torch.distributed.elastic")
+    level = agent_log.level
+    agent_log.setLevel(logging.CRITICAL)  # its error lines repeat what the workers and this function say
+    cwd = os.getcwd()
+    os.chdir(repo_root())  # the workers' `-m pipeline.<stage>` resolves from the project
+    fd, notice = tempfile.mkstemp(prefix="pipeline-agent-")
+    os.close(fd)
+    os.environ[AGENT_NOTICE] = notice  # inherited by the workers
+    finished = threading.Event()
+    guard = threading.Thread(target=_guard_agent, args=(Path(notice), finished, 2 * la.heartbeat_interval_s),
+                             name="agent-guard", daemon=True)  # fmt: skip
+    guard.start()
+    try:
+        torchrun.run(torchrun.parse_args(args))
+    except ChildFailedError as exc:
+        _, failure = exc.get_first_failure()
+        if failure.exitcode < 0:  # killed by a signal, as a shell reports it
+            return 128 - failure.exitcode
+        return failure.exitcode or 1
+    except SignalException as exc:  # the agent stopped its workers on SIGTERM/SIGINT
+        note_signal(int(exc.sigval))
+        raise StageInterrupted(int(exc.sigval)) from None
+    except RendezvousTimeoutError:
+        raise StageError(
+            f"not all {la.nnodes} nodes joined the rendezvous at {la.rdzv_endpoint} in time: start this stage on "
+            f"every node (launcher.nnodes: {la.nnodes}), each with the same {where}"
+        ) from None
+    except RendezvousConnectionError as exc:
+        inner = exc.__cause__ or exc
+        raise StageError(
+            f"cannot reach the rendezvous at {where} from this node ({socket.gethostname()}: "
+            f"{str(inner).splitlines()[0][:160]}): start the stage on that host first (it holds the rendezvous), "
+            "check the address and port, and that no firewall blocks it"
+        ) from None
+    except (RendezvousError, socket.gaierror) as exc:
+        raise StageError(f"torchrun's rendezvous at {where} failed: {str(exc).splitlines()[0][:200]}") from None
+    finally:
+        finished.set()
+        os.environ.pop(AGENT_NOTICE, None)
+        Path(notice).unlink(missing_ok=True)
+        agent_log.setLevel(level)
+        os.chdir(cwd)
+    return 0
+
+
+def _guard_agent(notice: Path, finished: threading.Event, grace_s: float) -> None:
+    """End this process when a worker's watchdog ended its worker (it wrote its exit code into `notice`) and torchrun's
+    agent has not returned `grace_s` later: the agent blocks forever on a rendezvous store whose node went silent."""
+    while not finished.wait(0.5):
+        code = notice.read_text().strip() if notice.is_file() else ""
+        if not code:
+            continue
+        if finished.wait(grace_s):
+            return
+        print(
+            f"error: the torchrun job failed with exit code {code} (its workers said why, above); torchrun's agent "
+            "waits on the lost rendezvous store, so this stage stops without it",
+            file=sys.stderr,
+            flush=True,
+        )
+        notice.unlink(missing_ok=True)
+        os._exit(int(code) if code.isdigit() else 1)
 
 
 # --------------------------------------------------------------------------------------------------- SLURM
 
 
 def slurm_dir(stage: str, variant: str, root: Path | None = None, seed: int | None = None) -> Path:
-    """Where the sbatch script and the job logs go: `artifacts/<stage>/<variant>/<seed>/slurm/`."""
+    """Where the sbatch script and the job logs go: `logs/slurm/<stage>/<variant>/<seed>/`, beside the outputs, not
+    among them (DVC hashes `artifacts/`; a job log there would make the stages that read it look changed)."""
     root = root or repo_root()
-    if seed is None:
-        return root / "artifacts" / stage / variant / "slurm"
-    return RunPaths(root, stage, variant, seed).out / "slurm"
+    base = root / "logs" / "slurm" / stage / variant
+    return base if seed is None else base / str(seed)
 
 
 def _job_name(stage: str, variant: str, seed: int | None) -> str:

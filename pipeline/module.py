@@ -585,7 +585,13 @@ class StepCheckpoint(ModelCheckpoint):
             job = os.environ.get("SLURM_ARRAY_JOB_ID")
             job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ.get("SLURM_JOB_ID")
             if job:
-                proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                # SIGUSR1 ignored meanwhile, and so by scontrol, which inherits that: on several nodes the signal can
+                # reach this node's processes after another node's rank saw it, and it would kill scontrol
+                previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+                try:
+                    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                finally:
+                    signal.signal(signal.SIGUSR1, previous)
                 print(f"step {trainer.global_step}: checkpoint saved; scontrol requeue {job}: exit {proc.returncode}")
         trainer.strategy.barrier()
         note_signal(signal.SIGUSR1)  # the stage ends as interrupted (KILLED in MLflow), whatever Lightning makes of it

@@ -46,7 +46,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 import models
-from pipeline import mlflow_logging, strategy
+from pipeline import liveness, mlflow_logging, strategy
 from pipeline.budget import padded_vocab_size
 from pipeline.common import (
     CorruptFileError,
@@ -465,7 +465,10 @@ def _fit_and_save(
     # under SLURM, SIGUSR1 -> checkpoint at the next step boundary and requeue (module.StepCheckpoint); Lightning's
     # own auto-requeue saves mid-step and its hpc_ckpt files are later reloaded by trainer.validate (stale weights)
     checkpoint = StepCheckpoint(paths.checkpoints, section.checkpoint_every_n_steps, requeue_on_signal=on_slurm)
-    callbacks: list[L.Callback] = [SamplerPosition(), checkpoint]
+    # several processes: a lost peer ends this one too, with a message (rank zero marks its MLflow run first)
+    on_end = [lambda result: run.finish(result.mlflow_status)] if run.active else []
+    heartbeat = liveness.Heartbeat(cfg.launcher.heartbeat_interval_s, cfg.launcher.heartbeat_timeout_s, on_end)
+    callbacks: list[L.Callback] = [SamplerPosition(), checkpoint, heartbeat]
     if run.active:  # the learning rate of each parameter group, through the run's logger (train/lr/<group>)
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.progress_bar:

@@ -25,8 +25,10 @@ def training_stage(stage: str, argv: list[str] | None = None) -> int:
 
     def body(cfg: Any, args: argparse.Namespace) -> None:
         require_variant(cfg, args.model, args.seed)
+        from pipeline.liveness import watched
         from pipeline.train import run_training
 
-        run_training(cfg, stage, args.model, args.seed, argv)
+        with watched():  # several processes: a lost peer is named, and the ranks agree on the outcome
+            run_training(cfg, stage, args.model, args.seed, argv)
 
     return run_stage(body, parser, argv, rerun=RESUMES)

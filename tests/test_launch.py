@@ -6,6 +6,7 @@ they test our code against a stand-in of an external system (the commands' docum
 
 from __future__ import annotations
 
+import os
 import shlex
 import stat
 import subprocess
@@ -21,6 +22,7 @@ from pipeline.strategy import launched_externally, process_layout
 
 MODELS = {"t5": {"preset": "tiny"}, "reformer": {"preset": "tiny"}}
 ARGV = ["--family", "t5", "--params", "params.yaml"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cluster_config(**slurm):
@@ -67,7 +69,7 @@ def test_sbatch_script_for_two_nodes_of_four_gpus(tmp_path):
         "--requeue",
         "--constraint=a100",
         "--exclusive",
-        f"--output={tmp_path}/artifacts/pretrain/t5/slurm/slurm-%j.out",
+        f"--output={tmp_path}/logs/slurm/pretrain/t5/slurm-%j.out",
     ):
         assert expected in options, f"{expected} missing from {options}"
     lines = script.splitlines()
@@ -147,6 +149,39 @@ def test_launcher_counts_must_match_trainer():
         config_from_dict({"models": MODELS, "launcher": {"kind": "torchrun", "nproc_per_node": 4}})
     with pytest.raises(ConfigError, match="trainer.num_nodes"):
         config_from_dict({"models": MODELS, "trainer": {"devices": "auto"}, "launcher": {"kind": "slurm", "nnodes": 2}})
+    with pytest.raises(ConfigError, match="heartbeat_timeout_s: 10 s is under 3 heartbeats"):
+        config_from_dict({"models": MODELS, "launcher": {"heartbeat_interval_s": 5, "heartbeat_timeout_s": 10}})
+
+
+def test_nnodes_that_disagree_with_num_nodes_stop_the_stage_at_validation(tmp_path):
+    """A params check: exit 2 before anything is imported or launched, one message naming both keys."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["launcher"] |= {"kind": "torchrun", "nnodes": 2, "rdzv_endpoint": "node0:29400"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "pipeline.pretrain", "--model", "t5", "--seed", "0"]
+    done = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert "trainer.num_nodes: 1 but launcher.nnodes is 2" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "artifacts").exists()
+
+
+def test_a_multi_node_rendezvous_needs_a_hostname_the_other_nodes_can_reach():
+    """Before torchrun starts on several nodes: a hostname that resolves to the loopback address only (Debian's
+    default `127.0.1.1 <hostname>`) would have gloo advertise an address no other node reaches."""
+    from pipeline.launch import check_node_addresses
+
+    launcher = {"kind": "torchrun", "nnodes": 2, "rdzv_endpoint": "10.1.2.3:29400"}
+    cfg = config_from_dict({"models": MODELS, "trainer": {"num_nodes": 2}, "launcher": launcher})
+    with pytest.raises(StageError, match="'localhost' resolves to the loopback address only"):
+        check_node_addresses(cfg, hostname="localhost")
+    launcher["rdzv_endpoint"] = "127.0.0.1:29400"  # every "node" on this machine: the loopback address reaches them
+    check_node_addresses(config_from_dict({"models": MODELS, "trainer": {"num_nodes": 2}, "launcher": launcher}),
+                         hostname="localhost")  # fmt: skip
+    assert "--rdzv-conf" in (cmd := torchrun_command(cfg, "pretrain", ARGV))
+    assert cmd[cmd.index("--rdzv-conf") + 1] == "read_timeout=60"  # the agent's store requests: the heartbeat's timeout
 
 
 # ----------------------------------------------------------------------------- submit and wait (stand-ins)
@@ -217,7 +252,7 @@ def test_submit_waits_through_a_requeue_and_streams_the_log(project, capsys):
     fake_sacct(bin_dir, ["PENDING|0:0", "RUNNING|0:0", "REQUEUED|0:0", "PENDING|0:0", "RUNNING|0:0", "COMPLETED|0:0"])
     assert launch_if_needed(slurm_config(), "pretrain", "t5", ARGV) == 0
     assert int((bin_dir / "calls").read_text()) == 6  # kept polling through the requeue until COMPLETED
-    script = (root / "artifacts/pretrain/t5/slurm/pretrain-t5.sbatch").read_text()
+    script = (root / "logs/slurm/pretrain/t5/pretrain-t5.sbatch").read_text()
     assert (bin_dir / "submitted.sbatch").read_text() == script
     captured = capsys.readouterr()
     assert "epoch 0 loss 6.1" in captured.out  # the job's log, streamed while waiting
@@ -239,7 +274,7 @@ def test_without_sacct_squeue_and_the_exit_code_file_decide(project):
     root, bin_dir = project
     fake_sbatch(bin_dir, job_id="77")
     # squeue lists the job twice, then it is gone and the script's exit-code file holds the result
-    exit_file = root / "artifacts/pretrain/t5/slurm/exitcode-77"
+    exit_file = root / "logs/slurm/pretrain/t5/exitcode-77"
     write_tool(
         bin_dir,
         "squeue",
@@ -264,3 +299,43 @@ def test_missing_sbatch_is_a_clear_error(project, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "sbatch" else real_which(name, *a, **k))
     with pytest.raises(StageError, match="sbatch. is not on PATH"):
         launch_if_needed(slurm_config(), "pretrain", "t5", ARGV)
+
+
+def test_the_requeue_command_survives_a_late_sigusr1(tmp_path, monkeypatch, capsys):
+    """On several nodes, SIGUSR1 from `scancel --signal=USR1` can reach this node's processes after another node's
+    rank saw it and the ranks agreed to requeue: SLURM then signals `scontrol requeue` too, which must not die of it
+    (the stand-in `scontrol` signals itself the same way)."""
+    import os
+    import signal
+
+    import lightning as L
+
+    from pipeline import common
+    from pipeline.module import Seq2SeqLM, StepCheckpoint
+    from tests.test_faults import _fit, _settings, _Tiny
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_tool(bin_dir, "scontrol", f'kill -USR1 $$\necho "$@" > {tmp_path}/requeued\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setattr(common, "_received", [])  # the signals this test's stage receives stay this test's
+    monkeypatch.setattr(common, "_raising", [False])
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    common.install_signal_handlers()
+
+    class SignalAtStep3(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    ckpt = StepCheckpoint(tmp_path / "ck", every_n_train_steps=100, requeue_on_signal=True)
+    try:
+        with pytest.raises(BaseException) as info:  # noqa: B017 - which one Lightning raises is not the point here
+            _fit(Seq2SeqLM(_Tiny(), _settings(lr=1e-2, patience=0)), tmp_path, 40, [SignalAtStep3(), ckpt])
+        assert common.outcome_of(info.value).outcome is common.Outcome.INTERRUPTED
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "77"]
+    assert "scontrol requeue 77: exit 0" in capsys.readouterr().out

@@ -118,7 +118,7 @@ def dvc_project(root: Path) -> Path:
 
 
 def _job_id(project: Path, deadline: float) -> str:
-    logs = project / RUN / "slurm"
+    logs = project / "logs/slurm/pretrain/t5/0"
     while time.monotonic() < deadline:
         found = sorted(logs.glob("slurm-*.out")) if logs.is_dir() else []
         if found:
@@ -153,7 +153,7 @@ def test_dvc_repro_through_slurm_and_a_sigusr1_requeue_is_exact(tmp_path, slurm)
     assert signalled.returncode == 0, signalled.stderr
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-5000:]
-    log = (requeued / RUN / "slurm" / f"slurm-{job}.out").read_text()
+    log = (requeued / "logs/slurm/pretrain/t5/0" / f"slurm-{job}.out").read_text()
     assert "scontrol requeue" in log, log[-3000:]
     assert "resuming from" in log, log[-3000:]
     restarts = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
