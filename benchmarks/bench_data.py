@@ -267,6 +267,7 @@ def tokenize_run(project: Path, num_proc: int) -> dict:
     set_params(project, **{"tokenizer.num_proc": num_proc})
     r = stage(project, "tokenize")
     r["metrics"] = json.loads((project / "metrics" / "tokenize.json").read_text())
+    r["metrics"].update(json.loads((project / "artifacts" / "timing" / "tokenize.json").read_text()))  # speed
     r["encode_tps"] = r["metrics"]["tokens_per_second"]
     return r
 
@@ -296,6 +297,7 @@ def make_project(workdir: Path, label: str, steps: int) -> Path:
             "pretrain.optimizer.warmup_steps": min(5, steps),
             "pretrain.val_every_n_steps": 10_000,
             "pretrain.checkpoint_every_n_steps": 10_000,
+            "trainer.divergence.patience_steps": 0,  # a timing run of a few steps: no stuck-loss guard
             "trainer.progress_bar": False,
             "mlflow.system_metrics": False,
             "mlflow.log_models": False,

@@ -345,7 +345,7 @@ class LengthsBudgetConfig(Section):
     """`flops`: every variant trains until it has spent the budget in training FLOPs at a length, by its own FLOPs
     accounting (`training_flops`), so the step count differs between variants (deterministic); `seconds`: until
     `value` seconds of training wall-clock (machine-dependent, not reproducible)."""
-    steps: PosInt | Annotated[list[PosInt], Field(min_length=1)] | None = 400
+    steps: PosInt | Annotated[list[PosInt], Field(min_length=1)] | None = Field(default_factory=lambda: [800, 200])
     """`flops`: the budget at each length is the training FLOPs of this many optimizer steps of the reference model
     (`reference`) at that length, so it grows with the length as a model's cost does and does not depend on which
     variants run (pipeline/budget.py); one number for every length, or one per length. Null: give `value`."""
@@ -381,14 +381,7 @@ class LengthsConfig(Section):
     default run within its time; with one seed the intervals are over test examples only (the report says so).
     With `init: pretrained` each must be one of `seeds` (its pretrained weights)."""
     task_options: dict[str, Any] = Field(
-        default_factory=lambda: {
-            "operators": ["MAX", "MIN", "MED", "SM"],
-            "max_depth": 6,
-            "max_args": 6,
-            "leaf_probability": 0.5,
-            "num_examples": 200,
-            "num_eval_examples": 60,
-        }
+        default_factory=lambda: {"filler": 4, "num_examples": 8000, "num_eval_examples": 200}
     )
     """The task's options (`pipeline/tasks.py`), except the expression-length ones, which `fill` sets per length."""
     seq_lengths: Annotated[list[Annotated[int, Field(ge=16)]], Field(min_length=1)] = Field(
@@ -396,7 +389,7 @@ class LengthsConfig(Section):
     )
     """Input lengths (tokens), increasing; each length fine-tunes a fresh copy of the starting model."""
     fill: Annotated[list[Annotated[Float, Field(gt=0)]], Field(min_length=2, max_length=2)] = Field(
-        default_factory=lambda: [0.5, 1.8]
+        default_factory=lambda: [0.9, 0.97]
     )
     """Shortest and longest expression as fractions of the length, in the task's own unit (listops: characters,
     lra_listops: LRA tokens); examples that tokenize longer than the length are dropped and counted."""
@@ -404,21 +397,21 @@ class LengthsConfig(Section):
     """Start each length from the variant's pretrained weights (same seed), or from a fresh initialisation."""
     budget: LengthsBudgetConfig = Field(default_factory=LengthsBudgetConfig)
     """The compute every variant gets at each length."""
-    batch_size: PosInt = 4
+    batch_size: PosInt = 8
     """Sequences per optimizer step."""
-    target_length: PosInt = 4
+    target_length: PosInt = 2
     """Target tokens (the answer and its end-of-sequence token)."""
     optimizer: OptimizerConfig = Field(
-        default_factory=lambda: OptimizerConfig(lr=1e-3, schedule="constant", warmup_steps=0)
+        default_factory=lambda: OptimizerConfig(lr=3e-3, schedule="constant", warmup_steps=20)
     )
     """Optimizer and schedule; `cosine`/`linear` decay over the budget's step count (FLOPs budgets only)."""
-    log_every_n_steps: PosInt = 5
+    log_every_n_steps: PosInt = 20
     """Training loss logged every this many steps (MLflow, `artifacts/lengths/`)."""
-    eval_examples: PosInt = 60
+    eval_examples: PosInt = 200
     """Test examples scored per length (the same for every run; at most the task's `num_eval_examples`)."""
-    eval_batch_size: PosInt = 32
+    eval_batch_size: PosInt = 50
     """Sequences per generation batch."""
-    max_new_tokens: PosInt = 3
+    max_new_tokens: PosInt = 2
     """Generation length limit (the answer is one class and its end-of-sequence token)."""
 
     @field_validator("seeds")

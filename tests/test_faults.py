@@ -92,7 +92,8 @@ def _stage(body):
 @pytest.fixture
 def no_config(monkeypatch):
     trainer = SimpleNamespace(threads=1, devices=1)  # what run_stage reads before the body
-    monkeypatch.setattr(common, "load_config_or_exit", lambda path: SimpleNamespace(trainer=trainer))
+    kernels = SimpleNamespace(matmul="blas", decoding="plain")
+    monkeypatch.setattr(common, "load_config_or_exit", lambda path: SimpleNamespace(trainer=trainer, kernels=kernels))
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

@@ -71,7 +71,7 @@ def test_every_budget_is_checked_with_the_params_by_the_stages_own_accounting(tm
     vocab = padded_vocab_size(cfg.tokenizer.vocab_size)
     budget = plan(cfg.lengths, {v: (s.family, model_config_of(s, vocab)) for v, s in cfg.models.items()}, vocab)
     steps = {v: [r["steps"] for r in rows] for v, rows in budget["variants"].items()}
-    assert min(min(v) for v in steps.values()) >= 1 and steps["t5"] == [cfg.lengths.budget.steps] * 2
+    assert min(min(v) for v in steps.values()) >= 1 and steps["t5"] == cfg.lengths.budget.steps  # the reference
     assert steps["t5_small"][0] < steps["t5"][0] / 10  # the bigger model: fewer steps for the same FLOPs
     assert budget["budgets"][1] > budget["budgets"][0]  # the budget grows with the length
     raw = _default_params()
@@ -243,16 +243,21 @@ def test_a_constant_answer_is_collapsed_at_its_length_and_loses():
     assert "collapsed" in long["text"]
 
 
-def test_one_seed_names_no_winner_and_no_run_gives_an_empty_section():
+def test_one_seed_has_intervals_over_test_examples_and_no_run_gives_an_empty_section():
+    """With one seed (`lengths.seeds: [0]`, the default run's) the interval is the bootstrap over the test examples
+    alone: a clear difference is named, a small one is not, and the report says what the interval covers."""
     cfg = tiny_cfg()
-    cfg.seeds = [0]
     runs = {
-        "t5": {0: _lengths_run(np.random.default_rng(0), {32: 0.9, 64: 0.9}, {32: 8, 64: 4})},
-        "reformer": {0: _lengths_run(np.random.default_rng(1), {32: 0.3, 64: 0.3}, {32: 3, 64: 2})},
+        "t5": {0: _lengths_run(np.random.default_rng(0), {32: 0.9, 64: 0.5}, {32: 8, 64: 4})},
+        "reformer": {0: _lengths_run(np.random.default_rng(1), {32: 0.3, 64: 0.5}, {32: 3, 64: 2})},
     }
-    (level, _) = quality_vs_length(cfg, runs, ["t5", "reformer"])["levels"]
-    assert level["row"].verdicts[0][2].kind == "no_interval"
-    assert lengths_chart_points({"levels": [level]})["t5"][0]["low"] is None
+    short, long = quality_vs_length(cfg, runs, ["t5", "reformer"])["levels"]
+    (_, _, verdict) = short["row"].verdicts[0]
+    assert verdict.kind == "significant" and verdict.winner == "t5"
+    assert short["row"].values["t5"].method == "bootstrap over examples" and short["row"].show_interval
+    assert long["row"].verdicts[0][2].kind == "not_significant"
+    assert "steps 8 (t5) vs 3 (reformer)" in short["row"].matched[("t5", "reformer")]
+    assert lengths_chart_points({"levels": [short]})["t5"][0]["low"] is not None
     del runs["reformer"]
     partial = quality_vs_length(cfg, runs, ["t5", "reformer"])
     assert partial["missing"] == ["lengths@reformer-0"] and not partial["levels"][0]["row"].verdicts
@@ -328,6 +333,7 @@ def test_the_report_shows_quality_and_efficiency_per_length_and_compare_json_kee
     cfg = tiny_cfg()
     cfg.seeds = [0, 1, 2]
     cfg.evaluate.num_beams = [1]
+    cfg.lengths.seeds = [0, 1, 2]
     data = synthetic([0, 1, 2], {"t5": (0.9, 3.0, None), "reformer": (0.45, 4.0, None)})
     data["lengths"] = {
         "t5": {s: _lengths_run(np.random.default_rng(s), {32: 0.9, 64: 0.0}, {32: 8, 64: 4}) for s in (0, 1, 2)},
@@ -338,9 +344,11 @@ def test_the_report_shows_quality_and_efficiency_per_length_and_compare_json_kee
     analysis = analyze(cfg, data)
     report = render_report(cfg, data, analysis)
     section = report[report.index("## Quality versus length at matched compute") : report.index("## Speed and memory")]
-    assert "the same budget for every variant" in section and "FLOPs (each variant's own accounting)" in section
+    assert "compute matched: 1e+08 training FLOPs per run and length" in section
     assert "| 32 | 1e+08 |" in section and "t5, higher by" in section and "both collapsed" in section
-    assert "| length | variant | parameters | training FLOPs per input token |" in section
+    assert "(matched: training FLOPs; steps 8 (t5) vs 3 (reformer))" in section  # what each verdict matched
+    assert "bootstrap over seeds and test examples" in section  # three seeds here
+    assert "| length | variant | parameters | training FLOPs of a step per input position at this length |" in section
     assert "| 32 | reformer | 1,000 |" in section and "(quality_vs_length.png)" in section
     assert "**Quality versus length at matched compute**" in report  # in the answer in short
     assert "is measured on `needle` at lengths 32, 64" in report  # the caveat

@@ -75,7 +75,7 @@ def test_run_paths_match_the_dvc_yaml_outputs():
     assert ev.dvc_stage() == "evaluate@rf-2"
     ln = RunPaths(Path("."), "lengths", "rf", 2)
     assert outputs("lengths") == {ln.out.as_posix(), ln.metrics.as_posix(), ln.timing.as_posix()}
-    assert stages["lengths"]["matrix"] == {"model": "${models}", "seed": "${seeds}"}
+    assert stages["lengths"]["matrix"] == {"model": "${models}", "seed": "${lengths.seeds}"}  # its own seeds
 
 
 def test_the_run_seed_changes_training_noise_not_validation(tmp_path):
