@@ -1,9 +1,14 @@
 """Model families compared by the pipeline: our own T5 and our own Reformer, in plain PyTorch.
 
 Everything in `pipeline/` reaches the models through this registry, never through a family's module
-directly. Each family module ends with one `SPEC = FamilySpec(...)` (`models/spec.py`): config class, model
-class, presets, benchmark sizing, activation-checkpointing hook, and optional capabilities. Adding a family is
-one module plus one line in `SPECS` below.
+directly. Each family has one `SPEC = FamilySpec(...)` (`models/spec.py`): config class, model class, presets,
+benchmark sizing, activation-checkpointing hook, and optional capabilities; ours sit in `models/t5_family.py` and
+`models/reformer_family.py`, beside the model files they describe. Adding a family is one module ending with its
+`SPEC` plus one line in `SPECS` below.
+
+Which code computes the numbers is one process-wide setting (`models/settings.py`, re-exported here):
+`set_cpu_kernels(matmul, decoding, paths)`, `cpu_kernels()`; a process that sets nothing computes with the reference
+path, the model files as written. `processor_vendor()` and `onednn_available()` tell what `auto` resolves from.
 
 The family's config dataclass has `from_preset(name, **overrides)`, `to_dict()` and `from_dict(d)`; the model
 class has the shared interface described in `docs/interfaces.md` (`forward` returns logits, `generate`
@@ -20,13 +25,15 @@ from typing import Any
 
 import torch
 
-from models import reformer, t5
-from models.common import CpuKernels as CpuKernels  # CPU kernels: an explicit setting, re-exported
-from models.common import cpu_kernels as cpu_kernels
-from models.common import set_cpu_kernels as set_cpu_kernels
+from models import reformer_family, t5_family
+from models.fast.private import onednn_available as onednn_available  # the settings, re-exported
+from models.settings import CpuKernels as CpuKernels
+from models.settings import cpu_kernels as cpu_kernels
+from models.settings import processor_vendor as processor_vendor
+from models.settings import set_cpu_kernels as set_cpu_kernels
 from models.spec import FamilySpec
 
-SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (t5.SPEC, reformer.SPEC)}
+SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (t5_family.SPEC, reformer_family.SPEC)}
 FAMILIES: tuple[str, ...] = tuple(SPECS)
 
 WEIGHTS_NAME = "model.safetensors"

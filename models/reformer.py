@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import reformer_decoding
-from models.common import Dropout, Linear, dense
+from models.chunked_attention import chunked_attention, full_attention, merge_heads, normalise_keys, split_heads
+from models.fast import reformer as fast
+from models.flops import reformer_training_flops as training_flops
 from models.generation import GenerationMixin
-from models.lsh_kernels import NormaliseKeys, PermuteRows, chunked_attention, full_attention
+from models.layers import Dropout, Linear
 from models.positions import AxialPositionEmbeddings, PositionEmbeddings
-from models.reformer_family import benchmark_config, efficient_attention, seeded
 from models.reversible import reversible_stack
-from models.spec import FamilySpec
+from models.settings import fast_paths
 
 LAYOUTS = ("encoder_decoder", "causal_lm")
 ATTN_TYPES = ("lsh", "local")
@@ -40,30 +41,14 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": _GELU_TANH, "gelu_fas
 # token embeddings of std 0.02 the positions drown the tokens, and a tiny model fine-tuned for a few hundred steps
 # never learns which digits its input holds (measured: `sort` exact match 0.005 with 1.0, 0.83 with 0.02).
 _POSITIONS = dict(axial_norm_std=0.02)
+_LAYERS = ("local", "lsh")  # the presets' pattern of layers, repeated in the deeper ones
 PRESETS: dict[str, dict[str, Any]] = {
     # matched to the T5 presets of the same name by non-embedding parameter count (tests/test_reformer.py)
-    "tiny": dict(
-        _POSITIONS, vocab_size=8192, d_model=128, d_kv=32, num_heads=4, d_ff=512, attn_layers=["local", "lsh"]
-    ),
-    "small": dict(
-        _POSITIONS,
-        d_model=512,
-        d_kv=64,
-        num_heads=8,
-        d_ff=2048,
-        attn_layers=["local", "lsh"] * 3,
-        axial_pos_dims=[256, 256],
-    ),
-    "base": dict(
-        _POSITIONS,
-        d_model=768,
-        d_kv=64,
-        num_heads=12,
-        d_ff=3072,
-        attn_layers=["local", "lsh"] * 6,
-        axial_pos_dims=[384, 384],
-    ),
+    "tiny": dict(_POSITIONS, vocab_size=8192, d_model=128, d_kv=32, num_heads=4, d_ff=512, attn_layers=list(_LAYERS)),
+    "small": dict(_POSITIONS, d_model=512, d_kv=64, num_heads=8, d_ff=2048, attn_layers=list(_LAYERS * 3)),
+    "base": dict(_POSITIONS, d_model=768, d_kv=64, num_heads=12, d_ff=3072, attn_layers=list(_LAYERS * 6)),
 }
+PRESETS["small"]["axial_pos_dims"], PRESETS["base"]["axial_pos_dims"] = [256, 256], [384, 384]  # sum to d_model
 
 
 @dataclass
@@ -125,15 +110,8 @@ class ReformerConfig:
             factors = [self.n_buckets] if isinstance(self.n_buckets, int) else list(self.n_buckets)
             if not factors or any(b < 2 or b % 2 for b in factors):
                 errors.append(f"n_buckets must be None, an even int >= 2 or a list of them, got {self.n_buckets!r}")
-        for name in (
-            "lsh_num_chunks_before",
-            "lsh_num_chunks_after",
-            "local_num_chunks_before",
-            "local_num_chunks_after",
-            "encoder_num_chunks_after",
-            "ff_chunk_size",
-            "lm_head_chunk_size",
-        ):
+        chunks = [f"{kind}_num_chunks_{side}" for kind in ("lsh", "local") for side in ("before", "after")]
+        for name in (*chunks, "encoder_num_chunks_after", "ff_chunk_size", "lm_head_chunk_size"):
             if getattr(self, name) < 0:
                 errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if (self.axial_pos_shape is None) != (self.axial_pos_dims is None):
@@ -173,16 +151,6 @@ class ReformerConfig:
         if unknown:
             raise ValueError(f"unknown ReformerConfig keys: {', '.join(unknown)}")
         return cls(**d)
-
-
-def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, L, H*K) -> (B, H, L, K)"""
-    return x.view(x.shape[0], x.shape[1], num_heads, -1).transpose(1, 2)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, K) -> (B, L, H*K)"""
-    return x.transpose(1, 2).flatten(2)
 
 
 class LSHSelfAttention(nn.Module):
@@ -255,39 +223,40 @@ class LSHSelfAttention(nn.Module):
         return order
 
     def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None, cache: dict | None = None):
+        """(B, L, D) -> (B, L, H*K): hash, sort by bucket, attend within chunks, unsort, combine the rounds."""
+        if fast_paths():
+            return fast.lsh_attention(self, hidden, key_mask, cache)
         B, L, _ = hidden.shape
         H, R, K = self.num_heads, self.config.n_hashes, self.d_kv
-        # both projections in one matmul, per head [qk, v] side by side: (B, L, H, 2K)
-        weight = torch.cat([self.query_key.weight.view(H, K, -1), self.value.weight.view(H, K, -1)], dim=1)
-        qkv = dense(hidden, weight.flatten(0, 1)).view(B, L, H, 2 * K)
+        qk, v = split_heads(self.query_key(hidden), H), split_heads(self.value(hidden), H)  # shared QK: (B, H, L, K)
         drop, training = self.config.attention_dropout_rate, self.training
         if self.config.use_full_attention or L <= self.chunk_length:
-            qk, v = qkv.transpose(1, 2).split(K, dim=-1)  # (B, H, L, K)
-            key = NormaliseKeys.apply(qk)
-            return _merge_heads(full_attention(qk, key, v, key_mask, self.causal, True, drop, training))
-        order = self.sort_order(qkv[..., :K].transpose(1, 2), key_mask, cache)  # (B, H, N)
-        with torch.no_grad():
-            arange = lambda n: torch.arange(n, device=order.device)  # noqa: E731
-            pos = order % L
-            # sorted vector (b, h, i) is row `rows` of qkv as (B*L*H, 2K); its unsorted place is (b, pos, h, round)
-            rows = (pos + arange(B).view(B, 1, 1) * L) * H + arange(H).view(1, H, 1)  # (B, H, N)
-            undo = torch.empty_like(order).scatter_(-1, order, arange(R * L).expand_as(order))  # inverse permutation
-            # the other way: (b, l, h, r) -> row of the sorted (B*H*N, K); each qkv row is used by R of them
-            back = undo.view(B, H, R, L).permute(0, 3, 1, 2) + (arange(B * H).view(B, 1, H, 1) * (R * L))
-            rows, back, unsorted = rows.flatten(), back.flatten(), (rows * R + order // L).flatten()
-        qkv = PermuteRows.apply(qkv.view(B * L * H, 2 * K), rows, back, R)  # a row gather, not an expanded `gather`
-        qk, v = qkv.view(B, H, R * L, 2 * K).split(K, dim=-1)
-        keys = NormaliseKeys.apply(qk)
+            return merge_heads(full_attention(qk, normalise_keys(qk), v, key_mask, self.causal, True, drop, training))
+        order = self.sort_order(qk, key_mask, cache)  # (B, H, N): round by round, by bucket, by position
+        pos = order % L  # the position of each sorted vector
+        qk, v = (x.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, K)) for x in (qk, v))  # sorted (B, H, N, K)
         before, after = self.config.lsh_num_chunks_before, self.num_chunks_after
         out, lse = chunked_attention(
-            qk, keys, v, pos, key_mask, self.chunk_length, before, after, self.causal, True, drop, training
+            qk,
+            normalise_keys(qk),
+            v,
+            pos,
+            key_mask,
+            self.chunk_length,
+            before,
+            after,
+            self.causal,
+            True,
+            drop,
+            training,
         )
-        out = PermuteRows.apply(out.view(B * H * R * L, K), back, unsorted, 1).view(B, L, H, R, K)
-        lse = PermuteRows.apply(lse.view(B * H * R * L, 1), back, unsorted, 1).view(B, L, H, R, 1)
-        # rounds combined through their normalisers; written as exp(lse - logsumexp) rather than softmax because a
-        # query that only sees itself has lse near the self-mask value, where the two round differently in fp32
-        weights = torch.exp(lse - torch.logsumexp(lse, dim=3, keepdim=True))
-        return (out * weights).sum(dim=3).view(B, L, H * K)
+        undo = order.argsort(-1)  # the inverse permutation: back to (round, position) order
+        out = out.view(B, H, R * L, K).gather(2, undo.unsqueeze(-1).expand(-1, -1, -1, K)).view(B, H, R, L, K)
+        lse = lse.view(B, H, R * L).gather(2, undo).view(B, H, R, L, 1)
+        # rounds combined through their normalisers (section 2.3); exp(lse - logsumexp) rather than softmax: a query
+        # that only sees itself has lse near the self-mask value, where the two round differently in fp32
+        weights = torch.exp(lse - torch.logsumexp(lse, dim=2, keepdim=True))
+        return merge_heads((out * weights).sum(dim=2))
 
 
 class LocalSelfAttention(nn.Module):
@@ -304,19 +273,21 @@ class LocalSelfAttention(nn.Module):
         self.value = Linear(config.d_model, inner, bias=False)
 
     def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None, cache: dict | None = None):
+        """(B, L, D) -> (B, L, H*K)."""
+        if fast_paths():
+            return fast.local_attention(self, hidden, key_mask)
         B, L, _ = hidden.shape
-        # the three projections in one matmul (keys pre-scaled by 1/sqrt(d_kv)): (B, L, 3, H, K)
-        weight = torch.cat([self.query.weight, self.key.weight / math.sqrt(self.d_kv), self.value.weight])
-        q, k, v = dense(hidden, weight).view(B, L, 3, self.num_heads, self.d_kv).transpose(1, 3).unbind(2)
-        drop, training = self.config.attention_dropout_rate, self.training  # q, k, v: (B, H, L, K)
+        q, k, v = (split_heads(proj(hidden), self.num_heads) for proj in (self.query, self.key, self.value))
+        k = k / math.sqrt(self.d_kv)  # (B, H, L, K) each
+        drop, training = self.config.attention_dropout_rate, self.training
         if L <= self.chunk_length:
-            return _merge_heads(full_attention(q, k, v, key_mask, self.causal, False, drop, training))
+            return merge_heads(full_attention(q, k, v, key_mask, self.causal, False, drop, training))
         pos = torch.arange(L, device=hidden.device).view(1, 1, L)  # the same for every row and head
-        before = self.config.local_num_chunks_before
+        before, after = self.config.local_num_chunks_before, self.num_chunks_after
         out, _ = chunked_attention(
-            q, k, v, pos, key_mask, self.chunk_length, before, self.num_chunks_after, self.causal, False, drop, training
+            q, k, v, pos, key_mask, self.chunk_length, before, after, self.causal, False, drop, training
         )
-        return _merge_heads(out.view(B, self.num_heads, L, self.d_kv))
+        return merge_heads(out.view(B, self.num_heads, L, self.d_kv))
 
 
 class ReformerSelfOutput(nn.Module):
@@ -362,15 +333,15 @@ class ReformerCrossAttention(nn.Module):
 
     def project_kv(self, encoder_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (pre-scaled by 1/sqrt(d_kv)) and values of the encoder output (B, E, 2D) -> 2 x (B, H, E, K)."""
-        k = _split_heads(self.key(encoder_out), self.num_heads) / math.sqrt(self.d_kv)
-        return k, _split_heads(self.value(encoder_out), self.num_heads)
+        k = split_heads(self.key(encoder_out), self.num_heads) / math.sqrt(self.d_kv)
+        return k, split_heads(self.value(encoder_out), self.num_heads)
 
     def forward(self, hidden, encoder_out, encoder_mask, kv: tuple[torch.Tensor, torch.Tensor] | None = None):
         """hidden (B, L, D) -> (B, L, D); `kv`: `project_kv(encoder_out)` kept from earlier (decoding)."""
-        q = _split_heads(self.query(self.layer_norm(hidden)), self.num_heads)  # (B, H, L, K)
+        q = split_heads(self.query(self.layer_norm(hidden)), self.num_heads)  # (B, H, L, K)
         k, v = self.project_kv(encoder_out) if kv is None else kv  # (B, H, E, K)
         out = full_attention(q, k, v, encoder_mask, False, False, self.drop, self.training)
-        return self.output(_merge_heads(out))
+        return self.output(merge_heads(out))
 
 
 class ChunkReformerFeedForward(nn.Module):
@@ -549,64 +520,3 @@ class ReformerModel(GenerationMixin, nn.Module):
     def training_flops(self, batch_size: int, input_len: int, target_len: int = 0) -> float:
         """Estimated FLOPs of one training step (`training_flops` of the config)."""
         return training_flops(self.config, batch_size, input_len, target_len)
-
-
-def _layer_weights(c: ReformerConfig, attn_type: str, cross: bool) -> int:
-    """Multiply-adds per position of one layer's weight matrices: attention projections (LSH: shared query-key and
-    value; local: query, key and value), its output, the cross-attention's (keys and values read both streams)
-    and the feed-forward's."""
-    inner = c.num_heads * c.d_kv
-    weights = (2 if attn_type == "lsh" else 3) * c.d_model * inner + inner * c.d_model
-    if cross:
-        weights += c.d_model * inner + 2 * (2 * c.d_model) * inner + inner * c.d_model
-    return weights + 2 * c.d_model * c.d_ff
-
-
-def training_flops(c: ReformerConfig, batch_size: int, input_len: int, target_len: int = 0) -> float:
-    """Estimated FLOPs of one training step, from the config alone: 2 per multiply-add, backward = 2x forward, plus
-    the reversible recomputation (one more forward of every layer) when `reversible`."""
-    inner = c.num_heads * c.d_kv
-    passes = 4 if c.reversible else 3
-
-    def stack_flops(attn_layers: list[str], after: int | None, length: int, cross_len: int) -> float:
-        total = 0.0
-        for attn_type in attn_layers:
-            if attn_type == "lsh":
-                chunks_after = c.lsh_num_chunks_after if after is None else after
-                full = c.use_full_attention or length <= c.lsh_chunk_length
-                window = (1 + c.lsh_num_chunks_before + chunks_after) * c.lsh_chunk_length
-                keys = length if full else window * c.n_hashes
-            else:
-                chunks_after = c.local_num_chunks_after if after is None else after
-                full = length <= c.local_chunk_length
-                keys = length if full else (1 + c.local_num_chunks_before + chunks_after) * c.local_chunk_length
-            keys += cross_len
-            total += length * (2 * _layer_weights(c, attn_type, cross_len > 0) + 4 * inner * keys)
-        return passes * batch_size * total
-
-    head = 6 * batch_size * 2 * c.d_model * c.vocab_size
-    if c.layout == "causal_lm":
-        length = input_len + target_len
-        return stack_flops(c.attn_layers, None, length, 0) + head * length
-    encoder = c.encoder_attn_layers or c.attn_layers
-    return (
-        stack_flops(encoder, c.encoder_num_chunks_after, input_len, 0)
-        + stack_flops(c.attn_layers, None, target_len, input_len)
-        + head * target_len
-    )
-
-
-# ------------------------------------------------------------------------------------------ family spec
-
-SPEC = FamilySpec(
-    name="reformer",
-    config_class=ReformerConfig,
-    model_class=ReformerModel,
-    presets=PRESETS,
-    benchmark_config=benchmark_config,
-    activation_checkpointing=None,  # reversible layers recompute activations in the backward pass already
-    seeded=seeded,
-    efficient_attention=efficient_attention,
-    training_flops=training_flops,
-    published={"lra_listops": {"Reformer": 0.3727}},  # Long Range Arena (Tay et al. 2021), table 1, test accuracy
-)

@@ -31,8 +31,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models.common import dense
-from models.lsh_kernels import NormaliseKeys, mask_values
+from models.chunked_attention import mask_values, normalise_keys
+from models.fast import reformer as fast
+from models.layers import linear
+from models.settings import fast_paths
 
 _PAD_BUCKET = 2**40  # after every real bucket, as the forward's padding bucket
 
@@ -93,10 +95,10 @@ def _project(attention: torch.nn.Module, hidden: torch.Tensor, weight: torch.Ten
     """hidden (N, t, D) -> per-head projections (N, H, t, K): LSH (qk, keys, v), local (q, k / sqrt(K), v)."""
     N, t, _ = hidden.shape
     H, K = attention.num_heads, attention.d_kv
-    parts = dense(hidden, weight).view(N, t, -1, H, K).permute(2, 0, 3, 1, 4).unbind(0)
+    parts = linear(hidden, weight).view(N, t, -1, H, K).permute(2, 0, 3, 1, 4).unbind(0)
     if _is_lsh(attention):
         qk, v = parts
-        return qk, NormaliseKeys.apply(qk), v
+        return qk, fast.normalise_keys(qk) if fast_paths() else normalise_keys(qk), v
     return parts
 
 

@@ -1,6 +1,6 @@
-"""The hooks of the Reformer's `FamilySpec` (`models/reformer.py`'s `SPEC`): how the pipeline scales a Reformer
-config for the benchmark, seeds its hashing, and names its sub-quadratic attention. Configs are
-`models.reformer.ReformerConfig` dataclasses; this module reads their fields only.
+"""Our Reformer as a family of the registry (`models/__init__.py`): its `FamilySpec` and the hooks the pipeline
+calls: how the benchmark scales a Reformer config, how a run's seed reaches its hashing, and the name of its
+sub-quadratic attention.
 """
 
 from __future__ import annotations
@@ -8,6 +8,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any
+
+from models.flops import reformer_training_flops
+from models.reformer import PRESETS, ReformerConfig, ReformerModel
+from models.spec import FamilySpec
 
 
 def benchmark_config(config: Any, num_layers: int | None, length: int) -> Any:
@@ -39,3 +43,17 @@ def efficient_attention(config: Any) -> str | None:
         kinds.discard("lsh")
     names = [{"lsh": "LSH", "local": "local"}[kind] for kind in ("lsh", "local") if kind in kinds]
     return " and ".join(names) + " attention" if names else None
+
+
+SPEC = FamilySpec(
+    name="reformer",
+    config_class=ReformerConfig,
+    model_class=ReformerModel,
+    presets=PRESETS,
+    benchmark_config=benchmark_config,
+    activation_checkpointing=None,  # reversible layers recompute activations in the backward pass already
+    seeded=seeded,
+    efficient_attention=efficient_attention,
+    training_flops=reformer_training_flops,
+    published={"lra_listops": {"Reformer": 0.3727}},  # Long Range Arena (Tay et al. 2021), table 1, test accuracy
+)

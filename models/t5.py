@@ -5,6 +5,12 @@ Parameter names follow `transformers`' T5 (`shared`, `encoder.block.0.layer.0.Se
 weight conversion (`models/hf/t5.py`) is a table. Layouts: encoder-decoder, and the decoder-only causal LM and
 prefix LM of the paper's Table 2 (one stack, named `decoder`, without cross-attention).
 
+This file is the reference: what it computes is the model. When a process asks for the speed paths
+(`models.set_cpu_kernels(paths="fast")`, the pipeline's default), a few methods hand over to their fast form in
+`models/fast/t5.py` (first line `if fast_paths(): ...`): fused and stacked projections, attention differentiated by
+hand, one gradient tensor for tied embeddings, an encoder over the real tokens only, decoding shortcuts. Each is
+tested equal to the code here (tests/test_fast_t5.py); none is needed to read the model.
+
 Dimension legend:
     B batch, N batch * beams, S encoder (source) length, T decoder (target) length, Lq / Lk query / key length,
     D d_model, H heads, Dk d_kv (per-head size), I = H * Dk (inner attention size), F d_ff, V vocabulary.
@@ -20,22 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models import generation
-from models.common import (
-    BiasedAttention,
-    KVCache,
-    Tied,
-    TiedEmbedding,
-    decoding,
-    dense,
-    drop_mask,
-    dropout,
-    dropped_relu_,
-    linear,
-    neg_inf,
-    split_heads,
-    weight_state,
-)
+from models import generation, t5_decoding
+from models.fast import t5 as fast
+from models.flops import t5_training_flops as training_flops
+from models.layers import KVCache, Linear, additive_mask, all_true, dropout, linear, neg_inf, padded_keys
+from models.settings import fast_paths
 
 LAYOUTS = ("encoder_decoder", "causal_lm", "prefix_lm")
 FEED_FORWARD = ("relu", "gated-gelu")
@@ -155,30 +150,6 @@ def relative_position_bucket(relative_position: torch.Tensor, bidirectional: boo
     return offset + torch.where(distance < max_exact, distance, far)
 
 
-def _all_true(mask: torch.Tensor) -> bool:
-    """Whether a padding mask masks nothing (skips the mask); under torch.compile always False (no graph break)."""
-    return not torch.compiler.is_compiling() and bool(mask.all())
-
-
-def _merge(bias: torch.Tensor | None, hidden: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """One additive mask for SDPA: `bias` (1, H, Lq, Lk) with the keys `hidden` (B or 1, 1, Lq or 1, Lk) set to -inf."""
-    if hidden is None:
-        return bias
-    if bias is None:
-        return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, neg_inf(dtype))
-    return bias.masked_fill(hidden, neg_inf(dtype)).contiguous()
-
-
-def _use_math(backend: str, x: torch.Tensor) -> bool:
-    """Our own attention (`BiasedAttention`) rather than SDPA: when asked for, or on CPU with autograd recording.
-
-    There SDPA has no fused kernel that takes dropout or a mask needing a gradient (the position bias), so it runs
-    its unfused math through autograd: a merged (B, H, Lq, Lk) mask per stack, float dropout noise, and a fresh
-    (B, H, Lq, Lk) tensor for every step forward and backward.
-    """
-    return backend == "eager" or (x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad)
-
-
 class T5LayerNorm(nn.Module):
     """RMS norm: scale only, no mean subtraction and no bias (paper section 3.1.1)."""
 
@@ -192,68 +163,61 @@ class T5LayerNorm(nn.Module):
 
 
 class T5Attention(nn.Module):
-    """Multi-head attention without 1/sqrt(Dk) scaling (folded into the init of `q`, as in Mesh TensorFlow)."""
+    """Multi-head attention (paper section 2.1) without the 1/sqrt(Dk) logit scale, which Mesh TensorFlow folds into
+    the initialisation of `q`; the relative position bias comes in through the additive mask."""
 
     def __init__(self, config: T5Config, has_relative_attention_bias: bool = False):
         super().__init__()
         self.n_heads, self.d_kv, self.dropout = config.num_heads, config.d_kv, config.dropout_rate
         self.backend = config.attention_backend
         inner = config.num_heads * config.d_kv
-        self.q = nn.Linear(config.d_model, inner, bias=False)
-        self.k = nn.Linear(config.d_model, inner, bias=False)
-        self.v = nn.Linear(config.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.q = Linear(config.d_model, inner, bias=False)
+        self.k = Linear(config.d_model, inner, bias=False)
+        self.v = Linear(config.d_model, inner, bias=False)
+        self.o = Linear(inner, config.d_model, bias=False)
         if has_relative_attention_bias:  # only in the first layer of a stack; the others reuse its bias
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
-        self._qkv: tuple[tuple, torch.Tensor] | None = None  # inference's stacked q, k, v weights (`_stacked_qkv`)
 
-    def _stacked_qkv(self) -> torch.Tensor:
-        """q, k and v weights stacked (3 * I, D), for inference: one matmul per layer and step instead of three (each
-        a pass over the threads, which waits for every thread at its end). Built on first use and rebuilt when any
-        of the three may have changed (`weight_state`: new storage, a version bump, or any optimizer step since);
-        it is a plain attribute, not a parameter or buffer, so checkpoints and optimizers never see it."""
-        weights = (self.q.weight, self.k.weight, self.v.weight)
-        key = tuple(weight_state(w) for w in weights)
-        if self._qkv is None or self._qkv[0] != key:
-            self._qkv = (key, torch.cat(weights).detach())
-        return self._qkv[1]
-
-    def _heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-        # (B, L, n * I) -> n tensors (B, H, L, Dk)
-        return split_heads(x, n, self.n_heads)
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, I) -> (B, H, L, Dk)"""
+        if fast_paths():
+            return fast.heads(self, x)
+        return x.view(x.shape[0], x.shape[1], self.n_heads, self.d_kv).transpose(1, 2)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Self-attention projections (B, L, D) -> 3 x (B, H, L, Dk)."""
-        if self.training:  # training: one fused matmul beats three on the big activation
-            return self._heads(dense(x, torch.cat([self.q.weight, self.k.weight, self.v.weight])), 3)
-        if not torch.is_grad_enabled():  # inference: the stacked weights, kept between calls
-            return self._heads(linear(x, self._stacked_qkv()), 3)
-        # eval with autograd (gradients wrt inputs or weights): three matmuls, so gradients reach the weights
-        q, k, v = (self._heads(linear(x, w.weight), 1)[0] for w in (self.q, self.k, self.v))
-        return q, k, v
+        """Self-attention queries, keys and values: (B, L, D) -> 3 x (B, H, L, Dk)."""
+        if fast_paths():
+            return fast.project_qkv(self, x)
+        return self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
 
     def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention keys/values of the encoder output (B, S, D) -> 2 x (B, H, S, Dk)."""
-        if self.training:
-            return self._heads(dense(memory, torch.cat([self.k.weight, self.v.weight])), 2)
-        return self._heads(linear(memory, self.k.weight), 1)[0], self._heads(linear(memory, self.v.weight), 1)[0]
+        """Cross-attention keys and values of the encoder output: (B, S, D) -> 2 x (B, H, S, Dk)."""
+        if fast_paths():
+            return fast.project_kv(self, memory)
+        return self.heads(self.k(memory)), self.heads(self.v(memory))
 
-    def attend(self, q, k, v, bias: torch.Tensor | None, hidden: torch.Tensor | None) -> torch.Tensor:
-        """q (B, H, Lq, Dk), k/v (B, H, Lk, Dk), additive bias (1 or B, H, Lq, Lk), hidden keys bool -> (B, Lq, D)."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention with heads merged and projected by `o`: q (B, H, Lq, Dk), k and v (B, H, Lk, Dk), mask additive
+        (1 or B, H or 1, Lq or 1, Lk) or None -> (B, Lq, D)."""
+        if fast_paths():
+            return fast.attend(self, q, k, v, mask)
+        B, H, Lq, Dk = q.shape
+        return self.o(self.attention(q, k, v, mask).transpose(1, 2).reshape(B, Lq, H * Dk))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T + mask) v, dropout on the probabilities in training -> (B, H, Lq, Dk)."""
         p = self.dropout if self.training else 0.0
-        if _use_math(self.backend, q):
-            out = BiasedAttention.apply(q, k, v, bias, hidden, p)
-        elif self.backend == "flex" and q.is_cuda:
-            out = _flex_attention(q, k, v, _merge(bias, hidden, q.dtype))
-        else:
-            mask = _merge(bias, hidden, q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1.0)
-        B, H, Lq, Dk = out.shape
-        return linear(out.transpose(1, 2).reshape(B, Lq, H * Dk), self.o.weight)
+        if self.backend == "eager":  # the formula, spelled out
+            scores = q @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
+            return dropout((scores if mask is None else scores + mask).softmax(-1), p, True) @ v
+        if self.backend == "flex" and q.is_cuda:
+            return _flex_attention(q, k, v, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1.0)
 
 
 def _flex_attention(q, k, v, mask):
-    """FlexAttention with the position bias + padding mask added by a score_mod (GPU; compiled by the caller)."""
+    """FlexAttention with the additive mask (position bias + padding) added by a score_mod (GPU; compiled by the
+    caller)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if mask is None:
@@ -271,26 +235,15 @@ class T5DenseActDense(nn.Module):
 
     def __init__(self, config: T5Config):
         super().__init__()
-        self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.wi = Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = Linear(config.d_ff, config.d_model, bias=False)
         self.dropout = config.dropout_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = linear(x, self.wi.weight)  # (B, L, F); in-place ops below are safe: the matmul does not keep its output
-        if not self.training or self.dropout == 0.0:
-            return linear(h.relu_(), self.wo.weight)
-        # dropout before relu (they commute): one (B, L, F) tensor kept for relu and wo; 1 / (1 - p) on (B, L, D)
-        drop, scale = drop_mask(h, self.dropout)
-        return linear(dropped_relu_(h, drop), self.wo.weight).mul_(scale)
-
-
-def _gelu_new(x: torch.Tensor, fused: bool) -> torch.Tensor:
-    """GELU, tanh approximation (the reference's "gelu_new"). Eval spells out the reference's formula so logits
-    match it bit for bit; training uses the fused kernel (same function, <= 5e-7 rounding difference, less memory).
-    """
-    if fused:
-        return F.gelu(x, approximate="tanh")
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+        """(B, L, D) -> (B, L, D), through (B, L, F)."""
+        if fast_paths():
+            return fast.relu_feed_forward(self, x)
+        return self.wo(dropout(F.relu(self.wi(x)), self.dropout, self.training))
 
 
 class T5DenseGatedActDense(nn.Module):
@@ -298,21 +251,17 @@ class T5DenseGatedActDense(nn.Module):
 
     def __init__(self, config: T5Config):
         super().__init__()
-        self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.wi_0 = Linear(config.d_model, config.d_ff, bias=False)
+        self.wi_1 = Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = Linear(config.d_ff, config.d_model, bias=False)
         self.dropout = config.dropout_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:  # one matmul for both input projections
-            gate, up = dense(x, torch.cat([self.wi_0.weight, self.wi_1.weight])).chunk(2, dim=-1)
-        else:
-            gate, up = linear(x, self.wi_0.weight), linear(x, self.wi_1.weight)
-        h = _gelu_new(gate, self.training) * up  # (B, L, F)
-        if not self.training or self.dropout == 0.0:
-            return linear(h, self.wo.weight)
-        drop, scale = drop_mask(h, self.dropout)
-        return linear(h.masked_fill_(drop, 0.0), self.wo.weight).mul_(scale)
+        """(B, L, D) -> (B, L, D), through (B, L, F)."""
+        if fast_paths():
+            return fast.gated_feed_forward(self, x)
+        h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)  # (B, L, F)
+        return self.wo(dropout(h, self.dropout, self.training))
 
 
 class T5LayerSelfAttention(nn.Module):
@@ -322,12 +271,12 @@ class T5LayerSelfAttention(nn.Module):
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = config.dropout_rate
 
-    def forward(self, h, bias, hidden, cache: KVCache | None = None):
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
         attn = self.SelfAttention
         q, k, v = attn.project_qkv(self.layer_norm(h))  # pre-norm residual block
         if cache is not None:  # incremental decoding: this step's keys/values join the cached ones
             k, v = cache.append(k, v)
-        return h + dropout(attn.attend(q, k, v, bias, hidden), self.dropout, self.training)
+        return h + dropout(attn.attend(q, k, v, mask), self.dropout, self.training)
 
 
 class T5LayerCrossAttention(nn.Module):
@@ -337,18 +286,10 @@ class T5LayerCrossAttention(nn.Module):
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = config.dropout_rate
 
-    def forward(self, h, memory_kv, bias, hidden):
+    def forward(self, h: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor], mask) -> torch.Tensor:
         attn = self.EncDecAttention
-        q = attn._heads(linear(self.layer_norm(h), attn.q.weight), 1)[0]  # (N, H, Lq, Dk)
-        N, H, Lq, Dk = q.shape
-        B = memory_kv[0].shape[0]
-        if B == N:
-            return h + dropout(attn.attend(q, *memory_kv, bias, hidden), self.dropout, self.training)
-        # beam search: the K = N / B beams of an input share its encoder keys/values (kept once per input, not per
-        # beam), so their queries are rows of one attention: (N, H, Lq, Dk) -> (B, H, K * Lq, Dk)
-        q = q.view(B, N // B, H, Lq, Dk).transpose(1, 2).reshape(B, H, N // B * Lq, Dk)
-        out = attn.attend(q, *memory_kv, bias, hidden).view(N, Lq, -1)  # rows back in (beam, position) order
-        return h + dropout(out, self.dropout, self.training)
+        q = attn.heads(attn.q(self.layer_norm(h)))  # (B, H, T, Dk) against the encoder's (B, H, S, Dk)
+        return h + dropout(attn.attend(q, *memory_kv, mask), self.dropout, self.training)
 
 
 class T5LayerFF(nn.Module):
@@ -358,12 +299,13 @@ class T5LayerFF(nn.Module):
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = config.dropout_rate
 
-    def forward(self, h):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + dropout(self.DenseReluDense(self.layer_norm(h)), self.dropout, self.training)
 
 
 class T5Block(nn.Module):
-    """Self-attention, [cross-attention,] feed-forward; `layer` indices as in the reference."""
+    """Self-attention, [cross-attention,] feed-forward, each a pre-norm residual block; `layer` indices as in the
+    reference."""
 
     def __init__(self, config: T5Config, has_relative_attention_bias: bool, has_cross_attention: bool):
         super().__init__()
@@ -372,12 +314,12 @@ class T5Block(nn.Module):
             self.layer.append(T5LayerCrossAttention(config))
         self.layer.append(T5LayerFF(config))
 
-    def forward(self, h, bias, hidden, memory=None, memory_kv=None, cross_bias=None, cross_hidden=None, cache=None):
-        h = self.layer[0](h, bias, hidden, cache)
+    def forward(self, h, mask, memory=None, memory_kv=None, cross_mask=None, cache: KVCache | None = None):
+        h = self.layer[0](h, mask, cache)
         if len(self.layer) == 3:
             if memory_kv is None:  # training: project the encoder output here (checkpointed with the block)
                 memory_kv = self.layer[1].EncDecAttention.project_kv(memory)
-            h = self.layer[1](h, memory_kv, cross_bias, cross_hidden)
+            h = self.layer[1](h, memory_kv, cross_mask)
         return self.layer[-1](h)
 
 
@@ -391,48 +333,31 @@ class T5Stack(nn.Module):
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = config.dropout_rate
 
-    def position_bias(self, q_len: int, k_len: int, offset: int = 0) -> torch.Tensor:
-        """(1, H, Lq, Lk) bias for queries at positions offset .. offset + Lq - 1 and keys at 0 .. Lk - 1."""
-        table = self.block[0].layer[0].SelfAttention.relative_attention_bias
-        device = table.weight.device
-        relative = (
-            torch.arange(k_len, device=device)[None, :] - torch.arange(offset, offset + q_len, device=device)[:, None]
-        )
+    def relative_bias(self, relative: torch.Tensor) -> torch.Tensor:
+        """Each head's learned bias for key - query distances `relative` (any shape) -> (*relative.shape, H)."""
         c = self.config
         buckets = relative_position_bucket(
             relative, self.bidirectional, c.relative_attention_num_buckets, c.relative_attention_max_distance
         )
-        return table(buckets).permute(2, 0, 1).unsqueeze(0).contiguous()  # contiguous: read once per layer
+        return self.block[0].layer[0].SelfAttention.relative_attention_bias(buckets)
 
-    def position_bias_row(self, offset: int, k_len: int, rows: dict) -> torch.Tensor:
-        """`position_bias(1, k_len, offset)`, the bias of one query over keys 0 .. k_len - 1, for decoding: a slice of
-        a table of every relative position in (-capacity, capacity) that `rows` (the decoding state's) keeps, built
-        once and rebuilt twice as wide when outgrown, so a decoding step does no bucketing or lookup."""
-        capacity = rows.get("capacity", 0)
-        if max(offset + 1, k_len) > capacity:
-            capacity = max(64, 2 * max(offset + 1, k_len))
-            table = self.block[0].layer[0].SelfAttention.relative_attention_bias
-            relative = torch.arange(1 - capacity, capacity, device=table.weight.device)  # key - query
-            c = self.config
-            buckets = relative_position_bucket(
-                relative, self.bidirectional, c.relative_attention_num_buckets, c.relative_attention_max_distance
-            )
-            rows["capacity"], rows["table"] = capacity, table(buckets).T.contiguous()  # (H, 2 * capacity - 1)
-        start = capacity - 1 - offset  # the column of key 0 (relative position -offset)
-        return rows["table"][None, :, None, start : start + k_len].contiguous()  # (1, H, 1, Lk)
+    def position_bias(self, q_len: int, k_len: int, offset: int = 0) -> torch.Tensor:
+        """(1, H, Lq, Lk) bias for queries at positions offset .. offset + Lq - 1 and keys at 0 .. Lk - 1."""
+        device = self.block[0].layer[0].SelfAttention.relative_attention_bias.weight.device
+        relative = (
+            torch.arange(k_len, device=device)[None, :] - torch.arange(offset, offset + q_len, device=device)[:, None]
+        )
+        return self.relative_bias(relative).permute(2, 0, 1).unsqueeze(0).contiguous()  # contiguous: read per layer
 
-    def self_mask(self, q_len, k_len, offset=0, key_mask=None, causal=False, prefix=None, rows=None):
-        """(bias, hidden): the position bias (1, H, Lq, Lk), with keys after the query at -inf (dtype min) when
+    def self_mask(self, q_len, k_len, offset=0, key_mask=None, causal=False, prefix=None, bias=None):
+        """(bias, hidden): the position bias (1, H, Lq, Lk), with keys after the query at the dtype's minimum when
         `causal`, and the keys each query may not see, bool (B or 1, 1, Lq or 1, Lk), or None when there are none.
 
         `key_mask` (B, Lk) marks real keys; `prefix` (B,) lengths of the bidirectional prefix (prefix LM): then the
         causal pattern depends on the row and goes into `hidden`. Batch-free masks stay in the (1, H, Lq, Lk) bias so
-        no (B, H, Lq, Lk) tensor is built per stack. `rows`: a decoding state's table for `position_bias_row`.
+        no (B, H, Lq, Lk) tensor is built per stack. `bias`: `position_bias(q_len, k_len, offset)` when at hand.
         """
-        if rows is not None and q_len == 1:  # one query (a decoding step): slice the table of this decoding
-            bias = self.position_bias_row(offset, k_len, rows)
-        else:
-            bias = self.position_bias(q_len, k_len, offset)  # (1, H, Lq, Lk)
+        bias = self.position_bias(q_len, k_len, offset) if bias is None else bias  # (1, H, Lq, Lk)
         hidden = None
         if causal and (q_len > 1 or prefix is not None):
             device = bias.device
@@ -443,63 +368,28 @@ class T5Stack(nn.Module):
             else:
                 in_prefix = k_pos < prefix.to(device)[:, None]  # (B, Lk)
                 hidden = (future & ~in_prefix[:, None, :])[:, None]  # (B, 1, Lq, Lk)
-        if key_mask is not None and not _all_true(key_mask):
-            padding = ~key_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
-            hidden = padding if hidden is None else hidden | padding
+        if key_mask is not None and not all_true(key_mask):
+            padded = ~key_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
+            hidden = padded if hidden is None else hidden | padded
         return bias, hidden
 
-    def forward(self, h, bias, hidden, memory=None, cross_hidden=None, memory_kvs=None, caches=None, cross_bias=None):
-        """h (B, L, D) embeddings -> (B, L, D) hidden states; `caches` (one `KVCache` per layer) when decoding.
-
-        `cross_bias`: `cross_hidden` already merged into an additive mask (decoding merges it once per input)."""
-        h = dropout(h, self.dropout, self.training)
-        if not _use_math(self.config.attention_backend, h):  # SDPA / FlexAttention take one mask: merge once here
-            bias, hidden = _merge(bias, hidden, h.dtype), None
-            if cross_bias is None or cross_bias.dtype != h.dtype:
-                cross_bias = _merge(None, cross_hidden, h.dtype)
-            cross_hidden = None
+    def forward(self, h, bias, hidden, memory=None, cross_hidden=None, memory_kvs=None, caches=None):
+        """h (B, L, D) embeddings -> (B, L, D) hidden states. `bias`, `hidden`: `self_mask`'s; `memory` (B, S, D) the
+        encoder output and `cross_hidden` (B, 1, 1, S) its padding; `memory_kvs` every layer's cross-attention
+        keys/values and `caches` one `KVCache` per layer, when decoding."""
+        if fast_paths():  # the attention differentiated by hand takes the bias and the hidden keys apart
+            mask, cross_mask = fast.masks(self, bias, hidden, cross_hidden, h)
         else:
-            cross_bias = None
+            mask, cross_mask = additive_mask(bias, hidden, h.dtype), additive_mask(None, cross_hidden, h.dtype)
+        h = dropout(h, self.dropout, self.training)
         for i, block in enumerate(self.block):
-            args = (h, bias, hidden, memory, None if memory_kvs is None else memory_kvs[i], cross_bias, cross_hidden)
+            args = (h, mask, memory, None if memory_kvs is None else memory_kvs[i], cross_mask)
             cache = None if caches is None else caches[i]
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, *args, cache, use_reentrant=False)
+                h = checkpoint(block, *args, cache, use_reentrant=False)  # recomputed in backward
             else:
                 h = block(*args, cache)
         return dropout(self.final_layer_norm(h), self.dropout, self.training)
-
-    def forward_unpadded(self, h: torch.Tensor, spans: list[tuple[int, int, slice | torch.Tensor]], bias):
-        """Inference over the real tokens only: h (R, D), the R real tokens of a batch packed item after item, item
-        b in rows spans[b][0]:spans[b][1] with its positions spans[b][2] (a slice when they are consecutive, else
-        their indices) -> (R, D). Row-wise work (norms, projections, feed-forward) runs on the R rows instead of
-        B * S; each item attends within its own rows, under its slice of the (1, H, S, S) position bias, with no
-        padding to mask. For a bidirectional stack without dropout or autograd (`T5Model.encode` decides)."""
-        n_heads, d_kv = self.config.num_heads, self.config.d_kv
-        inner = n_heads * d_kv
-        biases, masks = {}, []  # one (1, H, n, n) bias per distinct span of positions, shared by all layers
-        for _, _, pos in spans:
-            key = (pos.start, pos.stop) if isinstance(pos, slice) else tuple(pos.tolist())
-            if key not in biases:
-                cut = bias[:, :, pos, pos] if isinstance(pos, slice) else bias[:, :, pos][:, :, :, pos]
-                biases[key] = cut.contiguous()
-            masks.append(biases[key])
-        for block in self.block:
-            layer = block.layer[0]
-            attn = layer.SelfAttention
-            qkv = linear(layer.layer_norm(h), attn._stacked_qkv())  # (R, 3 * I)
-            out = h.new_empty(h.shape[0], inner)
-            for (start, end, _), mask in zip(spans, masks, strict=True):
-                n = end - start
-                q, k, v = (
-                    qkv[start:end, j * inner : (j + 1) * inner].view(n, n_heads, d_kv).transpose(0, 1)[None]
-                    for j in range(3)
-                )  # (1, H, n, Dk) views of the packed rows, no copies
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
-                out[start:end].view(n, n_heads, d_kv).copy_(o[0].transpose(0, 1))
-            h = h + linear(out, attn.o.weight)
-            h = block.layer[-1](h)
-        return self.final_layer_norm(h)
 
 
 class T5Model(generation.GenerationMixin, nn.Module):
@@ -507,17 +397,15 @@ class T5Model(generation.GenerationMixin, nn.Module):
 
     def __init__(self, config: T5Config):
         super().__init__()
-        self.config = config
-        c = config
-        # tied (v1.0): the output projection too, one gradient tensor for both uses in training (`TiedEmbedding`)
-        self.shared = (TiedEmbedding if c.tie_word_embeddings else nn.Embedding)(c.vocab_size, c.d_model)
+        self.config = c = config
+        self.shared = nn.Embedding(c.vocab_size, c.d_model)  # tied (v1.0): also the output projection
         if c.layout == "encoder_decoder":
             self.encoder = T5Stack(c, c.num_layers, has_cross_attention=False, bidirectional=True)
             self.decoder = T5Stack(c, c.num_decoder_layers, has_cross_attention=True, bidirectional=False)
         else:  # prefix LM: bidirectional buckets (the prefix sees both ways), causal mask after the prefix
             self.decoder = T5Stack(c, c.num_layers, has_cross_attention=False, bidirectional=c.layout == "prefix_lm")
         if not c.tie_word_embeddings:
-            self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+            self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
         self.apply(self._init_weights)
 
     @torch.no_grad()
@@ -543,70 +431,18 @@ class T5Model(generation.GenerationMixin, nn.Module):
             if hasattr(module, "relative_attention_bias"):
                 module.relative_attention_bias.weight.normal_(0.0, f * c.d_model**-0.5)
 
-    def logits(self, h: torch.Tensor, tied: Tied | None = None) -> torch.Tensor:
-        """Output projection (…, D) -> (…, V); tied embeddings rescale by d_model**-0.5 (Mesh TensorFlow)."""
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Output projection (..., D) -> (..., V); tied embeddings rescale by d_model**-0.5 (Mesh TensorFlow)."""
         if self.config.tie_word_embeddings:
-            return self.shared.project(h * self.config.d_model**-0.5, tied)
-        return linear(h, self.lm_head.weight)
+            return linear(h * self.config.d_model**-0.5, self.shared.weight)
+        return self.lm_head(h)
 
-    @staticmethod
-    def _padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """(B, S) 1 = real -> padded keys (B, 1, 1, S) bool, or None when nothing is padded (SDPA's fast paths)."""
-        if attention_mask is None or _all_true(attention_mask):
-            return None
-        return ~attention_mask.bool()[:, None, None, :]
-
-    def embed(self, ids: torch.Tensor, tied: Tied | None = None) -> torch.Tensor:
-        """Token embeddings; `tied`: this forward's `TiedEmbedding.tie()`, when it also projects with the weight."""
-        return self.shared(ids) if tied is None else self.shared(ids, tied)
-
-    def encode(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, tied: Tied | None = None
-    ) -> torch.Tensor:
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) -> encoder output (B, S, D)."""
+        if fast_paths():
+            return fast.encode(self, input_ids, attention_mask)
         S = input_ids.shape[1]
-        spans = self._unpadded_spans(input_ids, attention_mask)
-        if spans is not None:  # inference with padding: only the real tokens go through the encoder
-            real = attention_mask.bool()
-            h = self._encode_packed(input_ids, real, spans, tied)
-            return h.new_zeros(*input_ids.shape, h.shape[-1]).index_put_((real,), h)  # padding rows: zeros
-        return self.encoder(self.embed(input_ids, tied), *self.encoder.self_mask(S, S, key_mask=attention_mask))
-
-    def _encode_packed(self, input_ids, real, spans, tied: Tied | None = None) -> torch.Tensor:
-        """The encoder output of the real tokens `real` (B, S) only, packed item after item: (R, D)."""
-        S = input_ids.shape[1]
-        return self.encoder.forward_unpadded(self.embed(input_ids[real], tied), spans, self.encoder.position_bias(S, S))
-
-    def _unpadded_spans(self, input_ids, attention_mask) -> list[tuple[int, int, slice | torch.Tensor]] | None:
-        """Where the real tokens of each item lie once packed (`T5Stack.forward_unpadded`), or None to run the
-        padded batch: the unpadded encoder is for CPU inference (eval, no autograd, SDPA backend, not compiled) of a
-        batch with padding in which every item has a real token. Padded positions cost the full matmuls of every
-        layer in the padded batch, for outputs that nothing reads (cross-attention masks them), so skipping them
-        saves their share of the encoder; on GPU the per-item attention calls would cost more launches than that.
-        The encoder output at padded positions is then zero rather than a value computed from the real tokens."""
-        if (
-            attention_mask is None
-            or self.training
-            or torch.is_grad_enabled()
-            or input_ids.device.type != "cpu"
-            or self.config.attention_backend != "sdpa"
-            or self.config.layout != "encoder_decoder"
-            or torch.compiler.is_compiling()
-        ):
-            return None
-        real = attention_mask.bool()
-        lengths = real.sum(1)
-        if bool(real.all()) or not bool(lengths.all()):  # no padding, or an item of padding only
-            return None
-        S = real.shape[1]
-        first = real.to(torch.uint8).argmax(1)
-        last = S - 1 - real.flip(1).to(torch.uint8).argmax(1)
-        spans, start = [], 0
-        for b, (n, lo, hi) in enumerate(zip(lengths.tolist(), first.tolist(), last.tolist(), strict=True)):
-            pos = slice(lo, hi + 1) if hi - lo + 1 == n else real[b].nonzero()[:, 0]
-            spans.append((start, start + n, pos))
-            start += n
-        return spans
+        return self.encoder(self.shared(input_ids), *self.encoder.self_mask(S, S, key_mask=attention_mask))
 
     def forward(
         self,
@@ -617,104 +453,40 @@ class T5Model(generation.GenerationMixin, nn.Module):
         prefix_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for encoder-decoder, (B, L, V) for decoder-only layouts."""
-        c = self.config
-        tied = self.shared.tie() if c.tie_word_embeddings else None  # embeddings and logits share one gradient
-        if c.layout != "encoder_decoder":
-            if decoder_input_ids is not None or decoder_attention_mask is not None:
-                raise ValueError(f"layout {c.layout!r} has no decoder inputs; pass the sequence as input_ids")
-            if (prefix_lengths is not None) != (c.layout == "prefix_lm"):
-                raise ValueError("prefix_lengths is required for layout 'prefix_lm' and only allowed there")
-            L = input_ids.shape[1]
-            masks = self.decoder.self_mask(L, L, key_mask=attention_mask, causal=True, prefix=prefix_lengths)
-            return self.logits(self.decoder(self.embed(input_ids, tied), *masks), tied)
-        if decoder_input_ids is None:
+        layout = self.config.layout
+        if layout != "encoder_decoder" and (decoder_input_ids is not None or decoder_attention_mask is not None):
+            raise ValueError(f"layout {layout!r} has no decoder inputs; pass the sequence as input_ids")
+        if layout == "encoder_decoder" and decoder_input_ids is None:
             raise ValueError("encoder_decoder layout needs decoder_input_ids (targets shifted right)")
-        if prefix_lengths is not None:
-            raise ValueError("prefix_lengths is only for layout 'prefix_lm'")
-        memory = self.encode(input_ids, attention_mask, tied)
+        if (prefix_lengths is not None) != (layout == "prefix_lm"):
+            raise ValueError("prefix_lengths is required for layout 'prefix_lm' and only allowed there")
+        if fast_paths():
+            return fast.forward(
+                self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, prefix_lengths
+            )
+        if layout != "encoder_decoder":
+            L = input_ids.shape[1]
+            bias, hidden = self.decoder.self_mask(L, L, key_mask=attention_mask, causal=True, prefix=prefix_lengths)
+            return self.logits(self.decoder(self.shared(input_ids), bias, hidden))
+        memory = self.encode(input_ids, attention_mask)
         T = decoder_input_ids.shape[1]
         bias, hidden = self.decoder.self_mask(T, T, key_mask=decoder_attention_mask, causal=True)
-        cross_hidden = self._padding(attention_mask)
-        h = self.decoder(self.embed(decoder_input_ids, tied), bias, hidden, memory=memory, cross_hidden=cross_hidden)
-        return self.logits(h, tied)
+        h = self.decoder(self.shared(decoder_input_ids), bias, hidden, memory, padded_keys(attention_mask))
+        return self.logits(h)
 
-    # ---- incremental decoding (protocol of models/generation.py) ----
+    # ---- incremental decoding (protocol of models/generation.py), with caches: models/t5_decoding.py ----
 
     def init_decoding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, num_beams: int) -> dict:
-        """Run the encoder once and precompute every layer's cross-attention keys/values, once per input: the
-        beams of an input attend to them together (`T5LayerCrossAttention`)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        attention_mask = attention_mask.bool().repeat_interleave(num_beams, dim=0)  # (N, S)
-        state = {"caches": [KVCache() for _ in self.decoder.block], "length": 0}
-        if self.config.layout != "encoder_decoder":
-            state["key_mask"] = attention_mask  # grows by one column per decoded token
-            state["prefix"] = input_ids.shape[1] if self.config.layout == "prefix_lm" else None
-            return state
-        real = attention_mask[::num_beams]  # once per input, not per beam
-        spans = self._unpadded_spans(input_ids, real)
-        if spans is None:
-            memory = self.encode(input_ids, real)  # (B, S, D)
-            kvs = [b.layer[1].EncDecAttention.project_kv(memory) for b in self.decoder.block]
-            state["memory_kv"] = [(k.contiguous(), v.contiguous()) for k, v in kvs]  # read at every step
-        else:  # the real tokens only, through the encoder and the cross-attention projections (`encode`)
-            h = self._encode_packed(input_ids, real, spans)
-            state["memory_kv"] = [self._scatter_kv(b.layer[1].EncDecAttention, h, real) for b in self.decoder.block]
-        state["cross_hidden"] = self._padding(attention_mask[::num_beams])
-        dtype = state["memory_kv"][0][0].dtype
-        state["cross_bias"] = _merge(None, state["cross_hidden"], dtype)  # for SDPA, merged once
-        return state
-
-    @staticmethod
-    def _scatter_kv(attn: T5Attention, h: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention keys/values (B, H, S, Dk) of the packed real rows h (R, D) of an encoder output: each
-        projection written head-major into its place; padded keys stay zero (masked, they add exactly 0)."""
-        B, S = real.shape
-        out = []
-        for w in (attn.k.weight, attn.v.weight):
-            buf = h.new_zeros(B, attn.n_heads, S, attn.d_kv)
-            buf.transpose(1, 2)[real] = linear(h, w).view(h.shape[0], attn.n_heads, attn.d_kv)
-            out.append(buf)
-        return out[0], out[1]
+        """Run the encoder once and project every layer's cross-attention keys/values; empty caches."""
+        return t5_decoding.init_state(self, input_ids, attention_mask, num_beams)
 
     def decode_step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """tokens (N, t) new since the last call -> logits of the last position (N, V), updated state.
-
-        The position bias is computed for the t new query rows only (one row: a slice of a table kept in the state,
-        `T5Stack.position_bias_row`); keys/values go into each layer's `KVCache`.
-        """
-        offset, t = state["length"], tokens.shape[1]
-        key_mask, prefix = None, None
-        if "key_mask" in state:  # decoder-only: the prompt's padding stays masked
-            key_mask = state["key_mask"]
-            if key_mask.shape[1] < offset + t:
-                ones = key_mask.new_ones(key_mask.shape[0], offset + t - key_mask.shape[1])
-                key_mask = torch.cat([key_mask, ones], dim=1)
-            state["key_mask"] = key_mask
-            if state["prefix"] is not None:
-                prefix = torch.full((tokens.shape[0],), state["prefix"], device=tokens.device)
-        rows = state.setdefault("bias_rows", {})  # the position bias by relative position, kept for the decoding
-        bias, hidden = self.decoder.self_mask(t, offset + t, offset, key_mask, True, prefix, rows)
-        with decoding():  # products in the forms `CpuKernels.decoding` asks for (models.common)
-            h = self.decoder(
-                self.shared(tokens),
-                bias,
-                hidden,
-                cross_hidden=state.get("cross_hidden"),
-                memory_kvs=state.get("memory_kv"),
-                caches=state["caches"],
-                cross_bias=state.get("cross_bias"),
-            )
-            logits = self.logits(h[:, -1])
-        state["length"] = offset + t
-        return logits, state
+        """tokens (N, t) new since the last call -> logits of the last position (N, V); the caches grow by t."""
+        return t5_decoding.decode_step(self, tokens, state)
 
     def reorder_state(self, state: dict, beam_idx: torch.Tensor) -> dict:
         """Keep the cache rows of the surviving beams (beam_idx indexes the N rows)."""
-        # Only the self-attention caches differ between beams; the rest is identical within a batch item.
-        for cache in state["caches"]:
-            cache.reorder(beam_idx)
-        return state
+        return t5_decoding.reorder_state(state, beam_idx)
 
     # ---- accounting ----
 
@@ -728,62 +500,5 @@ class T5Model(generation.GenerationMixin, nn.Module):
         return total
 
     def training_flops(self, batch_size: int, input_len: int, target_len: int = 0) -> float:
-        """FLOPs of one training step (`training_flops` of the config)."""
+        """FLOPs of one training step (`models.flops.t5_training_flops` of the config)."""
         return training_flops(self.config, batch_size, input_len, target_len)
-
-
-def training_flops(c: T5Config, batch_size: int, input_len: int, target_len: int = 0) -> float:
-    """FLOPs of one training step, from the config alone: 6 per weight per token it is applied to, plus the
-    attention matmuls. Attention scores and the weighted sum cost 2 * Lq * Lk * I multiply-adds per layer forward,
-    so 4 * Lq * Lk * I FLOPs, tripled for forward + backward (SDPA computes the full causal square)."""
-    inner = c.num_heads * c.d_kv
-    attn_w = 4 * c.d_model * inner  # q, k, v, o
-    ff_w = (3 if c.is_gated else 2) * c.d_model * c.d_ff
-    head_w = c.d_model * c.vocab_size
-    if c.layout == "encoder_decoder":
-        S, T = input_len, target_len
-        linear = c.num_layers * (attn_w + ff_w) * S  # encoder
-        linear += c.num_decoder_layers * ((attn_w + ff_w + attn_w // 2) * T + (attn_w // 2) * S)  # cross k,v on S
-        linear += head_w * T
-        attention = c.num_layers * S * S + c.num_decoder_layers * (T * T + T * S)
-    else:
-        L = input_len + target_len
-        linear = (c.num_layers * (attn_w + ff_w) + head_w) * L
-        attention = c.num_layers * L * L
-    return float(batch_size * (6 * linear + 12 * attention * inner))
-
-
-# ------------------------------------------------------------------------------------------ family spec
-
-
-def _benchmark_config(config: T5Config, num_layers: int | None, length: int) -> T5Config:
-    """`num_layers` blocks in each stack; relative positions need no table growth for `length`."""
-    from dataclasses import replace
-
-    return config if num_layers is None else replace(config, num_layers=num_layers, num_decoder_layers=num_layers)
-
-
-def _activation_checkpointing(config: T5Config, enabled: bool) -> None:
-    config.gradient_checkpointing = enabled  # each block is recomputed in the backward pass
-
-
-def _load_checkpoint(directory) -> T5Model:
-    from models.hf.t5 import load_t5_checkpoint  # needs transformers' file layout, not transformers itself
-
-    return load_t5_checkpoint(directory)
-
-
-from models.spec import FamilySpec  # noqa: E402  (the spec closes the module)
-
-SPEC = FamilySpec(
-    name="t5",
-    config_class=T5Config,
-    model_class=T5Model,
-    presets=PRESETS,
-    benchmark_config=_benchmark_config,
-    activation_checkpointing=_activation_checkpointing,
-    load_checkpoint=_load_checkpoint,
-    training_flops=training_flops,
-    # Long Range Arena (Tay et al. 2021), table 1, test accuracy of the vanilla Transformer: full attention, as T5
-    published={"lra_listops": {"Transformer": 0.3637}},
-)

@@ -267,7 +267,7 @@ def apply_kernels(kernels: Any) -> Any:
     resolved setting (`auto` becomes the machine's kernel)."""
     import models
 
-    return models.set_cpu_kernels(kernels.matmul, kernels.decoding)
+    return models.set_cpu_kernels(kernels.matmul, kernels.decoding, kernels.paths)
 
 
 def run_stage(

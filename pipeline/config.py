@@ -508,22 +508,36 @@ class TrainerConfig(Section):
 
 
 class KernelsConfig(Section):
+    paths: Literal["fast", "reference"] = "fast"
+    """Which code computes the models: `fast`, the speed paths of `models/fast/` where they apply (fused projections,
+    attention differentiated by hand, decoding shortcuts; each tested equal to the reference within rounding), or
+    `reference`, the model files as written (plain PyTorch; then `matmul` is `auto` or `blas` and `decoding` `plain`).
+    The two differ in the last bits."""
     matmul: Literal["auto", "blas", "onednn"] = "auto"
-    """Which kernel computes every CPU fp32 matrix product, training and inference: `blas` (torch's default, MKL in
-    its x86 wheels), `onednn` (torch's oneDNN linear), or `auto`: oneDNN on AMD processors, the BLAS elsewhere (a
-    fixed rule of the machine, logged resolved in MLflow). Each choice gives the same bytes run after run on one
-    machine; two choices differ in the last bits. `python benchmarks/bench_kernels.py` measures them."""
+    """Which kernel computes every CPU fp32 matrix product of the fast paths, training and inference: `blas` (torch's
+    default, MKL in its x86 wheels), `onednn` (torch's oneDNN linear), or `auto`: oneDNN on AMD processors, the BLAS
+    elsewhere (a fixed rule of the machine, logged resolved in MLflow). Each choice gives the same bytes run after run
+    on one machine; two choices differ in the last bits. `python benchmarks/bench_kernels.py` measures them."""
     decoding: Literal["plain", "shaped"] = "shaped"
-    """How decoding steps compute their few-row products: `plain` (like every other product) or `shaped` (a fixed
-    rule of each product's shape: the vocabulary projection from a transposed copy or prepacked for oneDNN, large
-    weights prepacked from 4 rows; faster on CPU, different rounding)."""
+    """How the fast decoding steps compute their few-row products: `plain` (like every other product) or `shaped` (a
+    fixed rule of each product's shape: the vocabulary projection from a transposed copy or prepacked for oneDNN,
+    large weights prepacked from 4 rows; faster on CPU, different rounding)."""
 
     @model_validator(mode="after")
     def _kernel_built_in(self) -> KernelsConfig:
-        from models.common import _packing_available
+        import models
 
-        if self.matmul == "onednn" and not _packing_available():
-            raise Problems(["matmul: 'onednn' but this torch build has no oneDNN linear; use 'blas' or 'auto'"])
+        problems = []
+        if self.matmul == "onednn" and not models.onednn_available():
+            problems.append("matmul: 'onednn' but this torch build has no oneDNN linear; use 'blas' or 'auto'")
+        speed = {"matmul": ("onednn", "'auto' or 'blas'"), "decoding": ("shaped", "'plain'")}
+        for key, (value, use) in speed.items():
+            if self.paths == "reference" and getattr(self, key) == value:
+                problems.append(
+                    f"{key}: {value!r} is a speed path, taken with paths 'fast' only; with 'reference' use {use}"
+                )
+        if problems:
+            raise Problems(problems)
         return self
 
 

@@ -486,7 +486,6 @@ def runtime_params() -> dict[str, object]:
     import torch
 
     import models
-    from models.common import processor_vendor
     from pipeline import openmp_wait
 
     kernels = models.cpu_kernels()
@@ -495,5 +494,6 @@ def runtime_params() -> dict[str, object]:
         "trainer.openmp_wait": openmp_wait(),
         "kernels.matmul_resolved": kernels.matmul,
         "kernels.decoding_resolved": kernels.decoding,
-        "kernels.processor": processor_vendor() or "unknown",
+        "kernels.paths_resolved": kernels.paths,
+        "kernels.processor": models.processor_vendor() or "unknown",
     }

@@ -1,12 +1,13 @@
-"""The attention arithmetic of our Reformer (`models/reformer.py`): chunked and full attention with the paper's
-masks, and the hand-written autograd kernels they run on. Each kernel computes what a few lines of ordinary PyTorch
-would, with fewer passes over memory and less kept for backward; tested against autograd references in
-`tests/test_lsh_kernels.py`.
+"""The Reformer's attention kernels: hand-written autograd functions that compute what the plain code of
+`models/chunked_attention.py` computes, with fewer passes over memory and less kept for backward (tested against it and
+against autograd in tests/test_fast_kernels.py).
 
 - `LookAdjacent`: each chunk beside its neighbours, written once (no roll + cat copies);
 - `PermuteRows`: the LSH sort and unsort as row gathers both ways (no scatter in backward);
 - `SharedQKScores`: shared-QK attention probabilities and log-sum-exp with one exp pass (section 2.2);
-- `NormaliseKeys`: the shared-QK key normalisation with a two-pass backward.
+- `NormaliseKeys`: the shared-QK key normalisation with a two-pass backward;
+- `chunked_attention`: `models.chunked_attention.chunked_attention` on these kernels, and on SDPA's fused kernel
+  where no key is padded and nothing is dropped.
 
 Dimension legend: B batch, H heads, C chunks, S chunk length, W attended keys per chunk, K d_kv, M rows.
 """
@@ -18,12 +19,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from models.common import dropout
-
-
-def mask_values(dtype: torch.dtype) -> tuple[float, float]:
-    """(masked, self) logit values; the self value is only a penalty so a token alone may still attend to itself."""
-    return (-1e4, -1e3) if dtype == torch.float16 else (-1e9, -1e5)
+from models.chunked_attention import banned_keys, mask_values
+from models.fast.private import softmax_backward
+from models.layers import dropout
 
 
 def _shift_chunks(dst: torch.Tensor, src: torch.Tensor, shift: int, add: bool) -> None:
@@ -109,7 +107,7 @@ class SharedQKScores(torch.autograd.Function):
         if grad_probs is None:
             grad_dots = probs * grad_lse.unsqueeze(-1)
         else:  # d lse / d dots = probs; banned keys have probs exactly 0, so their gradient is 0 already
-            grad_dots = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            grad_dots = softmax_backward(grad_probs, probs)
             if grad_lse is not None:
                 grad_dots.addcmul_(probs, grad_lse.unsqueeze(-1))
         grad_dots.masked_fill_(own, 0.0)  # the self value is a constant
@@ -139,13 +137,7 @@ class NormaliseKeys(torch.autograd.Function):
 
 
 def chunked_attention(q, k, v, pos, key_mask, chunk_length, before, after, causal, self_mask, drop, training):
-    """Attention within chunks of `chunk_length` and their neighbours; q, k, v (B, H, N, K).
-
-    `pos` (B, H, N), or (1, 1, N) when the same for every row, holds each vector's position in the sequence
-    (positions after sorting, for LSH); it drives the causal, padding (`key_mask` (B, L) bool) and self masks.
-    Returns the output (B, H, C, S, K) and, for `self_mask` (LSH), the log-sum-exp of the logits (B, H, C, S),
-    which weighs the hash rounds against each other (section 2.3).
-    """
+    """`models.chunked_attention.chunked_attention` (same arguments and results) on the kernels above."""
     B, H, N, K = q.shape
     C, S = N // chunk_length, chunk_length
     q = q.view(B, H, C, S, K)
@@ -153,17 +145,8 @@ def chunked_attention(q, k, v, pos, key_mask, chunk_length, before, after, causa
     v = look_adjacent(v.view(B, H, C, S, K), before, after)
     q_pos = pos.view(pos.shape[0], pos.shape[1], C, S)
     k_pos = look_adjacent(q_pos, before, after)  # (B|1, H|1, C, W)
-    banned = None
-    with torch.no_grad():
-        if key_mask is not None:
-            if pos.shape[0] == 1 and pos.shape[1] == 1:  # shared positions: index once for all heads
-                banned = ~key_mask[:, k_pos.flatten()].view(B, 1, C, 1, -1)
-            else:
-                banned = ~key_mask.view(B, 1, -1).expand(B, H, -1).gather(2, k_pos.flatten(2)).view(B, H, C, 1, -1)
-        if causal:
-            future = q_pos.unsqueeze(-1) < k_pos.unsqueeze(-2)  # (B|1, H|1, C, S, W)
-            banned = future if banned is None else banned | future
-    if self_mask:  # shared-QK: a query's own key would dominate its dot products (section 2.2); penalised
+    banned = banned_keys(key_mask, q_pos, k_pos, causal)
+    if self_mask:  # shared-QK: a query's own key is penalised (section 2.2)
         probs, lse = SharedQKScores.apply(q, k, banned, q_pos.unsqueeze(-1) == k_pos.unsqueeze(-2))
         return torch.matmul(dropout(probs, drop, training), v), lse
     if key_mask is None and not (training and drop > 0):
@@ -179,18 +162,3 @@ def chunked_attention(q, k, v, pos, key_mask, chunk_length, before, after, causa
         dots.masked_fill_(banned, mask_values(dots.dtype)[0])
     probs = dropout(torch.softmax(dots, dim=-1), drop, training)
     return torch.matmul(probs, v), None
-
-
-def full_attention(q, k, v, key_mask, causal, self_mask, drop, training):
-    """Ordinary attention over the whole sequence, q, k, v (B, H, L, K); stores only one (L, L) map per head."""
-    L = q.shape[2]
-    dots = torch.matmul(q, k.transpose(-1, -2))  # (B, H, L, L)
-    mask_value, self_value = mask_values(dots.dtype)
-    if key_mask is not None:
-        dots.masked_fill_(~key_mask[:, None, None, :], mask_value)
-    if causal:
-        dots.masked_fill_(torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1), mask_value)
-    if self_mask:
-        dots.diagonal(dim1=-2, dim2=-1).fill_(self_value)
-    probs = dropout(torch.softmax(dots, dim=-1), drop, training)
-    return torch.matmul(probs, v)
