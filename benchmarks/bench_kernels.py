@@ -1,11 +1,13 @@
-"""The CPU kernel settings (params.yaml `kernels:`) measured against each other, so a user picks one with evidence.
+"""The kernel settings (params.yaml `kernels:`) measured against each other, so a user picks one with evidence.
 
 Every setting gives the same numbers run after run on one machine (none is chosen by a timing at run time); they
 differ in speed, and in the last bits of the results. This script times, on this machine, for each setting:
-- a training step of our T5 and our Reformer (forward + cross-entropy + backward + fused AdamW),
-  `kernels.matmul` blas against onednn;
-- cached greedy and beam-4 decoding with our T5, `kernels.decoding` plain against shaped (under each matmul kernel);
-- the decoding products alone, per T5-small weight and row count, each form of `models.common.decoding_form`.
+- a training step of our T5 and our Reformer (forward + cross-entropy + backward + fused AdamW), the reference path
+  (`kernels.paths: reference`) against the fast paths with `kernels.matmul` blas and onednn;
+- cached greedy and beam-4 decoding with our T5, the reference path against the fast paths with `kernels.decoding`
+  plain and shaped (under each matmul kernel);
+- the decoding products alone, per T5-small weight and row count, each form of
+  `models.fast.products.decoding_form`.
 The settings alternate call by call in this one process (`benchmarks/timing.py`: median [min-max] and the per-round
 ratio against the first setting of the row), and the load average is printed at the start and the end.
 
@@ -13,7 +15,7 @@ ratio against the first setting of the row), and the load average is printed at 
     python benchmarks/bench_kernels.py --threads 2 --repeats 5
     python benchmarks/bench_kernels.py --skip products          # the model rows only
 
-What `kernels.matmul: auto` picks here is printed too (`models.common.default_matmul_kernel`: oneDNN on AMD, the BLAS
+What `kernels.matmul: auto` picks here is printed too (`models.settings.default_matmul_kernel`: oneDNN on AMD, the BLAS
 elsewhere); set `kernels.matmul` explicitly where this table says the other one is faster on your processor.
 """
 
@@ -35,15 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import alternate, load_average, ratio_spread, spread, table  # noqa: E402
 
 import models  # noqa: E402
-from models import common  # noqa: E402
+from models import settings  # noqa: E402
+from models.fast import products  # noqa: E402
 
 
-def setting(matmul: str, decoding: str):
+def setting(matmul: str, decoding: str, paths: str = "fast"):
     """A function that switches this process to the setting and runs `fn` under it."""
 
     def wrap(fn):
         def run():
-            models.set_cpu_kernels(matmul, decoding)
+            models.set_cpu_kernels(matmul, decoding, paths)
             return fn()
 
         return run
@@ -100,11 +103,17 @@ def row(label: str, times: dict[str, list[float]]) -> tuple[str, ...]:
 
 def model_rows(args) -> list[tuple[str, ...]]:
     rows = []
-    matmuls = ["blas", "onednn"] if common._packing_available() else ["blas"]
+    matmuls = ["blas", "onednn"] if models.onednn_available() else ["blas"]
+
+    def settings_of(step):  # the reference path, then the fast paths under each matmul kernel
+        return {"reference": setting("blas", "plain", "reference")(step)} | {
+            f"fast+{m}": setting(m, "plain")(step) for m in matmuls
+        }
+
     t5 = t5_model(args.t5_preset)
     data = t5_batch(t5.config.vocab_size, args.batch, args.input_len, args.target_len)
     step = train_step(t5, data)
-    times = alternate({m: setting(m, "plain")(step) for m in matmuls}, args.repeats, warmup=1)
+    times = alternate(settings_of(step), args.repeats, warmup=1)
     rows.append(row(f"T5 {args.t5_preset} training step b{args.batch} {args.input_len}/{args.target_len}", times))
     print(rows[-1], file=sys.stderr, flush=True)
 
@@ -112,7 +121,7 @@ def model_rows(args) -> list[tuple[str, ...]]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(2, 256, (1, args.reformer_len), generator=g)
     step = train_step(rf, (ids, None, None, ids))
-    times = alternate({m: setting(m, "plain")(step) for m in matmuls}, args.repeats, warmup=1)
+    times = alternate(settings_of(step), args.repeats, warmup=1)
     rows.append(row(f"Reformer {args.reformer_preset} causal LM training step b1 {args.reformer_len}", times))
     print(rows[-1], file=sys.stderr, flush=True)
 
@@ -125,7 +134,9 @@ def model_rows(args) -> list[tuple[str, ...]]:
                 with torch.no_grad():
                     return t5.generate(x, am, max_new_tokens=args.gen_tokens, num_beams=beams, eos_token_id=-1)
 
-            times = alternate({f"{m}+{d}": setting(m, d)(gen) for d in ("plain", "shaped")}, args.repeats, warmup=1)
+            runs = {"reference": setting("blas", "plain", "reference")(gen)}
+            runs |= {f"fast+{m}+{d}": setting(m, d)(gen) for d in ("plain", "shaped")}
+            times = alternate(runs, args.repeats, warmup=1)
             label = f"T5 {args.t5_preset} {'greedy' if beams == 1 else f'beam-{beams}'} b{args.gen_batch}, {m}"
             rows.append(row(f"{label}, {args.gen_tokens} tokens", times))
             print(rows[-1], file=sys.stderr, flush=True)
@@ -135,9 +146,9 @@ def model_rows(args) -> list[tuple[str, ...]]:
 def product_rows(args) -> list[tuple[str, ...]]:
     """Each decoding form on T5-small's weights, 8 copies of each streamed in turn (as decoding reads them)."""
     shapes = {"vocabulary": (32128, 512), "q/k/v stacked": (1536, 512), "wi": (2048, 512), "wo": (512, 2048)}
-    forms = ["linear", "right"] + (["packed"] if common._packing_available() else [])
+    forms = ["linear", "right"] + (["packed"] if models.onednn_available() else [])
     rows = []
-    models.set_cpu_kernels("blas", "plain")
+    models.set_cpu_kernels("blas", "plain", "fast")
     for rows_n in args.rows:
         for name, (out_f, in_f) in shapes.items():
             weights = [torch.randn(out_f, in_f) for _ in range(8)]
@@ -146,12 +157,12 @@ def product_rows(args) -> list[tuple[str, ...]]:
             def run(form, weights=weights, x=x):
                 def fn():
                     for w in weights:
-                        common._compute(form, x, w)
+                        products.compute(form, x, w)
 
                 return fn
 
             times = alternate({f: run(f) for f in forms}, args.repeats, warmup=1)
-            rule = common.decoding_form(rows_n, out_f, in_f, torch.float32)
+            rule = products.decoding_form(rows_n, out_f, in_f, torch.float32)
             rows.append(row(f"{rows_n} rows x {name} {out_f}x{in_f} (shaped: {rule})", times))
     return rows
 
@@ -174,8 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"start: {load_average()}")
-    vendor = common.processor_vendor() or "unknown vendor"
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {vendor}; auto picks {common.default_matmul_kernel()}")
+    vendor = models.processor_vendor() or "unknown vendor"
+    auto = settings.default_matmul_kernel()
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {vendor}; auto picks {auto} on the fast paths")
     rows = []
     if "models" not in args.skip:
         rows += model_rows(args)

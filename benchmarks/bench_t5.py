@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import add_kernel_options, alternate, apply_kernel_options, load_average, ratio_spread, spread, table  # noqa: E402
 
+from models.layers import padded_keys  # noqa: E402
 from models.t5 import T5Config, T5Model  # noqa: E402
 
 
@@ -138,7 +139,7 @@ def uncached_greedy(model: T5Model, x, am, n: int) -> torch.Tensor:
     """Greedy decoding without caches: the decoder re-runs over the whole prefix each step (encoder once)."""
     with torch.no_grad():
         memory = model.encode(x, am)
-        cross_hidden = model._padding(am)
+        cross_hidden = padded_keys(am)
         seq = torch.zeros(x.shape[0], 1, dtype=torch.long)
         for _ in range(n):
             T = seq.shape[1]

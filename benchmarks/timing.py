@@ -66,8 +66,9 @@ def ratio_spread(ours: list[float], ref: list[float], digits: int = 3) -> str:
 
 
 def add_kernel_options(parser) -> None:
-    """`--matmul` and `--decoding`: the CPU kernels our models compute with (params.yaml's `kernels` section, same
-    defaults). Child processes inherit them through BENCH_MATMUL / BENCH_DECODING."""
+    """`--paths`, `--matmul` and `--decoding`: the code our models compute with (params.yaml's `kernels` section, same
+    defaults). Child processes inherit them through BENCH_PATHS / BENCH_MATMUL / BENCH_DECODING."""
+    parser.add_argument("--paths", default=os.environ.get("BENCH_PATHS", "fast"), choices=["fast", "reference"])
     parser.add_argument("--matmul", default=os.environ.get("BENCH_MATMUL", "auto"), choices=["auto", "blas", "onednn"])
     parser.add_argument("--decoding", default=os.environ.get("BENCH_DECODING", "shaped"), choices=["plain", "shaped"])
 
@@ -76,11 +77,12 @@ def apply_kernel_options(args) -> str:
     """Set our models' CPU kernels from `add_kernel_options`' arguments (and for child processes); returns a line
     for the record: what was asked and what it resolved to on this processor."""
     import models
-    from models.common import processor_vendor
 
     os.environ["BENCH_MATMUL"], os.environ["BENCH_DECODING"] = args.matmul, args.decoding
-    k = models.set_cpu_kernels(args.matmul, args.decoding)
-    return f"our kernels: matmul {k.matmul} (asked {args.matmul}), decoding {k.decoding}; {processor_vendor()}"
+    os.environ["BENCH_PATHS"] = args.paths
+    k = models.set_cpu_kernels(args.matmul, args.decoding, args.paths)
+    asked = f"matmul {k.matmul} (asked {args.matmul}), decoding {k.decoding}"
+    return f"our kernels: paths {k.paths}, {asked}; {models.processor_vendor()}"
 
 
 def load_average() -> str:

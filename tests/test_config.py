@@ -110,6 +110,8 @@ BROKEN = [
     ),
     ({"seed": 1.5}, "seed: expected int, got 1.5"),
     ({"trainer.gradient_clip_val": True}, "trainer.gradient_clip_val: expected float, got True"),
+    ({"kernels.paths": "reference"}, "kernels.decoding: 'shaped' is a speed path, taken with paths 'fast' only"),
+    ({"kernels.paths": "quick"}, "kernels.paths: expected one of 'fast', 'reference', got 'quick'"),
 ]
 
 

@@ -92,7 +92,7 @@ def _stage(body):
 @pytest.fixture
 def no_config(monkeypatch):
     trainer = SimpleNamespace(threads=1, devices=1)  # what run_stage reads before the body
-    kernels = SimpleNamespace(matmul="blas", decoding="plain")
+    kernels = SimpleNamespace(matmul="blas", decoding="plain", paths="reference")
     monkeypatch.setattr(common, "load_config_or_exit", lambda path: SimpleNamespace(trainer=trainer, kernels=kernels))
 
 

@@ -1,4 +1,5 @@
-"""Parity of our decoder-only Reformer with `transformers.ReformerModelWithLMHead` (random weights, no hub)."""
+"""Parity of our decoder-only Reformer with `transformers.ReformerModelWithLMHead` (random weights, no hub), logits and
+training gradients on both paths (the reference model file and the speed paths)."""
 
 import pytest
 import torch
@@ -9,8 +10,16 @@ from transformers.utils import logging  # noqa: E402
 
 from models.hf.reformer import config_to_hf, reformer_from_hf, reformer_to_hf  # noqa: E402
 from models.reformer import ReformerConfig, ReformerModel  # noqa: E402
+from tests.kernel_setting import computing  # noqa: E402
 
 logging.set_verbosity_error()
+
+
+@pytest.fixture(params=["reference", "fast"])
+def paths(request):
+    with computing(paths=request.param):
+        yield request.param
+
 
 BASE = dict(
     vocab_size=61,
@@ -59,7 +68,7 @@ def _pair(case: str) -> tuple[ReformerModelWithLMHead, ReformerModel]:
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("length", [64, 37])  # 37: both pad to a multiple of the chunk lengths
-def test_logits_match_transformers(case, length):
+def test_logits_match_transformers(case, length, paths):
     hf_model, ours = _pair(case)
     hf_model.eval(), ours.eval()
     ids = torch.randint(0, 61, (2, length))
@@ -73,7 +82,7 @@ def test_logits_match_transformers(case, length):
 
 
 @pytest.mark.parametrize("case", ["lsh_only", "mixed"])
-def test_training_gradients_match_transformers(case):
+def test_training_gradients_match_transformers(case, paths):
     """Both run their reversible backward; dropout off, fixed hash seed."""
     hf_model, ours = _pair(case)
     hf_model.train(), ours.train()

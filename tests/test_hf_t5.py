@@ -1,4 +1,5 @@
-"""Parity with `transformers`' T5: logits, export round trip, local checkpoints, greedy and beam generation."""
+"""Parity with `transformers`' T5: logits, export round trip, local checkpoints, greedy and beam generation; the
+logits, gradients and generation on both paths (the reference model file and the speed paths)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import models.fast.t5 as fast_t5  # noqa: E402
 from models.hf.t5 import load_t5_checkpoint, save_t5_pretrained, t5_from_hf, t5_to_hf  # noqa: E402
+from tests.kernel_setting import computing  # noqa: E402
 
 CONFIGS = {
     "v1.0-relu-tied": dict(feed_forward_proj="relu", tie_word_embeddings=True),
@@ -19,6 +22,19 @@ CONFIGS = {
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_decoder_layers=3, num_heads=3, d_kv=16
     ),
 }
+
+
+@pytest.fixture(params=["reference", "fast"])
+def paths(request):
+    """The test on the reference path, then on the speed paths."""
+    with computing(paths=request.param):
+        yield request.param
+
+
+@pytest.fixture
+def fast():
+    with computing(paths="fast"):
+        yield
 
 
 def make_reference(seed: int = 0, **kw):
@@ -49,7 +65,7 @@ def ref_logits(ref, x, am, y, dm):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_logits_match_transformers(name):
+def test_logits_match_transformers(name, paths):
     ref = make_reference(**CONFIGS[name])
     ours = t5_from_hf(ref).eval()
     assert ours.config.tie_word_embeddings == CONFIGS[name].get("tie_word_embeddings", True)
@@ -122,7 +138,7 @@ def test_load_checkpoint_rejects_missing_weights(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["v1.0-relu-tied", "v1.1-gated-untied", "odd-heads-buckets"])
-def test_greedy_generation_matches_transformers(name):
+def test_greedy_generation_matches_transformers(name, paths):
     ref = make_reference(seed=3, **CONFIGS[name])
     ours = t5_from_hf(ref).eval()
     x, am, _, _ = inputs(seed=4)
@@ -140,7 +156,7 @@ def _until_eos(seqs: torch.Tensor, eos: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("num_beams", [2, 4])
-def test_beam_search_matches_transformers(num_beams):
+def test_beam_search_matches_transformers(num_beams, paths):
     for name in ("v1.0-relu-tied", "v1.1-gated-untied"):
         ref = make_reference(seed=5, **CONFIGS[name])
         ours = t5_from_hf(ref).eval()
@@ -151,9 +167,9 @@ def test_beam_search_matches_transformers(num_beams):
 
 
 @pytest.mark.parametrize("name", ["v1.0-relu-tied", "v1.1-gated-untied"])
-def test_logits_and_gradients_match_with_autograd(name):
-    """With autograd on, our CPU attention is the hand-differentiated `BiasedAttention`: logits (eval and train
-    without dropout) and every parameter's gradient must match the reference's autograd."""
+def test_logits_and_gradients_match_with_autograd(name, paths):
+    """With autograd on (eval and train without dropout): logits and every parameter's gradient match the reference's
+    autograd; on the fast path our CPU attention is then the hand-differentiated `BiasedAttention`."""
     ref = make_reference(**CONFIGS[name], dropout_rate=0.0)
     ours = t5_from_hf(ref)
     x, am, y, dm = inputs()
@@ -180,14 +196,13 @@ def _holes(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])
-def test_unpadded_encoder_generates_what_transformers_does(num_beams, monkeypatch):
-    """Inference runs the encoder over the real tokens only (`T5Stack.forward_unpadded`): with left padding and a
-    hole in the mask, generation still equals transformers' on the padded batch, and the path was really taken."""
-    from models.t5 import T5Stack
-
+def test_unpadded_encoder_generates_what_transformers_does(num_beams, monkeypatch, fast):
+    """The fast path's inference runs the encoder over the real tokens only (`models.fast.t5.forward_unpadded`): with
+    left padding and a hole in the mask, generation still equals transformers' on the padded batch, and the path was
+    really taken."""
     calls = []
-    unpadded = T5Stack.forward_unpadded
-    monkeypatch.setattr(T5Stack, "forward_unpadded", lambda *a: calls.append(a[2]) or unpadded(*a))
+    unpadded = fast_t5.forward_unpadded
+    monkeypatch.setattr(fast_t5, "forward_unpadded", lambda *a: calls.append(a[2]) or unpadded(*a))
     ref = make_reference(seed=7, **CONFIGS["v1.0-relu-tied"])
     ours = t5_from_hf(ref).eval()
     x, _, _, _ = inputs(seed=8)
@@ -201,7 +216,7 @@ def test_unpadded_encoder_generates_what_transformers_does(num_beams, monkeypatc
     assert positions[2] == [*range(7), *range(12, x.shape[1])]
 
 
-def test_unpadded_encoder_output_equals_the_padded_batch():
+def test_unpadded_encoder_output_equals_the_padded_batch(fast):
     """At real positions the unpadded encoder gives the padded batch's output (and transformers'); padded positions
     are zero. With autograd on, an item of padding only, or no padding, the padded batch runs."""
     ref = make_reference(seed=9, **CONFIGS["v1.1-gated-untied"])
@@ -210,7 +225,7 @@ def test_unpadded_encoder_output_equals_the_padded_batch():
     am = _holes(x)
     real = am.bool()
     with torch.no_grad():
-        assert ours._unpadded_spans(x, am) is not None
+        assert fast_t5.unpadded_spans(ours, x, am) is not None
         got = ours.encode(x, am)
         want = ref.encoder(input_ids=x, attention_mask=am).last_hidden_state
     padded = ours.encode(x, am).detach()  # autograd on: the padded batch
@@ -227,7 +242,7 @@ def test_unpadded_encoder_output_equals_the_padded_batch():
     empty = am.clone()
     empty[1] = 0
     with torch.no_grad():
-        assert ours._unpadded_spans(x, empty) is None
-        assert ours._unpadded_spans(x, torch.ones_like(am)) is None
-        assert ours._unpadded_spans(x, None) is None
-    assert ours._unpadded_spans(x, am) is None  # autograd on
+        assert fast_t5.unpadded_spans(ours, x, empty) is None
+        assert fast_t5.unpadded_spans(ours, x, torch.ones_like(am)) is None
+        assert fast_t5.unpadded_spans(ours, x, None) is None
+    assert fast_t5.unpadded_spans(ours, x, am) is None  # autograd on

@@ -94,7 +94,7 @@ def test_every_stage_writes_the_same_bytes_quiet_and_beside_busy_processes(tmp_p
     beside two processes spinning on both cores: every weight, metric, history and prediction file is identical."""
     project = make_project(tmp_path, {"mlflow.log_models": False, **EVALUATE}, with_tokenizer=True)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    assert params["kernels"] == {"matmul": "auto", "decoding": "shaped"}  # the shipped defaults, nothing pinned
+    assert params["kernels"] == {"paths": "fast", "matmul": "auto", "decoding": "shaped"}  # shipped defaults, unpinned
     assert not any(k.startswith(("MODELS_", "BENCH_")) for k in os.environ)
     quiet, loaded = {}, {}
     for variant in ("t5", "reformer"):

@@ -130,14 +130,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ):
         return dense(x, weight, bias)
     form = decoding_form(rows, weight.shape[0], weight.shape[1], weight.dtype)
-    flat = x.reshape(rows, -1)
+    return compute(form, x.reshape(rows, -1), weight).view(*x.shape[:-1], weight.shape[0])
+
+
+def compute(form: str, flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """flat (M, In) @ weight (Out, In)^T in one of the `FORMS` -> (M, Out), row-major."""
     if form == "linear":
-        out = dense(flat, weight)
-    elif form == "right":
-        out = flat @ copy_of((weight,), "T", lambda w: w.T.contiguous())
-    else:
-        out = onednn_linear(flat, copy_of((weight,), ("packed", rows), lambda w: onednn_pack(w, rows)))
-    return out.view(*x.shape[:-1], weight.shape[0])
+        return dense(flat, weight)
+    if form == "right":
+        return flat @ copy_of((weight,), "T", lambda w: w.T.contiguous())
+    rows = flat.shape[0]
+    return onednn_linear(flat, copy_of((weight,), ("packed", rows), lambda w: onednn_pack(w, rows)))
 
 
 # ---- weight copies: derived from parameters, kept while they live and rebuilt when they may have changed ----
