@@ -100,11 +100,9 @@ class ReformerConfig:
             errors.append(f"local_chunk_length must be >= 1, got {self.local_chunk_length}")
         if self.layout not in LAYOUTS:
             errors.append(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        for name in ("attn_layers", "encoder_attn_layers"):
+        for name in ("attn_layers", "encoder_attn_layers"):  # encoder_attn_layers None: as attn_layers
             value = getattr(self, name)
-            if value is None and name == "encoder_attn_layers":
-                continue
-            if not value or any(t not in ATTN_TYPES for t in value):
+            if (value is not None or name == "attn_layers") and (not value or any(t not in ATTN_TYPES for t in value)):
                 errors.append(f"{name} must be a non-empty list of {ATTN_TYPES}, got {value!r}")
         if self.n_buckets is not None:
             factors = [self.n_buckets] if isinstance(self.n_buckets, int) else list(self.n_buckets)
@@ -183,13 +181,7 @@ class LSHSelfAttention(nn.Module):
             return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
         return torch.randn(shape, device=like.device, dtype=like.dtype)  # global RNG: fresh every forward
 
-    def hash(
-        self,
-        vectors: torch.Tensor,
-        n_buckets: int | list[int],
-        key_mask: torch.Tensor | None,
-        rotations: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def hash(self, vectors: torch.Tensor, n_buckets, key_mask: torch.Tensor | None, rotations=None) -> torch.Tensor:
         """Angular LSH: argmax over [xR, -xR] of a random rotation R, per round; (B, H, L, K) -> (B, H, R*L).
 
         Bucket ids are offset by round so that sorting groups round by round; padding gets a bucket of its own.
@@ -235,21 +227,9 @@ class LSHSelfAttention(nn.Module):
         order = self.sort_order(qk, key_mask, cache)  # (B, H, N): round by round, by bucket, by position
         pos = order % L  # the position of each sorted vector
         qk, v = (x.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, K)) for x in (qk, v))  # sorted (B, H, N, K)
-        before, after = self.config.lsh_num_chunks_before, self.num_chunks_after
-        out, lse = chunked_attention(
-            qk,
-            normalise_keys(qk),
-            v,
-            pos,
-            key_mask,
-            self.chunk_length,
-            before,
-            after,
-            self.causal,
-            True,
-            drop,
-            training,
-        )
+        keys = normalise_keys(qk)  # shared QK: the keys are the queries, normalised (section 2.2)
+        chunks = (self.chunk_length, self.config.lsh_num_chunks_before, self.num_chunks_after)  # length, neighbours
+        out, lse = chunked_attention(qk, keys, v, pos, key_mask, *chunks, self.causal, True, drop, training)
         undo = order.argsort(-1)  # the inverse permutation: back to (round, position) order
         out = out.view(B, H, R * L, K).gather(2, undo.unsqueeze(-1).expand(-1, -1, -1, K)).view(B, H, R, L, K)
         lse = lse.view(B, H, R * L).gather(2, undo).view(B, H, R, L, 1)
@@ -283,10 +263,8 @@ class LocalSelfAttention(nn.Module):
         if L <= self.chunk_length:
             return merge_heads(full_attention(q, k, v, key_mask, self.causal, False, drop, training))
         pos = torch.arange(L, device=hidden.device).view(1, 1, L)  # the same for every row and head
-        before, after = self.config.local_num_chunks_before, self.num_chunks_after
-        out, _ = chunked_attention(
-            q, k, v, pos, key_mask, self.chunk_length, before, after, self.causal, False, drop, training
-        )
+        chunks = (self.chunk_length, self.config.local_num_chunks_before, self.num_chunks_after)  # length, neighbours
+        out, _ = chunked_attention(q, k, v, pos, key_mask, *chunks, self.causal, False, drop, training)
         return merge_heads(out.view(B, self.num_heads, L, self.d_kv))
 
 
@@ -401,9 +379,8 @@ class ReformerStack(nn.Module):
         """hidden (B, L, D) -> (B, L, 2D); key_mask (B, L) bool."""
         hidden = torch.cat([hidden, hidden], dim=-1)  # x1 = x2 = embeddings
         context = () if encoder_out is None else (encoder_out,)
-        hidden = reversible_stack(
-            hidden, self.layers, context, self.config.reversible, key_mask=key_mask, encoder_mask=encoder_mask
-        )
+        masks = dict(key_mask=key_mask, encoder_mask=encoder_mask)
+        hidden = reversible_stack(hidden, self.layers, context, self.config.reversible, **masks)
         return self.dropout(self.layer_norm(hidden))
 
 
@@ -423,11 +400,8 @@ class ReformerEmbeddings(nn.Module):
 
 class ReformerModel(GenerationMixin, nn.Module):
     """Reformer with an LM head over both streams; `causal_lm` has one stack (`decoder`), `encoder_decoder` two.
-
-    `generate` (from `GenerationMixin`) decodes incrementally with cached keys, values and LSH buckets
-    (`models/reformer_decoding.py`); with `hash_seed=None` the rotations are drawn afresh, so set a seed for
-    reproducible decoding.
-    """
+    `generate` decodes with cached keys, values and LSH buckets (`models/reformer_decoding.py`); with `hash_seed=None`
+    the rotations are drawn afresh, so set a seed for reproducible decoding."""
 
     def __init__(self, config: ReformerConfig):
         super().__init__()

@@ -180,8 +180,6 @@ class T5Attention(nn.Module):
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, I) -> (B, H, L, Dk)"""
-        if fast_paths():
-            return fast.heads(self, x)
         return x.view(x.shape[0], x.shape[1], self.n_heads, self.d_kv).transpose(1, 2)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,8 +214,7 @@ class T5Attention(nn.Module):
 
 
 def _flex_attention(q, k, v, mask):
-    """FlexAttention with the additive mask (position bias + padding) added by a score_mod (GPU; compiled by the
-    caller)."""
+    """FlexAttention with the additive mask added by a score_mod (GPU; compiled by the caller)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if mask is None:
@@ -304,8 +301,7 @@ class T5LayerFF(nn.Module):
 
 
 class T5Block(nn.Module):
-    """Self-attention, [cross-attention,] feed-forward, each a pre-norm residual block; `layer` indices as in the
-    reference."""
+    """Self-attention, [cross-attention,] feed-forward, each a pre-norm residual block (indices as the reference's)."""
 
     def __init__(self, config: T5Config, has_relative_attention_bias: bool, has_cross_attention: bool):
         super().__init__()
@@ -335,19 +331,16 @@ class T5Stack(nn.Module):
 
     def relative_bias(self, relative: torch.Tensor) -> torch.Tensor:
         """Each head's learned bias for key - query distances `relative` (any shape) -> (*relative.shape, H)."""
-        c = self.config
-        buckets = relative_position_bucket(
-            relative, self.bidirectional, c.relative_attention_num_buckets, c.relative_attention_max_distance
-        )
-        return self.block[0].layer[0].SelfAttention.relative_attention_bias(buckets)
+        c, table = self.config, self.block[0].layer[0].SelfAttention.relative_attention_bias  # (buckets, H)
+        num_buckets, max_distance = c.relative_attention_num_buckets, c.relative_attention_max_distance
+        return table(relative_position_bucket(relative, self.bidirectional, num_buckets, max_distance))
 
     def position_bias(self, q_len: int, k_len: int, offset: int = 0) -> torch.Tensor:
         """(1, H, Lq, Lk) bias for queries at positions offset .. offset + Lq - 1 and keys at 0 .. Lk - 1."""
         device = self.block[0].layer[0].SelfAttention.relative_attention_bias.weight.device
-        relative = (
-            torch.arange(k_len, device=device)[None, :] - torch.arange(offset, offset + q_len, device=device)[:, None]
-        )
-        return self.relative_bias(relative).permute(2, 0, 1).unsqueeze(0).contiguous()  # contiguous: read per layer
+        k_pos, q_pos = torch.arange(k_len, device=device), torch.arange(offset, offset + q_len, device=device)
+        bias = self.relative_bias(k_pos[None, :] - q_pos[:, None])  # (Lq, Lk, H)
+        return bias.permute(2, 0, 1).unsqueeze(0).contiguous()  # contiguous: read once per layer
 
     def self_mask(self, q_len, k_len, offset=0, key_mask=None, causal=False, prefix=None, bias=None):
         """(bias, hidden): the position bias (1, H, Lq, Lk), with keys after the query at the dtype's minimum when

@@ -4,7 +4,7 @@ numbers within rounding (tests/test_fast_t5.py).
 
 - `forward`, `encode`: tied embeddings with one gradient tensor (`models.fast.tied`); in inference, an encoder over
   the real tokens of a padded batch only (`unpadded_spans`, `forward_unpadded`);
-- `heads`, `project_qkv`, `project_kv`: q, k, v (or k, v) in one product in training, from a stacked copy of the
+- `project_qkv`, `project_kv`: q, k, v (or k, v) in one product in training, from a stacked copy of the
   weights in inference, heads split so that their gradient is one buffer (`models.fast.attention`);
 - `masks`, `attend`: on CPU with autograd, attention differentiated by hand (`BiasedAttention`) with the position
   bias and the hidden keys apart; the beams of an input share its encoder keys/values in beam search;
@@ -154,7 +154,7 @@ def stacked_qkv(attn) -> torch.Tensor:
 
 
 def heads(attn, x: torch.Tensor) -> torch.Tensor:
-    """`T5Attention.heads`: (B, L, I) -> (B, H, L, Dk), its gradient handed back as one buffer."""
+    """(B, L, I) -> (B, H, L, Dk), its gradient handed back as one buffer."""
     return split_heads(x, 1, attn.n_heads)[0]
 
 
