@@ -202,12 +202,17 @@ class ToyModel(nn.Module):
         return 6.0 * self.num_parameters() * batch_size * (input_len + target_len)
 
 
+def training_flops(config, batch_size, input_len, target_len=0):
+    return 6.0 * (2 * config.vocab_size * config.d_model + config.vocab_size) * batch_size * (input_len + target_len)
+
+
 SPEC = FamilySpec(
     name="toy",
     config_class=ToyConfig,
     model_class=ToyModel,
     presets=PRESETS,
     benchmark_config=lambda config, num_layers, length: config,
+    training_flops=training_flops,
 )
 '''
 
@@ -218,9 +223,9 @@ def test_a_new_family_is_one_module_and_one_registry_line(tmp_path):
     (project / "models" / "toy.py").write_text(TOY_MODULE)
     registry = project / "models" / "__init__.py"
     before = registry.read_text()
-    after = before.replace("from models import reformer, t5", "from models import reformer, t5, toy").replace(
-        "(t5.SPEC, reformer.SPEC)", "(t5.SPEC, reformer.SPEC, toy.SPEC)"
-    )
+    after = before.replace(
+        "from models import reformer_family, t5_family", "from models import reformer_family, t5_family, toy"
+    ).replace("(t5_family.SPEC, reformer_family.SPEC)", "(t5_family.SPEC, reformer_family.SPEC, toy.SPEC)")
     changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
     assert len(changed) == 2  # the import line and the registry line
     registry.write_text(after)
