@@ -26,6 +26,7 @@ from models.fast.private import onednn_available
 PATHS = ("reference", "fast")
 MATMUL_KERNELS = ("blas", "onednn")
 DECODING_FORMS = ("plain", "shaped")
+SPEED = ("onednn", "shaped")  # the settings of matmul and decoding that only the fast paths take
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,12 @@ def set_cpu_kernels(matmul: str = "blas", decoding: str = "plain", paths: str = 
         raise ValueError(f"decoding forms {decoding!r}: expected one of {', '.join(DECODING_FORMS)}")
     if matmul == "onednn" and not onednn_available():
         raise ValueError("matmul kernel 'onednn': this torch build has no oneDNN linear; use 'blas'")
-    if paths == "reference" and (matmul, decoding) != ("blas", "plain"):
-        asked = " and ".join(
-            f"{k} {v!r}" for k, v in (("matmul", matmul), ("decoding", decoding)) if v in ("onednn", "shaped")
+    speed = [f"{name} {value!r}" for name, value in (("matmul", matmul), ("decoding", decoding)) if value in SPEED]
+    if paths == "reference" and speed:
+        use = "matmul 'blas' (or 'auto') and decoding 'plain'"
+        raise ValueError(
+            f"{' and '.join(speed)}: a speed path, taken only with paths 'fast'; with 'reference' use {use}"
         )
-        raise ValueError(f"{asked}: a speed path, taken only with paths 'fast'; with paths 'reference' use matmul "
-                         "'blas' (or 'auto') and decoding 'plain'")  # fmt: skip
     _KERNELS[0] = CpuKernels(matmul, decoding, paths)
     return _KERNELS[0]
 
