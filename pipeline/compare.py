@@ -1244,7 +1244,7 @@ def log_to_mlflow(cfg: Config, root: Path, report_dir: Path, metrics: dict[str, 
     }
     from pipeline.mlflow_logging import context_tags  # the DVC experiment, nested under the execution's parent
 
-    tags.update(context_tags(uri, cfg.mlflow.experiment, tags["git_revision"]))
+    tags.update(context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], preset=cfg.preset))
     for variant in cfg.models:
         for seed in cfg.seeds:
             for stage in ("pretrain", "finetune"):

@@ -345,7 +345,7 @@ class LengthsBudgetConfig(Section):
     """`flops`: every variant trains until it has spent the budget in training FLOPs at a length, by its own FLOPs
     accounting (`training_flops`), so the step count differs between variants (deterministic); `seconds`: until
     `value` seconds of training wall-clock (machine-dependent, not reproducible)."""
-    steps: PosInt | Annotated[list[PosInt], Field(min_length=1)] | None = Field(default_factory=lambda: [800, 200])
+    steps: PosInt | Annotated[list[PosInt], Field(min_length=1)] | None = Field(default_factory=lambda: [600, 200])
     """`flops`: the budget at each length is the training FLOPs of this many optimizer steps of the reference model
     (`reference`) at that length, so it grows with the length as a model's cost does and does not depend on which
     variants run (pipeline/budget.py); one number for every length, or one per length. Null: give `value`."""
@@ -381,7 +381,7 @@ class LengthsConfig(Section):
     default run within its time; with one seed the intervals are over test examples only (the report says so).
     With `init: pretrained` each must be one of `seeds` (its pretrained weights)."""
     task_options: dict[str, Any] = Field(
-        default_factory=lambda: {"filler": 4, "num_examples": 8000, "num_eval_examples": 200}
+        default_factory=lambda: {"filler": 1, "num_examples": 3000, "num_eval_examples": 200}
     )
     """The task's options (`pipeline/tasks.py`), except the expression-length ones, which `fill` sets per length."""
     seq_lengths: Annotated[list[Annotated[int, Field(ge=16)]], Field(min_length=1)] = Field(
@@ -714,6 +714,9 @@ def _validate_models(raw: Any) -> dict[str, ModelSection]:
 class Params(Section):
     """The whole params file."""
 
+    preset: str = "none"
+    """The params preset this experiment ran (`python -m pipeline.preset <name>` sets it; a label: MLflow tags every
+    run with it and the report names it)."""
     seed: int = 1234
     """Data seed: the train/validation/test split, tokenizer sampling and the fine-tuning tasks' examples."""
     seeds: Annotated[list[NonNegInt], Field(min_length=1)] = Field(default_factory=lambda: [0, 1, 2])
@@ -881,6 +884,7 @@ def model_config_of(section: ModelSection, vocab_size: int | None = None) -> Any
 class Config:
     """The validated params (one attribute per section, as in `Params`), plus where they came from."""
 
+    preset: str
     seed: int
     seeds: list[int]
     data: DataConfig

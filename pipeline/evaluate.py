@@ -334,7 +334,7 @@ def log_to_mlflow(
         "stage": "evaluate",
         "git_revision": git_revision(root),
     }
-    tags.update(mlflow_logging.context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], paths.seed))
+    tags.update(mlflow_logging.context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], paths.seed, cfg.preset))
     with tracked_run(run, paths.dvc_stage(), tags):
         # the params this stage reads (dvc.yaml) and the evaluated model's resolved config, as training logs them
         run.log_params(mlflow_logging.stage_params(cfg.to_dict(), "evaluate", paths.variant, paths.seed, root))

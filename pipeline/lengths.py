@@ -469,7 +469,7 @@ def log_to_mlflow(
         "stage": STAGE,
         "git_revision": git_revision(root),
     }
-    tags.update(mlflow_logging.context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], paths.seed))
+    tags.update(mlflow_logging.context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], paths.seed, cfg.preset))
     with tracked_run(run, paths.dvc_stage(), tags):
         run.log_params(mlflow_logging.stage_params(cfg.to_dict(), STAGE, paths.variant, paths.seed, root))
         run.log_params(

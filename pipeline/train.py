@@ -355,7 +355,7 @@ def run_training(
         }
         if resume is None:
             run.close_stale(previous_run_id)
-        tags.update(mlflow_logging.context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], seed))
+        tags.update(mlflow_logging.context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], seed, cfg.preset))
     with tracked_run(run, paths.dvc_stage(), tags, resume_run_id=run_state.get("mlflow_run_id")):
         metrics, timing = _train_and_publish(
             cfg, stage, variant, seed, family, paths, module, datamodule, trainer_kw, run, resume, entropy, current,
