@@ -2,7 +2,7 @@
 
     python -m pipeline.evaluate --model <variant> --seed <seed>
 
-Paths come from `pipeline/paths.py`; V-S below is the variant and the seed.
+Paths come from `pipeline/config/paths.py`; V-S below is the variant and the seed.
 
 1. The pretrained model (`artifacts/pretrain/V/S/final`) scores the test split under the pretraining
    objective, exactly as validation does during training (same packing, same corruption seeded per example,
@@ -46,18 +46,10 @@ from typing import Any
 
 import torch
 
-from pipeline.common import (
-    StageError,
-    load_model_dir,
-    publish,
-    repo_root,
-    require_variant,
-    run_stage,
-    stage_parser,
-)
+from pipeline.common import StageError, load_model_dir, publish, repo_root, require_variant, run_stage, stage_parser
 from pipeline.config import Config
+from pipeline.config.paths import RunPaths
 from pipeline.console import progress, quiet_libraries
-from pipeline.paths import RunPaths
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -86,7 +78,7 @@ def test_loss(
 
     With `train_docs`, also `unigram_loss`: the cross-entropy of the same test targets under the unigram
     distribution of as many training targets (the trivial baseline: a model that ignores its input)."""
-    from pipeline.datamodule import Collator, FixedItems, PretrainDataset, token_losses
+    from pipeline.data.datamodule import Collator, FixedItems, PretrainDataset, token_losses
 
     p, e = cfg.pretrain, cfg.evaluate
     span_args = {}
@@ -119,7 +111,7 @@ def test_loss(
     loss = total / max(count, 1)
     out = {"test_loss": loss, "test_ppl": math.exp(min(loss, 50.0)), "test_tokens": count, "test_examples": len(items)}
     if train_docs is not None:
-        from pipeline.stats import unigram_cross_entropy
+        from pipeline.report.stats import unigram_cross_entropy
 
         train_items = FixedItems(PretrainDataset(train_docs, p.objective, p.input_length, cfg.seed, **span_args), limit)
         train_targets = []
@@ -182,9 +174,10 @@ def confusion_matrix(classes: list[str], rows: list[dict[str, str]]) -> tuple[li
 
 def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, cfg: Config, prepared_dir: Path, out: Path, label: str):
     """Task metrics for every beam size; writes confusion matrices into `out`; returns (metrics, samples)."""
-    from pipeline.charts import confusion_matrix as plot_confusion
-    from pipeline.stats import constant_predictions
-    from pipeline.tasks import baselines, build_examples, example_scores, get_task, score
+    from pipeline.data.task_metrics import baselines, example_scores, score
+    from pipeline.data.tasks import build_examples, get_task
+    from pipeline.report.charts import confusion_matrix as plot_confusion
+    from pipeline.report.stats import constant_predictions
 
     e = cfg.evaluate
     examples = build_examples(cfg.finetune.tasks, e.split, cfg.seed, prepared_dir)
@@ -265,9 +258,9 @@ def _md(text: str, limit: int = 300) -> str:
 
 def evaluate(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
     """Run the whole evaluation of one variant and seed; writes outputs and returns the metrics."""
-    from pipeline.datamodule import document_arrays, load_tokenized
-    from pipeline.tokenizer import Tokenizer
-    from pipeline.tracking import check_tracking_uri, close_stale_runs, tracking_uri
+    from pipeline.data.datamodule import document_arrays, load_tokenized
+    from pipeline.data.tokenizer import Tokenizer
+    from pipeline.tracking.runs import check_tracking_uri, close_stale_runs, tracking_uri
 
     require_variant(cfg, variant, seed)
     family = cfg.family(variant)
@@ -321,8 +314,8 @@ def log_to_mlflow(
 ) -> None:
     """One run `evaluate@<variant>-<seed>` in the pipeline's experiment with the metrics and the output folder
     (`artifacts`: where it is staged before being published; default its final place)."""
-    from pipeline import mlflow_logging
-    from pipeline.tracking import TrackedRun, check_tracking_uri, git_revision, tracked_run, tracking_uri
+    from pipeline.tracking import logged as mlflow_logging
+    from pipeline.tracking.runs import TrackedRun, check_tracking_uri, git_revision, tracked_run, tracking_uri
 
     uri = tracking_uri(cfg.mlflow.tracking_uri, root)
     check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)

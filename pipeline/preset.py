@@ -111,16 +111,22 @@ def overrides(
     return out
 
 
-def command(name: str, params_file: Path, dvc_args: list[str]) -> list[str]:
-    """`dvc exp run <dvc_args> -S ...` for preset `name` over `params_file`, after validating the merge."""
+def resolve(name: str, params_file: Path) -> tuple[dict[str, Any], list[str]]:
+    """(the params with preset `name` applied, validated; the `-S` values that apply it with DVC)."""
     overlay, replaced = load_preset(name)
     overlay = {**overlay, "preset": preset_path(name).stem}
     if not params_file.is_file():
         raise ConfigError([f"file not found ({params_file.resolve()})"], str(params_file))
     params = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
-    config_from_dict(merge(params, overlay, replaced), f"{params_file} + {preset_path(name)}")
-    sets = [arg for value in overrides(params, overlay, replaced) for arg in ("-S", value)]
-    return ["dvc", "exp", "run", *dvc_args, *sets]
+    merged = merge(params, overlay, replaced)
+    config_from_dict(merged, f"{params_file} + {preset_path(name)}")
+    return merged, overrides(params, overlay, replaced)
+
+
+def command(name: str, params_file: Path, dvc_args: list[str]) -> list[str]:
+    """`dvc exp run <dvc_args> -S ...` for preset `name` over `params_file`, after validating the merge."""
+    _, values = resolve(name, params_file)
+    return ["dvc", "exp", "run", *dvc_args, *[arg for value in values for arg in ("-S", value)]]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1213,7 +1213,7 @@ def killed_pretrain(p: Path) -> None:
 _RUN_CODE = """
 import os, signal, sys, time
 from pipeline.common import install_signal_handlers
-from pipeline.tracking import TrackedRun, tracked_run, tracking_uri
+from pipeline.tracking.runs import TrackedRun, tracked_run, tracking_uri
 install_signal_handlers()
 run = TrackedRun(tracking_uri(None, "."), "t5-vs-reformer", system_metrics=False)
 try:

@@ -12,20 +12,17 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.tasks import (
+from pipeline.data.mixture import Mixture, mixing_rates
+from pipeline.data.task_metrics import baselines, example_scores, score
+from pipeline.data.tasks import (
     SPLITS,
     TASKS,
     Example,
-    Mixture,
     TaskContext,
-    baselines,
     build_examples,
-    example_scores,
     get_task,
     listops_tokens,
     listops_value,
-    mixing_rates,
-    score,
     split_first_sentence,
 )
 

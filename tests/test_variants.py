@@ -19,7 +19,7 @@ import yaml
 
 import models
 from pipeline.config import load_config
-from pipeline.paths import RunPaths
+from pipeline.config.paths import RunPaths
 from tests.train_project import ROOT, make_project
 
 PROJECT_FILES = ("pipeline", "models", "params.yaml", "dvc.yaml", ".dvcignore", ".gitignore")
@@ -79,7 +79,7 @@ def test_run_paths_match_the_dvc_yaml_outputs():
 
 
 def test_the_run_seed_changes_training_noise_not_validation(tmp_path):
-    from pipeline.train import pretrain_data, read_tokenizer_info
+    from pipeline.training.train import pretrain_data, read_tokenizer_info
 
     project = make_project(tmp_path)
     cfg = load_config(project / "params.yaml")

@@ -13,7 +13,7 @@
   under the same keys for every family, so MLflow's compare view shows what differs.
 - `log_token_splits` logs the data splits as dataset inputs (source, digest, rows and tokens per split).
 - `log_trained_model` logs a trained model as an MLflow 3 LoggedModel from its safetensors + config, as a
-  model from code (`pipeline/mlflow_pyfunc.py`, nothing pickled), links metrics to it, and registers it on request.
+  model from code (`pipeline/tracking/pyfunc.py`, nothing pickled), links metrics to it, and registers it on request.
 
 Every function expects the caller to be the process that logs (global rank zero).
 """
@@ -51,9 +51,9 @@ EXPERIMENT_DESCRIPTION = (
     "parent per pipeline execution (tag `dvc_exp`: the DVC experiment, or `workspace`); filter with "
     "`tags.stage = 'pretrain'` and compare a stage's runs: the `model.*` params show how the variants differ."
 )
-PYFUNC_FILE = Path(__file__).with_name("mlflow_pyfunc.py")
-MODELS_PACKAGE = Path(__file__).resolve().parent.parent / "models"
-PIPELINE_DVC_YAML = Path(__file__).resolve().parent.parent / "dvc.yaml"
+PYFUNC_FILE = Path(__file__).with_name("pyfunc.py")
+MODELS_PACKAGE = Path(__file__).resolve().parents[2] / "models"
+PIPELINE_DVC_YAML = Path(__file__).resolve().parents[2] / "dvc.yaml"
 
 
 # ------------------------------------------------------------------------------------------------ store
@@ -460,7 +460,7 @@ def log_trained_model(
 ) -> str:
     """Log `final_dir` (safetensors + config.json) as a LoggedModel of the active run; returns its model id.
 
-    The model is a model from code (`pipeline/mlflow_pyfunc.py` with the `models` package), so nothing is
+    The model is a model from code (`pipeline/tracking/pyfunc.py` with the `models` package), so nothing is
     pickled; `metrics` are linked to the model (and to `dataset` when given); `register_as` adds a version of
     that registered model.
     """
