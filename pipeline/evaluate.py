@@ -233,6 +233,60 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, cfg: Config, prepared
     return metrics, samples
 
 
+def attention_settings(cfg: Config, family: str) -> dict[str, dict[str, Any]]:
+    """The settings of `evaluate.attention` this family can run: every field one it may change after training."""
+    import models
+
+    changeable = models.spec(family).eval_time_fields
+    return {name: dict(fields) for name, fields in cfg.evaluate.attention.items() if set(fields) <= changeable}
+
+
+def evaluate_attention(
+    model: torch.nn.Module,
+    family: str,
+    settings: dict[str, dict[str, Any]],
+    tokenizer: Any,
+    cfg: Config,
+    prepared_dir: Path,
+    out: Path,
+    label: str,
+) -> dict[str, dict[str, Any]]:
+    """Every task scored greedily with `model`'s weights under each attention setting (config fields changed, the
+    weights loaded as they are); per-example scores go into `out/examples.json` under `attention` (for compare's
+    bootstrap); returns {setting: {task: {metric: score}}}."""
+    import dataclasses
+
+    import models
+    from pipeline.data.task_metrics import example_scores, score
+    from pipeline.data.tasks import build_examples, get_task
+
+    e = cfg.evaluate
+    examples = build_examples(cfg.finetune.tasks, e.split, cfg.seed, prepared_dir)
+    saved = json.loads((out / "examples.json").read_text(encoding="utf-8"))
+    greedy = min(e.num_beams)
+    result: dict[str, dict[str, Any]] = {}
+    for name, fields in settings.items():
+        variant = models.build_model(family, dataclasses.replace(model.config, **fields)).eval()
+        variant.load_state_dict(model.state_dict())  # the same parameters: only how attention runs differs
+        result[name] = {}
+        for task_name, task_examples in examples.items():
+            chosen = task_examples[: e.max_examples_per_task]
+            if not chosen or task_name not in saved:
+                continue
+            task = get_task(task_name)
+            refs = [x.targets for x in chosen]
+            with torch.no_grad():
+                predictions = generate_texts(variant, tokenizer, [x.inputs for x in chosen], greedy, cfg)
+            scores = score(task.metric, predictions, refs)
+            result[name][task_name] = {f"{k}_beam{greedy}": v for k, v in scores.items()}
+            per = saved[task_name].setdefault("attention", {})
+            per[name] = {"predictions": predictions, "scores": example_scores(task.metric, predictions, refs)}
+            log.info("%s %s under %s %s: %s = %.4f", label, task_name, name, fields, task.metric, scores[task.metric])
+        del variant
+    (out / "examples.json").write_text(json.dumps(saved, ensure_ascii=False) + "\n", encoding="utf-8")
+    return result
+
+
 def samples_markdown(label: str, samples: dict[str, list[dict[str, Any]]]) -> str:
     """The samples as a readable Markdown page."""
     lines = [f"# {label}: sample generations (test split)", ""]
@@ -285,6 +339,12 @@ def evaluate(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]
         tmp.mkdir(parents=True)
         task_metrics, samples = evaluate_tasks(finetuned, tokenizer, cfg, root / "data" / "prepared", tmp, out.label)
         metrics.update(task_metrics)
+        settings = attention_settings(cfg, family)
+        if settings:  # the same weights under other attention settings, no retraining (the train x eval table)
+            torch.manual_seed(seed)
+            metrics["attention"] = evaluate_attention(
+                finetuned, family, settings, tokenizer, cfg, root / "data" / "prepared", tmp, out.label
+            )
         metrics["parameters"] = finetuned.num_parameters()
         metrics["non_embedding_parameters"] = finetuned.num_parameters(non_embedding=True)
         timing = {"seconds": round(time.perf_counter() - start, 1)}  # apart: metrics are the same bytes every run
@@ -299,10 +359,15 @@ def evaluate(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]
 
 
 def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """`eval/test_loss`, `eval/<task>/<metric>_beam<k>`: the same names for every variant."""
+    """`eval/test_loss`, `eval/<task>/<metric>_beam<k>` and, per evaluation-time attention setting,
+    `eval/attention/<setting>/<task>/<metric>_beam<k>`: the same names for every variant."""
     out = {}
     for key, value in metrics.items():
-        if isinstance(value, dict):
+        if key == "attention":
+            for setting, tasks in value.items():
+                for task, scores in tasks.items():
+                    out.update({f"eval/attention/{setting}/{task}/{k}": float(v) for k, v in scores.items()})
+        elif isinstance(value, dict):
             out.update({f"eval/{key}/{k}": float(v) for k, v in value.items() if isinstance(v, int | float)})
         elif isinstance(value, int | float):
             out[f"eval/{key}"] = float(value)

@@ -278,9 +278,9 @@ FOUR = {"t5": ("t5", "tiny"), "t5_small": ("t5", "small"), "reformer": ("reforme
 
 
 def test_scaling_curves_name_the_family_ahead_only_where_the_intervals_separate(tmp_path: Path):
-    from pipeline.report.analysis import flops_per_target_token
     from pipeline.report.inputs import gather
     from pipeline.report.rendering import draw_charts
+    from pipeline.report.scaling import flops_per_target_token
 
     cfg = _sized_config(FOUR, [0, 1])
     # tiny: the two families overlap; small: t5 is clearly lower (2 seeds: t half-width 12.7 * 0.01 = 0.127)

@@ -9,32 +9,23 @@
 `python -m pipeline.config [params.yaml]` validates a file. The names below are what the stages import.
 """
 
-from pipeline.config.params import (
-    DEFAULT_PARAMS,
-    VARIANT_NAME,
-    Config,
-    ConfigError,
-    ModelSection,
-    Params,
-    config_from_dict,
-    load_config,
-    load_config_or_exit,
-    model_config_of,
-)
-from pipeline.config.sections import LENGTH_TASKS, LengthsConfig, TokenizerConfig
+import importlib
+from typing import Any
 
-__all__ = [
-    "DEFAULT_PARAMS",
-    "LENGTH_TASKS",
-    "VARIANT_NAME",
-    "Config",
-    "ConfigError",
-    "LengthsConfig",
-    "ModelSection",
-    "Params",
-    "TokenizerConfig",
-    "config_from_dict",
-    "load_config",
-    "load_config_or_exit",
-    "model_config_of",
-]
+# name -> the module defining it; loaded on first use (PEP 562), so importing `pipeline.config.validation` (as the
+# tasks do, which the params' sections import in turn) does not import the params first
+_EXPORTS = {
+    **dict.fromkeys(
+        ("DEFAULT_PARAMS", "VARIANT_NAME", "Config", "ConfigError", "ModelSection", "Params", "config_from_dict",
+         "load_config", "load_config_or_exit", "model_config_of"),
+        "pipeline.config.params",
+    ),
+    **dict.fromkeys(("LENGTH_TASKS", "LengthsConfig", "TokenizerConfig"), "pipeline.config.sections"),
+}  # fmt: skip
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipeline.config' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

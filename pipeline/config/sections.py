@@ -7,6 +7,7 @@ across sections live on `Params`. The field types and the wording of problems ar
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -247,6 +248,32 @@ class EvaluateConfig(Section):
     """Generation length limit."""
     num_samples: NonNegInt = 5
     """Examples per task written out with input, reference and generation."""
+    attention: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Evaluation-time attention settings: name -> model config fields to change after training (only fields a
+    family lists as changeable without retraining, e.g. `n_hashes`, `use_full_attention`). Every trained model is
+    also scored under each setting its family supports (greedy, the same test examples), without retraining: the
+    report shows the train x evaluation table. Example: {full: {use_full_attention: true}, lsh1: {n_hashes: 1}}."""
+
+    @field_validator("attention")
+    @classmethod
+    def _settings_change_what_evaluation_may(cls, settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        import models
+
+        changeable = {f for family in models.FAMILIES for f in models.spec(family).eval_time_fields}
+        problems = []
+        for name, fields in settings.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+                problems.append(f"{name!r}: a setting's name is letters, digits and '_'")
+            if not isinstance(fields, dict) or not fields:
+                problems.append(f"{name}: give the model fields to change, e.g. {{n_hashes: 1}}")
+                continue
+            for field in fields:
+                if field not in changeable:
+                    allowed = ", ".join(sorted(changeable)) or "none"
+                    problems.append(f"{name}.{field}: not a field evaluation may change (allowed: {allowed})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return settings
 
 
 class BenchmarkConfig(Section):

@@ -78,7 +78,20 @@ def score(metric: str, predictions: list[str], references: list[str]) -> dict[st
             return {"accuracy": accuracy}
         f1 = sum(squad_f1(p, r) for p, r in zip(preds, refs, strict=True)) / len(refs)
         return {"exact_match": accuracy, "f1": f1}
+    if metric == "token_accuracy":
+        per = example_scores(metric, predictions, references)
+        exact = sum(p == r for p, r in zip(preds, refs, strict=True)) / len(refs)
+        return {"token_accuracy": sum(per) / len(per), "exact_match": exact}
     raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+
+
+def token_accuracy(prediction: str, reference: str) -> float:
+    """The fraction of the reference's whitespace-separated tokens the prediction has at the same position (the
+    Reformer paper's accuracy on the copied half, Table 2, for generated text); 1.0 for two empty strings."""
+    pred, ref = prediction.split(), reference.split()
+    if not ref:
+        return float(not pred)
+    return sum(p == r for p, r in zip(pred, ref, strict=False)) / len(ref)
 
 
 def example_scores(metric: str, predictions: list[str], references: list[str]) -> list[float]:
@@ -91,6 +104,8 @@ def example_scores(metric: str, predictions: list[str], references: list[str]) -
     refs = [_normalize_space(r) for r in references]
     if metric in ("accuracy", "exact_match"):
         return [float(p == r) for p, r in zip(preds, refs, strict=True)]
+    if metric == "token_accuracy":
+        return [token_accuracy(p, r) for p, r in zip(preds, refs, strict=True)]
     if metric == "rouge_l":
         from torchmetrics.functional.text.rouge import rouge_score
 
@@ -111,7 +126,9 @@ def baselines(task: Task, train: list[Example], test: list[Example]) -> dict[str
     - classification (`task.classes`): `majority` (always the most frequent training label) and `chance`
       (a uniform guess over the classes);
     - generation: `copy_input` (the input without its prefix, echoed) and `most_frequent_output` (always the
-      most frequent training target).
+      most frequent training target);
+    - copy tasks scored per token (`token_accuracy`): `most_frequent_symbol` (the most frequent training symbol at
+      every position) and `chance` (a uniform guess over the symbols seen in training).
     """
     import numpy as np
 
@@ -128,6 +145,14 @@ def baselines(task: Task, train: list[Example], test: list[Example]) -> dict[str
         }
     from pipeline.report.stats import majority_class
 
+    if task.metric == "token_accuracy":  # a copy task: echoing the input is the task itself, not a baseline
+        symbols = [t for x in train for t in x.targets.split()] or [t for r in refs for t in r.split()]
+        frequent = majority_class(symbols)
+        repeated = [" ".join([frequent] * len(r.split())) for r in refs]
+        return {
+            "most_frequent_symbol": float(np.mean(example_scores(task.metric, repeated, refs))),
+            "chance": chance_baseline(len(set(symbols))),
+        }
     copied = [x.inputs.removeprefix(task.prefix) for x in test]
     frequent = majority_class([_normalize_space(x.targets) for x in train] or refs)
     return {

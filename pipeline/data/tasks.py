@@ -44,7 +44,7 @@ from pipeline.config.validation import Fraction, NonNegInt, PosInt, Problems, Se
 SPLITS = ("train", "validation", "test")
 
 
-METRICS = ("rouge_l", "bleu", "accuracy", "exact_match")
+METRICS = ("rouge_l", "bleu", "accuracy", "exact_match", "token_accuracy")
 
 
 DEFAULT_PREPARED_DIR = "data/prepared"
@@ -535,10 +535,10 @@ TASKS: dict[str, Task] = {
         Task(
             "duplication",
             "duplicate: ",
-            "exact_match",
+            "token_accuracy",
             _build_duplication,
             DuplicationOptions,
-            description="Reformer section 2.1: a random symbol sequence -> the same sequence",
+            description="Reformer section 2.1: a random symbol sequence -> the same sequence (accuracy per symbol)",
         ),
         Task(
             "needle",

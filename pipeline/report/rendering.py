@@ -20,9 +20,9 @@ from pipeline.report.analysis import (
     _verdicts,
     lengths_cells,
     lengths_chart_points,
-    vocab_size,
 )
 from pipeline.report.inputs import sum_confusions
+from pipeline.report.scaling import vocab_size
 
 TEMPLATE = "comparison.md.j2"
 
@@ -306,8 +306,34 @@ def render_report(cfg: Config, data: dict[str, Any], analysis: Analysis) -> str:
         efficiency=efficiency(cfg, data, analysis),
         scaling=analysis.scaling,
         lengths=lengths_report(cfg, analysis),
+        attention=attention_report(cfg, analysis),
         caveats=caveats,
     )
+
+
+def attention_report(cfg: Config, analysis: Analysis) -> dict[str, Any]:
+    """The "Evaluation-time attention" section: per task, each variant as trained (rows, with its own values of the
+    fields the settings change) against each setting (columns), mean [95% interval] of the task metric."""
+    section = analysis.attention
+    if not section:
+        return {"ran": False}
+    fields = sorted({f for fields in section["settings"].values() for f in fields})
+    legend = [
+        f"`{name}`: " + ", ".join(f"{k} = {v}" for k, v in fs.items()) for name, fs in section["settings"].items()
+    ]
+    tasks = []
+    for task, t in section["tasks"].items():
+        rows = []
+        for variant, row in t["rows"].items():
+            config = cfg.model_config(variant)
+            own = ", ".join(f"{f} {getattr(config, f)}" for f in fields if hasattr(config, f))
+            cells = [row[c].format() if c in row and row[c].has_interval else
+                     (f"{row[c].mean:.3f}" if c in row else "—") for c in section["columns"]]  # fmt: skip
+            rows.append({"label": f"{variant} ({own})" if own else variant, "cells": cells})
+        best = max(t["baselines"], key=t["baselines"].get) if t["baselines"] else ""
+        baseline = f"{t['baselines'][best]:.3f} ({best.replace('_', ' ')})" if best else "—"
+        tasks.append({"task": task, "metric": t["metric"].replace("_", " "), "rows": rows, "baseline": baseline})
+    return {"ran": True, "columns": section["columns"], "legend": legend, "tasks": tasks}
 
 
 def lengths_report(cfg: Config, analysis: Analysis) -> dict[str, Any]:
