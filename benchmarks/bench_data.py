@@ -105,7 +105,7 @@ def write_corpus(directory: Path, n_tokens: int, seed: int = 0) -> int:
 
 def write_random_store(path: Path, n_tokens: int, vocab_size: int, doc_tokens: int = 1000) -> None:
     """A token store of random ids (train `n_tokens`, validation and test 1% each), written in blocks."""
-    from pipeline.tokenstore import SplitWriter, write_store_meta
+    from pipeline.data.tokenstore import SplitWriter, write_store_meta
 
     rng = np.random.default_rng(0)
     metas = {}
@@ -186,7 +186,8 @@ def stage(project: Path, name: str, *extra: str, env: dict | None = None) -> dic
 
 def pretrain_child(argv: list[str]) -> None:
     """In the child: record the end of the first training step, then run the real pretrain stage."""
-    from pipeline import module, pretrain
+    from pipeline import pretrain
+    from pipeline.training import module
 
     marker, original = Path(os.environ[FIRST_STEP_ENV]), module.SamplerPosition.on_train_batch_end
 
@@ -220,8 +221,8 @@ def slice_rates(project: Path, rounds: int, max_chars: int = 5_000_000) -> dict:
     import datasets
     import pyarrow.compute as pc
 
+    from pipeline.data.tokenizer import Tokenizer
     from pipeline.tokenize import Shard, encode_shards
-    from pipeline.tokenizer import Tokenizer
 
     datasets.disable_caching()
     datasets.disable_progress_bars()

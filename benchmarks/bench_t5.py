@@ -82,8 +82,8 @@ def batch(config: T5Config, b: int, s: int, t: int, seed: int = 0):
 
 def make_step(model, is_ref: bool, data):
     x, am, dec_in, labels = data
-    # both sides step with the pipeline's optimizer, fused AdamW (pipeline/module.py `build_optimizer`): the unfused
-    # default's ten elementwise passes per tensor were ~0.8 s of a 5 s step here, the same for both models
+    # both sides step with the pipeline's optimizer, fused AdamW (pipeline/training/module.py `build_optimizer`):
+    # the unfused default's ten elementwise passes per tensor were ~0.8 s of a 5 s step here, the same for both
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     model.train()
 

@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import alternate_results, load_average, median, ratio_spread, spread, table  # noqa: E402
 
-from pipeline.config import DataConfig  # noqa: E402
-from pipeline.data import CorpusStats, builtin_documents, clean_documents  # noqa: E402
+from pipeline.config.sections import DataConfig  # noqa: E402
+from pipeline.data.corpus import CorpusStats, builtin_documents, clean_documents  # noqa: E402
+from pipeline.data.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 from pipeline.tokenize import document_bytes, encode_shards, plan_shards  # noqa: E402
-from pipeline.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -43,8 +43,8 @@ from timing import (
 )  # noqa: E402
 
 from models import build_model, config_class  # noqa: E402
-from pipeline.datamodule import Collator, PretrainDataset, token_losses  # noqa: E402
-from pipeline.module import OptimSettings, Seq2SeqLM, build_optimizer, lr_factor  # noqa: E402
+from pipeline.data.datamodule import Collator, PretrainDataset, token_losses  # noqa: E402
+from pipeline.training.module import OptimSettings, Seq2SeqLM, build_optimizer, lr_factor  # noqa: E402
 
 VOCAB = 8192
 

@@ -145,7 +145,7 @@ def dvc_zero2(args) -> list[tuple[str, str, str]]:
         params["seeds"] = [0]
         params["pretrain"].update(max_steps=6, batch_size=4, val_every_n_steps=3, checkpoint_every_n_steps=3)
         params["pretrain"]["optimizer"]["warmup_steps"] = 2
-        params["trainer"]["divergence"]["patience_steps"] = 6  # at most the 6 steps (pipeline/config.py)
+        params["trainer"]["divergence"]["patience_steps"] = 6  # at most the 6 steps (pipeline/config/)
         # On CPU, DeepSpeed compiles its ops at first use (minutes on a busy machine; tests/test_deepspeed.py covers
         # ZeRO on CPU): the dry run checks the stage wiring with the plain strategy unless --dry-run-deepspeed.
         deepspeed = not args.dry_run or args.dry_run_deepspeed

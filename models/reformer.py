@@ -74,7 +74,7 @@ class ReformerConfig:
     encoder_num_chunks_after: int = 1  # chunks after, for the (bidirectional) encoder's local and LSH layers
     hash_seed: int | None = None  # None = fresh random rotations every forward
     use_full_attention: bool = False  # LSH layers attend to the whole sequence (same shared-QK attention)
-    axial_pos_shape: list[int] | None = field(default_factory=lambda: [256, 256])  # None = plain learned positions
+    axial_pos_shape: list[int] | None = field(default_factory=lambda: [256, 256])  # None, []: plain learned positions
     axial_pos_dims: list[int] | None = field(default_factory=lambda: [64, 64])  # must sum to d_model
     max_position_embeddings: int = 65536  # plain positions only; axial: prod(axial_pos_shape)
     ff_chunk_size: int = 0  # feed-forward over sequence chunks of this size (0 = all at once)
@@ -92,6 +92,8 @@ class ReformerConfig:
     tie_word_embeddings: bool = False  # must stay False: the head reads both streams (2D), the embedding is D
 
     def __post_init__(self):
+        if self.axial_pos_shape == [] and self.axial_pos_dims == []:  # [] says "none" where null means "the preset's"
+            self.axial_pos_shape = self.axial_pos_dims = None
         errors = []
         for name in ("vocab_size", "d_model", "d_kv", "num_heads", "d_ff", "n_hashes", "lsh_chunk_length"):
             if getattr(self, name) < 1:

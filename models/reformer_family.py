@@ -55,5 +55,21 @@ SPEC = FamilySpec(
     seeded=seeded,
     efficient_attention=efficient_attention,
     training_flops=reformer_training_flops,
+    # attention that is not a parameter: the same weights run with any of these (Reformer section 2.1, Table 2)
+    eval_time_fields=frozenset(
+        (
+            "n_hashes",
+            "use_full_attention",
+            "n_buckets",
+            "lsh_chunk_length",
+            "lsh_num_chunks_before",
+            "lsh_num_chunks_after",
+            "local_chunk_length",
+            "local_num_chunks_before",
+            "local_num_chunks_after",
+            "encoder_num_chunks_after",
+            "hash_seed",
+        )
+    ),  # fmt: skip
     published={"lra_listops": {"Reformer": 0.3727}},  # Long Range Arena (Tay et al. 2021), table 1, test accuracy
 )

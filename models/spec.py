@@ -45,6 +45,9 @@ class FamilySpec:
     efficient_attention: Callable[[Any], str | None] | None = None
     """`(config) -> text`: the sub-quadratic attention a config uses (e.g. "LSH and local attention"), which the
     report says short training sequences cannot show the benefit of; None, or a None result: full attention."""
+    eval_time_fields: frozenset[str] = frozenset()
+    """Config fields that may change after training without touching the weights (e.g. the Reformer's hash
+    rounds): the pipeline's evaluation-time attention settings (`evaluate.attention`) may set only these."""
     published: dict[str, dict[str, float]] = field(default_factory=dict)
     """Published results of the family's architecture, task -> {label: score in [0, 1]}, shown in the report beside
     ours (`lra_listops`: Long Range Arena, Tay et al. 2021, table 1)."""

@@ -432,7 +432,7 @@ def _fmt(x: float | None) -> str:
 def write_plots(result: dict[str, Any], out: Path, variants: list[str]) -> None:
     """The three PNG charts, drawn by `pipeline.charts.benchmark_chart` (the report draws the same ones, with the
     same colour per variant: the params' order)."""
-    from pipeline.charts import BENCHMARK_CHARTS, benchmark_chart, colors
+    from pipeline.report.charts import BENCHMARK_CHARTS, benchmark_chart, colors
 
     for name in BENCHMARK_CHARTS:
         benchmark_chart(result["rows"], name, out / name, colors(variants))

@@ -41,6 +41,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
@@ -325,6 +326,27 @@ def _run_stage(
     if result.message:
         print(result.message, file=sys.stderr, flush=True)
     return result.exit_code
+
+
+def require_writable(*targets: str | os.PathLike) -> None:
+    """A `StageError` now, before any work, when a folder an output of the stage will be written into (the target's
+    parent, or the nearest one that exists) does not take a file: a read-only mount or folder would otherwise fail
+    the stage only when it publishes, after its training."""
+    for target in targets:
+        folder = Path(target).parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise StageError(
+                f"cannot write {_output_name(target)} ({os.strerror(exc.errno)} in {_output_name(folder)}): make it "
+                "writable (chmod u+w, or remount) and re-run; previous outputs were kept"
+            ) from None
+        os.close(fd)
+        os.unlink(probe)
 
 
 def require_variant(cfg: Any, variant: str, seed: int | None = None) -> None:

@@ -2,7 +2,7 @@
 
     python -m pipeline.evaluate --model <variant> --seed <seed>
 
-Paths come from `pipeline/paths.py`; V-S below is the variant and the seed.
+Paths come from `pipeline/config/paths.py`; V-S below is the variant and the seed.
 
 1. The pretrained model (`artifacts/pretrain/V/S/final`) scores the test split under the pretraining
    objective, exactly as validation does during training (same packing, same corruption seeded per example,
@@ -46,18 +46,10 @@ from typing import Any
 
 import torch
 
-from pipeline.common import (
-    StageError,
-    load_model_dir,
-    publish,
-    repo_root,
-    require_variant,
-    run_stage,
-    stage_parser,
-)
+from pipeline.common import StageError, load_model_dir, publish, repo_root, require_variant, run_stage, stage_parser
 from pipeline.config import Config
+from pipeline.config.paths import RunPaths
 from pipeline.console import progress, quiet_libraries
-from pipeline.paths import RunPaths
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -86,7 +78,7 @@ def test_loss(
 
     With `train_docs`, also `unigram_loss`: the cross-entropy of the same test targets under the unigram
     distribution of as many training targets (the trivial baseline: a model that ignores its input)."""
-    from pipeline.datamodule import Collator, FixedItems, PretrainDataset, token_losses
+    from pipeline.data.datamodule import Collator, FixedItems, PretrainDataset, token_losses
 
     p, e = cfg.pretrain, cfg.evaluate
     span_args = {}
@@ -119,7 +111,7 @@ def test_loss(
     loss = total / max(count, 1)
     out = {"test_loss": loss, "test_ppl": math.exp(min(loss, 50.0)), "test_tokens": count, "test_examples": len(items)}
     if train_docs is not None:
-        from pipeline.stats import unigram_cross_entropy
+        from pipeline.report.stats import unigram_cross_entropy
 
         train_items = FixedItems(PretrainDataset(train_docs, p.objective, p.input_length, cfg.seed, **span_args), limit)
         train_targets = []
@@ -182,9 +174,10 @@ def confusion_matrix(classes: list[str], rows: list[dict[str, str]]) -> tuple[li
 
 def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, cfg: Config, prepared_dir: Path, out: Path, label: str):
     """Task metrics for every beam size; writes confusion matrices into `out`; returns (metrics, samples)."""
-    from pipeline.charts import confusion_matrix as plot_confusion
-    from pipeline.stats import constant_predictions
-    from pipeline.tasks import baselines, build_examples, example_scores, get_task, score
+    from pipeline.data.task_metrics import baselines, example_scores, score
+    from pipeline.data.tasks import build_examples, get_task
+    from pipeline.report.charts import confusion_matrix as plot_confusion
+    from pipeline.report.stats import constant_predictions
 
     e = cfg.evaluate
     examples = build_examples(cfg.finetune.tasks, e.split, cfg.seed, prepared_dir)
@@ -240,6 +233,60 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Any, cfg: Config, prepared
     return metrics, samples
 
 
+def attention_settings(cfg: Config, family: str) -> dict[str, dict[str, Any]]:
+    """The settings of `evaluate.attention` this family can run: every field one it may change after training."""
+    import models
+
+    changeable = models.spec(family).eval_time_fields
+    return {name: dict(fields) for name, fields in cfg.evaluate.attention.items() if set(fields) <= changeable}
+
+
+def evaluate_attention(
+    model: torch.nn.Module,
+    family: str,
+    settings: dict[str, dict[str, Any]],
+    tokenizer: Any,
+    cfg: Config,
+    prepared_dir: Path,
+    out: Path,
+    label: str,
+) -> dict[str, dict[str, Any]]:
+    """Every task scored greedily with `model`'s weights under each attention setting (config fields changed, the
+    weights loaded as they are); per-example scores go into `out/examples.json` under `attention` (for compare's
+    bootstrap); returns {setting: {task: {metric: score}}}."""
+    import dataclasses
+
+    import models
+    from pipeline.data.task_metrics import example_scores, score
+    from pipeline.data.tasks import build_examples, get_task
+
+    e = cfg.evaluate
+    examples = build_examples(cfg.finetune.tasks, e.split, cfg.seed, prepared_dir)
+    saved = json.loads((out / "examples.json").read_text(encoding="utf-8"))
+    greedy = min(e.num_beams)
+    result: dict[str, dict[str, Any]] = {}
+    for name, fields in settings.items():
+        variant = models.build_model(family, dataclasses.replace(model.config, **fields)).eval()
+        variant.load_state_dict(model.state_dict())  # the same parameters: only how attention runs differs
+        result[name] = {}
+        for task_name, task_examples in examples.items():
+            chosen = task_examples[: e.max_examples_per_task]
+            if not chosen or task_name not in saved:
+                continue
+            task = get_task(task_name)
+            refs = [x.targets for x in chosen]
+            with torch.no_grad():
+                predictions = generate_texts(variant, tokenizer, [x.inputs for x in chosen], greedy, cfg)
+            scores = score(task.metric, predictions, refs)
+            result[name][task_name] = {f"{k}_beam{greedy}": v for k, v in scores.items()}
+            per = saved[task_name].setdefault("attention", {})
+            per[name] = {"predictions": predictions, "scores": example_scores(task.metric, predictions, refs)}
+            log.info("%s %s under %s %s: %s = %.4f", label, task_name, name, fields, task.metric, scores[task.metric])
+        del variant
+    (out / "examples.json").write_text(json.dumps(saved, ensure_ascii=False) + "\n", encoding="utf-8")
+    return result
+
+
 def samples_markdown(label: str, samples: dict[str, list[dict[str, Any]]]) -> str:
     """The samples as a readable Markdown page."""
     lines = [f"# {label}: sample generations (test split)", ""]
@@ -265,9 +312,9 @@ def _md(text: str, limit: int = 300) -> str:
 
 def evaluate(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
     """Run the whole evaluation of one variant and seed; writes outputs and returns the metrics."""
-    from pipeline.datamodule import document_arrays, load_tokenized
-    from pipeline.tokenizer import Tokenizer
-    from pipeline.tracking import check_tracking_uri, close_stale_runs, tracking_uri
+    from pipeline.data.datamodule import document_arrays, load_tokenized
+    from pipeline.data.tokenizer import Tokenizer
+    from pipeline.tracking.runs import check_tracking_uri, close_stale_runs, tracking_uri
 
     require_variant(cfg, variant, seed)
     family = cfg.family(variant)
@@ -292,6 +339,12 @@ def evaluate(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]
         tmp.mkdir(parents=True)
         task_metrics, samples = evaluate_tasks(finetuned, tokenizer, cfg, root / "data" / "prepared", tmp, out.label)
         metrics.update(task_metrics)
+        settings = attention_settings(cfg, family)
+        if settings:  # the same weights under other attention settings, no retraining (the train x eval table)
+            torch.manual_seed(seed)
+            metrics["attention"] = evaluate_attention(
+                finetuned, family, settings, tokenizer, cfg, root / "data" / "prepared", tmp, out.label
+            )
         metrics["parameters"] = finetuned.num_parameters()
         metrics["non_embedding_parameters"] = finetuned.num_parameters(non_embedding=True)
         timing = {"seconds": round(time.perf_counter() - start, 1)}  # apart: metrics are the same bytes every run
@@ -306,10 +359,15 @@ def evaluate(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]
 
 
 def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """`eval/test_loss`, `eval/<task>/<metric>_beam<k>`: the same names for every variant."""
+    """`eval/test_loss`, `eval/<task>/<metric>_beam<k>` and, per evaluation-time attention setting,
+    `eval/attention/<setting>/<task>/<metric>_beam<k>`: the same names for every variant."""
     out = {}
     for key, value in metrics.items():
-        if isinstance(value, dict):
+        if key == "attention":
+            for setting, tasks in value.items():
+                for task, scores in tasks.items():
+                    out.update({f"eval/attention/{setting}/{task}/{k}": float(v) for k, v in scores.items()})
+        elif isinstance(value, dict):
             out.update({f"eval/{key}/{k}": float(v) for k, v in value.items() if isinstance(v, int | float)})
         elif isinstance(value, int | float):
             out[f"eval/{key}"] = float(value)
@@ -321,8 +379,8 @@ def log_to_mlflow(
 ) -> None:
     """One run `evaluate@<variant>-<seed>` in the pipeline's experiment with the metrics and the output folder
     (`artifacts`: where it is staged before being published; default its final place)."""
-    from pipeline import mlflow_logging
-    from pipeline.tracking import TrackedRun, check_tracking_uri, git_revision, tracked_run, tracking_uri
+    from pipeline.tracking import logged as mlflow_logging
+    from pipeline.tracking.runs import TrackedRun, check_tracking_uri, git_revision, tracked_run, tracking_uri
 
     uri = tracking_uri(cfg.mlflow.tracking_uri, root)
     check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)
@@ -334,7 +392,7 @@ def log_to_mlflow(
         "stage": "evaluate",
         "git_revision": git_revision(root),
     }
-    tags.update(mlflow_logging.context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], paths.seed))
+    tags.update(mlflow_logging.context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], paths.seed, cfg.preset))
     with tracked_run(run, paths.dvc_stage(), tags):
         # the params this stage reads (dvc.yaml) and the evaluated model's resolved config, as training logs them
         run.log_params(mlflow_logging.stage_params(cfg.to_dict(), "evaluate", paths.variant, paths.seed, root))

@@ -1,4 +1,6 @@
-"""Fine-tuning stage: `python -m pipeline.finetune --model <variant> --seed <seed>` (outputs: `pipeline/train.py`).
+"""Fine-tuning stage: `python -m pipeline.finetune --model <variant> --seed <seed>`.
+
+Outputs: see `pipeline/training/train.py`.
 
 Starts from the variant's pretrain output of the same seed (or from scratch, or from an original checkpoint of
 the family: `finetune.init`) and trains on the text-to-text task mixture of `finetune.tasks` with
@@ -7,7 +9,7 @@ the family: `finetune.init`) and trains on the text-to-text task mixture of `fin
 
 from __future__ import annotations
 
-from pipeline.training_entry import training_stage
+from pipeline.training.entry import training_stage
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ input tokenizes longer than L are dropped (never truncated: the answer depends o
 counted. The run uses one device (`trainer.accelerator`) in the process DVC starts (`launcher` is not used: on a
 cluster, run it on a GPU node); there are no checkpoints: a killed run starts over.
 
-Outputs (paths from `pipeline/paths.py`): `metrics/lengths/V-S.json` (DVC metrics, one entry per length; the same
+Outputs (paths from `pipeline/config/paths.py`): `metrics/lengths/V-S.json` (DVC metrics, one entry per length; the same
 bytes every run with a FLOPs budget), `artifacts/timing/lengths/V-S.json` (training seconds, tokens/s and peak
 memory per length: measurements of this machine),
 `artifacts/lengths/V/S/` (`examples.json`: every prediction with its score and the baselines, per length;
@@ -49,10 +49,10 @@ from typing import Any
 import lightning as L
 import torch
 
-from pipeline.budget import budget_at, budget_steps, step_flops
-from pipeline.common import StageError, publish, repo_root, require_variant, run_stage, stage_parser
+from pipeline.common import StageError, publish, repo_root, require_variant, require_writable, run_stage, stage_parser
 from pipeline.config import LENGTH_TASKS, Config, LengthsConfig
-from pipeline.paths import RunPaths
+from pipeline.config.paths import RunPaths
+from pipeline.training.budget import budget_at, budget_steps, step_flops
 
 log = logging.getLogger("pipeline.lengths")
 
@@ -111,7 +111,7 @@ class LengthData:
 def length_data(cfg: Config, length: int, tokenizer: Any) -> LengthData:
     """Train and test examples of the task at `length` (the params' `seed`: the same for every run), keeping
     those whose input fits in `length` tokens; test examples are capped at `lengths.eval_examples`."""
-    from pipeline.tasks import build_examples
+    from pipeline.data.tasks import build_examples
 
     s = cfg.lengths
     tasks = {s.task: task_options(s, length)}
@@ -180,19 +180,13 @@ def train_at_length(
     scratch: Path,
 ) -> tuple[torch.nn.Module, dict[str, Any], list[dict[str, float]]]:
     """Fine-tune a fresh copy of the starting model at `length` under the budget; (model, figures, loss history)."""
-    from pipeline import strategy
-    from pipeline.budget import padded_vocab_size
-    from pipeline.datamodule import Collator, TextToTextDataset
-    from pipeline.module import (
-        OptimSettings,
-        ProgressBar,
-        SamplerPosition,
-        Seq2SeqLM,
-        TrainDataModule,
-        peak_flops_per_device,
-    )
-    from pipeline.tasks import Mixture
-    from pipeline.train import initial_model
+    from pipeline.data.datamodule import Collator, TextToTextDataset
+    from pipeline.data.mixture import Mixture
+    from pipeline.training import strategy
+    from pipeline.training.budget import padded_vocab_size
+    from pipeline.training.callbacks import ProgressBar, SamplerPosition, TrainDataModule
+    from pipeline.training.module import OptimSettings, Seq2SeqLM, peak_flops_per_device
+    from pipeline.training.train import initial_model
 
     s = cfg.lengths
     lcfg = length_config(cfg, length)
@@ -296,9 +290,10 @@ def score_at_length(
     cfg: Config, length: int, model: torch.nn.Module, tokenizer: Any, data: LengthData
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Greedy answers to the test examples, per-example scores and the trivial baselines: (metrics, examples)."""
+    from pipeline.data.task_metrics import baselines, example_scores
+    from pipeline.data.tasks import get_task
     from pipeline.evaluate import generate_texts
-    from pipeline.stats import constant_predictions
-    from pipeline.tasks import baselines, example_scores, get_task
+    from pipeline.report.stats import constant_predictions
 
     task = get_task(cfg.lengths.task)
     inputs, refs = [x.inputs for x in data.test], [x.targets for x in data.test]
@@ -331,8 +326,8 @@ def score_at_length(
 def run(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
     """Every length of one variant and seed; writes the outputs and the MLflow run; returns the metrics."""
     from pipeline.console import quiet_libraries
-    from pipeline.tokenizer import Tokenizer
-    from pipeline.tracking import check_tracking_uri, close_stale_runs, tracking_uri
+    from pipeline.data.tokenizer import Tokenizer
+    from pipeline.tracking.runs import check_tracking_uri, close_stale_runs, tracking_uri
 
     require_variant(cfg, variant, seed)
     quiet_libraries()
@@ -347,6 +342,7 @@ def run(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
         )
     uri = tracking_uri(cfg.mlflow.tracking_uri, root)
     check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)  # fail fast
+    require_writable(paths.out, paths.metrics, paths.timing)  # fail fast, not after the training
     close_stale_runs(uri, cfg.mlflow.experiment, {"stage": STAGE, "variant": variant, "seed": str(seed)})
     tokenizer = Tokenizer.load(root / TOKENIZER_DIR)
     s = cfg.lengths
@@ -411,14 +407,14 @@ def run(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
 
 
 def _device(cfg: Config) -> torch.device:
-    from pipeline import strategy
+    from pipeline.training import strategy
 
     gpu = strategy.resolve_accelerator(cfg) == "gpu" and torch.cuda.is_available()
     return torch.device("cuda" if gpu else "cpu")
 
 
 def _device_name(cfg: Config) -> str:
-    from pipeline import strategy
+    from pipeline.training import strategy
 
     if strategy.resolve_accelerator(cfg) == "gpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
@@ -426,7 +422,7 @@ def _device_name(cfg: Config) -> str:
 
 
 def _memory_method(cfg: Config) -> str:
-    from pipeline import strategy
+    from pipeline.training import strategy
 
     if strategy.resolve_accelerator(cfg) == "gpu" and torch.cuda.is_available():
         return "peak GPU memory allocated while training at this length"
@@ -456,8 +452,8 @@ def log_to_mlflow(
 ) -> None:
     """One run `lengths@<variant>-<seed>`: the params the stage reads, the metrics and timings, the loss per length,
     the outputs."""
-    from pipeline import mlflow_logging
-    from pipeline.tracking import TrackedRun, git_revision, tracked_run, tracking_uri
+    from pipeline.tracking import logged as mlflow_logging
+    from pipeline.tracking.runs import TrackedRun, git_revision, tracked_run, tracking_uri
 
     uri = tracking_uri(cfg.mlflow.tracking_uri, root)
     run = TrackedRun(uri, cfg.mlflow.experiment, system_metrics=False)
@@ -469,7 +465,7 @@ def log_to_mlflow(
         "stage": STAGE,
         "git_revision": git_revision(root),
     }
-    tags.update(mlflow_logging.context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], paths.seed))
+    tags.update(mlflow_logging.context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], paths.seed, cfg.preset))
     with tracked_run(run, paths.dvc_stage(), tags):
         run.log_params(mlflow_logging.stage_params(cfg.to_dict(), STAGE, paths.variant, paths.seed, root))
         run.log_params(

@@ -16,7 +16,7 @@ import shutil
 
 from pipeline.common import atomic_output, recover_output, repo_root, run_stage, stage_parser, write_json
 from pipeline.config import Config
-from pipeline.data import preset_mismatches, write_prepared
+from pipeline.data.corpus import preset_mismatches, write_prepared
 
 log = logging.getLogger("pipeline.prepare")
 

@@ -1,4 +1,6 @@
-"""Pretraining stage: `python -m pipeline.pretrain --model <variant> --seed <seed>` (outputs: `pipeline/train.py`).
+"""Pretraining stage: `python -m pipeline.pretrain --model <variant> --seed <seed>`.
+
+Outputs: see `pipeline/training/train.py`.
 
 Trains a freshly initialised model of the variant on the tokenized corpus with the `pretrain.objective`
 (T5 span corruption by default), under the distribution strategy and launcher chosen in params.
@@ -6,7 +8,7 @@ Trains a freshly initialised model of the variant on the tokenized corpus with t
 
 from __future__ import annotations
 
-from pipeline.training_entry import training_stage
+from pipeline.training.entry import training_stage
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """`tokenize` stage: train (or load) the SentencePiece tokenizer and tokenize every split into the token store.
 
 Inputs: `data/prepared/` from `prepare`. Outputs: `data/tokenizer/` (`spm.model` + `tokenizer.json`, see
-`pipeline/tokenizer.py`), `data/tokenized/` (the memory-mapped token store of `pipeline/tokenstore.py`: per
+`pipeline/data/tokenizer.py`), `data/tokenized/` (the memory-mapped token store of `pipeline/data/tokenstore.py`: per
 split a flat uint16/uint32 token file, eos after every document, with document offsets) and
 `metrics/tokenize.json` (documents and tokens per split, vocabulary, throughput, bytes per token on disk).
 
@@ -41,19 +41,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import (
-    StageError,
-    atomic_output,
-    recover_output,
-    repo_root,
-    run_stage,
-    stage_parser,
-    write_json,
-)
+from pipeline.common import StageError, atomic_output, recover_output, repo_root, run_stage, stage_parser, write_json
 from pipeline.config import Config, TokenizerConfig
-from pipeline.paths import stage_timing
-from pipeline.tokenizer import MODEL_NAME, Tokenizer, train_sentencepiece
-from pipeline.tokenstore import SplitWriter, token_dtype, write_store_meta
+from pipeline.config.paths import stage_timing
+from pipeline.data.tokenizer import MODEL_NAME, Tokenizer, train_sentencepiece
+from pipeline.data.tokenstore import SplitWriter, token_dtype, write_store_meta
 
 log = logging.getLogger("pipeline.tokenize")
 

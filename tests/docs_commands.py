@@ -32,14 +32,16 @@ NOT_RUN = {
     'python -m pip install --upgrade pip && python -m pip install "torch==2.13.0" && python -m pip install -e '
     '".[test]"': "the setup command: .ci/run runs it in a fresh virtual environment",
     'python -m pytest -m "not gpu" -n auto --dist loadfile': "the test command: it is what runs this test (.ci/run)",
-    "python benchmarks/duplication.py --preset cpu": "ten minutes on 2 cores: tests/test_duplication.py runs it small",
-    "python -m pytest": "the fast tests alone: CI runs them (and the slow ones) with the test command above",
     "python -m pipeline.<stage> --model <variant> --seed <seed>": (
         "the pattern of the matrix stages' command: the README's stage table shows (and dvc repro runs) each"
     ),
     "python -m tests.faults": "the fault suite (many stage runs): tests/test_faults_suite.py runs it",
-    "dvc queue start": "starts background workers; queued runs take the code path of `dvc exp run --temp`, run here",
-    "python benchmarks/duplication.py --preset paper": "GPU-sized: tests/test_duplication.py runs the cpu preset small",
+    "python -m pipeline.preset long_range --temp": (
+        "90 minutes on 2 cores: tests/test_presets_cpu.py runs it reduced, tests/test_preset.py a real dvc exp run"
+    ),
+    "python -m pipeline.preset table2 --temp": "80 minutes on 2 cores: tests/test_presets_cpu.py runs it reduced",
+    "python -m pipeline.preset scaling --temp": "80 minutes on 2 cores: tests/test_presets_cpu.py runs it reduced",
+    "python -m pipeline.preset lra_listops --queue": "GPU-sized: tests/test_presets_cpu.py runs it reduced on CPU",
 }
 
 

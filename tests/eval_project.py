@@ -3,7 +3,7 @@
 Builds on `tests/train_project.py` (params, a real SentencePiece tokenizer, tokenized Markov-chain documents)
 and adds what the evaluation stages read from the training stages, without training: randomly initialised
 models saved with `models.save_pretrained` as the pretrain and finetune outputs, and training metrics and loss
-histories in the format `pipeline/train.py` documents (values derived from a seeded generator).
+histories in the format `pipeline/training/train.py` documents (values derived from a seeded generator).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.paths import RunPaths
+from pipeline.config.paths import RunPaths
 from tests.train_project import ROOT, make_project
 
 SEED = 0  # the one seed of the test project (`seeds: [0]`)

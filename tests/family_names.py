@@ -79,7 +79,7 @@ def hits_in(paths: list[Path]) -> list[Hit]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    paths = [Path(a) for a in argv] or sorted((ROOT / "pipeline").glob("*.py"))
+    paths = [Path(a) for a in argv] or sorted((ROOT / "pipeline").rglob("*.py"))
     found = hits_in(paths)
     for hit in found:
         print(hit)

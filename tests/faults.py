@@ -1013,8 +1013,7 @@ def cases(mount_ok: bool) -> list[Case]:
                 1,
                 PRETRAIN,
                 chain(unfinished, mount_tmpfs("metrics/pretrain", "1m", readonly=True)),
-                ("cannot write metrics/pretrain/", "Read-only file system"),
-                ("pretrain:FAILED",),
+                ("cannot write metrics/pretrain/", "Read-only file system"),  # found before the run starts
             ),
             Case(
                 "full disk for the metrics",
@@ -1047,7 +1046,7 @@ def cases(mount_ok: bool) -> list[Case]:
                 1,
                 PRETRAIN,
                 chain(unfinished, mount_tmpfs(RUN, "64m", readonly=True)),
-                ("cannot write", "Read-only file system"),
+                ("cannot write artifacts/pretrain/t5/0/final", "Read-only file system"),  # before the run starts
             ),
         ]
     return out
@@ -1213,7 +1212,7 @@ def killed_pretrain(p: Path) -> None:
 _RUN_CODE = """
 import os, signal, sys, time
 from pipeline.common import install_signal_handlers
-from pipeline.tracking import TrackedRun, tracked_run, tracking_uri
+from pipeline.tracking.runs import TrackedRun, tracked_run, tracking_uri
 install_signal_handlers()
 run = TrackedRun(tracking_uri(None, "."), "t5-vs-reformer", system_metrics=False)
 try:

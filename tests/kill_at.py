@@ -32,7 +32,7 @@ def install(point: str) -> None:
     kind, _, number = point.partition(":")
     n = int(number)
     if kind == "step":
-        from pipeline.module import Seq2SeqLM
+        from pipeline.training.module import Seq2SeqLM
 
         original = Seq2SeqLM.optimizer_step
 
@@ -43,7 +43,7 @@ def install(point: str) -> None:
 
         Seq2SeqLM.optimizer_step = optimizer_step
     elif kind == "checkpoint":
-        from pipeline.module import StepCheckpoint
+        from pipeline.training.callbacks import StepCheckpoint
 
         original_save = StepCheckpoint._save_checkpoint
 
@@ -54,7 +54,7 @@ def install(point: str) -> None:
 
         StepCheckpoint._save_checkpoint = save
     elif kind == "validation":
-        from pipeline.module import Seq2SeqLM
+        from pipeline.training.module import Seq2SeqLM
 
         original_val = Seq2SeqLM.validation_step
 

@@ -1,4 +1,4 @@
-"""pipeline/charts.py: each chart is a real PNG drawn from the data it is given (also with gaps in the data)."""
+"""pipeline/report/charts.py: each chart is a real PNG drawn from the data it is given (also with gaps in the data)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.charts import (
+from pipeline.report.charts import (
     BENCHMARK_CHARTS,
     benchmark_chart,
     confusion_grid,

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from pipeline.common import CorruptFileError, read_numeric_csv
-from pipeline.compare import analyze, headline, render_report, sum_confusions
 from pipeline.config import load_config
+from pipeline.report.analysis import analyze, headline
+from pipeline.report.inputs import sum_confusions
+from pipeline.report.rendering import render_report
 from tests.eval_project import make_eval_project, run_module, write_training_metrics
 from tests.train_project import ROOT
 
@@ -238,7 +240,7 @@ def test_compare_names_the_missing_stage(tmp_path: Path):
 def _scaling_project(root: Path, losses: dict[str, list[float]], saved_flops: dict[str, float] | None = None) -> None:
     """Fake stage outputs under `root`: `losses[variant]` = final pretraining validation loss per seed (0, 1, ...);
     every run saw the same target tokens; `saved_flops[variant]`, where given, is written as the run's own figure."""
-    from pipeline.paths import RunPaths, stage_metrics
+    from pipeline.config.paths import RunPaths, stage_metrics
 
     for variant, per_seed in losses.items():
         for seed, loss in enumerate(per_seed):
@@ -276,7 +278,9 @@ FOUR = {"t5": ("t5", "tiny"), "t5_small": ("t5", "small"), "reformer": ("reforme
 
 
 def test_scaling_curves_name_the_family_ahead_only_where_the_intervals_separate(tmp_path: Path):
-    from pipeline.compare import draw_charts, flops_per_target_token, gather
+    from pipeline.report.inputs import gather
+    from pipeline.report.rendering import draw_charts
+    from pipeline.report.scaling import flops_per_target_token
 
     cfg = _sized_config(FOUR, [0, 1])
     # tiny: the two families overlap; small: t5 is clearly lower (2 seeds: t half-width 12.7 * 0.01 = 0.127)
@@ -310,7 +314,7 @@ def test_scaling_curves_name_the_family_ahead_only_where_the_intervals_separate(
 
 
 def test_scaling_uses_a_flops_figure_the_run_saved_and_names_no_winner_with_one_seed(tmp_path: Path):
-    from pipeline.compare import gather
+    from pipeline.report.inputs import gather
 
     cfg = _sized_config(FOUR, [0])
     saved = {"t5": 1e12, "t5_small": 1e13, "reformer": 1.5e12, "reformer_small": 4e13}
@@ -340,8 +344,8 @@ def test_one_size_per_family_says_how_to_add_sizes(cfg):
 
 
 def test_attention_caveat_and_published_numbers_follow_the_variants_families():
-    from pipeline.compare import attention_caveat, published_results
     from pipeline.config import config_from_dict
+    from pipeline.report.rendering import attention_caveat, published_results
 
     cfg = config_from_dict(
         {

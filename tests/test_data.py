@@ -1,4 +1,4 @@
-"""Corpus reading, cleaning and splitting (`pipeline/data.py`) and the `prepare` stage (`pipeline/prepare.py`)."""
+"""Corpus reading, cleaning and splitting (`pipeline/data/corpus.py`), and the `prepare` stage."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from pipeline.common import StageError
-from pipeline.config import DataConfig, FilesSource, HubSource
-from pipeline.data import (
+from pipeline.config.sections import DataConfig, FilesSource, HubSource
+from pipeline.data.corpus import (
     CorpusStats,
     clean_documents,
     file_documents,
@@ -143,8 +143,8 @@ def test_builtin_corpus_is_parsed_not_imported():
     """The whole builtin corpus in a fresh interpreter: about 1 MB, nothing executed (e.g. `this` prints)."""
     script = """
 import json, sys
-from pipeline.config import DataConfig
-from pipeline.data import CorpusStats, builtin_documents, clean_documents
+from pipeline.config.sections import DataConfig
+from pipeline.data.corpus import CorpusStats, builtin_documents, clean_documents
 stats = CorpusStats()
 docs = clean_documents(builtin_documents(), DataConfig(), stats)
 imported = [m for m in ("this", "antigravity", "turtle", "tkinter", "idlelib") if m in sys.modules]

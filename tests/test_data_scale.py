@@ -21,10 +21,10 @@ import pytest
 import yaml
 
 from pipeline import tokenize as tokenize_stage
-from pipeline.data import DATA_PRESETS, wikitext_articles
+from pipeline.data.corpus import DATA_PRESETS, wikitext_articles
+from pipeline.data.tokenstore import TokenStore
 from pipeline.prepare import main as prepare_main
 from pipeline.tokenize import main as tokenize_main
-from pipeline.tokenstore import TokenStore
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the a of river stone light garden window morning quiet letter road winter music paper north".split()

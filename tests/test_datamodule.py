@@ -1,4 +1,4 @@
-"""Packing, collation and the resumable sampler of `pipeline/datamodule.py`."""
+"""Packing, collation and the resumable sampler of `pipeline/data/datamodule.py`."""
 
 from __future__ import annotations
 
@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.datamodule import (
-    Collator,
-    PretrainDataset,
-    ResumableSampler,
-    unigram_entropy,
-    val_items,
-)
-from pipeline.module import TrainDataModule
-from pipeline.objectives import IGNORE_INDEX
+from pipeline.data.datamodule import Collator, PretrainDataset, ResumableSampler, unigram_entropy, val_items
+from pipeline.data.objectives import IGNORE_INDEX
+from pipeline.training.callbacks import TrainDataModule
 from tests.train_project import markov_docs
 
 
@@ -125,8 +119,8 @@ def test_text_to_text_on_a_decoder_only_model_trains_on_targets_only():
 
 
 def test_pretraining_on_the_token_store_is_a_view_and_matches_in_memory_packing(tmp_path):
-    from pipeline.datamodule import document_arrays, load_tokenized
-    from pipeline.tokenstore import write_store
+    from pipeline.data.datamodule import document_arrays, load_tokenized
+    from pipeline.data.tokenstore import write_store
 
     docs = markov_docs(60, 4)
     store = load_tokenized(write_store(tmp_path / "tok", {"train": docs}, vocab_size=250).path)
@@ -147,8 +141,8 @@ def test_pretraining_on_the_token_store_is_a_view_and_matches_in_memory_packing(
 def test_token_store_dataset_pickles_as_a_path_and_resumes_the_same_batches(tmp_path):
     import pickle
 
-    from pipeline.datamodule import load_tokenized
-    from pipeline.tokenstore import write_store
+    from pipeline.data.datamodule import load_tokenized
+    from pipeline.data.tokenstore import write_store
 
     store = load_tokenized(write_store(tmp_path / "tok", {"train": markov_docs(80, 5)}, vocab_size=250).path)
     ds = PretrainDataset(store["train"], "causal_lm", 16, seed=0)

@@ -156,7 +156,7 @@ def fit(module, kwargs: dict, per_device_batch: int):
 def worker(family: str, stage: int, out: Path, launcher: str) -> None:
     """One rank of one distributed run: `launcher` local (Lightning re-runs this command for rank 1) or torchrun."""
     from pipeline.config import config_from_dict
-    from pipeline.strategy import trainer_kwargs
+    from pipeline.training.strategy import trainer_kwargs
 
     params = {
         "models": {"t5": {"preset": "tiny"}, "reformer": {"preset": "tiny"}},
@@ -224,7 +224,7 @@ def reference_losses(family: str) -> list[float]:
 
 
 def check_run(out: Path, family: str, stage: int, environment: str) -> None:
-    from pipeline.strategy import consolidate_checkpoint
+    from pipeline.training.strategy import consolidate_checkpoint
 
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in reports] == [2, 2]

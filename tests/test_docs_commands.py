@@ -64,7 +64,7 @@ TINY = {
     "benchmark": {"seq_lengths": [64, 128], "depths": [1, 2], "depth_seq_length": 64, "repeats": 1},
     "benchmark.time_budget_s": 20.0,
     "trainer.progress_bar": False,
-    "trainer.divergence.patience_steps": 0,  # 4-step runs: no room for the stuck-loss guard (pipeline/config.py)
+    "trainer.divergence.patience_steps": 0,  # 4-step runs: no room for the stuck-loss guard (pipeline/config/)
     "mlflow.system_metrics": False,
 }
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.tokenizer import Tokenizer
-from pipeline.tokenstore import TokenStore
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.data.tokenstore import TokenStore
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("pipeline", "models", "params.yaml", "dvc.yaml", ".dvcignore", ".gitignore")

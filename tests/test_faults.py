@@ -288,7 +288,7 @@ def test_load_model_dir_names_a_truncated_weights_file(tmp_path):
 
 
 def test_mlflow_db_that_is_not_a_database(tmp_path):
-    from pipeline.tracking import check_tracking_uri
+    from pipeline.tracking.runs import check_tracking_uri
 
     db = tmp_path / "mlflow.db"
     db.write_text("this is not sqlite " * 100)
@@ -303,7 +303,7 @@ def test_mlflow_db_that_is_not_a_database(tmp_path):
 def test_tracked_run_status(tmp_path, ending, status):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import TrackedRun, tracked_run
+    from pipeline.tracking.runs import TrackedRun, tracked_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = TrackedRun(uri, "faults", system_metrics=False)
@@ -367,7 +367,7 @@ def _fit(module, tmp_path, steps, callbacks=(), ckpt_path=None):
 
 
 def _settings(lr: float, patience: int = 4):
-    from pipeline.module import OptimSettings
+    from pipeline.training.module import OptimSettings
 
     guard = SimpleNamespace(patience_steps=patience, uniform_tolerance=0.01)
     section = SimpleNamespace(
@@ -383,7 +383,8 @@ def _settings(lr: float, patience: int = 4):
 
 
 def test_divergence_guard_stops_a_run_stuck_at_uniform(tmp_path):
-    from pipeline.module import Seq2SeqLM, StepCheckpoint
+    from pipeline.training.callbacks import StepCheckpoint
+    from pipeline.training.module import Seq2SeqLM
 
     torch.manual_seed(0)
     module = Seq2SeqLM(_Tiny(), _settings(lr=1e6))
@@ -396,7 +397,7 @@ def test_divergence_guard_stops_a_run_stuck_at_uniform(tmp_path):
 
 
 def test_divergence_guard_leaves_a_learning_run_alone(tmp_path):
-    from pipeline.module import Seq2SeqLM
+    from pipeline.training.module import Seq2SeqLM
 
     torch.manual_seed(0)
     module = Seq2SeqLM(_Tiny(), _settings(lr=1e-2))
@@ -405,7 +406,8 @@ def test_divergence_guard_leaves_a_learning_run_alone(tmp_path):
 
 
 def test_step_checkpoint_is_atomic_and_keeps_the_previous(tmp_path):
-    from pipeline.module import Seq2SeqLM, StepCheckpoint
+    from pipeline.training.callbacks import StepCheckpoint
+    from pipeline.training.module import Seq2SeqLM
 
     module = Seq2SeqLM(_Tiny(), _settings(lr=1e-2, patience=0))
     _fit(module, tmp_path, 6, [StepCheckpoint(tmp_path / "ck", every_n_train_steps=2)])
@@ -417,7 +419,8 @@ def test_step_checkpoint_is_atomic_and_keeps_the_previous(tmp_path):
 
 def test_sigusr1_checkpoints_at_the_step_boundary_and_requeues(tmp_path, monkeypatch):
     """Under SLURM, SIGUSR1 -> last.ckpt at the next step boundary, then the attempt ends as interrupted."""
-    from pipeline.module import Seq2SeqLM, StepCheckpoint
+    from pipeline.training.callbacks import StepCheckpoint
+    from pipeline.training.module import Seq2SeqLM
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     common.install_signal_handlers()
@@ -446,7 +449,7 @@ class _Evil:
 
 
 def test_consolidation_refuses_arbitrary_pickles(tmp_path):
-    from pipeline.strategy import consolidate_checkpoint
+    from pipeline.training.strategy import consolidate_checkpoint
 
     path = tmp_path / "last.ckpt"
     torch.save({"state_dict": {"model.w": torch.zeros(2)}, "payload": _Evil()}, path)
@@ -458,7 +461,7 @@ def test_consolidation_refuses_arbitrary_pickles(tmp_path):
 
 
 def test_restricted_torch_load_is_applied_to_deepspeed_shards(tmp_path):
-    from pipeline.strategy import restricted_torch_load
+    from pipeline.training.strategy import restricted_torch_load
 
     path = tmp_path / "mp_rank_00_model_states.pt"
     torch.save({"module": {"w": torch.zeros(2)}, "evil": _Evil()}, path)
@@ -562,7 +565,7 @@ def test_a_divergence_patience_longer_than_a_run_is_a_params_problem():
 
 @pytest.mark.parametrize("steps, rows", [(3, [3]), (7, [5, 7]), (10, [5, 10])])
 def test_the_steps_after_the_last_logged_one_are_logged_at_the_end(tmp_path, steps, rows):
-    from pipeline.module import Seq2SeqLM
+    from pipeline.training.module import Seq2SeqLM
 
     torch.manual_seed(0)
     module = Seq2SeqLM(_Tiny(), _settings(lr=1e-2, patience=0))  # logs every 5 steps
@@ -575,7 +578,8 @@ def test_the_steps_after_the_last_logged_one_are_logged_at_the_end(tmp_path, ste
 
 
 def test_a_run_that_ends_stuck_is_diverged_and_keeps_no_stuck_checkpoint(tmp_path):
-    from pipeline.module import Seq2SeqLM, StepCheckpoint
+    from pipeline.training.callbacks import StepCheckpoint
+    from pipeline.training.module import Seq2SeqLM
 
     class Dead(_Tiny):  # uniform predictions and no gradient: what a run blown up by a huge learning rate leaves
         def forward(self, *args, **kwargs):
@@ -596,7 +600,7 @@ def test_a_run_that_ends_stuck_is_diverged_and_keeps_no_stuck_checkpoint(tmp_pat
 STALE_RUN_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, time
-    from pipeline.tracking import TrackedRun
+    from pipeline.tracking.runs import TrackedRun
     run = TrackedRun(sys.argv[1], "faults", system_metrics=False)
     run.start("r", {"stage": "evaluate", "variant": "t5", "seed": sys.argv[2]})
     print(run.run_id, flush=True)
@@ -612,7 +616,7 @@ def test_runs_left_running_are_closed_only_when_no_process_runs_them(tmp_path):
     killed too; the next run of evaluate@t5-0 closes the first alone (and, holding the lock, any of its repository)."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import KILLED_TAG, close_stale_runs
+    from pipeline.tracking.runs import KILLED_TAG, close_stale_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 

@@ -17,8 +17,8 @@ import pytest
 
 from pipeline.common import StageError
 from pipeline.config import config_from_dict
-from pipeline.launch import launch_if_needed, sbatch_script, submit_and_wait, torchrun_command
-from pipeline.strategy import launched_externally, process_layout
+from pipeline.training.launch import launch_if_needed, sbatch_script, submit_and_wait, torchrun_command
+from pipeline.training.strategy import launched_externally, process_layout
 
 MODELS = {"t5": {"preset": "tiny"}, "reformer": {"preset": "tiny"}}
 ARGV = ["--family", "t5", "--params", "params.yaml"]
@@ -171,7 +171,7 @@ def test_nnodes_that_disagree_with_num_nodes_stop_the_stage_at_validation(tmp_pa
 def test_a_multi_node_rendezvous_needs_a_hostname_the_other_nodes_can_reach():
     """Before torchrun starts on several nodes: a hostname that resolves to the loopback address only (Debian's
     default `127.0.1.1 <hostname>`) would have gloo advertise an address no other node reaches."""
-    from pipeline.launch import check_node_addresses
+    from pipeline.training.launch import check_node_addresses
 
     launcher = {"kind": "torchrun", "nnodes": 2, "rdzv_endpoint": "10.1.2.3:29400"}
     cfg = config_from_dict({"models": MODELS, "trainer": {"num_nodes": 2}, "launcher": launcher})
@@ -311,7 +311,8 @@ def test_the_requeue_command_survives_a_late_sigusr1(tmp_path, monkeypatch, caps
     import lightning as L
 
     from pipeline import common
-    from pipeline.module import Seq2SeqLM, StepCheckpoint
+    from pipeline.training.callbacks import StepCheckpoint
+    from pipeline.training.module import Seq2SeqLM
     from tests.test_faults import _fit, _settings, _Tiny
 
     bin_dir = tmp_path / "bin"

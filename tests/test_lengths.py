@@ -14,10 +14,11 @@ import pytest
 import yaml
 
 import models
-from pipeline.budget import budget_at, budget_steps, step_flops
-from pipeline.compare import gather_lengths, lengths_cells, lengths_chart_points, lengths_metrics, quality_vs_length
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.lengths import Budget, length_config, task_options
+from pipeline.report.analysis import lengths_cells, lengths_chart_points, lengths_metrics, quality_vs_length
+from pipeline.report.inputs import gather_lengths
+from pipeline.training.budget import budget_at, budget_steps, step_flops
 from tests.train_project import LENGTHS, MODELS, ROOT
 
 
@@ -63,8 +64,8 @@ def test_every_budget_is_checked_with_the_params_by_the_stages_own_accounting(tm
     import subprocess
     import sys
 
-    from pipeline.budget import padded_vocab_size, plan
     from pipeline.config import model_config_of
+    from pipeline.training.budget import padded_vocab_size, plan
 
     cfg = config_from_dict(_default_params(t5_small={"family": "t5", "preset": "small"},
                                            reformer_base={"family": "reformer", "preset": "base"}))  # fmt: skip
@@ -287,7 +288,7 @@ def test_lengths_stage_trains_each_length_under_the_budget_and_compare_reads_it(
         assert result["budget_kind"] == "flops" and set(result["lengths"]) == {"32", "64"}
         model = models.load_pretrained(project / "artifacts" / "pretrain" / variant / "0" / "final")[1]
         for length, m in result["lengths"].items():
-            per_step = model.training_flops(4, int(length), 4)
+            per_step = model.training_flops(4, int(length), cfg.lengths.target_length)
             assert m["steps"] == int(1.0e8 // per_step) >= 1 and m["flops"] <= 1.0e8
             assert m["flops_per_step"] == pytest.approx(per_step) and m["init"].endswith(f"{variant}/0/final")
             assert m["test_examples"] == len(result["examples"][length]["scores"]) > 0
@@ -316,9 +317,9 @@ def test_lengths_stage_trains_each_length_under_the_budget_and_compare_reads_it(
 
 
 def test_the_cluster_preset_runs_lra_listops_from_1k_to_beyond_4k():
-    from pipeline.overlay import apply_overlay
+    from pipeline.preset import resolve
 
-    merged = apply_overlay(ROOT / "params.yaml", ROOT / "configs" / "lra_listops.yaml")
+    merged, _ = resolve("lra_listops", ROOT / "params.yaml")
     lengths = config_from_dict(merged).lengths
     assert lengths.task == "lra_listops" and "operators" not in lengths.task_options  # replaced whole
     assert lengths.seq_lengths[0] <= 1024 and lengths.seq_lengths[-1] > 4096 and lengths.budget.kind == "flops"
@@ -327,7 +328,8 @@ def test_the_cluster_preset_runs_lra_listops_from_1k_to_beyond_4k():
 
 
 def test_the_report_shows_quality_and_efficiency_per_length_and_compare_json_keeps_them():
-    from pipeline.compare import analyze, headline, render_report
+    from pipeline.report.analysis import analyze, headline
+    from pipeline.report.rendering import render_report
     from tests.test_compare import synthetic
 
     cfg = tiny_cfg()

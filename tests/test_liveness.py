@@ -1,4 +1,4 @@
-"""The heartbeat watchdog of pipeline/liveness.py on a real TCP store, with each rank's watchdog in this process.
+"""The heartbeat watchdog (pipeline/training/liveness.py) on a real TCP store, each rank's watchdog in this process.
 
 A "frozen" rank is one whose watchdog threads stopped (no beats, nothing posted), a lost store node is a store
 server process stopped with SIGSTOP; instead of exiting, a watchdog records the exit code it would end with. The
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline.common import StageError
-from pipeline.liveness import Watchdog, is_communication_error
+from pipeline.training.liveness import Watchdog, is_communication_error
 
 INTERVAL, TIMEOUT = 0.1, 0.8
 

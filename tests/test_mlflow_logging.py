@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import models
-from pipeline import mlflow_logging as ml
+from pipeline.tracking import logged as ml
 from tests.train_project import MODELS
 
 # the tiny shapes of the test projects, at a fixed vocabulary
@@ -90,7 +90,7 @@ def test_store_root_is_the_users_repository_under_dvc_exp_run(tmp_path: Path, mo
     assert ml.store_root(temp_copy) == temp_copy.resolve()
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # what `dvc exp run --temp/--queue` exports
     assert ml.store_root(temp_copy) == tmp_path.resolve()
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.runs import tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking_uri(None, temp_copy) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"  # not the copy's

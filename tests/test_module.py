@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model, config_class
-from pipeline.datamodule import token_losses
-from pipeline.module import NonFiniteLossError, OptimSettings, Seq2SeqLM, build_optimizer, lr_factor
-from pipeline.objectives import IGNORE_INDEX
+from pipeline.data.datamodule import token_losses
+from pipeline.data.objectives import IGNORE_INDEX
+from pipeline.training.module import NonFiniteLossError, OptimSettings, Seq2SeqLM, build_optimizer, lr_factor
 from tests.train_project import MODELS
 
 VOCAB = 256

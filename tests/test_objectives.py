@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from pipeline.objectives import (
+from pipeline.data.objectives import (
     IGNORE_INDEX,
     SpanCorruption,
     causal_lm,
@@ -232,7 +232,7 @@ def test_packed_chunks_feed_span_corruption():
 def tokenizer(tmp_path_factory):
     import pydoc_data.topics
 
-    from pipeline.tokenizer import Tokenizer, train_sentencepiece
+    from pipeline.data.tokenizer import Tokenizer, train_sentencepiece
 
     texts = list(pydoc_data.topics.topics.values())[:20]
     path = tmp_path_factory.mktemp("spm") / "spm.model"

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from pipeline.train import StagePaths, resume_point
+from pipeline.training.train import StagePaths, resume_point
 
 
 def _paths(tmp_path) -> StagePaths:

@@ -1,4 +1,4 @@
-"""pipeline/stats.py: intervals over seeds and examples, paired differences, baselines, collapse, verdicts."""
+"""pipeline/report/stats.py: intervals over seeds and examples, paired differences, baselines, collapse, verdicts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.stats import (
+from pipeline.report.stats import (
     NO_DIFFERENCE,
     Interval,
     bootstrap_difference,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.strategy import (
+from pipeline.training.strategy import (
     CPUDeepSpeedStrategy,
     StrategyError,
     consolidate_checkpoint,
@@ -122,7 +122,7 @@ def test_impossible_combinations_in_params():
 def test_gpu_deepspeed_uses_the_stock_strategy():
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    from pipeline.strategy import LoopbackDeepSpeedStrategy
+    from pipeline.training.strategy import LoopbackDeepSpeedStrategy
 
     strategy = trainer_kwargs(config({"accelerator": "gpu", "strategy": "deepspeed"}))["strategy"]
     assert type(strategy) is LoopbackDeepSpeedStrategy and isinstance(strategy, DeepSpeedStrategy)
@@ -180,7 +180,7 @@ def test_a_dead_builds_lock_is_removed_and_named_a_live_one_kept(tmp_path, monke
     import os
     import time
 
-    from pipeline.strategy import STALE_BUILD_LOCK_S, clear_stale_build_locks
+    from pipeline.training.strategy import STALE_BUILD_LOCK_S, clear_stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     dead, live, other = (tmp_path / n / "lock" for n in ("deepspeed_shm_comm", "deepspeed_cpu_adam", "my_op"))
@@ -190,7 +190,7 @@ def test_a_dead_builds_lock_is_removed_and_named_a_live_one_kept(tmp_path, monke
     old = time.time() - STALE_BUILD_LOCK_S - 60
     os.utime(dead, (old, old))
     os.utime(other, (old, old))  # not DeepSpeed's: left alone
-    with caplog.at_level(logging.WARNING, logger="pipeline.strategy"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.strategy"):
         assert clear_stale_build_locks() == [dead]
     assert not dead.exists() and live.exists() and other.exists()
     assert str(dead) in caplog.text and "killed" in caplog.text
@@ -226,7 +226,7 @@ def test_a_single_node_store_listens_on_loopback_only(monkeypatch):
     import lightning
     import torch.distributed as dist
 
-    from pipeline.strategy import LoopbackDDPStrategy, LoopbackStoreMixin
+    from pipeline.training.strategy import LoopbackDDPStrategy, LoopbackStoreMixin
 
     for name in ("TORCHELASTIC_RUN_ID", "PIPELINE_LAUNCHER", "SLURM_PROCID", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

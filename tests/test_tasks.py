@@ -12,20 +12,17 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.tasks import (
+from pipeline.data.mixture import Mixture, mixing_rates
+from pipeline.data.task_metrics import baselines, example_scores, score
+from pipeline.data.tasks import (
     SPLITS,
     TASKS,
     Example,
-    Mixture,
     TaskContext,
-    baselines,
     build_examples,
-    example_scores,
     get_task,
     listops_tokens,
     listops_value,
-    mixing_rates,
-    score,
     split_first_sentence,
 )
 
@@ -263,7 +260,7 @@ def test_registry_lookup():
     with pytest.raises(KeyError, match="known tasks"):
         get_task("glue")
     for task in TASKS.values():
-        assert task.metric in ("rouge_l", "bleu", "accuracy", "exact_match")
+        assert task.metric in ("rouge_l", "bleu", "accuracy", "exact_match", "token_accuracy")
         assert task.prefix.endswith(": ")
         assert task.classes is None or task.metric == "accuracy"
 
@@ -535,9 +532,15 @@ def test_baselines_of_classification_and_generation_tasks():
     train = [Example("listops: [MAX 1 3 ]", "3", "3")] * 3 + [Example("listops: [MIN 1 3 ]", "1", "1")]
     test = [Example("listops: [MAX 2 3 ]", "3", "3"), Example("listops: [MIN 2 3 ]", "2", "2")]
     assert baselines(listops, train, test) == {"majority": 0.5, "chance": 0.1}
+    # a copy task scored per symbol: echoing the input is the task itself, so its baselines are a constant symbol
+    # and chance over the symbols seen in training
     dup = get_task("duplication")
-    test = [Example("duplicate: a b", "a b"), Example("duplicate: c d", "c d")]
-    assert baselines(dup, [Example("duplicate: x", "x")], test) == {"copy_input": 1.0, "most_frequent_output": 0.0}
+    test = [Example("duplicate: a b", "a b"), Example("duplicate: c a", "c a")]
+    train = [Example("duplicate: a a b", "a a b"), Example("duplicate: c", "c")]
+    assert baselines(dup, train, test) == {"most_frequent_symbol": 0.5, "chance": 1 / 3}
+    assert example_scores("token_accuracy", ["a b", "a", "", "x y z"], ["a b", "a b", "a", "x q z"]) == [
+        1.0, 0.5, 0.0, 2 / 3
+    ]  # fmt: skip
 
 
 def test_sort_targets_are_the_sorted_distinct_digits():

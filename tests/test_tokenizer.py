@@ -1,4 +1,4 @@
-"""The T5-convention tokenizer (`pipeline/tokenizer.py`) and the `tokenize` stage (`pipeline/tokenize.py`)."""
+"""The T5-convention tokenizer (`pipeline/data/tokenizer.py`) and the `tokenize` stage (`pipeline/tokenize.py`)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import sentencepiece as spm
 import yaml
 
 from pipeline.common import StageError
-from pipeline.data import pydoc_topics
+from pipeline.data.corpus import pydoc_topics
+from pipeline.data.tokenizer import Tokenizer, train_sentencepiece
+from pipeline.data.tokenstore import TokenStore
 from pipeline.tokenize import main as tokenize_main
 from pipeline.tokenize import plan_shards, sample_documents
-from pipeline.tokenizer import Tokenizer, train_sentencepiece
-from pipeline.tokenstore import TokenStore
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_PIECES = 400

@@ -1,4 +1,4 @@
-"""The memory-mapped token store (`pipeline/tokenstore.py`)."""
+"""The memory-mapped token store (`pipeline/data/tokenstore.py`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import mmap
 import numpy as np
 import pytest
 
-from pipeline.tokenstore import SplitWriter, TokenSplit, TokenStore, store_signature, token_dtype, write_store
+from pipeline.data.tokenstore import SplitWriter, TokenSplit, TokenStore, store_signature, token_dtype, write_store
 
 
 def test_dtype_is_the_smallest_that_holds_every_id():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.common import StageError
-from pipeline.tracking import TrackedRun, check_tracking_uri, flatten, params_hash, tracking_uri
+from pipeline.tracking.runs import TrackedRun, check_tracking_uri, flatten, params_hash, tracking_uri
 
 
 def closed_port() -> int:

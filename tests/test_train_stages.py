@@ -180,7 +180,7 @@ def test_two_process_deepspeed_zero3_makes_one_mlflow_run_and_consolidated_weigh
     """The real stage with `trainer.devices: 2` (Lightning starts rank 1) under ZeRO-3, the reversible Reformer
     (its custom backward must see gathered parameters): one MLflow run, a sharded checkpoint with one file per
     rank, and `final/` equal to the consolidated shards, bit for bit."""
-    from pipeline.strategy import consolidate_checkpoint
+    from pipeline.training.strategy import consolidate_checkpoint
 
     overrides = {
         "trainer.strategy": "deepspeed",

@@ -19,11 +19,11 @@ import yaml
 
 import models
 from pipeline.config import load_config
-from pipeline.paths import RunPaths
+from pipeline.config.paths import RunPaths
 from tests.train_project import ROOT, make_project
 
 PROJECT_FILES = ("pipeline", "models", "params.yaml", "dvc.yaml", ".dvcignore", ".gitignore")
-REGISTRY_LINE = "SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (t5.SPEC, reformer.SPEC)}"
+REGISTRY_LINE = "SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in (t5_family.SPEC, reformer_family.SPEC)}"
 
 
 def test_registry_lists_each_family_module_spec_by_plain_import():
@@ -31,9 +31,9 @@ def test_registry_lists_each_family_module_spec_by_plain_import():
     assert "importlib" not in source and REGISTRY_LINE in source
     assert models.FAMILIES == ("t5", "reformer")
     for name, spec in models.SPECS.items():
-        module = sys.modules[f"models.{name}"]
-        assert spec is module.SPEC and spec.name == name
-        assert spec.config_class.__module__ == module.__name__ and spec.presets is module.PRESETS
+        family, model = sys.modules[f"models.{name}_family"], sys.modules[f"models.{name}"]
+        assert spec is family.SPEC and spec.name == name
+        assert spec.config_class.__module__ == model.__name__ and spec.presets is model.PRESETS
         assert models.config_class(name) is spec.config_class and models.model_class(name) is spec.model_class
     with pytest.raises(ValueError, match="unknown model family 'gpt'; known: reformer, t5"):
         models.spec("gpt")
@@ -79,7 +79,7 @@ def test_run_paths_match_the_dvc_yaml_outputs():
 
 
 def test_the_run_seed_changes_training_noise_not_validation(tmp_path):
-    from pipeline.train import pretrain_data, read_tokenizer_info
+    from pipeline.training.train import pretrain_data, read_tokenizer_info
 
     project = make_project(tmp_path)
     cfg = load_config(project / "params.yaml")
@@ -129,7 +129,8 @@ def test_a_variant_in_params_adds_its_matrix_stages_and_every_field_takes_dash_S
 
     listed = {line.split()[0] for line in _run([*dvc, "stage", "list"], project).stdout.splitlines() if line}
     for stage in ("pretrain", "finetune", "evaluate", "lengths"):
-        expected = {f"{stage}@{v}-{s}" for v in ("t5", "reformer", "reformer_full") for s in (0, 1, 2)}
+        seeds = params["lengths"]["seeds"] if stage == "lengths" else params["seeds"]  # lengths: its own seeds
+        expected = {f"{stage}@{v}-{s}" for v in ("t5", "reformer", "reformer_full") for s in seeds}
         assert {n for n in listed if n.startswith(stage + "@")} == expected
 
     for folder in ("data/prepared", "data/tokenized", "data/tokenizer"):  # the single stage's data deps

@@ -84,8 +84,8 @@ LENGTHS = {
 
 def write_tokenizer(directory: Path) -> None:
     """A real SentencePiece tokenizer of TOK_VOCAB ids, trained on the fine-tuning tasks' own texts."""
-    from pipeline.tasks import build_examples
-    from pipeline.tokenizer import Tokenizer, train_sentencepiece
+    from pipeline.data.tasks import build_examples
+    from pipeline.data.tokenizer import Tokenizer, train_sentencepiece
 
     texts = []
     for split in ("train", "validation"):
@@ -102,7 +102,7 @@ def make_project(
 ) -> Path:
     """Write params.yaml, data/tokenizer/ (tokenizer.json; a real spm.model too when `with_tokenizer`) and
     data/tokenized/ under `tmp`; returns `tmp`."""
-    from pipeline.tokenstore import write_store
+    from pipeline.data.tokenstore import write_store
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["models"] = copy.deepcopy(MODELS)
@@ -117,7 +117,7 @@ def make_project(
     params["finetune"].update({"input_length": 64, "target_length": 16})
     params["lengths"] = copy.deepcopy(LENGTHS)
     params["trainer"].update({"accelerator": "cpu", "progress_bar": False})
-    # runs of a few steps: the stuck-loss guard's patience must fit in them (pipeline/config.py); tests of the guard
+    # runs of a few steps: the stuck-loss guard's patience must fit in them (pipeline/config/); tests of the guard
     # set it themselves
     params["trainer"]["divergence"]["patience_steps"] = 0
     params["mlflow"]["system_metrics"] = False

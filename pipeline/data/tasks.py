@@ -1,10 +1,11 @@
-"""Fine-tuning tasks in text-to-text form (T5 paper, section 2.4), their mixture (section 3.5.2) and metrics.
+"""Fine-tuning tasks in text-to-text form (T5 paper, section 2.4); their mixture (section 3.5.2) is
+`pipeline/data/mixture.py`, their metrics and baselines `pipeline/data/task_metrics.py`.
 
 A `Task` has a name, an input prefix (`summarize: `), a builder that returns `Example`s for a split, a metric
 and, for classification, its class strings. `Example.inputs` already starts with the prefix. Tasks are looked
 up by name in `TASKS`; `params.yaml`'s `finetune.tasks` maps names to option overrides. Each task declares its
 options as a pydantic model (`TaskOptions`, beside the task in the registry below): defaults, types, bounds and
-docs in one place, validated by `pipeline/config.py` with the rest of the params (`TaskMixture`).
+docs in one place, validated by `pipeline/config/` with the rest of the params (`TaskMixture`).
 
 Offline defaults:
 - `summarize`: a document of the prepared corpus (a docstring, a reference entry) without its first sentence
@@ -31,8 +32,6 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-import string
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,14 +39,15 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, Field, PlainSerializer, create_model, model_validator
 
-from pipeline.validation import Fraction, NonNegInt, PosInt, Problems, Section
+from pipeline.config.validation import Fraction, NonNegInt, PosInt, Problems, Section
 
 SPLITS = ("train", "validation", "test")
-METRICS = ("rouge_l", "bleu", "accuracy", "exact_match")
+
+
+METRICS = ("rouge_l", "bleu", "accuracy", "exact_match", "token_accuracy")
+
+
 DEFAULT_PREPARED_DIR = "data/prepared"
-
-
-# ------------------------------------------------------------------------------------------ data types
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,6 @@ class Task:
         return self.builder(split, ctx, self.resolve_options(ctx.options))
 
 
-# -------------------------------------------------------------------------------------------- helpers
-
-
 def _split_rng(seed: int, task: str, split: str) -> random.Random:
     # Python's Random: fast scalar draws, and string seeds are hashed with SHA-512 (stable across runs)
     return random.Random(f"{seed}/{task}/{split}")
@@ -155,9 +152,9 @@ def _count(split: str, options: dict[str, Any]) -> int:
     return options["num_examples"] if split == "train" else options["num_eval_examples"]
 
 
-# ------------------------------------------------------------------------------------------ summarize
-
 _UNDERLINE = re.compile(r"^\s*([*=\-~^#+])\1{2,}\s*$")  # reST/pydoc heading underline: *****, =====, -----
+
+
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
@@ -200,8 +197,6 @@ def _build_summarize(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Ex
                 return out
     return out
 
-
-# ------------------------------------------------------------------------------------------- listops
 
 LISTOPS_OPERATORS = ("MAX", "MIN", "MED", "SM")
 
@@ -306,9 +301,6 @@ def listops_tokens(expression: str) -> int:
     return len(expression.split())
 
 
-# --------------------------------------------------------------------------------------- duplication
-
-
 def duplication_symbols(vocab_size: int) -> list[str]:
     """`vocab_size` distinct symbols: a..z, then two-letter symbols aa, ab, ..."""
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -329,9 +321,6 @@ def _build_duplication(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[
     return _generated("duplication", split, ctx, _count(split, o), draw)
 
 
-# --------------------------------------------------------------------------------------------- sort
-
-
 def _build_sort(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Example]:
     """Distinct digits in random order -> the same digits in increasing order (exact match)."""
     prefix = TASKS["sort"].prefix
@@ -344,8 +333,6 @@ def _build_sort(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Example
 
     return _generated("sort", split, ctx, _count(split, o), draw)
 
-
-# -------------------------------------------------------------------------------------------- needle
 
 NEEDLE_FILLER = [chr(c) for c in range(ord("a"), ord("z") + 1)]
 
@@ -367,9 +354,6 @@ def _build_needle(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Examp
         return Example(prefix + " ".join(items), digit, label=digit)
 
     return _generated("needle", split, ctx, _count(split, o), draw)
-
-
-# ------------------------------------------------------------------------------------------ hub recipes
 
 
 def _load_hub_split(split: str, o: dict[str, Any]) -> Any:
@@ -444,9 +428,6 @@ def _hub_options(task: str, path: str, name: str | None, validation: str, test: 
     fields = {k: (HubOptions.model_fields[k].annotation, Field(v, description=HubOptions.model_fields[k].description))
               for k, v in defaults.items()}  # fmt: skip
     return create_model(f"{task}_options", __base__=HubOptions, **fields)
-
-
-# --------------------------------------------------------------------------------------------- registry
 
 
 class SummarizeOptions(TaskOptions):
@@ -554,10 +535,10 @@ TASKS: dict[str, Task] = {
         Task(
             "duplication",
             "duplicate: ",
-            "exact_match",
+            "token_accuracy",
             _build_duplication,
             DuplicationOptions,
-            description="Reformer section 2.1: a random symbol sequence -> the same sequence",
+            description="Reformer section 2.1: a random symbol sequence -> the same sequence (accuracy per symbol)",
         ),
         Task(
             "needle",
@@ -654,6 +635,8 @@ TaskMixtureModel = create_model(
     __base__=_Mixture,
     **{name: (task.options | None, Field(None, description=task.description)) for name, task in TASKS.items()},
 )
+
+
 TaskMixture = Annotated[
     TaskMixtureModel,
     AfterValidator(lambda mixture: mixture.model_dump(exclude_unset=True)),
@@ -661,200 +644,3 @@ TaskMixture = Annotated[
 ]
 """The type of `finetune.tasks`: validated as one field per task, each its `TaskOptions` model; kept as the
 mapping of the tasks given to their given options (`build_examples` fills in the defaults)."""
-
-
-# ---------------------------------------------------------------------------------------------- mixing
-
-
-def mixing_rates(
-    sizes: dict[str, int], mixing: str = "examples_proportional", temperature: float = 1.0, cap: int | None = None
-) -> dict[str, float]:
-    """Sampling rate of each task (T5 paper, section 3.5.2); rates sum to 1, empty tasks get 0.
-
-    - `examples_proportional`: r_m = min(e_m, K) / sum_n min(e_n, K), with K = `cap` (None: no limit);
-    - `temperature`: those rates raised to the power 1/T and renormalised (T = 1 is examples-proportional,
-      large T approaches equal mixing);
-    - `equal`: every non-empty task the same rate.
-    """
-    if not sizes or all(size <= 0 for size in sizes.values()):
-        raise ValueError(f"no examples to mix: {sizes}")
-    if cap is not None and cap < 1:
-        raise ValueError(f"mixing cap must be >= 1, got {cap}")
-    capped = {
-        name: float(min(size, cap) if cap is not None else size) if size > 0 else 0.0 for name, size in sizes.items()
-    }
-    if mixing == "equal":
-        weights = {name: 1.0 if size > 0 else 0.0 for name, size in capped.items()}
-    elif mixing == "examples_proportional":
-        weights = capped
-    elif mixing == "temperature":
-        if temperature <= 0:
-            raise ValueError(f"mixing temperature must be > 0, got {temperature}")
-        total = sum(capped.values())
-        weights = {name: (size / total) ** (1.0 / temperature) for name, size in capped.items()}
-    else:
-        raise ValueError(f"unknown mixing {mixing!r}; expected examples_proportional, temperature or equal")
-    total = sum(weights.values())
-    return {name: weight / total for name, weight in weights.items()}
-
-
-class Mixture:
-    """A map-style mixture: item `i` draws a task by its rate, then one of its examples, from (seed, i) alone.
-
-    Sampling is with replacement, so the same `i` always gives the same example (resumable) and a task's
-    share of the items approaches its rate. `len` defaults to the total number of examples.
-    """
-
-    def __init__(
-        self, task_examples: dict[str, list[Example]], rates: dict[str, float], seed: int, length: int | None = None
-    ):
-        self.names = [name for name, examples in task_examples.items() if examples and rates.get(name, 0.0) > 0]
-        if not self.names:
-            raise ValueError("a mixture needs at least one task with examples and a positive rate")
-        import numpy as np
-
-        self.examples = {name: task_examples[name] for name in self.names}
-        weights = np.array([rates[name] for name in self.names], dtype=np.float64)
-        self.cumulative = np.cumsum(weights / weights.sum())  # (num_tasks,)
-        self.seed = seed
-        self.length = sum(len(v) for v in self.examples.values()) if length is None else length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> tuple[str, Example]:
-        if not 0 <= i < self.length:
-            raise IndexError(f"mixture index {i} out of range [0, {self.length})")
-        import numpy as np
-
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, i]))
-        task = min(int(np.searchsorted(self.cumulative, rng.random(), side="right")), len(self.names) - 1)
-        name = self.names[task]
-        examples = self.examples[name]
-        return name, examples[int(rng.integers(len(examples)))]
-
-
-# --------------------------------------------------------------------------------------------- metrics
-
-
-def _normalize_space(text: str) -> str:
-    return " ".join(text.split())
-
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = frozenset(string.punctuation)
-
-
-def _squad_tokens(text: str) -> list[str]:
-    """SQuAD v1.1's answer normalisation: lower case, no punctuation, no articles, words split on whitespace."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-    return _ARTICLES.sub(" ", text).split()
-
-
-def squad_f1(prediction: str, reference: str) -> float:
-    """Token-overlap F1 of one answer against one reference, after SQuAD's normalisation."""
-    pred, ref = _squad_tokens(prediction), _squad_tokens(reference)
-    if not pred or not ref:  # an answer that normalises to nothing is right only against another such answer
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def score(metric: str, predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Corpus-level scores in [0, 1]; the first key is the metric's headline number.
-
-    - `rouge_l`: ROUGE-L F-measure (plus precision and recall), averaged over examples, no stemming (torchmetrics);
-    - `bleu`: SacreBLEU (13a tokenisation, 4-grams, corpus level, no smoothing) (torchmetrics);
-    - `accuracy`: fraction of predictions equal to the reference class (whitespace-normalised);
-    - `exact_match`: fraction of predictions equal to the reference (whitespace-normalised), plus `f1`:
-      SQuAD v1.1's token-overlap F1 (lower-cased, punctuation and articles removed).
-
-    Accuracy, exact match and F1 are counted here, not through torchmetrics: importing torchmetrics costs an
-    evaluation stage about 6 s (it imports `transformers` and `scipy.signal` whenever they are installed), a third
-    of the stage on the default tasks, for a mean of string equalities. `tests/test_tasks.py` checks them against
-    torchmetrics' `multiclass_accuracy` and `squad`.
-    """
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not predictions:
-        raise ValueError("nothing to score")
-    preds = [_normalize_space(p) for p in predictions]
-    refs = [_normalize_space(r) for r in references]
-    if metric == "rouge_l":
-        from torchmetrics.functional.text.rouge import rouge_score
-
-        s = rouge_score(preds, refs, rouge_keys="rougeL", use_stemmer=False)
-        return {
-            "rouge_l": float(s["rougeL_fmeasure"]),
-            "rouge_l_precision": float(s["rougeL_precision"]),
-            "rouge_l_recall": float(s["rougeL_recall"]),
-        }
-    if metric == "bleu":
-        from torchmetrics.functional.text import sacre_bleu_score
-
-        return {"bleu": float(sacre_bleu_score(preds, [[r] for r in refs], tokenize="13a"))}
-    if metric in ("accuracy", "exact_match"):
-        accuracy = sum(p == r for p, r in zip(preds, refs, strict=True)) / len(refs)
-        if metric == "accuracy":
-            return {"accuracy": accuracy}
-        f1 = sum(squad_f1(p, r) for p, r in zip(preds, refs, strict=True)) / len(refs)
-        return {"exact_match": accuracy, "f1": f1}
-    raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
-
-
-def example_scores(metric: str, predictions: list[str], references: list[str]) -> list[float]:
-    """One score per example, in [0, 1], whose mean is the corpus score of `score` for accuracy, exact match
-    and ROUGE-L (what the bootstrap over test examples resamples); for BLEU, sentence-level SacreBLEU (its
-    mean approximates, and does not equal, corpus BLEU)."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    preds = [_normalize_space(p) for p in predictions]
-    refs = [_normalize_space(r) for r in references]
-    if metric in ("accuracy", "exact_match"):
-        return [float(p == r) for p, r in zip(preds, refs, strict=True)]
-    if metric == "rouge_l":
-        from torchmetrics.functional.text.rouge import rouge_score
-
-        return [
-            float(rouge_score([p], [r], rouge_keys="rougeL", use_stemmer=False)["rougeL_fmeasure"])
-            for p, r in zip(preds, refs, strict=True)
-        ]
-    if metric == "bleu":
-        from torchmetrics.functional.text import sacre_bleu_score
-
-        return [float(sacre_bleu_score([p], [[r]], tokenize="13a")) for p, r in zip(preds, refs, strict=True)]
-    raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
-
-
-def baselines(task: Task, train: list[Example], test: list[Example]) -> dict[str, float]:
-    """The task's trivial baselines on `test`, in the task's metric: what a model that learned nothing reaches.
-
-    - classification (`task.classes`): `majority` (always the most frequent training label) and `chance`
-      (a uniform guess over the classes);
-    - generation: `copy_input` (the input without its prefix, echoed) and `most_frequent_output` (always the
-      most frequent training target).
-    """
-    import numpy as np
-
-    from pipeline.stats import chance_baseline, majority_baseline
-
-    if not test:
-        raise ValueError(f"task {task.name}: no test examples for the baselines")
-    refs = [x.targets for x in test]
-    if task.classes:
-        labels = [x.label if x.label is not None else x.targets for x in train] or refs
-        return {
-            "majority": majority_baseline([_normalize_space(t) for t in labels], [_normalize_space(r) for r in refs]),
-            "chance": chance_baseline(len(task.classes)),
-        }
-    from pipeline.stats import majority_class
-
-    copied = [x.inputs.removeprefix(task.prefix) for x in test]
-    frequent = majority_class([_normalize_space(x.targets) for x in train] or refs)
-    return {
-        "copy_input": float(np.mean(example_scores(task.metric, copied, refs))),
-        "most_frequent_output": float(np.mean(example_scores(task.metric, [frequent] * len(refs), refs))),
-    }

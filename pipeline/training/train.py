@@ -1,7 +1,7 @@
 """What the `pretrain` and `finetune` stages share: model, data, Trainer, checkpoints, MLflow, outputs.
 
 `python -m pipeline.<stage> --model V --seed S` (stage `pretrain` or `finetune`, V a variant of `models:` in
-params.yaml, S a seed) writes, with paths from `pipeline/paths.py`:
+params.yaml, S a seed) writes, with paths from `pipeline/config/paths.py`:
 
 - `artifacts/<stage>/V/S/final/`: `model.safetensors` + `config.json` (`models.save_pretrained`, loadable with
   `models.load_pretrained` without DeepSpeed or pickle);
@@ -46,8 +46,6 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 import models
-from pipeline import liveness, mlflow_logging, strategy
-from pipeline.budget import padded_vocab_size
 from pipeline.common import (
     CorruptFileError,
     Publication,
@@ -59,11 +57,13 @@ from pipeline.common import (
     read_json,
     repo_root,
     require_variant,
+    require_writable,
     write_json,
 )
 from pipeline.config import Config
+from pipeline.config.paths import RunPaths
 from pipeline.console import quiet_libraries
-from pipeline.datamodule import (
+from pipeline.data.datamodule import (
     Collator,
     PretrainDataset,
     document_arrays,
@@ -72,26 +72,19 @@ from pipeline.datamodule import (
     unigram_entropy,
     val_items,
 )
-from pipeline.module import (
+from pipeline.tracking import logged as mlflow_logging
+from pipeline.tracking.runs import TrackedRun, check_tracking_uri, git_revision, params_hash, tracked_run, tracking_uri
+from pipeline.training import liveness, strategy
+from pipeline.training.budget import padded_vocab_size
+from pipeline.training.callbacks import (
     PREVIOUS_NAME,
     MlflowMetrics,
-    OptimSettings,
     ProgressBar,
     SamplerPosition,
-    Seq2SeqLM,
     StepCheckpoint,
     TrainDataModule,
-    peak_flops_per_device,
 )
-from pipeline.paths import RunPaths
-from pipeline.tracking import (
-    TrackedRun,
-    check_tracking_uri,
-    git_revision,
-    params_hash,
-    tracked_run,
-    tracking_uri,
-)
+from pipeline.training.module import OptimSettings, Seq2SeqLM, peak_flops_per_device
 
 log = logging.getLogger("pipeline")
 
@@ -183,7 +176,7 @@ def pretrain_data(
 
 def finetune_data(cfg: Config, layout: str, root: Path) -> tuple[Any, Any, Any, float | None]:
     """(train dataset, validation dataset, collator, None) for the fine-tuning task mixture."""
-    from pipeline.tokenizer import Tokenizer
+    from pipeline.data.tokenizer import Tokenizer
 
     f = cfg.finetune
     tokenizer = Tokenizer.load(root / TOKENIZER_DIR)
@@ -299,6 +292,7 @@ def run_training(
     )
     if rank_zero:  # an unreachable tracking server fails the stage now, not after the training
         check_tracking_uri(uri, cfg.mlflow.connect_timeout_s)
+        require_writable(paths.final, paths.metrics, paths.timing, paths.checkpoints / "last.ckpt")
         # one training process per run at a time (DVC locks `dvc repro`; this covers direct runs); then a run an
         # earlier attempt killed with SIGKILL left RUNNING is closed, even if this attempt stops early
         hold_lock(paths.checkpoints.with_name(f"{paths.seed}.lock"), paths.dvc_stage())
@@ -355,7 +349,7 @@ def run_training(
         }
         if resume is None:
             run.close_stale(previous_run_id)
-        tags.update(mlflow_logging.context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], seed))
+        tags.update(mlflow_logging.context_tags(uri, cfg.mlflow.experiment, tags["git_revision"], seed, cfg.preset))
     with tracked_run(run, paths.dvc_stage(), tags, resume_run_id=run_state.get("mlflow_run_id")):
         metrics, timing = _train_and_publish(
             cfg, stage, variant, seed, family, paths, module, datamodule, trainer_kw, run, resume, entropy, current,
@@ -431,9 +425,9 @@ def _train_and_publish(
 
 
 def _launch_if_needed(cfg: Config, stage: str, variant: str, seed: int, argv: list[str] | None) -> int | None:
-    """torchrun/SLURM: start the job and wait (`pipeline/launch.py`); None means: run here, in this process."""
+    """torchrun/SLURM: start the job and wait (`pipeline/training/launch.py`); None means: run here, in this process."""
     try:
-        from pipeline import launch
+        from pipeline.training import launch
     except ImportError:
         if cfg.launcher.kind != "local":
             raise

@@ -59,8 +59,8 @@ KEYS = "pipeline-liveness"  # the prefix of every key this module writes into th
 OK, FAILED = "ok", "failed"  # global rank zero's outcome, posted for the other ranks
 DONE, EXITED = "done", "exited"  # a rank's own end: finished with the run, or stopped by an error
 
-# Set by the stage running torchrun's agent (`pipeline/launch.py`): a file its workers write their exit code into
-# when their watchdog ends them. The agent itself waits forever on a rendezvous store whose node went silent.
+# Set by the stage running torchrun's agent (`pipeline/training/launch.py`): a file its workers write their exit code
+# into when their watchdog ends them. The agent itself waits forever on a rendezvous store whose node went silent.
 AGENT_NOTICE = "PIPELINE_AGENT_NOTICE"
 
 _current: Watchdog | None = None  # this process's watchdog, once started

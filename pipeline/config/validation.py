@@ -1,6 +1,6 @@
 """The one validation system of the params: pydantic v2 models, their field types, and how problems read.
 
-`pipeline/config.py` declares a model per `params.yaml` section and `pipeline/tasks.py` one per task's options
+`pipeline/config/` declares a model per `params.yaml` section and `pipeline/data/tasks.py` one per task's options
 (`finetune.tasks.<task>`, `lengths.task_options`), both on `Section`; types and ranges are field constraints, a
 check involving several fields is a validator beside them that raises `Problems`. `describe` turns pydantic's
 errors into one 'yaml.path: what is wrong' line each, so every problem reads the same wherever it was found.

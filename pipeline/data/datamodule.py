@@ -2,12 +2,12 @@
 
 The training stream is infinite (epoch after epoch, each a fresh permutation drawn from `(seed, epoch)`), so the
 number of optimizer steps alone decides how long a run is. The stream position is the number of micro-batches
-this process has consumed; `TrainDataModule.state_dict` (`pipeline/module.py`) puts it in every Lightning
+this process has consumed; `TrainDataModule.state_dict` (`pipeline/training/module.py`) puts it in every Lightning
 checkpoint and a resumed run starts its sampler there. Every example is a pure function of
 `(seed, epoch, index)` (`objectives.example_rng`), so an interrupted run that resumes sees exactly the batches
 an uninterrupted run would have seen.
 
-Batches (dicts of tensors) follow the contract documented in `pipeline/module.py`, which also holds the
+Batches (dicts of tensors) follow the contract documented in `pipeline/training/module.py`, which also holds the
 Lightning side (`TrainDataModule`, `SamplerPosition`): this file imports no Lightning, so evaluation starts fast.
 """
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.objectives import (
+from pipeline.data.objectives import (
     IGNORE_INDEX,
     SpanCorruption,
     causal_lm,
@@ -32,7 +32,7 @@ from pipeline.objectives import (
     pack_documents,
     prefix_lm,
 )
-from pipeline.tokenstore import TokenSplit, TokenStore
+from pipeline.data.tokenstore import TokenSplit, TokenStore
 
 Item = tuple[int, int]  # (epoch, index): what the sampler yields and the datasets take
 
@@ -187,7 +187,8 @@ def mixture_datasets(
 
     Validation mixes the tasks' validation examples at the training rates, so `val/loss` weighs tasks alike.
     """
-    from pipeline.tasks import Mixture, build_examples, mixing_rates
+    from pipeline.data.mixture import Mixture, mixing_rates
+    from pipeline.data.tasks import build_examples
 
     datasets_ = []
     rates: dict[str, float] = {}
@@ -228,7 +229,7 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     """Cross-entropy summed over the labelled tokens, the log-normaliser squared summed likewise, and their count.
 
     logits (B, T, V), labels (B, T) with IGNORE_INDEX on padding. Computed in float32 whatever the precision.
-    The loss of training, validation (`pipeline/module.py`) and evaluation (`pipeline/evaluate.py`) alike.
+    The loss of training, validation (`pipeline/training/module.py`) and evaluation (`pipeline/evaluate.py`) alike.
     """
     logits = logits.float()
     flat, target = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)

@@ -41,8 +41,8 @@ from typing import TextIO
 
 from pipeline.common import StageError, StageInterrupted, atomic_output, note_signal, repo_root
 from pipeline.config import Config
-from pipeline.paths import run_label
-from pipeline.strategy import launched_externally
+from pipeline.config.paths import run_label
+from pipeline.training.strategy import launched_externally
 
 # SLURM job states after which the job will not run again (https://slurm.schedmd.com/squeue.html#SECTION_JOB-STATE-CODES).
 # PREEMPTED and NODE_FAIL jobs submitted with --requeue go back to PENDING instead, so polling continues then.
@@ -179,7 +179,7 @@ def run_agent(cfg: Config, args: list[str]) -> int:
         RendezvousTimeoutError,
     )
 
-    from pipeline.liveness import AGENT_NOTICE
+    from pipeline.training.liveness import AGENT_NOTICE
 
     la = cfg.launcher
     where = f"launcher.rdzv_endpoint {la.rdzv_endpoint}"
@@ -291,7 +291,7 @@ def sbatch_script(
     command = shlex.join(["srun", "--kill-on-bad-exit=1", "python", "-m", f"pipeline.{stage}", *argv])
     lines = [
         "#!/bin/bash",
-        f"# {_job_name(stage, variant, seed)}, written by pipeline/launch.py (launcher.kind: slurm). "
+        f"# {_job_name(stage, variant, seed)}, written by pipeline/training/launch.py (launcher.kind: slurm). "
         "Resubmitted by `dvc repro`.",
         *(f"#SBATCH {opt}" for opt in options),
         "",

@@ -2,7 +2,7 @@
 
 MLflow logs this file itself, not a pickled object: `mlflow.pyfunc.load_model` runs it, and `load_context` reads
 the logged `model.safetensors` + `config.json` (`models.load_pretrained`, no pickle) and the SentencePiece
-tokenizer. `pipeline/mlflow_logging.py` logs it with the `models` package as code, so loading needs only torch,
+tokenizer. `pipeline/tracking/logged.py` logs it with the `models` package as code, so loading needs only torch,
 safetensors and sentencepiece. It deliberately imports nothing else from `pipeline/`.
 
     import mlflow

@@ -13,7 +13,7 @@
   under the same keys for every family, so MLflow's compare view shows what differs.
 - `log_token_splits` logs the data splits as dataset inputs (source, digest, rows and tokens per split).
 - `log_trained_model` logs a trained model as an MLflow 3 LoggedModel from its safetensors + config, as a
-  model from code (`pipeline/mlflow_pyfunc.py`, nothing pickled), links metrics to it, and registers it on request.
+  model from code (`pipeline/tracking/pyfunc.py`, nothing pickled), links metrics to it, and registers it on request.
 
 Every function expects the caller to be the process that logs (global rank zero).
 """
@@ -51,9 +51,9 @@ EXPERIMENT_DESCRIPTION = (
     "parent per pipeline execution (tag `dvc_exp`: the DVC experiment, or `workspace`); filter with "
     "`tags.stage = 'pretrain'` and compare a stage's runs: the `model.*` params show how the variants differ."
 )
-PYFUNC_FILE = Path(__file__).with_name("mlflow_pyfunc.py")
-MODELS_PACKAGE = Path(__file__).resolve().parent.parent / "models"
-PIPELINE_DVC_YAML = Path(__file__).resolve().parent.parent / "dvc.yaml"
+PYFUNC_FILE = Path(__file__).with_name("pyfunc.py")
+MODELS_PACKAGE = Path(__file__).resolve().parents[2] / "models"
+PIPELINE_DVC_YAML = Path(__file__).resolve().parents[2] / "dvc.yaml"
 
 
 # ------------------------------------------------------------------------------------------------ store
@@ -164,7 +164,7 @@ def dvc_experiment() -> tuple[str, str | None]:
     return os.environ.get("DVC_EXP_NAME") or WORKSPACE, os.environ.get("DVC_EXP_BASELINE_REV") or None
 
 
-def parent_run(uri: str, experiment_id: str, git_revision: str) -> str:
+def parent_run(uri: str, experiment_id: str, git_revision: str, preset: str = "none") -> str:
     """The id of the parent run grouping this pipeline execution, created (and closed) on first use.
 
     One per DVC experiment; workspace runs (`dvc repro`) group by git revision. The parent run is created
@@ -181,7 +181,7 @@ def parent_run(uri: str, experiment_id: str, git_revision: str) -> str:
     if found:
         return found[0].info.run_id
     label = exp_name if exp_name != WORKSPACE else f"{WORKSPACE}@{revision[:12]}"
-    tags = {PARENT_KEY_TAG: key, "dvc_exp": exp_name, "git_revision": revision, "stage": "pipeline"}
+    tags = {PARENT_KEY_TAG: key, "dvc_exp": exp_name, "git_revision": revision, "stage": "pipeline", "preset": preset}
     run = client.create_run(experiment_id, tags=tags, run_name=label)
     client.set_terminated(run.info.run_id, status="FINISHED")
     return run.info.run_id
@@ -214,10 +214,12 @@ def settle_parent(uri: str, parent_id: str) -> str:
     return status
 
 
-def run_tags(uri: str, experiment_id: str, git_revision: str, seed: int | None = None) -> dict[str, str]:
+def run_tags(
+    uri: str, experiment_id: str, git_revision: str, seed: int | None = None, preset: str = "none"
+) -> dict[str, str]:
     """Tags for a stage's run: the DVC experiment, its baseline, the seed, and the parent run of the execution."""
     exp_name, baseline = dvc_experiment()
-    tags = {"dvc_exp": exp_name, "mlflow.parentRunId": parent_run(uri, experiment_id, git_revision)}
+    tags = {"dvc_exp": exp_name, "mlflow.parentRunId": parent_run(uri, experiment_id, git_revision, preset)}
     if baseline:
         tags["dvc_baseline_rev"] = baseline
     if seed is not None:
@@ -225,10 +227,13 @@ def run_tags(uri: str, experiment_id: str, git_revision: str, seed: int | None =
     return tags
 
 
-def context_tags(uri: str, experiment: str, git_revision: str, seed: int | None = None) -> dict[str, str]:
-    """`run_tags` for a stage about to start its run in `experiment` (created by `ensure_experiment` if new)."""
+def context_tags(
+    uri: str, experiment: str, git_revision: str, seed: int | None = None, preset: str = "none"
+) -> dict[str, str]:
+    """`run_tags` for a stage about to start its run in `experiment` (created by `ensure_experiment` if new), with
+    the params preset that ran (`preset` param, set by `python -m pipeline.preset`)."""
     experiment_id = ensure_experiment(uri, experiment, description=EXPERIMENT_DESCRIPTION)
-    return run_tags(uri, experiment_id, git_revision, seed)
+    return {**run_tags(uri, experiment_id, git_revision, seed, preset), "preset": preset}
 
 
 # ------------------------------------------------------------------------------------------------ params
@@ -455,7 +460,7 @@ def log_trained_model(
 ) -> str:
     """Log `final_dir` (safetensors + config.json) as a LoggedModel of the active run; returns its model id.
 
-    The model is a model from code (`pipeline/mlflow_pyfunc.py` with the `models` package), so nothing is
+    The model is a model from code (`pipeline/tracking/pyfunc.py` with the `models` package), so nothing is
     pickled; `metrics` are linked to the model (and to `dataset` when given); `register_as` adds a version of
     that registered model.
     """

@@ -13,9 +13,9 @@
   uses the gloo backend (DeepSpeed's own CPU accelerator does the rest), so ZeRO can be tested without a GPU.
 
 Processes are never started here: Lightning starts them for `trainer.devices` (launcher `local`), or torchrun or
-SLURM's `srun` did (see `pipeline/launch.py`); then Lightning's cluster environment (torchelastic or SLURM) is picked
-up and `devices`/`num_nodes` are taken from the launcher section, which `pipeline/config.py` checks agrees with the
-`trainer` section.
+SLURM's `srun` did (see `pipeline/training/launch.py`); then Lightning's cluster environment (torchelastic or
+SLURM) is picked up and `devices`/`num_nodes` are taken from the launcher section, which `pipeline/config/`
+checks agrees with the `trainer` section.
 
 `consolidate_checkpoint(path)` reads a normal Lightning checkpoint file or a sharded DeepSpeed checkpoint
 directory and returns the full fp32 state dict of the LightningModule (keys `model.<name>`), so a stage can write

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.common import StageError
-from pipeline.config import DataConfig, FilesSource, HubSource
+from pipeline.config.sections import DataConfig, FilesSource, HubSource
 
-log = logging.getLogger("pipeline.data")
+log = logging.getLogger("pipeline.data.corpus")
 
 SPLITS = ("train", "validation", "test")
 

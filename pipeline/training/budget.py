@@ -1,6 +1,6 @@
 """Matched compute for the `lengths` stage: the FLOPs budget at each length and the steps each variant gets in it.
 
-One accounting, used where params are validated (`pipeline/config.py`: an impossible budget is exit 2 in the first
+One accounting, used where params are validated (`pipeline/config/`: an impossible budget is exit 2 in the first
 seconds), by the stage that trains (`pipeline/lengths.py`) and by the report (`pipeline/compare.py`):
 
 - the FLOPs of one training step of a model at a length are the model family's own `training_flops` at the padded
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-VOCAB_MULTIPLE = 128  # the tokenizer's vocabulary is padded to a multiple of this (pipeline/train.py)
+VOCAB_MULTIPLE = 128  # the tokenizer's vocabulary is padded to a multiple of this (pipeline/training/train.py)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:

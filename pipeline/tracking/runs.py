@@ -38,15 +38,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import (
-    Outcome,
-    StageError,
-    StageInterrupted,
-    _pid_alive,
-    outcome_of,
-    received_signal,
-    repo_root,
-)
+from pipeline.common import Outcome, StageError, StageInterrupted, _pid_alive, outcome_of, received_signal, repo_root
 
 log = logging.getLogger("pipeline")
 
@@ -63,7 +55,7 @@ def tracking_uri(configured: str | None, root: str | Path) -> str:
     The repo is the user's one even when `dvc exp run --temp/--queue` runs the stage in a throw-away copy
     (`mlflow_logging.store_root`: DVC exports the parent repository as `DVC_ROOT`).
     """
-    from pipeline.mlflow_logging import store_root
+    from pipeline.tracking.logged import store_root
 
     root = store_root(root)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
@@ -204,7 +196,7 @@ def close_stale_runs(
             closed.append(run_id)
             parent = stale.data.tags.get("mlflow.parentRunId")
             if parent:  # the execution it belonged to shows the kill (`mlflow_logging.settle_parent`)
-                from pipeline.mlflow_logging import settle_parent
+                from pipeline.tracking.logged import settle_parent
 
                 settle_parent(uri, parent)
     except Exception as exc:  # noqa: BLE001 - see the docstring
@@ -272,7 +264,7 @@ class TrackedRun:
             client.set_terminated(run_id, status="KILLED")
             parent = stale.data.tags.get("mlflow.parentRunId")
             if parent:
-                from pipeline.mlflow_logging import settle_parent
+                from pipeline.tracking.logged import settle_parent
 
                 settle_parent(self.uri, parent)
 
@@ -371,7 +363,7 @@ def _settle_parent_quietly(run: TrackedRun) -> None:
     if not (run.active and run.parent_id):
         return
     try:
-        from pipeline.mlflow_logging import settle_parent
+        from pipeline.tracking.logged import settle_parent
 
         settle_parent(run.uri, run.parent_id)
     except Exception as exc:  # the stage's own outcome stands; say what could not be recorded
