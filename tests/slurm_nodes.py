@@ -41,7 +41,7 @@ def slurm_unavailable() -> str | None:
     return None
 
 
-def _conf(directory: Path, munge_dir: Path, a: Node, b: Node) -> str:
+def _conf(directory: Path, munge_dir: Path, spool: Path, a: Node, b: Node) -> str:
     """slurm.conf: scripts/slurm_up.sh's, for two nodes by address, state and logs in `directory`; cred_expire is
     also how long a requeued job waits before it starts again (SLURM's default 120 s)."""
     nodes = "\n".join(f"NodeName={n.name} NodeAddr={n.addr} CPUs={os.cpu_count()} RealMemory=1000" for n in (a, b))
@@ -54,7 +54,7 @@ CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={directory}/slurmctld
-SlurmdSpoolDir={directory}/slurmd-%n
+SlurmdSpoolDir={spool}/%n
 SlurmctldPidFile={directory}/slurmctld.pid
 SlurmdPidFile={directory}/slurmd-%n.pid
 SlurmctldLogFile={directory}/slurmctld.log
@@ -105,13 +105,16 @@ def slurm_on(a: Node, b: Node, directory: Path, startup_s: float = 120) -> Itera
     if user is not None:
         for path in (munge_dir, key):
             os.chown(path, user.pw_uid, user.pw_gid)
+    # slurmstepd makes Unix sockets in the spool directory, whose paths must fit in 108 bytes: a test directory's
+    # path is too long for them (the job launch fails and SLURM requeues it forever)
+    spool = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-spool-"))
     conf = directory / "slurm.conf"
-    conf.write_text(_conf(directory, munge_dir, a, b))
+    conf.write_text(_conf(directory, munge_dir, spool, a, b))
     # slurmd initialises a cgroup plugin even when nothing uses it (proctrack/linuxproc, task/none): v1, named, is
     # only read where it is used; autodetection fails in a namespace's fresh /sys, which has no /sys/fs/cgroup
     (directory / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nCgroupAutomount=no\n")
     for node in (a, b):
-        (directory / f"slurmd-{node.name}").mkdir(exist_ok=True)
+        (spool / node.name).mkdir(exist_ok=True)
     env = {**os.environ, "SLURM_CONF": str(conf)}
     sock = munge_dir / "munge.socket"
     munged = ["/usr/sbin/munged", "--foreground", "--force", f"--socket={sock}", f"--key-file={key}",
@@ -149,3 +152,4 @@ def slurm_on(a: Node, b: Node, directory: Path, startup_s: float = 120) -> Itera
     finally:
         _stop(procs)
         shutil.rmtree(munge_dir, ignore_errors=True)
+        shutil.rmtree(spool, ignore_errors=True)
