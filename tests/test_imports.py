@@ -1,10 +1,11 @@
 """No import circles in the project (`models/` and `pipeline/`), and every module of `models/` imports on its own.
 
 The import graph is read from the source: an edge for every `import` statement of a module, at any depth (an import
-inside a function is still a dependency; it only runs later; one under `if TYPE_CHECKING:` never runs and is left out), to the module it names (`from p import m` names the
-submodule `m` when there is one, else the package `p`). A cycle in that graph is a failure naming its modules. Then a
-fresh interpreter imports every module alone, first after forgetting all project modules it has seen, so an order
-that only works because something else was imported first shows up too.
+inside a function is still a dependency; it only runs later; one under `if TYPE_CHECKING:` never runs and is left
+out), to the module it names (`from p import m` names the submodule `m` when there is one, else the package `p`). A
+cycle in that graph is a failure naming its modules. Then a fresh interpreter imports every module alone, first
+after forgetting all project modules it has seen, so an order that only works because something else was imported
+first shows up too.
 """
 
 from __future__ import annotations
