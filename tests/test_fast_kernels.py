@@ -206,8 +206,8 @@ def test_tied_embedding_gradient_under_autocast_matches_plain_autograd(monkeypat
 def test_each_private_op_is_taken_where_this_torch_has_it():
     """The guards' probes accept the private ops of this torch build (a probe that failed for another reason would
     silently move the speed paths to the slower fallbacks)."""
-    assert private.FUSED_SOFTMAX_BACKWARD == hasattr(torch, "_softmax_backward_data")
-    assert private.THRESHOLD_BACKWARD == hasattr(torch.ops.aten, "threshold_backward")
+    assert private.fused_softmax_backward() == hasattr(torch, "_softmax_backward_data")
+    assert private.threshold_backward() == hasattr(torch.ops.aten, "threshold_backward")
     ops = torch.ops.mkldnn
     present = torch.backends.mkldnn.is_available() and all(
         hasattr(ops, name) for name in ("_linear_pointwise", "_reorder_linear_weight")
@@ -219,7 +219,7 @@ def test_each_private_op_is_taken_where_this_torch_has_it():
 def test_softmax_backward_fallback_gives_the_private_ops_gradients(fused, monkeypatch):
     """`BiasedAttention` and `SharedQKScores` differentiate softmax with torch's fused private kernel or the formula
     in public ops: the same gradients (float64: to 1e-12)."""
-    monkeypatch.setattr(private, "FUSED_SOFTMAX_BACKWARD", fused and private.FUSED_SOFTMAX_BACKWARD)
+    monkeypatch.setattr(private, "FUSED_SOFTMAX_BACKWARD", fused and private.fused_softmax_backward())
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     bias = torch.randn(1, 3, 5, 5, dtype=torch.float64, requires_grad=True)
@@ -245,7 +245,7 @@ def test_relu_backward_fallback_is_exactly_the_private_op(monkeypatch):
     drop, _ = drop_mask(x, 0.3)
     grad = torch.randn(4, 7, 16)
     grads = []
-    for flag in (private.THRESHOLD_BACKWARD, False):
+    for flag in (private.threshold_backward(), False):
         monkeypatch.setattr(private, "THRESHOLD_BACKWARD", flag)
         grads.append(torch.autograd.grad(dropped_relu_(x.clone(), drop), x, grad)[0])
     assert torch.equal(grads[0], grads[1])

@@ -39,12 +39,22 @@ def _softmax_backward_formula(d_probs: torch.Tensor, probs: torch.Tensor) -> tor
     return probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))
 
 
-FUSED_SOFTMAX_BACKWARD = _fused_softmax_backward()
+# The guards are probed on first use, never at import: a torch op run at import starts the OpenMP thread pool, and a
+# process forked after that (the benchmark's forkserver preloads `models`) hangs in its first parallel op.
+FUSED_SOFTMAX_BACKWARD: bool | None = None  # None: not probed yet
+
+
+def fused_softmax_backward() -> bool:
+    """Whether `softmax_backward` takes torch's fused private op (probed once)."""
+    global FUSED_SOFTMAX_BACKWARD
+    if FUSED_SOFTMAX_BACKWARD is None:
+        FUSED_SOFTMAX_BACKWARD = _fused_softmax_backward()
+    return FUSED_SOFTMAX_BACKWARD
 
 
 def softmax_backward(d_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """The gradient of the scores of `probs = softmax(scores, -1)`: probs * (d_probs - <d_probs, probs>)."""
-    if FUSED_SOFTMAX_BACKWARD:
+    if fused_softmax_backward():
         return torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
     return _softmax_backward_formula(d_probs, probs)
 
@@ -58,12 +68,20 @@ def _threshold_backward() -> bool:
         return False
 
 
-THRESHOLD_BACKWARD = _threshold_backward()
+THRESHOLD_BACKWARD: bool | None = None  # None: not probed yet
+
+
+def threshold_backward() -> bool:
+    """Whether `relu_backward` takes `aten.threshold_backward` (probed once)."""
+    global THRESHOLD_BACKWARD
+    if THRESHOLD_BACKWARD is None:
+        THRESHOLD_BACKWARD = _threshold_backward()
+    return THRESHOLD_BACKWARD
 
 
 def relu_backward(d_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The gradient of relu's input from its output `out`: d_out where out > 0, else 0."""
-    if THRESHOLD_BACKWARD:
+    if threshold_backward():
         return torch.ops.aten.threshold_backward(d_out, out, 0.0)
     return d_out.masked_fill(out <= 0, 0.0)
 
