@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
+
 import models
 
 
@@ -35,3 +37,14 @@ class Spy:
 
     def reset(self) -> None:
         self.calls = dict.fromkeys(self.calls, 0)
+
+
+def both(fn, seed: int = 5, **fast_setting):
+    """fn() under the reference path and under the fast paths (with `fast_setting`'s kernels), from the same random
+    state."""
+    out = []
+    for setting in ({"paths": "reference"}, {"paths": "fast", **fast_setting}):
+        with computing(**setting):
+            torch.manual_seed(seed)
+            out.append(fn())
+    return out

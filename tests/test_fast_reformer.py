@@ -15,7 +15,7 @@ import torch
 
 import models.fast.reformer as fast_reformer
 from models.reformer import ReformerConfig, ReformerModel
-from tests.kernel_setting import Spy, computing
+from tests.kernel_setting import Spy, both, computing
 
 SMALL = dict(
     vocab_size=40,
@@ -63,15 +63,6 @@ def inputs(model: ReformerModel, seed: int = 1) -> tuple:
         y_mask[0, 15:] = False
         return x, mask, y, y_mask
     return x, mask
-
-
-def both(fn, seed: int = 5, **fast_setting):
-    out = []
-    for setting in ({"paths": "reference"}, {"paths": "fast", **fast_setting}):
-        with computing(**setting):
-            torch.manual_seed(seed)
-            out.append(fn())
-    return out
 
 
 def close(a, b, tol: float = 1e-10) -> None:

@@ -13,7 +13,7 @@ import torch
 import models
 import models.fast.t5 as fast_t5
 from models.t5 import T5Config, T5Model
-from tests.kernel_setting import Spy, computing
+from tests.kernel_setting import Spy, both, computing
 
 CONFIGS = {
     "v1.0-relu-tied": dict(feed_forward_proj="relu", tie_word_embeddings=True),
@@ -56,17 +56,6 @@ def inputs(model: T5Model, seed: int = 1):
         return (x, mask, y, y_mask), {}, y.masked_fill(y_mask == 0, -100)
     kwargs = {"prefix_lengths": torch.tensor([4, 2, 7])} if layout == "prefix_lm" else {}
     return (x, mask), kwargs, x.masked_fill(mask == 0, -100)
-
-
-def both(fn, seed: int = 5, **fast_setting):
-    """fn() under the reference path and under the fast paths (with `fast_setting`'s kernels), from the same random
-    state."""
-    out = []
-    for setting in ({"paths": "reference"}, {"paths": "fast", **fast_setting}):
-        with computing(**setting):
-            torch.manual_seed(seed)
-            out.append(fn())
-    return out
 
 
 def close(a, b, tol: float = 1e-5) -> None:
