@@ -50,7 +50,7 @@ import lightning as L
 import torch
 
 from pipeline.common import StageError, publish, repo_root, require_variant, require_writable, run_stage, stage_parser
-from pipeline.config import LENGTH_TASKS, Config, LengthsConfig
+from pipeline.config import Config, LengthsConfig
 from pipeline.config.paths import RunPaths
 from pipeline.training.budget import budget_at, budget_steps, step_flops
 
@@ -66,10 +66,7 @@ TIMING_FIGURES = ("train_seconds", "tokens_per_s", "peak_memory_mb")  # written 
 
 def task_options(section: LengthsConfig, length: int) -> dict[str, Any]:
     """The task's options at `length`: `task_options` plus the expression-length bounds from `fill`."""
-    low_key, high_key = LENGTH_TASKS[section.task]
-    low = max(0, round(section.fill[0] * length))
-    high = max(low + 1, 5, round(section.fill[1] * length))
-    return {**section.task_options, low_key: low, high_key: high}
+    return section.task_options_at(length)
 
 
 def length_config(cfg: Config, length: int) -> Config:

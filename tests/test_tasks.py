@@ -561,3 +561,65 @@ def test_listops_operators_option_restricts_the_operators():
     assert all(ex.targets == str(evaluate_listops(ex.inputs.removeprefix("listops: "))) for ex in examples)
     with pytest.raises(ValueError, match="operators"):
         build_examples({"listops": {"operators": ["POW"]}}, "train", 0)
+
+
+# ------------------------------------------------------------------------------------------------ how many inputs
+
+
+def _needle_inputs(min_items: int, max_items: int, filler: int) -> set[str]:
+    """Every needle input these options allow, by drawing until no new one comes (small spaces only)."""
+    import random
+
+    task, seen, rng = TASKS["needle"], set(), random.Random(0)
+    options = task.resolve_options({"min_items": min_items, "max_items": max_items, "filler": filler})
+    letters = [chr(c) for c in range(ord("a"), ord("a") + filler)]
+    for _ in range(200_000):
+        items = rng.choices(letters, k=rng.randint(options["min_items"], options["max_items"]))
+        items[rng.randrange(len(items))] = str(rng.randrange(10))
+        seen.add(" ".join(items))
+    return seen
+
+
+@pytest.mark.parametrize("low,high,filler", [(2, 3, 1), (3, 4, 2), (5, 5, 1)])
+def test_the_needle_capacity_counts_every_input_the_options_allow(low, high, filler):
+    capacity = TASKS["needle"].capacity({"min_items": low, "max_items": high, "filler": filler})
+    assert capacity == len(_needle_inputs(low, high, filler))
+
+
+def test_the_sort_capacity_counts_the_ordered_digit_draws():
+    capacity = TASKS["sort"].capacity({"min_length": 2, "max_length": 3})
+    assert capacity == 10 * 9 + 10 * 9 * 8
+
+
+@pytest.mark.parametrize("task,options", [("needle", {"min_items": 20, "max_items": 24, "filler": 1}),
+                                          ("sort", {"min_length": 2, "max_length": 3})])  # fmt: skip
+def test_what_passes_the_capacity_check_generates_and_what_fails_it_cannot(task, options):
+    from pipeline.data.tasks import split_shortfall
+
+    total = TASKS[task].capacity(TASKS[task].resolve_options(options))
+    fits, too_many = int(total / 3 - 4 * (total * 2 / 9) ** 0.5), total // 3 + total // 10  # the check's margin
+    assert split_shortfall(task, {**options, "num_examples": fits, "num_eval_examples": 5}) is None
+    built = build_examples({task: {**options, "num_examples": fits, "num_eval_examples": 5}}, "train", seed=3)
+    assert len({e.inputs for e in built[task]}) == fits
+    message = split_shortfall(task, {**options, "num_examples": too_many, "num_eval_examples": 5})
+    assert message and f"{total:,} distinct inputs" in message
+    with pytest.raises(ValueError, match="could not generate"):
+        build_examples({task: {**options, "num_examples": too_many, "num_eval_examples": 5}}, "train", seed=3)
+
+
+def test_a_lengths_section_that_cannot_generate_its_examples_is_a_params_error():
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw["lengths"]["seq_lengths"] = [64, 512]  # 58 to 62 symbols of one filler letter: 3,000 inputs in all splits
+    with pytest.raises(
+        ConfigError, match=r"lengths: task_options at length 64 .*3,000 distinct inputs, about 1,000 per split"
+    ):
+        config_from_dict(raw)
+    raw["lengths"]["task_options"]["num_examples"] = 800
+    assert config_from_dict(raw).lengths.seq_lengths == [64, 512]
+
+
+def test_a_finetune_task_that_cannot_generate_its_examples_is_a_params_error():
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw["finetune"]["tasks"]["sort"] = {"min_length": 2, "max_length": 2, "num_examples": 500}
+    with pytest.raises(ConfigError, match=r"finetune.tasks.sort: task sort: these options allow 90 distinct"):
+        config_from_dict(raw)

@@ -31,7 +31,7 @@ from pipeline.config.validation import (
     nest,
     yaml_float,
 )
-from pipeline.data.tasks import TASKS, TaskMixture
+from pipeline.data.tasks import TASKS, TaskMixture, split_shortfall
 
 
 class BuiltinSource(Section):
@@ -402,6 +402,13 @@ class LengthsConfig(Section):
     max_new_tokens: PosInt = 2
     """Generation length limit (the answer is one class and its end-of-sequence token)."""
 
+    def task_options_at(self, length: int) -> dict[str, Any]:
+        """The task's options at `length`: `task_options` plus the expression-length bounds from `fill`."""
+        low_key, high_key = LENGTH_TASKS[self.task]
+        low = max(0, round(self.fill[0] * length))
+        high = max(low + 1, 5, round(self.fill[1] * length))
+        return {**self.task_options, low_key: low, high_key: high}
+
     @field_validator("seeds")
     @classmethod
     def _distinct(cls, seeds: list[int]) -> list[int]:
@@ -428,6 +435,10 @@ class LengthsConfig(Section):
             options.model_validate({k: v for k, v in self.task_options.items() if k not in set_per_length})
         except ValidationError as exc:
             problems += nest("task_options", describe(exc, options))
+        else:
+            for length in self.seq_lengths if not set_per_length else []:
+                if (shortfall := split_shortfall(self.task, self.task_options_at(length))) is not None:
+                    problems.append(f"task_options at length {length} (fill {self.fill}): {shortfall}")
         for name in ("value", "steps"):
             given = getattr(self.budget, name)
             if isinstance(given, list) and len(given) != len(self.seq_lengths):

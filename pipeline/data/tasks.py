@@ -30,6 +30,7 @@ Hub recipes (need the network or a local copy; options name the dataset, config 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import re
 from collections.abc import Callable
@@ -103,6 +104,9 @@ class Task:
     options: type[TaskOptions] = TaskOptions
     classes: list[str] | None = None
     description: str = ""
+    capacity: Callable[[dict[str, Any]], int | None] | None = field(default=None, repr=False)
+    """How many distinct inputs the resolved options allow (None: too many to matter), for generated tasks whose
+    options can make that smaller than the examples asked for: checked when the params are validated."""
 
     def resolve_options(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The defaults updated with `overrides` (unchecked: the params were validated when loaded)."""
@@ -123,6 +127,27 @@ def _split_rng(seed: int, task: str, split: str) -> random.Random:
 def _hash_split(text: str) -> str:
     """The one split an input belongs to (stable hash), so generated splits never share an input."""
     return SPLITS[int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % len(SPLITS)]
+
+
+def split_shortfall(name: str, overrides: dict[str, Any]) -> str | None:
+    """Why `name` with these options cannot give its `num_examples` / `num_eval_examples` distinct examples per
+    split, or None. A split holds the inputs hashed to it, about a third of those the options allow: the check
+    asks for that third less four standard deviations, so a run that passes it does not fail to generate."""
+    task = get_task(name)
+    o = task.resolve_options(overrides)
+    total = task.capacity(o) if task.capacity else None
+    if total is None:
+        return None
+    share = 1 / len(SPLITS)
+    can = int(total * share - 4 * math.sqrt(total * share * (1 - share)))
+    asked = max(o["num_examples"], o["num_eval_examples"])
+    if asked <= can:
+        return None
+    return (
+        f"task {name}: these options allow {total:,} distinct inputs, about {round(total * share):,} per split, "
+        f"too few for the {asked:,} examples asked for; lower num_examples/num_eval_examples or allow longer or "
+        "more varied inputs"
+    )
 
 
 def _generated(
@@ -334,6 +359,11 @@ def _build_sort(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Example
     return _generated("sort", split, ctx, _count(split, o), draw)
 
 
+def _sort_capacity(o: dict[str, Any]) -> int:
+    """Distinct sort inputs: ordered draws of k of the 10 digits for each allowed k."""
+    return sum(math.perm(10, k) for k in range(o["min_length"], o["max_length"] + 1))
+
+
 NEEDLE_FILLER = [chr(c) for c in range(ord("a"), ord("z") + 1)]
 
 
@@ -354,6 +384,16 @@ def _build_needle(split: str, ctx: TaskContext, o: dict[str, Any]) -> list[Examp
         return Example(prefix + " ".join(items), digit, label=digit)
 
     return _generated("needle", split, ctx, _count(split, o), draw)
+
+
+def _needle_capacity(o: dict[str, Any], enough: int = 10**9) -> int | None:
+    """Distinct needle inputs: for n symbols, the digit's position and value times the filler around it."""
+    total = 0
+    for n in range(o["min_items"], o["max_items"] + 1):
+        total += n * 10 * o["filler"] ** (n - 1)
+        if total > enough:
+            return None
+    return total
 
 
 def _load_hub_split(split: str, o: dict[str, Any]) -> Any:
@@ -548,6 +588,7 @@ TASKS: dict[str, Task] = {
             NeedleOptions,
             classes=[str(d) for d in range(10)],
             description="one digit among filler letters -> that digit (a needle in a haystack of any length)",
+            capacity=_needle_capacity,
         ),
         Task(
             "sort",
@@ -556,6 +597,7 @@ TASKS: dict[str, Task] = {
             _build_sort,
             SortOptions,
             description="distinct digits in random order -> sorted (a copy that needs comparisons)",
+            capacity=_sort_capacity,
         ),
         Task(
             "sst2",
@@ -627,6 +669,14 @@ class _Mixture(Section):
     def _at_least_one(self) -> _Mixture:
         if not self.model_fields_set:
             raise Problems([f"<here>: at least one task is needed (known: {', '.join(TASKS)})"])
+        problems = []
+        for name in self.model_fields_set:
+            options = getattr(self, name)
+            given = options.model_dump(exclude_unset=True) if options is not None else {}
+            if (shortfall := split_shortfall(name, given)) is not None:
+                problems.append(f"{name}: {shortfall}")
+        if problems:
+            raise Problems(problems)
         return self
 
 

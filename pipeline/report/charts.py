@@ -24,7 +24,7 @@ BENCHMARK_CHARTS: dict[str, tuple[str, str, str, str, str]] = {
         "length",
         "seq_length",
         "tokens_per_s",
-        "input tokens per second of a training step (higher is better)",
+        "input tokens per second of a training step\n(higher is better)",
         "Speed",
     ),
     "memory_vs_length.png": ("length", "seq_length", "step_mb", "memory of a training step, MiB", "Memory"),
