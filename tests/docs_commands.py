@@ -40,7 +40,7 @@ NOT_RUN = {
         "75 minutes on a core: tests/test_presets_cpu.py runs it reduced, tests/test_preset.py a real dvc exp run"
     ),
     "python -m pipeline.preset table2 --temp": "80 minutes on a core: tests/test_presets_cpu.py runs it reduced",
-    "python -m pipeline.preset scaling --temp": "80 minutes on 2 cores: tests/test_presets_cpu.py runs it reduced",
+    "python -m pipeline.preset scaling --temp": "50 minutes on 2 cores: tests/test_presets_cpu.py runs it reduced",
     "python -m pipeline.preset lra_listops --queue": "GPU-sized: tests/test_presets_cpu.py runs it reduced on CPU",
 }
 
