@@ -50,7 +50,7 @@ import lightning as L
 import torch
 
 from pipeline.common import StageError, publish, repo_root, require_variant, require_writable, run_stage, stage_parser
-from pipeline.config import Config, LengthsConfig
+from pipeline.config import Config
 from pipeline.config.paths import RunPaths
 from pipeline.training.budget import budget_at, budget_steps, step_flops
 
@@ -64,11 +64,6 @@ TIMING_FIGURES = ("train_seconds", "tokens_per_s", "peak_memory_mb")  # written 
 # ------------------------------------------------------------------------------------------- settings
 
 
-def task_options(section: LengthsConfig, length: int) -> dict[str, Any]:
-    """The task's options at `length`: `task_options` plus the expression-length bounds from `fill`."""
-    return section.task_options_at(length)
-
-
 def length_config(cfg: Config, length: int) -> Config:
     """`cfg` as the shared training and decoding code reads it for one length: the task at this length in
     `finetune` (with the stage's init, batch, optimizer and target length) and greedy decoding in `evaluate`."""
@@ -77,7 +72,7 @@ def length_config(cfg: Config, length: int) -> Config:
         update={
             "init": s.init,
             "checkpoint_dir": None,
-            "tasks": {s.task: task_options(s, length)},
+            "tasks": {s.task: s.task_options_at(length)},
             "input_length": length,
             "target_length": s.target_length,
             "batch_size": s.batch_size,
@@ -111,7 +106,7 @@ def length_data(cfg: Config, length: int, tokenizer: Any) -> LengthData:
     from pipeline.data.tasks import build_examples
 
     s = cfg.lengths
-    tasks = {s.task: task_options(s, length)}
+    tasks = {s.task: s.task_options_at(length)}
     kept: dict[str, tuple[list[Any], list[list[int]]]] = {}
     dropped: dict[str, int] = {}
     for split in ("train", "test"):

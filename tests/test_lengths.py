@@ -15,7 +15,7 @@ import yaml
 
 import models
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.lengths import Budget, length_config, task_options
+from pipeline.lengths import Budget, length_config
 from pipeline.report.analysis import lengths_cells, lengths_chart_points, lengths_metrics, quality_vs_length
 from pipeline.report.inputs import gather_lengths
 from pipeline.training.budget import budget_at, budget_steps, step_flops
@@ -117,10 +117,10 @@ def test_decoder_only_steps_are_counted_over_inputs_and_targets():
 
 def test_length_options_budgets_and_the_derived_config():
     cfg = tiny_cfg(budget={"kind": "flops", "value": [1e8, 3e8]})
-    assert task_options(cfg.lengths, 64) == {**LENGTHS["task_options"], "min_items": 48, "max_items": 58}
+    assert cfg.lengths.task_options_at(64) == {**LENGTHS["task_options"], "min_items": 48, "max_items": 58}
     assert [budget_at(cfg.lengths, i, 256) for i in range(2)] == [1e8, 3e8]
     derived = length_config(cfg, 64)
-    assert derived.finetune.input_length == 64 and derived.finetune.tasks == {"needle": task_options(cfg.lengths, 64)}
+    assert derived.finetune.input_length == 64 and derived.finetune.tasks == {"needle": cfg.lengths.task_options_at(64)}
     assert derived.finetune.init == cfg.lengths.init and derived.evaluate.num_beams == [1]
     assert cfg.finetune.input_length == 64 and "sort" not in derived.finetune.tasks  # the original is untouched
 
@@ -323,7 +323,7 @@ def test_the_cluster_preset_runs_lra_listops_from_1k_to_beyond_4k():
     lengths = config_from_dict(merged).lengths
     assert lengths.task == "lra_listops" and "operators" not in lengths.task_options  # replaced whole
     assert lengths.seq_lengths[0] <= 1024 and lengths.seq_lengths[-1] > 4096 and lengths.budget.kind == "flops"
-    at_4k = task_options(lengths, 4096)
+    at_4k = lengths.task_options_at(4096)
     assert at_4k["min_tokens"] <= 500 and at_4k["max_tokens"] <= 2048  # LRA's 500-2000 tokens fit in 4K pieces
 
 

@@ -669,8 +669,12 @@ class _Mixture(Section):
     def _at_least_one(self) -> _Mixture:
         if not self.model_fields_set:
             raise Problems([f"<here>: at least one task is needed (known: {', '.join(TASKS)})"])
+        return self
+
+    @model_validator(mode="after")
+    def _enough_inputs(self) -> _Mixture:
         problems = []
-        for name in self.model_fields_set:
+        for name in [n for n in TASKS if n in self.model_fields_set]:  # registry order: the same message every run
             options = getattr(self, name)
             given = options.model_dump(exclude_unset=True) if options is not None else {}
             if (shortfall := split_shortfall(name, given)) is not None:
