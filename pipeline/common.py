@@ -125,6 +125,29 @@ def _on_signal(signum: int, frame: Any) -> None:
         raise StageInterrupted(signum)
 
 
+def raise_if_signalled() -> None:
+    """Raise `StageInterrupted` if a SIGINT/SIGTERM arrived. Called where a stage moves on to its next piece of work
+    (after each `Trainer.fit`, before opening an MLflow run): Lightning only records a signal that arrives while
+    its handler is installed, forgets it at the next `fit`, and ignores it once the last step ran; and our handler's
+    exception is swallowed when the signal lands in a finalizer (`__del__`, a `weakref.finalize`)."""
+    signum = received_signal()
+    if signum is not None:
+        raise StageInterrupted(signum)
+
+
+def _unraisable(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`sys.unraisablehook` that drops our own `StageInterrupted` raised inside a finalizer (the signal is recorded
+    and acted on at the next `raise_if_signalled`) instead of printing its traceback; anything else goes to `hook`."""
+
+    def quiet(unraisable: Any) -> Any:
+        if isinstance(unraisable.exc_value, StageInterrupted):
+            return None
+        return hook(unraisable)
+
+    quiet.wrapped = hook  # type: ignore[attr-defined]
+    return quiet
+
+
 def install_signal_handlers() -> None:
     """Remember SIGINT and SIGTERM (and raise `StageInterrupted` where no library handles them itself)."""
     _received.clear()
@@ -132,6 +155,8 @@ def install_signal_handlers() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError):  # not the main thread
             signal.signal(signum, _on_signal)
+    if not hasattr(sys.unraisablehook, "wrapped"):
+        sys.unraisablehook = _unraisable(sys.unraisablehook)
 
 
 def _signal_code(signum: int) -> int:

@@ -49,7 +49,16 @@ from typing import Any
 import lightning as L
 import torch
 
-from pipeline.common import StageError, publish, repo_root, require_variant, require_writable, run_stage, stage_parser
+from pipeline.common import (
+    StageError,
+    publish,
+    raise_if_signalled,
+    repo_root,
+    require_variant,
+    require_writable,
+    run_stage,
+    stage_parser,
+)
 from pipeline.config import Config
 from pipeline.config.paths import RunPaths
 from pipeline.training.budget import budget_at, budget_steps, step_flops
@@ -239,6 +248,7 @@ def train_at_length(
     trainer.fit(module, datamodule=datamodule)
     if trainer.interrupted:
         raise KeyboardInterrupt
+    raise_if_signalled()  # one Lightning recorded but did not act on (it arrived after the last step)
     peak_mb = _peak_memory_mb(accelerator)
     done = trainer.global_step
     seconds = max(clock.elapsed, 1e-9)
@@ -348,6 +358,7 @@ def run(cfg: Config, variant: str, seed: int, root: Path) -> dict[str, Any]:
     examples: dict[str, Any] = {}
     histories: dict[str, Any] = {}
     for index, length in enumerate(s.seq_lengths):
+        raise_if_signalled()  # never start another length after a signal, wherever it was caught
         t0 = time.perf_counter()
         data = length_data(cfg, length, tokenizer)
         t_data = time.perf_counter() - t0

@@ -173,6 +173,56 @@ def test_signal_inside_lightning_fit(signum, code):
     assert proc.wait(timeout=120) == code
 
 
+FINALIZER_SIGNAL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pipeline.common import install_signal_handlers, outcome_of, raise_if_signalled
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, inside the finalizer
+
+    install_signal_handlers()
+    try:
+        Finalized()  # collected at once: the handler's exception cannot leave __del__
+        print("went on", flush=True)
+        raise_if_signalled()
+        print("not stopped", flush=True)
+    except BaseException as exc:
+        sys.exit(outcome_of(exc).exit_code)
+    sys.exit(0)
+    """
+)
+
+
+def test_signal_inside_a_finalizer_stops_at_the_next_check():
+    """A signal whose exception a finalizer swallowed (the lengths stage then trained on for minutes and opened an
+    MLflow run only to mark it KILLED) stops the stage at its next check, with no traceback printed."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FINALIZER_SIGNAL_SCRIPT],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=120,
+    )
+    assert (proc.returncode, proc.stdout) == (143, "went on\n"), proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+
+
+def test_no_mlflow_run_is_opened_after_a_signal(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.runs import TrackedRun, tracked_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common.note_signal(signal.SIGTERM)
+    with pytest.raises(StageInterrupted), tracked_run(TrackedRun(uri, "faults", system_metrics=False), "r", {}):
+        raise AssertionError("the block must not run")
+    experiment = MlflowClient(uri).get_experiment_by_name("faults")
+    assert experiment is None or not MlflowClient(uri).search_runs([experiment.experiment_id])
+
+
 # ------------------------------------------------------------------------------------------------ publishing
 
 

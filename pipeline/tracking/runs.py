@@ -38,7 +38,16 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import Outcome, StageError, StageInterrupted, _pid_alive, outcome_of, received_signal, repo_root
+from pipeline.common import (
+    Outcome,
+    StageError,
+    StageInterrupted,
+    _pid_alive,
+    outcome_of,
+    raise_if_signalled,
+    received_signal,
+    repo_root,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -336,6 +345,7 @@ def tracked_run(
     so the stage does not exit 0), FAILED otherwise. A failure to record the status does not hide the stage's
     own error.
     """
+    raise_if_signalled()  # no run is opened after a signal: it would only be marked KILLED
     run.start(run_name, tags, resume_run_id=resume_run_id)
     try:
         yield run

@@ -54,6 +54,7 @@ from pipeline.common import (
     hold_lock,
     load_model_dir,
     publish,
+    raise_if_signalled,
     read_json,
     repo_root,
     require_variant,
@@ -493,6 +494,7 @@ def _fit_and_save(
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     if trainer.interrupted:
         raise KeyboardInterrupt
+    raise_if_signalled()  # one Lightning recorded but did not act on (it arrived after the last step)
     module.check_ending()  # before the final save: last.ckpt stays the last good checkpoint
     last_val_step = next((r["step"] for r in reversed(module.history) if "val/loss" in r), None)
     if last_val_step != trainer.global_step and datamodule.val is not None and len(datamodule.val) > 0:
