@@ -242,6 +242,7 @@ def build_tokenizer(cfg: TokenizerConfig, seed: int, train: Any, root: Path, out
         character_coverage=cfg.character_coverage,
         input_sentence_size=cfg.input_sentence_size,
         seed=seed,
+        user_defined_symbols=cfg.user_defined_symbols,
     )
     del texts
     log.info(
@@ -400,6 +401,8 @@ def job_key(cfg: Config, prepared_dir: Path) -> str:
         "shard_mb": tc.shard_mb,
         "prepared": prepared,
     }
+    if tc.user_defined_symbols:  # only then: the key of every run without them is what it was
+        key["user_defined_symbols"] = tc.user_defined_symbols
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

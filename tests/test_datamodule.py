@@ -107,6 +107,20 @@ def test_collation_truncates_to_the_configured_lengths():
     assert b["input_ids"].shape == (1, 8) and b["labels"].shape == (1, 4)
 
 
+def test_a_generated_task_cut_by_the_lengths_is_an_error_a_text_task_is_not():
+    """The table2 presets' copies were cut to finetune.input_length/target_length for months (the default tokenizer
+    splits `o` in two): a generated task that does not fit is a StageError naming it; text tasks are cut, as T5's."""
+    from pipeline.common import StageError
+    from pipeline.data.datamodule import check_lengths
+
+    fits = {"duplication": [([1] * 10, [1] * 8)] * 3}
+    check_lengths(fits, "train", 10, 8)
+    cut = {"duplication": [([1] * 10, [1] * 8), ([1] * 10, [1] * 9), ([1] * 11, [1] * 8)]}
+    with pytest.raises(StageError, match=r"finetune.tasks.duplication: 2 of 3 train examples .* 11 input, 9 target"):
+        check_lengths(cut, "train", 10, 8)
+    check_lengths({"summarize": cut["duplication"]}, "train", 10, 8)  # a text task: logged, not an error
+
+
 def test_text_to_text_on_a_decoder_only_model_trains_on_targets_only():
     examples = [{"inputs": np.array([5, 6, 7]), "targets": np.array([8, 1])}]
     b = Collator("prefix_lm")(examples)

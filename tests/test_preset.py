@@ -125,3 +125,68 @@ def test_dvc_applies_the_preset_in_a_temporary_experiment_and_records_it(tmp_pat
     assert "# which code computes the models" in (project / "params.yaml").read_text()
     seen = yaml.safe_load((project / "seen.json").read_text())
     assert seen["preset"] == "long_range" and seen["lengths"]["seeds"] == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer(tmp_path_factory):
+    """The tokenizer a params dict trains on the built-in corpus (prepared once, as the default run prepares it),
+    trained once per distinct `tokenizer` section."""
+    import json
+
+    from pipeline.data.tokenizer import Tokenizer
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    prepared = tmp_path_factory.mktemp("prepared")
+    shutil.copy(ROOT / "params.yaml", prepared / "params.yaml")
+    run = [sys.executable, "-m", "pipeline.prepare"]
+    proc = subprocess.run(run, cwd=prepared, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trained: dict[str, Tokenizer] = {}
+
+    def tokenizer(params: dict) -> Tokenizer:
+        key = json.dumps(params["tokenizer"], sort_keys=True)
+        if key not in trained:
+            project = tmp_path_factory.mktemp("tokenizer")
+            (project / "data").mkdir()
+            (project / "data" / "prepared").symlink_to(prepared / "data" / "prepared")
+            (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            run = [sys.executable, "-m", "pipeline.tokenize"]
+            proc = subprocess.run(run, cwd=project, env=env, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            trained[key] = Tokenizer.load(project / "data" / "tokenizer")
+        return trained[key]
+
+    tokenizer.prepared = prepared / "data" / "prepared"  # type: ignore[attr-defined]
+    return tokenizer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["default", *PRESETS])
+def test_every_generated_finetune_task_fits_its_lengths_with_the_tokenizer_it_trains(name, trained_tokenizer):
+    """The tokenizer each preset trains on the built-in corpus, its generated fine-tuning tasks, and the lengths the
+    collator cuts to: nothing is cut (table2 lost the end of every copy holding an `o`, split in two by the default
+    tokenizer, until `user_defined_symbols`). The finetune stage checks the same at its start (`check_lengths`)."""
+    from pipeline.data.datamodule import check_lengths
+    from pipeline.data.tasks import build_examples, get_task
+
+    params = (
+        yaml.safe_load((ROOT / "params.yaml").read_text())
+        if name == "default"
+        else resolve(name, ROOT / "params.yaml")[0]
+    )
+    tokenizer = trained_tokenizer(params)
+    f = params["finetune"]
+    tasks = {}
+    for task, options in f["tasks"].items():  # 1,000 examples of each at most: what is checked is their lengths
+        resolved = get_task(task).resolve_options(options)
+        for key in ("num_examples", "num_eval_examples"):
+            if key in resolved:
+                resolved[key] = min(resolved[key], 1000)
+        tasks[task] = resolved
+    for split in ("train", "validation"):
+        examples = build_examples(tasks, split, params["seed"], prepared_dir=trained_tokenizer.prepared)
+        encoded = {
+            t: list(zip(tokenizer.encode([e.inputs for e in v]), tokenizer.encode([e.targets for e in v]), strict=True))
+            for t, v in examples.items()
+        }
+        check_lengths(encoded, split, f["input_length"], f["target_length"])

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from pipeline.preset import resolve
-from tests.train_project import ROOT, make_project
+from tests.train_project import ROOT, make_project, write_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +29,7 @@ def reduced(name: str, project: Path) -> dict:
     tiny = yaml.safe_load((project / "params.yaml").read_text())  # the tiny project's data, tokenizer, mlflow
     p = copy.deepcopy(merged)
     p["tokenizer"], p["mlflow"], p["seeds"] = tiny["tokenizer"], tiny["mlflow"], [0]
+    p["tokenizer"]["user_defined_symbols"] = merged["tokenizer"]["user_defined_symbols"]  # kept: see the test
     for model in p["models"].values():
         model.update(SHRINK)
         if model["family"] == "reformer":  # positions for LRA's 4K inputs, at the shrunk width
@@ -62,6 +63,8 @@ def run(project: Path, *args: str) -> subprocess.CompletedProcess:
 def test_a_reduced_run_of_the_preset_goes_through_every_stage(name, tmp_path):
     project = make_project(tmp_path, with_tokenizer=True)
     params = reduced(name, project)
+    if params["tokenizer"]["user_defined_symbols"]:  # Table 2's letters one token each, as the preset's tokenizer
+        write_tokenizer(project / "data" / "tokenizer", params["tokenizer"]["user_defined_symbols"])
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     check = run(project, "pipeline.config")
     assert check.returncode == 0, check.stderr

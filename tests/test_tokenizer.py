@@ -167,6 +167,30 @@ def test_sentence_sample_follows_the_seed(corpus, tmp_path):
     assert train(1, "a.model") != train(2, "c.model")
 
 
+def test_user_defined_symbols_stay_one_token_each(corpus, tmp_path):
+    """A small vocabulary splits rare letters (`▁q` is two tokens), which made each symbol of a generated task two
+    tokens; `user_defined_symbols` keeps them whole, and what is not one of them is tokenized as before."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    text = " ".join(letters)
+    tokens = {}
+    for name, symbols in (("plain", ()), ("symbols", ["\u2581" + c for c in letters])):
+        train_sentencepiece(corpus, tmp_path / f"{name}.model", num_pieces=150, seed=7, user_defined_symbols=symbols)
+        tokens[name] = Tokenizer(tmp_path / f"{name}.model", 0).encode([text], add_eos=False)[0]
+    assert len(tokens["plain"]) > len(letters)
+    assert len(tokens["symbols"]) == len(letters)
+
+
+@pytest.mark.parametrize(
+    "symbols, problem",
+    [(["\u2581a", "\u2581a"], "must be distinct"), ([f"s{i}" for i in range(90)], "leave 10 of the 100")],
+)
+def test_user_defined_symbols_checked_with_the_params(symbols, problem):
+    from pipeline.config.sections import TokenizerConfig
+
+    with pytest.raises(ValueError, match=problem):
+        TokenizerConfig(vocab_size=200, num_sentinels=100, user_defined_symbols=symbols)
+
+
 def test_vocab_too_large_for_the_corpus(tmp_path):
     with pytest.raises(StageError, match="tokenizer.vocab_size"):
         train_sentencepiece(["a tiny corpus of few words", "and even fewer pieces"], tmp_path / "m.model", 5000)

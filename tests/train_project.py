@@ -82,7 +82,7 @@ LENGTHS = {
 }
 
 
-def write_tokenizer(directory: Path) -> None:
+def write_tokenizer(directory: Path, user_defined_symbols: list[str] | tuple[str, ...] = ()) -> None:
     """A real SentencePiece tokenizer of TOK_VOCAB ids, trained on the fine-tuning tasks' own texts."""
     from pipeline.data.tasks import build_examples
     from pipeline.data.tokenizer import Tokenizer, train_sentencepiece
@@ -93,7 +93,12 @@ def write_tokenizer(directory: Path) -> None:
             texts += [f"{e.inputs}\n{e.targets}" for e in examples]
     rng = np.random.default_rng(0)  # random words: enough distinct pieces for the vocabulary
     words = [" ".join("".join(rng.choice(list("abcdefghijklmnop"), size=5)) for _ in range(8)) for _ in range(300)]
-    train_sentencepiece(texts + words, directory / "spm.model", num_pieces=TOK_VOCAB - NUM_SENTINELS)
+    train_sentencepiece(
+        texts + words,
+        directory / "spm.model",
+        num_pieces=TOK_VOCAB - NUM_SENTINELS,
+        user_defined_symbols=user_defined_symbols,
+    )
     Tokenizer(directory / "spm.model", NUM_SENTINELS).save(directory)
 
 

@@ -124,13 +124,27 @@ class TokenizerConfig(Section):
     """Train SentencePiece on a seeded sample of train documents of at most this many MB of text."""
     shard_mb: PosFloat = 4.0
     """MB of text per tokenization shard: the unit of parallel work and of resuming a killed run."""
+    user_defined_symbols: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    """Pieces SentencePiece keeps whole wherever they occur (its `user_defined_symbols`), counted in the pieces;
+    `▁` stands for a leading space. E.g. `▁a`..`▁z` keep a small vocabulary's letter symbols one token each."""
 
     @model_validator(mode="after")
     def _room_for_pieces(self) -> TokenizerConfig:
         pieces = self.vocab_size - self.num_sentinels
+        problems = []
         if pieces < 16:
-            raise Problems([f"vocab_size: {self.vocab_size} leaves {pieces} SentencePiece pieces after "
-                            f"{self.num_sentinels} sentinels; need at least 16"])  # fmt: skip
+            problems.append(f"vocab_size: {self.vocab_size} leaves {pieces} SentencePiece pieces after "
+                            f"{self.num_sentinels} sentinels; need at least 16")  # fmt: skip
+        if len(set(self.user_defined_symbols)) != len(self.user_defined_symbols):
+            problems.append(f"user_defined_symbols: must be distinct, got {self.user_defined_symbols}")
+        elif pieces - len(self.user_defined_symbols) < 16:
+            left = pieces - len(self.user_defined_symbols)
+            problems.append(
+                f"user_defined_symbols: {len(self.user_defined_symbols)} symbols leave {left} of the {pieces} "
+                "SentencePiece pieces to learn; need at least 16 (raise vocab_size)"
+            )
+        if problems:
+            raise Problems(problems)
         return self
 
 

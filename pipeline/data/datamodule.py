@@ -182,10 +182,14 @@ def mixture_datasets(
     temperature: float,
     cap: int,
     prepared_dir: str | Path,
+    input_length: int | None = None,
+    target_length: int | None = None,
 ) -> tuple[TextToTextDataset, TextToTextDataset, dict[str, float]]:
     """(train, validation) mixtures of the fine-tuning tasks, tokenized, and the mixing rates used.
 
     Validation mixes the tasks' validation examples at the training rates, so `val/loss` weighs tasks alike.
+    With `input_length`/`target_length` (what the collator cuts to), a generated task with an example longer than
+    either is a `StageError` (`check_lengths`).
     """
     from pipeline.data.mixture import Mixture, mixing_rates
     from pipeline.data.tasks import build_examples
@@ -202,10 +206,46 @@ def mixture_datasets(
             inputs = tokenizer.encode([e.inputs for e in items]) if items else []
             targets = tokenizer.encode([e.targets for e in items]) if items else []
             encoded[name] = list(zip(inputs, targets, strict=True))
+        check_lengths(encoded, split, input_length, target_length)
         split_rates = {name: rate for name, rate in rates.items() if examples.get(name)}
         mixture = Mixture(examples, split_rates, seed + (split == "validation"))
         datasets_.append(TextToTextDataset(mixture, encoded))
     return datasets_[0], datasets_[1], rates
+
+
+def check_lengths(
+    encoded: dict[str, list[tuple[list[int], list[int]]]],
+    split: str,
+    input_length: int | None,
+    target_length: int | None,
+) -> None:
+    """Raise `StageError` when a generated task has examples the collator would cut: its answer depends on the
+    whole input (and a cut target cannot be scored), so cutting silently trains on another task. Text tasks are
+    cut as T5 does; only how many is logged."""
+    import logging
+
+    from pipeline.common import StageError
+    from pipeline.data.tasks import GeneratedOptions, get_task
+
+    for name, pairs in encoded.items():
+        longest_in = max((len(i) for i, _ in pairs), default=0)
+        longest_out = max((len(t) for _, t in pairs), default=0)
+        cut = sum(len(i) > (input_length or len(i)) or len(t) > (target_length or len(t)) for i, t in pairs)
+        if not cut:
+            continue
+        if not issubclass(get_task(name).options, GeneratedOptions):
+            logging.getLogger("pipeline.finetune").info(
+                "finetune.tasks.%s: %d of %d %s examples are cut to finetune.input_length %s / target_length %s",
+                name, cut, len(pairs), split, input_length, target_length,
+            )  # fmt: skip
+            continue
+        raise StageError(
+            f"finetune.tasks.{name}: {cut} of {len(pairs)} {split} examples tokenize longer than finetune.input_length "
+            f"{input_length} or target_length {target_length} (longest: {longest_in} input, {longest_out} target "
+            "tokens), and a generated task cut short is another task; raise those lengths or shorten the task's "
+            "options (if the tokenizer splits the task's symbols into several tokens, "
+            "tokenizer.user_defined_symbols keeps them whole)"
+        )
 
 
 class FixedItems(Dataset):

@@ -221,6 +221,7 @@ def train_sentencepiece(
     character_coverage: float = 0.9995,
     input_sentence_size: int = 2_000_000,
     seed: int = 1234,
+    user_defined_symbols: Sequence[str] = (),
 ) -> None:
     """Train a SentencePiece model of `num_pieces` pieces (pad=0, eos=1, unk=2, no bos) on `texts`.
 
@@ -259,6 +260,7 @@ def train_sentencepiece(
             unk_piece=UNK_PIECE,
             num_threads=1,
             minloglevel=2,
+            **({"user_defined_symbols": list(user_defined_symbols)} if user_defined_symbols else {}),
         )
     except RuntimeError as exc:
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)

@@ -182,7 +182,15 @@ def finetune_data(cfg: Config, layout: str, root: Path) -> tuple[Any, Any, Any, 
     f = cfg.finetune
     tokenizer = Tokenizer.load(root / TOKENIZER_DIR)
     train, val, rates = mixture_datasets(
-        f.tasks, tokenizer, cfg.seed, f.mixing, f.mixing_temperature, f.mixing_cap, root / "data" / "prepared"
+        f.tasks,
+        tokenizer,
+        cfg.seed,
+        f.mixing,
+        f.mixing_temperature,
+        f.mixing_cap,
+        root / "data" / "prepared",
+        input_length=f.input_length,
+        target_length=f.target_length,
     )
     log.info("finetune mixing rates: " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
     return train, val, Collator(layout, input_length=f.input_length, target_length=f.target_length), None
