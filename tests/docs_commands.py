@@ -37,9 +37,9 @@ NOT_RUN = {
     ),
     "python -m tests.faults": "the fault suite (many stage runs): tests/test_faults_suite.py runs it",
     "python -m pipeline.preset long_range --temp": (
-        "75 minutes on a core: tests/test_presets_cpu.py runs it reduced, tests/test_preset.py a real dvc exp run"
+        "90 minutes on 2 cores: tests/test_presets_cpu.py runs it reduced, tests/test_preset.py a real dvc exp run"
     ),
-    "python -m pipeline.preset table2 --temp": "80 minutes on a core: tests/test_presets_cpu.py runs it reduced",
+    "python -m pipeline.preset table2 --temp": "an hour or more on a CPU: tests/test_presets_cpu.py runs it reduced",
     "python -m pipeline.preset scaling --temp": "50 minutes on 2 cores: tests/test_presets_cpu.py runs it reduced",
     "python -m pipeline.preset lra_listops --queue": "GPU-sized: tests/test_presets_cpu.py runs it reduced on CPU",
 }
