@@ -139,3 +139,11 @@ def test_a_collapsed_variant_never_ties_it_loses():
     assert v.winner == "reformer"
     both = decide("t5", "reformer", tiny_gap, True, collapsed={"t5": True, "reformer": True})
     assert both.winner is None and both.kind == "both_collapsed"
+
+
+def test_t_interval_of_a_non_negative_quantity_stops_at_zero():
+    times = [265.2, 309.6, 646.1]  # seconds of training of three seeds, one of them slowed by a neighbour
+    assert t_interval(times).low < 0
+    cut = t_interval(times, lower=0.0)
+    assert (cut.low, cut.high, cut.mean) == (0.0, t_interval(times).high, t_interval(times).mean)
+    assert t_interval([1.0, 1.1, 1.2], lower=0.0) == t_interval([1.0, 1.1, 1.2])  # nothing to cut

@@ -156,7 +156,7 @@ def seed_row(
     baseline_label: str = "",
 ) -> Row:
     """A metric measured once per run: t-interval over seeds, paired-by-seed differences."""
-    values = {v: t_interval(list(s.values())) for v, s in per_variant.items() if s}
+    values = {v: t_interval(list(s.values()), lower=0.0) for v, s in per_variant.items() if s}  # all non-negative
     multi = all(iv.n >= 2 for iv in values.values()) and bool(values)
     collapse: dict[str, Collapse] = {}
     if baseline is not None and direction:
@@ -436,7 +436,9 @@ def quality_vs_length(cfg: Config, runs: dict[str, dict[int, dict[str, Any]]], v
         if not per:
             continue
         row = task_row(s.task, metric, 1, per, baselines, pairs, examples_only=True)
-        summary = {v: {f: t_interval(list(x.values())) for f, x in figs.items()} for v, figs in figures.items()}
+        summary = {  # counts, FLOPs, seconds, speeds, memory: none below 0
+            v: {f: t_interval(list(x.values()), lower=0.0) for f, x in figs.items()} for v, figs in figures.items()
+        }
         means = {f: {v: summary[v][f].mean for v in summary if f in summary[v]} for f in ("parameters", "flops")}
         steps = {v: summary[v]["steps"].mean for v in summary if "steps" in summary[v]}
         for a, b in pairs:

@@ -77,8 +77,10 @@ def _finite(values: Iterable[float]) -> np.ndarray:
     return out
 
 
-def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
-    """Mean and Student-t interval over per-seed values; one value gives the mean without an interval."""
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE, lower: float | None = None) -> Interval:
+    """Mean and Student-t interval over per-seed values; one value gives the mean without an interval. `lower`: the
+    least value the quantity can take (0 for a time, a speed, a loss), where the interval is cut: three training
+    times of 265, 310 and 646 s have a t interval reaching -110 s."""
     from scipy import stats
 
     x = _finite(values)
@@ -86,7 +88,8 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
     if x.size == 1:
         return Interval(mean, None, None, 1, "one seed: no interval")
     half = float(stats.t.ppf((1 + confidence) / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
-    return Interval(mean, mean - half, mean + half, int(x.size), f"t over {x.size} seeds")
+    low = mean - half if lower is None else max(lower, mean - half)
+    return Interval(mean, low, mean + half, int(x.size), f"t over {x.size} seeds")
 
 
 def difference_interval(a: Mapping[int, float], b: Mapping[int, float], confidence: float = CONFIDENCE) -> Interval:
