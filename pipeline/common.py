@@ -332,8 +332,7 @@ def _run_stage(
         _raising[0] = False
         cfg = load_config_or_exit(args.params)
         _raising[0] = True
-        if received_signal() is not None:
-            raise StageInterrupted(received_signal())
+        raise_if_signalled()
         apply_threads(cfg.trainer.threads, cfg.trainer.devices)
         apply_kernels(cfg.kernels)
         body(cfg, args)
@@ -463,9 +462,7 @@ class Publication:
     def commit(self) -> None:
         """Swap every staged output into place. Raises (and changes nothing) if any is missing, or if the
         process received SIGINT/SIGTERM: an interrupted stage publishes nothing."""
-        signum = received_signal()
-        if signum is not None:
-            raise StageInterrupted(signum)
+        raise_if_signalled()
         for target, tmp in self._staged:
             if not (tmp.exists() or tmp.is_symlink()):
                 raise StageError(f"internal error: nothing was written for {target}")

@@ -181,14 +181,18 @@ def test_user_defined_symbols_stay_one_token_each(corpus, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "symbols, problem",
-    [(["\u2581a", "\u2581a"], "must be distinct"), ([f"s{i}" for i in range(90)], "leave 10 of the 100")],
+    "symbols, more, problem",
+    [
+        (["\u2581a", "\u2581a"], {}, "must be distinct"),
+        ([f"s{i}" for i in range(90)], {}, "leave 10 of the 100"),
+        (["\u2581a"], {"model_file": "spiece.model"}, "a model_file is loaded, not trained"),
+    ],
 )
-def test_user_defined_symbols_checked_with_the_params(symbols, problem):
+def test_user_defined_symbols_checked_with_the_params(symbols, more, problem):
     from pipeline.config.sections import TokenizerConfig
 
     with pytest.raises(ValueError, match=problem):
-        TokenizerConfig(vocab_size=200, num_sentinels=100, user_defined_symbols=symbols)
+        TokenizerConfig(vocab_size=200, num_sentinels=100, user_defined_symbols=symbols, **more)
 
 
 def test_vocab_too_large_for_the_corpus(tmp_path):

@@ -135,7 +135,9 @@ class TokenizerConfig(Section):
         if pieces < 16:
             problems.append(f"vocab_size: {self.vocab_size} leaves {pieces} SentencePiece pieces after "
                             f"{self.num_sentinels} sentinels; need at least 16")  # fmt: skip
-        if len(set(self.user_defined_symbols)) != len(self.user_defined_symbols):
+        if self.user_defined_symbols and self.model_file:
+            problems.append("user_defined_symbols: a model_file is loaded, not trained: its pieces are fixed; drop one")
+        elif len(set(self.user_defined_symbols)) != len(self.user_defined_symbols):
             problems.append(f"user_defined_symbols: must be distinct, got {self.user_defined_symbols}")
         elif pieces - len(self.user_defined_symbols) < 16:
             left = pieces - len(self.user_defined_symbols)

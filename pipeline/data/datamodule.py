@@ -227,10 +227,10 @@ def check_lengths(
     from pipeline.common import StageError
     from pipeline.data.tasks import GeneratedOptions, get_task
 
+    inputs_fit = (lambda ids: True) if input_length is None else (lambda ids: len(ids) <= input_length)
+    targets_fit = (lambda ids: True) if target_length is None else (lambda ids: len(ids) <= target_length)
     for name, pairs in encoded.items():
-        longest_in = max((len(i) for i, _ in pairs), default=0)
-        longest_out = max((len(t) for _, t in pairs), default=0)
-        cut = sum(len(i) > (input_length or len(i)) or len(t) > (target_length or len(t)) for i, t in pairs)
+        cut = sum(not (inputs_fit(i) and targets_fit(t)) for i, t in pairs)
         if not cut:
             continue
         if not issubclass(get_task(name).options, GeneratedOptions):
@@ -239,6 +239,7 @@ def check_lengths(
                 name, cut, len(pairs), split, input_length, target_length,
             )  # fmt: skip
             continue
+        longest_in, longest_out = max(len(i) for i, _ in pairs), max(len(t) for _, t in pairs)
         raise StageError(
             f"finetune.tasks.{name}: {cut} of {len(pairs)} {split} examples tokenize longer than finetune.input_length "
             f"{input_length} or target_length {target_length} (longest: {longest_in} input, {longest_out} target "
