@@ -228,6 +228,42 @@ def test_compare_names_the_winner_per_length_only_where_the_interval_excludes_ze
     assert [p["length"] for p in points["t5"]] == [32, 64] and points["t5"][0]["low"] is not None
 
 
+def test_the_quality_crossover_lies_between_the_lengths_won_by_each_and_is_not_invented():
+    cfg = tiny_cfg()
+    cfg.seeds = [0, 1, 2]
+    cfg.lengths.seq_lengths = [32, 64, 128]
+    steps = {32: 8, 64: 4, 128: 2}
+    runs = {
+        "t5": {s: _lengths_run(np.random.default_rng(s), {32: 0.95, 64: 0.6, 128: 0.3}, steps) for s in (0, 1, 2)},
+        "reformer": {
+            s: _lengths_run(np.random.default_rng(9 + s), {32: 0.4, 64: 0.6, 128: 0.95}, steps) for s in (0, 1, 2)
+        },
+    }
+    section = quality_vs_length(cfg, runs, ["t5", "reformer"])
+    assert [lv["row"].verdicts[0][2].winner for lv in section["levels"]] == ["t5", None, "reformer"]
+    (crossover,) = section["crossovers"]
+    assert crossover["pair"] == "t5 vs reformer" and crossover["between"] == [32, 128]
+    placed = "between 32 and 128 tokens (t5 ahead at 32, reformer at 128; no winner at 64 between them)"
+    assert placed in crossover["text"]
+    assert json.loads(json.dumps(lengths_metrics(section)))["crossovers"][0]["between"] == [32, 128]
+    # the same winner wherever there is one: no crossover, and none ruled out where nothing is answered
+    runs["reformer"] = {
+        s: _lengths_run(np.random.default_rng(9 + s), {32: 0.4, 64: 0.0, 128: 0.0}, steps) for s in (0, 1, 2)
+    }
+    runs["t5"] = {s: _lengths_run(np.random.default_rng(s), {32: 0.95, 64: 0.9, 128: 0.0}, steps) for s in (0, 1, 2)}
+    (crossover,) = quality_vs_length(cfg, runs, ["t5", "reformer"])["crossovers"]
+    assert crossover["between"] is None
+    expected = "t5 vs reformer: no crossover from 32 to 128 tokens: where one is ahead, it is t5"
+    assert crossover["text"].startswith(expected)
+    assert "beyond 64 tokens the comparison has no answer at this budget" in crossover["text"]
+    assert "t5 ahead at 32, 64; no answer (both collapsed) at 128" in crossover["text"]
+    # nothing learned anywhere: no crossover can be placed
+    runs = {v: {s: _lengths_run(np.random.default_rng(s), dict.fromkeys(steps, 0.0), steps) for s in (0, 1, 2)}
+            for v in ("t5", "reformer")}  # fmt: skip
+    (crossover,) = quality_vs_length(cfg, runs, ["t5", "reformer"])["crossovers"]
+    assert crossover["text"].startswith("t5 vs reformer: no crossover can be placed")
+
+
 def test_a_constant_answer_is_collapsed_at_its_length_and_loses():
     cfg = tiny_cfg()
     cfg.seeds = [0, 1, 2]
@@ -353,6 +389,8 @@ def test_the_report_shows_quality_and_efficiency_per_length_and_compare_json_kee
     assert "| length | variant | parameters | training FLOPs of a step per input position at this length |" in section
     assert "| 32 | reformer | 1,000 |" in section and "(quality_vs_length.png)" in section
     assert "**Quality versus length at matched compute**" in report  # in the answer in short
+    crossover = "**Quality crossover**, t5 vs reformer: no crossover from 32 to 64 tokens: where one is ahead, it is t5"
+    assert crossover in section and "**Quality crossover** (at matched compute), t5 vs reformer" in report
     assert "is measured on `needle` at lengths 32, 64" in report  # the caveat
     saved = json.loads(json.dumps(headline(analysis, data)))["lengths"]
     assert [lv["length"] for lv in saved["levels"]] == [32, 64] and saved["budget_kind"] == "flops"

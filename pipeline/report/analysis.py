@@ -459,7 +459,71 @@ def quality_vs_length(cfg: Config, runs: dict[str, dict[int, dict[str, Any]]], v
             }
         )
     unit = "FLOPs (each variant's own accounting)" if kind == "flops" else "seconds of training wall-clock"
-    return {"task": s.task, "budget_kind": kind, "unit": unit, "levels": levels, "missing": missing}
+    return {
+        "task": s.task,
+        "budget_kind": kind,
+        "unit": unit,
+        "levels": levels,
+        "missing": missing,
+        "crossovers": quality_crossovers(levels),
+    }
+
+
+def quality_crossovers(levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per compared pair, where the variant ahead at matched compute changes as the length grows.
+
+    Only lengths with a winner (a significant difference, or one variant collapsed) place a crossover: it lies
+    between the last length won by one variant and the next won by the other, and the lengths between them, which
+    have no winner, are its uncertainty. Without a change, the text says who is ahead where, and where the
+    comparison has no answer (so a crossover there is not ruled out)."""
+    pairs: list[tuple[str, str]] = []
+    for lv in levels:
+        pairs += [(a, b) for a, b, _ in lv["row"].verdicts if (a, b) not in pairs]
+    out = []
+    for a, b in pairs:
+        steps = [(lv["length"], v) for lv in levels for x, y, v in lv["row"].verdicts if (x, y) == (a, b)]
+        decided = [(length, v.winner) for length, v in steps if v.winner]
+        changes = [(l1, w1, l2, w2) for (l1, w1), (l2, w2) in itertools.pairwise(decided) if w1 != w2]
+        where: dict[str, list[str]] = {}
+        for length, v in steps:
+            label = {
+                "significant": f"{v.winner} ahead",
+                "collapsed": f"{v.winner} ahead",
+                "both_collapsed": "no answer (both collapsed)",
+                "not_significant": "no significant difference",
+                "no_interval": "no winner (one seed)",
+            }.get(v.kind, v.kind)
+            where.setdefault(label, []).append(f"{length:,}")
+        detail = "; ".join(f"{label} at {', '.join(ls)}" for label, ls in where.items())
+        lo, hi = steps[0][0], steps[-1][0]
+        if changes:
+            parts = []
+            for l1, w1, l2, w2 in changes:
+                between = [f"{length:,}" for length, v in steps if l1 < length < l2]
+                parts.append(
+                    f"between {l1:,} and {l2:,} tokens ({w1} ahead at {l1:,}, {w2} at {l2:,}"
+                    + (f"; no winner at {', '.join(between)} between them" if between else "")
+                    + ")"
+                )
+            text = f"{a} vs {b}: the variant ahead changes " + ", and ".join(parts) + f". Per length: {detail}."
+            between_lengths: list[int] | None = [changes[0][0], changes[0][2]]
+        elif decided:
+            winners = {w for _, w in decided}
+            (winner,) = winners
+            last = decided[-1][0]
+            text = f"{a} vs {b}: no crossover from {lo:,} to {hi:,} tokens: where one is ahead, it is {winner}"
+            if last < hi:
+                text += (
+                    f"; beyond {last:,} tokens the comparison has no answer at this budget, so a crossover there "
+                    "is not ruled out"
+                )
+            text += f". Per length: {detail}."
+            between_lengths = None
+        else:
+            text = f"{a} vs {b}: no crossover can be placed: no length from {lo:,} to {hi:,} has a winner ({detail})."
+            between_lengths = None
+        out.append({"pair": f"{a} vs {b}", "between": between_lengths, "text": text})
+    return out
 
 
 def lengths_cells(section: dict[str, Any], variants: list[str]) -> list[dict[str, Any]]:
@@ -498,6 +562,7 @@ def lengths_metrics(section: dict[str, Any]) -> dict[str, Any]:
             }
             for lv in section["levels"]
         ],
+        "crossovers": section.get("crossovers", []),
     }
 
 

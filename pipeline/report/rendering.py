@@ -219,6 +219,7 @@ def short_answer(analysis: Analysis, bench: dict[str, Any]) -> list[str]:
             f"**Quality versus length at matched compute** (`{section['task']}`, the same budget in "
             f"{section['unit']} for every variant): " + " ".join(lv["text"] for lv in section["levels"])
         )
+        lines += [f"**Quality crossover** (at matched compute), {c['text']}" for c in section.get("crossovers", [])]
     lines += bench["sentences"]
     return lines
 
@@ -377,6 +378,7 @@ def lengths_report(cfg: Config, analysis: Analysis) -> dict[str, Any]:
         "figure_labels": [label for label, _ in LENGTH_FIGURES.values()],
         "missing": section.get("missing", []),
         "collapsed_everywhere": collapsed_everywhere,
+        "crossovers": section.get("crossovers", []),
     }
 
 
