@@ -361,3 +361,37 @@ def test_attention_caveat_and_published_numbers_follow_the_variants_families():
     assert published_results(cfg, ["t5"], "lra_listops") == {"Transformer": 0.3637}
     assert published_results(cfg, ["lsh", "full"], "lra_listops") == {"Reformer": 0.3727}
     assert published_results(cfg, ["t5", "lsh"], "summarize") == {}
+
+
+def test_the_train_by_evaluation_table_has_intervals_over_seeds_and_its_chart(cfg, tmp_path):
+    """Table 2's form: each variant as trained (rows) scored under each evaluation-time setting (columns), mean with
+    its interval over seeds and test examples, in the report, compare.json and `evaluation_attention.png`."""
+    from pipeline.report.rendering import draw_charts
+
+    cfg.seeds = [0, 1, 2]
+    cfg.evaluate.attention = {"full": {"use_full_attention": True}, "lsh1": {"n_hashes": 1}}
+    try:
+        data = synthetic([0, 1, 2], {"t5": (0.9, 3.0, None), "reformer": (0.6, 3.5, None)})
+        for i, variant in enumerate(("t5", "reformer")):
+            for seed, run in data["runs"][variant].items():
+                entry = run["examples"]["listops"]
+                rng = np.random.default_rng(10 * i + seed)
+                entry["attention"] = {
+                    name: {"scores": [float(rng.random() < acc) for _ in entry["references"]]}
+                    for name, acc in (("full", 0.95), ("lsh1", 0.2))
+                }
+        analysis = analyze(cfg, data)
+        table = analysis.attention["tasks"]["listops"]
+        assert analysis.attention["columns"] == ["as trained", "full", "lsh1"]
+        full, lsh1 = table["rows"]["reformer"]["full"], table["rows"]["reformer"]["lsh1"]
+        assert full.has_interval and 0.0 <= full.low < full.mean < full.high <= 1.0 and full.mean > lsh1.high
+        report = render_report(cfg, data, analysis)
+        section = report[report.index("## Evaluation-time attention") : report.index("## Speed and memory")]
+        assert f"| {full.format()} |" in section and "![evaluation-time attention](evaluation_attention.png)" in section
+        saved = json.loads(json.dumps(headline(analysis, data)))["attention"]
+        assert saved["columns"] == ["as trained", "full", "lsh1"]
+        names = draw_charts(data, analysis, tmp_path)
+        assert "evaluation_attention.png" in names
+        assert (tmp_path / "evaluation_attention.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        cfg.evaluate.attention = {}

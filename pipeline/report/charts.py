@@ -210,6 +210,48 @@ def confusion_grid(panels: Mapping[str, Mapping[str, Mapping[str, Any]]], path: 
     _save(fig, path, dpi=90)
 
 
+def attention_grid(section: Mapping[str, Any], path: Path) -> None:
+    """The train x evaluation table (`analysis.attention_table`) as one heat map per task: rows the variants as
+    trained, columns the evaluation-time attention settings, each cell the mean with its 95% interval. With no
+    setting in `evaluate.attention`, a chart that says so."""
+    import numpy as np
+
+    plt = _plt()
+    tasks = list(section.get("tasks", {})) if section else []
+    if not tasks:
+        fig, ax = plt.subplots(figsize=(5, 1.5))
+        ax.axis("off")
+        _no_data(ax, "no evaluation-time attention settings (evaluate.attention)")
+        _save(fig, path, dpi=90)
+        return
+    columns = list(section["columns"])
+    width = 1.3 * len(columns) + 2.5
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(width, 0.9 * max(len(t["rows"]) for t in section["tasks"].values())
+                             * len(tasks) + 1.4 * len(tasks)), squeeze=False)  # fmt: skip
+    for ax, task in zip(axes[:, 0], tasks, strict=True):
+        table = section["tasks"][task]
+        variants = list(table["rows"])
+        means = np.array([[table["rows"][v][c].mean if c in table["rows"][v] else np.nan for c in columns]
+                          for v in variants])  # fmt: skip
+        image = ax.imshow(means, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        for i, v in enumerate(variants):
+            for j, c in enumerate(columns):
+                iv = table["rows"][v].get(c)
+                if iv is None:
+                    continue
+                text = f"{iv.mean:.3f}" + (f"\n[{iv.low:.2f}, {iv.high:.2f}]" if iv.has_interval else "")
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="black" if iv.mean > 0.6 else "white")  # fmt: skip
+        ax.set_xticks(range(len(columns)), columns)
+        ax.set_yticks(range(len(variants)), variants)
+        ax.set_xlabel("evaluated with")
+        ax.set_ylabel("trained as")
+        ax.set_title(f"{task}: {table['metric'].replace('_', ' ')}, trained x evaluated")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def quality_vs_length(
     points: Mapping[str, Sequence[Mapping[str, float]]],
     ylabel: str,

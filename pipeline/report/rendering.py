@@ -1,8 +1,8 @@
 """The report's words, tables and charts, from an `Analysis`: `reports/comparison.md` rendered from
 `pipeline/report/templates/comparison.md.j2`, and its charts (`pipeline/report/charts.py`): `loss_curves.png`,
 `speed_vs_length.png`, `memory_vs_length.png`, `memory_vs_depth.png`, `confusion_matrices.png`,
-`scaling_curves.png`, `quality_vs_length.png`, every variant in one colour throughout. Nothing here computes a
-statistic: the numbers are `pipeline/report/analysis.py`'s (and `metrics/compare.json`'s).
+`scaling_curves.png`, `quality_vs_length.png`, `evaluation_attention.png`, every variant in one colour throughout.
+Nothing here computes a statistic: the numbers are `pipeline/report/analysis.py`'s (and `metrics/compare.json`'s).
 """
 
 from __future__ import annotations
@@ -451,6 +451,7 @@ def draw_charts(data: dict[str, Any], analysis: Analysis, out: Path) -> list[str
         "scaling_curves.png": lambda path: charts.scaling_curves(
             analysis.scaling.get("families", {}), path, family_palette
         ),
+        "evaluation_attention.png": lambda path: charts.attention_grid(analysis.attention, path),
         "quality_vs_length.png": lambda path: charts.quality_vs_length(
             lengths_chart_points(analysis.lengths),
             "accuracy (greedy)",
