@@ -242,17 +242,17 @@ def test_the_quality_crossover_lies_between_the_lengths_won_by_each_and_is_not_i
     section = quality_vs_length(cfg, runs, ["t5", "reformer"])
     assert [lv["row"].verdicts[0][2].winner for lv in section["levels"]] == ["t5", None, "reformer"]
     (crossover,) = section["crossovers"]
-    assert crossover["pair"] == "t5 vs reformer" and crossover["between"] == [32, 128]
+    assert crossover["pair"] == "t5 vs reformer" and crossover["between"] == [[32, 128]]
     placed = "between 32 and 128 tokens (t5 ahead at 32, reformer at 128; no winner at 64 between them)"
     assert placed in crossover["text"]
-    assert json.loads(json.dumps(lengths_metrics(section)))["crossovers"][0]["between"] == [32, 128]
+    assert json.loads(json.dumps(lengths_metrics(section)))["crossovers"][0]["between"] == [[32, 128]]
     # the same winner wherever there is one: no crossover, and none ruled out where nothing is answered
     runs["reformer"] = {
         s: _lengths_run(np.random.default_rng(9 + s), {32: 0.4, 64: 0.0, 128: 0.0}, steps) for s in (0, 1, 2)
     }
     runs["t5"] = {s: _lengths_run(np.random.default_rng(s), {32: 0.95, 64: 0.9, 128: 0.0}, steps) for s in (0, 1, 2)}
     (crossover,) = quality_vs_length(cfg, runs, ["t5", "reformer"])["crossovers"]
-    assert crossover["between"] is None
+    assert crossover["between"] == []
     expected = "t5 vs reformer: no crossover from 32 to 128 tokens: where one is ahead, it is t5"
     assert crossover["text"].startswith(expected)
     assert "beyond 64 tokens the comparison has no answer at this budget" in crossover["text"]

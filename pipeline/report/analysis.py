@@ -475,7 +475,8 @@ def quality_crossovers(levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
     Only lengths with a winner (a significant difference, or one variant collapsed) place a crossover: it lies
     between the last length won by one variant and the next won by the other, and the lengths between them, which
     have no winner, are its uncertainty. Without a change, the text says who is ahead where, and where the
-    comparison has no answer (so a crossover there is not ruled out)."""
+    comparison has no answer (so a crossover there is not ruled out). `between`: the two lengths around each change.
+    """
     pairs: list[tuple[str, str]] = []
     for lv in levels:
         pairs += [(a, b) for a, b, _ in lv["row"].verdicts if (a, b) not in pairs]
@@ -486,13 +487,7 @@ def quality_crossovers(levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
         changes = [(l1, w1, l2, w2) for (l1, w1), (l2, w2) in itertools.pairwise(decided) if w1 != w2]
         where: dict[str, list[str]] = {}
         for length, v in steps:
-            label = {
-                "significant": f"{v.winner} ahead",
-                "collapsed": f"{v.winner} ahead",
-                "both_collapsed": "no answer (both collapsed)",
-                "not_significant": "no significant difference",
-                "no_interval": "no winner (one seed)",
-            }.get(v.kind, v.kind)
+            label = f"{v.winner} ahead" if v.winner else _NO_WINNER.get(v.kind, v.kind)
             where.setdefault(label, []).append(f"{length:,}")
         detail = "; ".join(f"{label} at {', '.join(ls)}" for label, ls in where.items())
         lo, hi = steps[0][0], steps[-1][0]
@@ -506,7 +501,6 @@ def quality_crossovers(levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     + ")"
                 )
             text = f"{a} vs {b}: the variant ahead changes " + ", and ".join(parts) + f". Per length: {detail}."
-            between_lengths: list[int] | None = [changes[0][0], changes[0][2]]
         elif decided:
             winners = {w for _, w in decided}
             (winner,) = winners
@@ -518,12 +512,17 @@ def quality_crossovers(levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "is not ruled out"
                 )
             text += f". Per length: {detail}."
-            between_lengths = None
         else:
             text = f"{a} vs {b}: no crossover can be placed: no length from {lo:,} to {hi:,} has a winner ({detail})."
-            between_lengths = None
-        out.append({"pair": f"{a} vs {b}", "between": between_lengths, "text": text})
+        out.append({"pair": f"{a} vs {b}", "between": [[l1, l2] for l1, _, l2, _ in changes], "text": text})
     return out
+
+
+_NO_WINNER = {  # how `quality_crossovers` names a length whose verdict has no winner
+    "both_collapsed": "no answer (both collapsed)",
+    "not_significant": "no significant difference",
+    "no_interval": "no winner (one seed)",
+}
 
 
 def lengths_cells(section: dict[str, Any], variants: list[str]) -> list[dict[str, Any]]:

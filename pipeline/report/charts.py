@@ -225,9 +225,9 @@ def attention_grid(section: Mapping[str, Any], path: Path) -> None:
         _save(fig, path, dpi=90)
         return
     columns = list(section["columns"])
-    width = 1.3 * len(columns) + 2.5
-    fig, axes = plt.subplots(len(tasks), 1, figsize=(width, 0.9 * max(len(t["rows"]) for t in section["tasks"].values())
-                             * len(tasks) + 1.4 * len(tasks)), squeeze=False)  # fmt: skip
+    rows = max(len(t["rows"]) for t in section["tasks"].values())
+    size = (1.3 * len(columns) + 2.5, len(tasks) * (0.9 * rows + 1.4))
+    fig, axes = plt.subplots(len(tasks), 1, figsize=size, squeeze=False)
     for ax, task in zip(axes[:, 0], tasks, strict=True):
         table = section["tasks"][task]
         variants = list(table["rows"])
