@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -123,12 +124,20 @@ class StepCheckpoint(ModelCheckpoint):
             if job:
                 # SIGUSR1 ignored meanwhile, and so by scontrol, which inherits that: on several nodes the signal can
                 # reach this node's processes after another node's rank saw it, and it would kill scontrol
+                # said first, flushed: the requeue ends this job with SIGTERM, maybe before scontrol has returned
+                print(f"step {trainer.global_step}: checkpoint saved; scontrol requeue {job}", file=sys.stderr, flush=True)
                 previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
                 try:
                     proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
                 finally:
                     signal.signal(signal.SIGUSR1, previous)
-                print(f"step {trainer.global_step}: checkpoint saved; scontrol requeue {job}: exit {proc.returncode}")
+                if proc.returncode != 0:
+                    print(
+                        f"scontrol requeue {job} failed (exit {proc.returncode}): {proc.stderr.strip()}; "
+                        "the job ends as interrupted and is not requeued: re-run the stage to resume from its checkpoint",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         trainer.strategy.barrier()
         note_signal(signal.SIGUSR1)  # the stage ends as interrupted (KILLED in MLflow), whatever Lightning makes of it
         raise RequeuedError()
