@@ -301,10 +301,12 @@ def test_missing_sbatch_is_a_clear_error(project, monkeypatch):
         launch_if_needed(slurm_config(), "pretrain", "t5", ARGV)
 
 
-def test_the_requeue_command_survives_a_late_sigusr1(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("exit_code", [0, 1])
+def test_the_requeue_command_survives_a_late_sigusr1(tmp_path, monkeypatch, capsys, exit_code):
     """On several nodes, SIGUSR1 from `scancel --signal=USR1` can reach this node's processes after another node's
     rank saw it and the ranks agreed to requeue: SLURM then signals `scontrol requeue` too, which must not die of it
-    (the stand-in `scontrol` signals itself the same way)."""
+    (the stand-in `scontrol` signals itself the same way). A failing `scontrol` is said, with what to do; the stage
+    ends as interrupted either way."""
     import os
     import signal
 
@@ -317,7 +319,8 @@ def test_the_requeue_command_survives_a_late_sigusr1(tmp_path, monkeypatch, caps
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    write_tool(bin_dir, "scontrol", f'kill -USR1 $$\necho "$@" > {tmp_path}/requeued\n')
+    script = f'kill -USR1 $$\necho "$@" > {tmp_path}/requeued\necho refused >&2\nexit {exit_code}\n'
+    write_tool(bin_dir, "scontrol", script)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setattr(common, "_received", [])  # the signals this test's stage receives stay this test's
@@ -340,4 +343,6 @@ def test_the_requeue_command_survives_a_late_sigusr1(tmp_path, monkeypatch, caps
             signal.signal(signum, handler)
     assert (tmp_path / "requeued").read_text().split() == ["requeue", "77"]
     said = capsys.readouterr().err  # said before scontrol runs: the requeue's SIGTERM may end the job before it returns
-    assert "checkpoint saved; scontrol requeue 77" in said and "failed" not in said, said
+    assert "checkpoint saved; scontrol requeue 77" in said, said
+    failed = "scontrol requeue 77 failed (exit 1): refused; the job ends as interrupted and is not requeued"
+    assert (failed in said) == (exit_code == 1), said

@@ -122,10 +122,11 @@ class StepCheckpoint(ModelCheckpoint):
             job = os.environ.get("SLURM_ARRAY_JOB_ID")
             job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ.get("SLURM_JOB_ID")
             if job:
+                # said first, flushed: the requeue ends this job with SIGTERM, maybe before scontrol has returned
+                say = f"step {trainer.global_step}: checkpoint saved; scontrol requeue {job}"
+                print(say, file=sys.stderr, flush=True)
                 # SIGUSR1 ignored meanwhile, and so by scontrol, which inherits that: on several nodes the signal can
                 # reach this node's processes after another node's rank saw it, and it would kill scontrol
-                # said first, flushed: the requeue ends this job with SIGTERM, maybe before scontrol has returned
-                print(f"step {trainer.global_step}: checkpoint saved; scontrol requeue {job}", file=sys.stderr, flush=True)
                 previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
                 try:
                     proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
@@ -133,8 +134,8 @@ class StepCheckpoint(ModelCheckpoint):
                     signal.signal(signal.SIGUSR1, previous)
                 if proc.returncode != 0:
                     print(
-                        f"scontrol requeue {job} failed (exit {proc.returncode}): {proc.stderr.strip()}; "
-                        "the job ends as interrupted and is not requeued: re-run the stage to resume from its checkpoint",
+                        f"scontrol requeue {job} failed (exit {proc.returncode}): {proc.stderr.strip()}; the job "
+                        "ends as interrupted and is not requeued: re-run the stage to resume from its checkpoint",
                         file=sys.stderr,
                         flush=True,
                     )
