@@ -39,7 +39,7 @@ NOT_RUN = {
     "python -m pipeline.preset long_range --temp": (
         "58 minutes on 2 cores: tests/test_presets_cpu.py runs it reduced, tests/test_preset.py a real dvc exp run"
     ),
-    "python -m pipeline.preset table2 --temp": "28 minutes on 2 cores: tests/test_presets_cpu.py runs it reduced",
+    "python -m pipeline.preset table2 --temp": "35 minutes on 2 cores: tests/test_presets_cpu.py runs it reduced",
     "python -m pipeline.preset scaling --temp": "50 minutes on 2 cores: tests/test_presets_cpu.py runs it reduced",
     "python -m pipeline.preset lra_listops --queue": "GPU-sized: tests/test_presets_cpu.py runs it reduced on CPU",
 }
