@@ -183,6 +183,8 @@ def test_every_generated_finetune_task_fits_its_lengths_with_the_tokenizer_it_tr
             if key in resolved:
                 resolved[key] = min(resolved[key], 1000)
         tasks[task] = resolved
+    cfg = config_from_dict(params)
+    lsh_configs = {v: c for v in cfg.models if hasattr(c := cfg.model_config(v), "lsh_chunk_length")}
     for split in ("train", "validation"):
         examples = build_examples(tasks, split, params["seed"], prepared_dir=trained_tokenizer.prepared)
         encoded = {
@@ -192,8 +194,6 @@ def test_every_generated_finetune_task_fits_its_lengths_with_the_tokenizer_it_tr
         check_lengths(encoded, split, f["input_length"], f["target_length"])
         if "duplication" in encoded:  # the Table 2 presets: the paper's window, at most 1/8 of the sequence
             shortest = min(len(i) + len(t) - 1 for i, t in encoded["duplication"])  # the model reads all but the last
-            cfg = config_from_dict(params)
-            for variant in cfg.models:
-                config = cfg.model_config(variant)
+            for variant, config in lsh_configs.items():
                 window = config.lsh_chunk_length * (1 + config.lsh_num_chunks_before + config.lsh_num_chunks_after)
                 assert 8 * window <= shortest, f"{name}/{variant}: a query sees {window} of {shortest} tokens"
