@@ -96,6 +96,22 @@ def length_config(cfg: Config, length: int) -> Config:
     return Config(cfg.params.model_copy(update={"finetune": finetune, "evaluate": evaluate}), cfg.source)
 
 
+def with_dropout(family: str, model: torch.nn.Module, rate: float) -> torch.nn.Module:
+    """`model` rebuilt with `dropout_rate` = `rate` and its weights, in training mode. The random state is restored
+    after the build, so training draws what it would have drawn from a model configured with `rate` from the start
+    (dropout holds no weights: the initial weights are the same either way)."""
+    import dataclasses
+
+    import models
+
+    if model.config.dropout_rate == rate:
+        return model
+    with torch.random.fork_rng(devices=[]):
+        rebuilt = models.build_model(family, dataclasses.replace(model.config, dropout_rate=rate))
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt.to(next(model.parameters()).device).train()
+
+
 # ------------------------------------------------------------------------------------------------ data
 
 
@@ -193,6 +209,8 @@ def train_at_length(
     lcfg = length_config(cfg, length)
     L.seed_everything(seed, workers=True, verbose=False)  # the same start at every length, whatever ran before
     model, source = initial_model(lcfg, "finetune", variant, seed, root, padded_vocab_size(tokenizer.vocab_size))
+    if s.dropout is not None:
+        model = with_dropout(cfg.family(variant), model, s.dropout)
     layout = getattr(model.config, "layout", "encoder_decoder")
     limit = getattr(model.config, "max_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if limit and length + (s.target_length if layout != "encoder_decoder" else 0) > limit:

@@ -4,6 +4,7 @@ and (slow) the `lengths@<variant>-<seed>` stage run for real on the tiny project
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import models
@@ -395,3 +397,43 @@ def test_the_report_shows_quality_and_efficiency_per_length_and_compare_json_kee
     saved = json.loads(json.dumps(headline(analysis, data)))["lengths"]
     assert [lv["length"] for lv in saved["levels"]] == [32, 64] and saved["budget_kind"] == "flops"
     assert saved["levels"][1]["quality"]["variants"]["t5"]["collapsed"] is True
+
+
+@pytest.mark.parametrize("family", ["t5", "reformer"])
+def test_lengths_dropout_trains_exactly_as_a_model_configured_with_that_rate(family):
+    """`lengths.dropout` rebuilds the variant's model at that rate: the same weights, the same random draws after,
+    so the steps that follow are those of a model configured with the rate from the start (bytes, not figures)."""
+    from pipeline.lengths import with_dropout
+
+    cfg = tiny_cfg(dropout=0.0)
+    variant = next(v for v in cfg.models if cfg.family(v) == family)
+    config = cfg.model_config(variant, 256)
+    assert config.dropout_rate > 0  # the preset's own rate, which the setting replaces
+    ids = torch.randint(2, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(2, 256, (2, 4), generator=torch.Generator().manual_seed(2))
+
+    def train_step(model):
+        logits = model(input_ids=ids, decoder_input_ids=labels)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    torch.manual_seed(0)
+    direct = models.build_model(family, dataclasses.replace(config, dropout_rate=0.0)).train()
+    expected = train_step(direct), torch.rand(3)
+    torch.manual_seed(0)
+    rebuilt = with_dropout(family, models.build_model(family, config).train(), 0.0)
+    assert rebuilt.config.dropout_rate == 0.0 and rebuilt.training
+    got = train_step(rebuilt), torch.rand(3)
+    assert torch.equal(got[0][0], expected[0][0]) and torch.equal(got[1], expected[1])
+    assert all(torch.equal(a, b) for a, b in zip(got[0][1], expected[0][1], strict=True))
+    torch.manual_seed(0)
+    kept = models.build_model(family, config).train()
+    assert with_dropout(family, kept, config.dropout_rate) is kept  # the model's own rate: nothing rebuilt
+    assert not torch.equal(train_step(kept)[0], expected[0][0])  # and the rate it replaces does change the step
+
+
+def test_lengths_dropout_is_checked_with_the_params():
+    with pytest.raises(ConfigError, match="lengths.dropout"):
+        tiny_cfg(dropout=1.0)
+    assert tiny_cfg().lengths.dropout is None and tiny_cfg(dropout=0.0).lengths.dropout == 0.0

@@ -342,11 +342,13 @@ def lengths_report(cfg: Config, analysis: Analysis) -> dict[str, Any]:
     from pipeline.training.budget import describe_budget
 
     s, section = cfg.lengths, analysis.lengths
+    dropout = "each model's own dropout" if s.dropout is None else f"dropout {s.dropout:g} for every variant"
     intro = (
         f"Task `{s.task}` scaled to fill each length ({s.fill[0]:g} to {s.fill[1]:g} of it in the task's unit; "
         f"longer inputs dropped, never truncated), trained at every length from each run's "
         f"{'pretrained weights' if s.init == 'pretrained' else 'fresh initialisation'} (`lengths.init`) with batch "
-        f"{s.batch_size}, lr {s.optimizer.lr} ({s.optimizer.schedule}), **compute matched: {describe_budget(s)}** "
+        f"{s.batch_size}, lr {s.optimizer.lr} ({s.optimizer.schedule}), "
+        f"{dropout} (`lengths.dropout`), **compute matched: {describe_budget(s)}** "
         f"(`lengths.budget`); seeds {list(s.seeds)} (`lengths.seeds`); then at most {s.eval_examples} test examples "
         "per length, the same for every run, decoded greedily."
     )
