@@ -37,7 +37,7 @@ NOT_RUN = {
     ),
     "python -m tests.faults": "the fault suite (many stage runs): tests/test_faults_suite.py runs it",
     "python -m pipeline.preset long_range --temp": (
-        "58 minutes on 2 cores: tests/test_presets_cpu.py runs it reduced, tests/test_preset.py a real dvc exp run"
+        "73 minutes on 2 cores: tests/test_presets_cpu.py runs it reduced, tests/test_preset.py a real dvc exp run"
     ),
     "python -m pipeline.preset table2 --temp": "35 minutes on 2 cores: tests/test_presets_cpu.py runs it reduced",
     "python -m pipeline.preset scaling --temp": "50 minutes on 2 cores: tests/test_presets_cpu.py runs it reduced",
