@@ -385,6 +385,10 @@ def test_the_report_shows_quality_and_efficiency_per_length_and_compare_json_kee
     report = render_report(cfg, data, analysis)
     section = report[report.index("## Quality versus length at matched compute") : report.index("## Speed and memory")]
     assert "compute matched: 1e+08 training FLOPs per run and length" in section
+    assert "each model's own dropout (`lengths.dropout`)" in section  # the setting, named with its value
+    cfg.lengths.dropout = 0.0
+    assert "dropout 0 for every variant (`lengths.dropout`)" in render_report(cfg, data, analysis)
+    cfg.lengths.dropout = None
     assert "| 32 | 1e+08 |" in section and "t5, higher by" in section and "both collapsed" in section
     assert "(matched: training FLOPs; steps 8 (t5) vs 3 (reformer))" in section  # what each verdict matched
     assert "bootstrap over seeds and test examples" in section  # three seeds here

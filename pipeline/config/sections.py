@@ -404,9 +404,9 @@ class LengthsConfig(Section):
     batch_size: PosInt = 8
     """Sequences per optimizer step."""
     dropout: Annotated[Float, between(0, 1, "[)")] | None = None
-    """Dropout rate of every variant while it trains at a length (each model's `dropout_rate`; its attention
-    dropout, if any, is left as configured), for both families alike; null: each model's own. The models' other
-    stages keep their own rate."""
+    """Dropout rate of every variant while it trains at a length, set as each model's `dropout_rate` (T5: every
+    dropout, on attention probabilities too; the Reformer: all but its separate `attention_dropout_rate`); null:
+    each model's own. The models' other stages keep their own rate."""
     target_length: PosInt = 2
     """Target tokens (the answer and its end-of-sequence token)."""
     optimizer: OptimizerConfig = Field(
